@@ -1,0 +1,44 @@
+# The targets a newcomer looks for. `make install` makes .venv; everything else uses it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared/data
+
+.PHONY: install test lint demo bench model experiments clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# The README's test command; .ci/run calls it too.
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check streamcast tests bench
+	$(VENV)/bin/ruff format --check streamcast tests bench
+	$(VENV)/bin/mypy
+
+# Until the daemon lands, the main job is the tutorial's experiment on the built-in sine.
+demo: install
+	$(VENV)/bin/streamcast experiment --out runs/sine
+
+bench: install
+	$(PY) bench/engine.py
+
+# The shipped default model: the project's own synthetic series, reproducible from the seed.
+model: install
+	$(VENV)/bin/streamcast train --synthetic 64 --points 400 --batch-size 64 --seed 0 --out streamcast/models/default
+
+# The README's figures and numbers.
+experiments: install
+	$(VENV)/bin/streamcast train --data $(SHARED)/sinwave.csv --out runs/sine
+	$(VENV)/bin/streamcast evaluate --model runs/sine --data $(SHARED)/sinwave.csv --out docs/figures/sine
+	$(VENV)/bin/streamcast train --data $(SHARED)/sp500.csv --out runs/sp500
+	$(VENV)/bin/streamcast evaluate --model runs/sp500 --data $(SHARED)/sp500.csv --out docs/figures/sp500
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,538 @@
+"""The ``streamcast`` command line. Only this module configures logging.
+
+Heavy imports (TensorFlow, matplotlib) happen inside the commands that need them, so ``--help``
+and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from streamcast import __version__
+from streamcast.data import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger("streamcast")
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, no traceback, exit status 2."""
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ logging prints CUDA probing noise on machines without a GPU; our own log
+    # says which device runs. A user who sets the variable keeps their choice.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 1,50,100,1, got {text!r}") from None
+    return sizes
+
+
+# -- train ---------------------------------------------------------------------------------
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on a CSV file or the project's synthetic series and save it",
+        description="Window, split 90/10, train the LSTM, score it on the held-out 10%% and save "
+        "model.keras + model.json to --out.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="CSV file: a bare column or a headed CSV")
+    source.add_argument(
+        "--sine",
+        action="store_true",
+        help="the tutorial's sine (5001 points), made by the project itself",
+    )
+    source.add_argument(
+        "--synthetic",
+        type=_positive_int,
+        metavar="SYMBOLS",
+        help="train on this many of the project's own synthetic price series",
+    )
+    p.add_argument("--column", help="column of a headed CSV (default: Close)")
+    p.add_argument("--points", type=_positive_int, default=3000, help="points per synthetic series")
+    p.add_argument("--epochs", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--learning-rate", type=float, help="initial rate (default: the optimiser's)")
+    p.add_argument(
+        "--cosine-decay",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decay the learning rate to zero over the run (default: on)",
+    )
+    p.add_argument("--validation-split", type=_fraction, default=0.05)
+    p.add_argument(
+        "--early-stopping",
+        type=_positive_int,
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without improvement",
+    )
+    p.add_argument(
+        "--normalise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="normalise each window to its first value (default: when every value is > 0)",
+    )
+    p.add_argument("--layers", type=_layers, default=[1, 50, 100, 1], help="default 1,50,100,1")
+    p.add_argument("--dropout", type=_fraction, default=0.2)
+    p.add_argument(
+        "--config", type=Path, help="JSON model config with a 'layers' list (overrides --layers)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="directory for model.keras + model.json")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from streamcast.data import load_series, sine_series, synthetic_prices
+    from streamcast.model import ModelConfig, ModelError
+    from streamcast.training import TrainOptions
+
+    if args.data is not None:
+        series = [load_series(args.data, args.column)]
+        data_info = {
+            "source": str(args.data),
+            "column": args.column,
+            "points": len(series[0]),
+            "range": f"values 1..{len(series[0])} of the file, oldest first",
+        }
+    elif args.sine:
+        series = [sine_series()]
+        data_info = {"source": "sine:5001", "points": len(series[0])}
+    else:
+        if args.column:
+            raise UserError("--column applies to --data files only")
+        prices = synthetic_prices(args.synthetic, args.points, seed=args.seed)
+        series = list(prices)
+        data_info = {
+            "source": f"synthetic:{args.synthetic}x{args.points}:seed={args.seed}",
+            "points": int(prices.size),
+            "range": f"{args.synthetic} symbols x steps 0..{args.points - 1}",
+        }
+    try:
+        if args.config is not None:
+            try:
+                raw = json.loads(args.config.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise UserError(f"{args.config}: cannot read the model config ({exc})") from None
+            config = ModelConfig.from_dict(raw.get("model", raw) if isinstance(raw, dict) else raw)
+        else:
+            config = ModelConfig.from_sizes(args.layers, dropout=args.dropout)
+    except ModelError as exc:
+        raise UserError(str(exc)) from None
+    options = TrainOptions(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        cosine_decay=args.cosine_decay,
+        validation_split=args.validation_split,
+        early_stopping_patience=args.early_stopping,
+        seed=args.seed,
+        normalise=args.normalise,
+        config=config,
+    )
+    _quiet_tensorflow()
+    from streamcast.training import train_and_save
+
+    info = train_and_save(series, options, args.out, data_info)
+    print(
+        f"saved model {info.version} to {args.out}: test MSE {info.metrics['mse']:.4g}, "
+        f"naive {info.metrics['naive_mse']:.4g}, skill {info.metrics['skill']:+.3f}"
+    )
+    return 0
+
+
+# -- evaluate ------------------------------------------------------------------------------
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="the tutorial's point / full / multiple predictions on the test split, with figures",
+        description="Forecast the last 10%% of a series' windows in price space, write a PNG per "
+        "mode and metrics.json (model vs the naive forecast, skill, error by horizon).",
+    )
+    p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--column")
+    p.add_argument("--mode", choices=["point", "full", "multiple", "all"], default="all")
+    p.add_argument("--horizon", type=_positive_int, default=50, help="steps per multiple-mode path")
+    p.add_argument(
+        "--train-fraction", type=_fraction, default=0.9, help="windows before the test split"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="directory for the PNGs and metrics.json"
+    )
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from streamcast.data import load_series
+    from streamcast.model import DEFAULT_MODEL_DIR
+
+    series = load_series(args.data, args.column)
+    modes = ("point", "full", "multiple") if args.mode == "all" else (args.mode,)
+    run_evaluation(
+        args.model or DEFAULT_MODEL_DIR,
+        series,
+        name=args.data.name,
+        out=args.out,
+        modes=modes,
+        horizon=args.horizon,
+        train_fraction=args.train_fraction,
+    )
+    return 0
+
+
+def run_evaluation(
+    model_dir: Path,
+    series: np.ndarray,
+    *,
+    name: str,
+    out: Path,
+    modes: Sequence[str] = ("point", "full", "multiple"),
+    horizon: int = 50,
+    train_fraction: float = 0.9,
+) -> dict[str, Any]:
+    """Evaluate ``modes`` on the test split of ``series``; write PNGs and metrics.json to ``out``."""
+    from streamcast.data import make_windows
+
+    windows = make_windows(series)
+    n_test = len(windows) - int(len(windows) * train_fraction)
+    if n_test < 1:
+        raise UserError(f"{name}: no test windows with a train fraction of {train_fraction}")
+    test = windows[-n_test:]
+    _quiet_tensorflow()
+    from streamcast.evaluate import evaluate
+    from streamcast.forecaster import Forecaster
+    from streamcast.plots import plot_evaluation
+
+    with Forecaster.load(model_dir) as forecaster:
+        if forecaster.normalise and (series <= 0).any():
+            raise UserError(f"{name}: has values <= 0 but model {forecaster.version} is normalised")
+        report: dict[str, Any] = {
+            "model": forecaster.version,
+            "model_dir": str(model_dir),
+            "data": name,
+            "test_windows": int(n_test),
+            "modes": {},
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        for mode in modes:
+            result = evaluate(forecaster, test, mode, horizon=horizon)
+            figure = plot_evaluation(result, out / f"{mode}.png", title=name)
+            report["modes"][mode] = result.metrics
+            m = result.metrics
+            print(
+                f"{mode:>8}: MSE {m['model']['mse']:.4g}  naive {m['naive']['mse']:.4g}  "
+                f"skill {m['skill']:+.3f}  MAE {m['model']['mae']:.4g}  "
+                f"direction {m['model']['direction_accuracy']:.1%}  -> {figure}"
+            )
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"metrics: {out / 'metrics.json'}")
+    return report
+
+
+# -- experiment ----------------------------------------------------------------------------
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "experiment",
+        help="the tutorial end to end: train on the sine (or --data) and evaluate all three modes",
+        description="Train with the default settings, then write the point, full and multiple "
+        "figures and metrics.json to --out. Needs no data file: the sine is built in.",
+    )
+    p.add_argument("--data", type=Path, help="CSV file (default: the built-in sine)")
+    p.add_argument("--column")
+    p.add_argument("--epochs", type=_positive_int, default=8)
+    p.add_argument("--out", type=Path, default=Path("runs/sine"))
+    p.set_defaults(func=_experiment)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from streamcast.data import load_series, sine_series
+    from streamcast.training import TrainOptions
+
+    if args.data is not None:
+        series = load_series(args.data, args.column)
+        name, data_info = args.data.name, {"source": str(args.data), "column": args.column}
+    else:
+        series = sine_series()
+        name, data_info = "sine", {"source": "sine:5001"}
+    data_info["points"] = len(series)
+    _quiet_tensorflow()
+    from streamcast.training import train_and_save
+
+    model_dir = args.out / "model"
+    info = train_and_save([series], TrainOptions(epochs=args.epochs), model_dir, data_info)
+    print(f"trained {info.version} in {info.training['seconds']:.0f} s -> {model_dir}")
+    run_evaluation(model_dir, series, name=name, out=args.out)
+    return 0
+
+
+# -- the streaming service ---------------------------------------------------------------
+
+
+def _settings(**overrides: Any) -> Any:
+    from streamcast.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="the daemon: ticks from Redis in, forecasts out (settings from STREAMCAST_* / .env)",
+        description="Reads STREAMCAST_REDIS_URL, STREAMCAST_KEY_PREFIX, STREAMCAST_MODEL_PATH, "
+        "STREAMCAST_HTTP_HOST/PORT, STREAMCAST_SHARD_INDEX/COUNT, STREAMCAST_BATCH_MAX_SIZE, "
+        "STREAMCAST_BATCH_MAX_WAIT_MS, STREAMCAST_PATH_REFRESH_S and more (see the README).",
+    )
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    settings = _settings()
+    _quiet_tensorflow()
+    from streamcast.service import serve
+
+    return asyncio.run(serve(settings))
+
+
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="publish a CSV (or the synthetic series) as ticks, as a simulated live feed",
+    )
+    p.add_argument("file", nargs="?", type=Path, help="CSV file (default: synthetic series)")
+    p.add_argument("--column")
+    p.add_argument("--symbol", default=None, help="symbol name (default: the file name, or SYN)")
+    p.add_argument(
+        "--symbols", type=_positive_int, default=1, help="fan out to N symbols with distinct paths"
+    )
+    p.add_argument("--points", type=_positive_int, default=5000, help="points per synthetic series")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, default=100.0, metavar="TICKS_PER_S")
+    pace.add_argument("--as-fast-as-possible", action="store_true")
+    p.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl+C")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_replay)
+
+
+def feed_from_args(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    from streamcast.data import load_series
+    from streamcast.replay import fan_out, symbol_names, synthetic_feed
+
+    if args.file is not None:
+        series = load_series(args.file, args.column)
+        paths = fan_out(series, args.symbols, seed=args.seed)
+        base = args.symbol or args.file.stem.upper()
+    else:
+        paths = synthetic_feed(args.symbols, args.points, seed=args.seed)
+        base = args.symbol or "SYN"
+    from streamcast.schema import SYMBOL_RE
+
+    names = symbol_names(base, args.symbols)
+    if not all(SYMBOL_RE.fullmatch(n) for n in names):
+        raise UserError(f"symbol {base!r} must be 1-64 of A-Z a-z 0-9 . _ : - (use --symbol)")
+    return paths, names
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from streamcast.keys import Keys
+    from streamcast.replay import Progress, replay
+    from streamcast.service import make_redis
+
+    if args.rate is not None and args.rate <= 0 and not args.as_fast_as_possible:
+        raise UserError(f"--rate must be > 0, got {args.rate}")
+    settings = _settings()
+    paths, names = feed_from_args(args)
+
+    async def run() -> int:
+        redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+        try:
+            await _check_redis(redis, settings.redis_url_redacted)
+            progress = Progress(None if args.loop else paths.size)
+            sent = await replay(
+                redis,
+                Keys(settings.key_prefix),
+                paths,
+                names,
+                rate=None if args.as_fast_as_possible else args.rate,
+                loop=args.loop,
+                progress=progress,
+            )
+            progress.close()
+            return sent
+        finally:
+            await redis.aclose()
+
+    sent = asyncio.run(run())
+    print(f"replayed {sent} ticks for {len(names)} symbol(s) to {settings.key_prefix}:ticks")
+    return 0
+
+
+async def _check_redis(redis: Any, shown_url: str) -> None:
+    from redis import exceptions
+
+    try:
+        await redis.ping()
+    except exceptions.AuthenticationError:
+        raise UserError(f"redis at {shown_url} refused the credentials") from None
+    except exceptions.ResponseError as exc:
+        raise UserError(f"redis at {shown_url}: {exc}") from None
+    except (exceptions.ConnectionError, exceptions.TimeoutError, OSError) as exc:
+        raise UserError(f"cannot reach redis at {shown_url} ({exc})") from None
+
+
+def _add_watch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("watch", help="print each forecast of the given symbols as it arrives")
+    p.add_argument("symbols", nargs="+", metavar="SYMBOL")
+    p.add_argument("--from-start", action="store_true", help="print the stored forecasts first")
+    p.add_argument("--limit", type=_positive_int, help="exit after this many forecasts")
+    p.set_defaults(func=_watch)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from streamcast.keys import Keys
+    from streamcast.replay import watch
+    from streamcast.service import make_redis
+
+    settings = _settings()
+
+    async def run() -> int:
+        redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+        try:
+            await _check_redis(redis, settings.redis_url_redacted)
+            return await watch(
+                redis,
+                Keys(settings.key_prefix),
+                args.symbols,
+                limit=args.limit,
+                start="0" if args.from_start else "$",
+            )
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="everything at once, no server needed: embedded Redis, a synthetic feed, the daemon",
+        description="Starts an embedded Redis (unless STREAMCAST_REDIS_URL is set), replays a "
+        "synthetic multi-symbol feed, runs the daemon and its HTTP endpoints, and prints live "
+        "forecasts until Ctrl+C.",
+    )
+    p.add_argument("--symbols", type=_positive_int, default=8)
+    p.add_argument("--rate", type=float, default=40.0, metavar="TICKS_PER_S")
+    p.add_argument("--port", type=int, default=0, help="embedded Redis port (default: a free one)")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl+C)")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from streamcast.demo import run_demo
+
+    _quiet_tensorflow()
+    return asyncio.run(
+        run_demo(symbols=args.symbols, rate=args.rate, port=args.port, seconds=args.seconds)
+    )
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamcast",
+        description="Streaming online LSTM forecaster: Redis streams in, batched forecasts out.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamcast {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_demo,
+        _add_serve,
+        _add_replay,
+        _add_watch,
+        _add_experiment,
+        _add_train,
+        _add_evaluate,
+    ):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    from streamcast.model import ModelError
+
+    try:
+        return func(args)
+    except (UserError, DataError, ModelError) as exc:
+        print(f"streamcast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"streamcast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from streamcast.cli import main
+from streamcast.data import sine_series
+
+
+def test_help_does_not_import_tensorflow():
+    code = (
+        "import sys\nfrom streamcast.cli import main\n"
+        "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TF' if 'tensorflow' in sys.modules else 'NO-TF')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("NO-TF")
+    assert "--epochs" in out.stdout
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "streamcast train: error:" in err and "no such file" in err and "Traceback" not in err
+
+
+def test_bad_layers_are_a_user_error(tmp_path, capsys):
+    path = tmp_path / "s.csv"
+    path.write_text("\n".join(str(v) for v in sine_series(200)))
+    assert (
+        main(["train", "--data", str(path), "--layers", "2,5,1", "--out", str(tmp_path / "m")]) == 2
+    )
+    assert "layer sizes must look like" in capsys.readouterr().err
+
+
+def test_train_then_evaluate_writes_model_figures_and_metrics(tmp_path, capsys):
+    data = tmp_path / "sine.csv"
+    data.write_text("\n".join(f"{v:.9f}" for v in sine_series(1100)) + "\n")
+    model_dir = tmp_path / "model"
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--layers",
+        "1,4,4,1",
+        "--epochs",
+        "1",
+        "--out",
+        str(model_dir),
+    ]
+    assert main(args) == 0
+    sidecar = json.loads((model_dir / "model.json").read_text())
+    assert sidecar["normalise"] is False  # the sine crosses zero
+    assert sidecar["data"]["points"] == 1100 and sidecar["training"]["epochs_run"] == 1
+
+    out = tmp_path / "eval"
+    assert (
+        main(["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out)]) == 0
+    )
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["model"] == sidecar["version"] and report["test_windows"] == 105
+    for mode in ("point", "full", "multiple"):
+        png = (out / f"{mode}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+        m = report["modes"][mode]
+        assert m["skill"] == pytest.approx(1 - m["model"]["mse"] / m["naive"]["mse"])
+    # the naive 1-step error is known from the data alone
+    series = sine_series(1100)
+    naive = np.mean((series[-105:] - series[-106:-1]) ** 2)
+    assert report["modes"]["point"]["naive"]["mse"] == pytest.approx(naive)
+    assert report["modes"]["multiple"]["paths"] == 2  # test windows 0 and 50 of 105
+    assert len(report["modes"]["multiple"]["by_horizon"]["model_mse"]) == 50
+    assert len(report["modes"]["full"]["by_horizon"]["model_mse"]) == 50
+
+
+@pytest.mark.slow
+def test_default_training_meets_the_sine_accuracy_targets(tmp_path, shared_data):
+    """The default command: 1-step MSE <= 0.1 x naive; 50-step paths mean MSE <= 0.01."""
+    data = shared_data / "sinwave.csv"
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m")]) == 0
+    out = tmp_path / "eval"
+    assert (
+        main(["evaluate", "--model", str(tmp_path / "m"), "--data", str(data), "--out", str(out)])
+        == 0
+    )
+    report = json.loads((out / "metrics.json").read_text())["modes"]
+    assert report["point"]["model"]["mse"] <= 0.1 * report["point"]["naive"]["mse"]
+    assert report["multiple"]["model"]["mse"] <= 0.01
+
+
+def test_experiment_trains_and_evaluates_in_one_command(tmp_path, capsys):
+    data = tmp_path / "walk.csv"
+    prices = 100 * np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.01, 700)))
+    data.write_text("Date,Close\n" + "\n".join(f"d{i},{p:.4f}" for i, p in enumerate(prices)))
+    out = tmp_path / "exp"
+    assert main(["experiment", "--data", str(data), "--epochs", "1", "--out", str(out)]) == 0
+    sidecar = json.loads((out / "model" / "model.json").read_text())
+    assert sidecar["normalise"] is True  # every price is positive
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["modes"]) == {"point", "full", "multiple"}
+    assert (out / "multiple.png").is_file()
+    assert "trained" in capsys.readouterr().out

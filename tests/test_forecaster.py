@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from streamcast import Forecaster
+
+
+def reference_rollout(model, prices: np.ndarray, steps: int, normalise: bool) -> np.ndarray:
+    """The tutorial's way: call the Keras model on one window at a time, one step at a time."""
+    out = np.empty((len(prices), steps))
+    for row, window in enumerate(np.asarray(prices, dtype=np.float64)):
+        window = window.copy()
+        for k in range(steps):
+            first = window[0]
+            x = window / first - 1.0 if normalise else window
+            y = float(model(x[None, :, None].astype(np.float32), training=False).numpy()[0, 0])
+            forecast = first * (y + 1.0) if normalise else y
+            out[row, k] = forecast
+            window = np.append(window[1:], forecast)
+    return out
+
+
+def random_prices(rows: int, seed: int = 0, seq_len: int = 50) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    start = rng.uniform(10, 1000, size=(rows, 1))
+    return start * np.exp(np.cumsum(rng.normal(0, 0.02, size=(rows, seq_len)), axis=1))
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_rollout_equals_the_per_window_loop(default_model, normalise):
+    prices = random_prices(5, seed=1)
+    if not normalise:
+        prices = prices / prices.mean(axis=1, keepdims=True) - 1.0  # sine-like scale, crosses 0
+    with Forecaster(default_model, normalise=normalise) as forecaster:
+        assert forecaster.fast_path
+        got = forecaster.rollout(prices, steps=12)
+    want = reference_rollout(default_model, prices, 12, normalise)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_deeper_stack_uses_the_fast_path_and_matches(tiny_model):
+    from streamcast.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig.from_sizes([1, 6, 7, 5, 1]), seed=3)
+    prices = random_prices(3, seed=2)
+    with Forecaster(model, normalise=True) as forecaster:
+        assert forecaster.fast_path
+        got = forecaster.rollout(prices, steps=4)
+    np.testing.assert_allclose(got, reference_rollout(model, prices, 4, True), rtol=1e-4)
+
+
+def test_other_architectures_fall_back_to_keras_and_match():
+    import keras
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((50, 1)), keras.layers.GRU(6), keras.layers.Dense(1)])
+    prices = random_prices(3, seed=3)
+    with Forecaster(model, normalise=True) as forecaster:
+        assert not forecaster.fast_path
+        got = forecaster.rollout(prices, steps=3)
+    np.testing.assert_allclose(got, reference_rollout(model, prices, 3, True), rtol=1e-4)
+
+
+def test_predict_next_is_the_first_rollout_step(tiny_model):
+    prices = random_prices(7, seed=5)
+    with Forecaster(tiny_model, normalise=True) as forecaster:
+        nxt = forecaster.predict_next(prices)
+        path = forecaster.rollout(prices, steps=3)
+    assert nxt.shape == (7,)
+    np.testing.assert_allclose(nxt, path[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(nxt, reference_rollout(tiny_model, prices, 1, True)[:, 0], rtol=1e-4)
+
+
+def test_chunked_batches_equal_one_window_at_a_time(tiny_model):
+    prices = random_prices(21, seed=6)
+    with Forecaster(tiny_model, normalise=True, chunk_size=8, workers=2) as forecaster:
+        batched = forecaster.rollout(prices, steps=5)
+        single = np.concatenate([forecaster.rollout(prices[i : i + 1], steps=5) for i in range(21)])
+    assert batched.shape == (21, 5)
+    np.testing.assert_allclose(batched, single, rtol=1e-5)
+
+
+def test_varying_batch_sizes_reuse_bucketed_programs(tiny_model):
+    with Forecaster(tiny_model, normalise=True, chunk_size=16) as forecaster:
+        for rows in (1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 40):
+            assert forecaster.predict_next(random_prices(rows)).shape == (rows,)
+        # powers of two up to the chunk (3 -> 4, 5 -> 8, 9 -> 16), then 16-row chunks whose
+        # remainder is bucketed the same way (17 -> 16 + 1, 33 -> 16 + 16 + 1, 40 -> 16 + 16 + 8)
+        assert forecaster.compiled_shapes == [(1, 1), (4, 1), (8, 1), (16, 1)]
+
+
+def test_bad_inputs_are_refused_with_the_reason(tiny_model):
+    with Forecaster(tiny_model, normalise=True) as forecaster:
+        with pytest.raises(ValueError, match=r"shape \(batch, 50\)"):
+            forecaster.predict_next(np.ones((2, 49)))
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            forecaster.predict_next(np.full((1, 50), np.nan))
+        with pytest.raises(ValueError, match="first price > 0"):
+            forecaster.predict_next(np.zeros((1, 50)))
+        with pytest.raises(ValueError, match="positive integer"):
+            forecaster.rollout(np.ones((1, 50)), steps=0)
+        assert forecaster.rollout(np.ones((0, 50)), steps=4).shape == (0, 4)
+
+
+def test_one_caller_thread_at_a_time_is_safe_from_many_threads(tiny_model):
+    prices = random_prices(10, seed=8)
+    with Forecaster(tiny_model, normalise=True, chunk_size=4) as forecaster:
+        want = forecaster.rollout(prices, steps=3)
+        results: list[np.ndarray] = []
+
+        def call() -> None:
+            results.append(forecaster.rollout(prices, steps=3))
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 4
+    for got in results:
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_load_the_shipped_model_and_forecast_finite_prices():
+    with Forecaster.load() as forecaster:
+        assert forecaster.normalise and forecaster.seq_len == 50
+        assert forecaster.version == forecaster.info.version
+        path = forecaster.rollout(random_prices(2), steps=50)
+    assert path.shape == (2, 50) and np.isfinite(path).all() and (path > 0).all()
