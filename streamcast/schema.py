@@ -1,0 +1,183 @@
+"""The wire contract: tick decoding and validation, forecast encoding, stream reply parsing.
+
+Pure functions over bytes and strings: no Redis, no TensorFlow. Every way a producer can get a
+tick wrong maps to one short, stable reason code that goes to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+SYMBOL_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MAX_PRICE_CHARS = 64
+MAX_TS_CHARS = 20
+MAX_FIELD_BYTES = 4096  # any field, known or not: larger entries are refused whole
+MAX_FIELDS = 64
+
+REASONS = (
+    "missing_symbol",
+    "bad_symbol",
+    "missing_price",
+    "bad_price",
+    "non_finite_price",
+    "non_positive_price",
+    "bad_ts",
+    "oversized",
+    "bad_encoding",
+    "out_of_order",
+)
+
+
+class TickError(ValueError):
+    """A tick that breaks the contract; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    id: str  # the stream entry id, "ms-seq"
+    symbol: str
+    price: float
+    ts: int | None  # event time, epoch milliseconds
+
+
+def _text(fields: Mapping[Any, Any], name: str) -> str | None:
+    raw = fields.get(name.encode(), fields.get(name))
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TickError("bad_encoding", f"{name} is not UTF-8") from None
+    return str(raw)
+
+
+def decode_tick(entry_id: str, fields: Mapping[Any, Any], *, positive: bool = True) -> Tick:
+    """Validate one stream entry's fields (bytes or str keys) into a :class:`Tick`.
+
+    ``positive`` refuses prices <= 0 (a normalised model divides by the window's first price).
+    Unknown fields are ignored, as the contract says, unless the entry is oversized.
+    """
+    if len(fields) > MAX_FIELDS:
+        raise TickError("oversized", f"{len(fields)} fields, at most {MAX_FIELDS}")
+    for key, value in fields.items():
+        size = len(key) + (len(value) if isinstance(value, bytes | str) else 0)
+        if size > MAX_FIELD_BYTES:
+            raise TickError("oversized", f"a field of {size} bytes, at most {MAX_FIELD_BYTES}")
+    symbol = _text(fields, "symbol")
+    if symbol is None or symbol == "":
+        raise TickError("missing_symbol", "no symbol field")
+    if not SYMBOL_RE.fullmatch(symbol):
+        raise TickError("bad_symbol", f"{symbol[:80]!r} is not 1-64 of A-Z a-z 0-9 . _ : -")
+    price_text = _text(fields, "price")
+    if price_text is None or price_text.strip() == "":
+        raise TickError("missing_price", "no price field")
+    if len(price_text) > MAX_PRICE_CHARS:
+        raise TickError("oversized", f"price of {len(price_text)} characters")
+    try:
+        price = float(price_text)
+    except ValueError:
+        raise TickError("bad_price", f"{price_text[:40]!r} is not a decimal number") from None
+    if not math.isfinite(price):
+        raise TickError("non_finite_price", f"{price_text!r} is not finite")
+    if positive and price <= 0:
+        raise TickError("non_positive_price", f"{price_text!r} <= 0 for a normalised model")
+    ts_text = _text(fields, "ts")
+    ts: int | None = None
+    if ts_text is not None and ts_text != "":
+        if len(ts_text) > MAX_TS_CHARS or not ts_text.isascii() or not ts_text.isdigit():
+            raise TickError("bad_ts", f"{ts_text[:40]!r} is not epoch milliseconds")
+        ts = int(ts_text)
+    return Tick(id=entry_id, symbol=symbol, price=price, ts=ts)
+
+
+def encode_tick(symbol: str, price: float, ts: int | None = None) -> dict[str, str]:
+    """Fields for XADD to the ticks stream (what ``streamcast replay`` sends)."""
+    fields = {"symbol": symbol, "price": repr(float(price))}
+    if ts is not None:
+        fields["ts"] = str(int(ts))
+    return fields
+
+
+def encode_forecast(
+    tick: Tick, next_price: float, path: Sequence[float] | None, model: str, now_ms: int
+) -> dict[str, str]:
+    """Fields of one forecast entry (its id is the tick's id, set by the caller)."""
+    fields = {
+        "tick_id": tick.id,
+        "symbol": tick.symbol,
+        "price": repr(tick.price),
+        "next": repr(float(next_price)),
+        "model": model,
+        "ts": str(now_ms),
+    }
+    if tick.ts is not None:
+        fields["tick_ts"] = str(tick.ts)
+    if path is not None:
+        fields["path"] = json.dumps([round(float(v), 10) for v in path])
+    return fields
+
+
+def decode_forecast(fields: Mapping[Any, Any]) -> dict[str, Any]:
+    """A forecast entry's fields as Python values (``path`` parsed, numbers as floats)."""
+    text = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+    out: dict[str, Any] = dict(text)
+    for key in ("price", "next"):
+        if key in out:
+            out[key] = float(out[key])
+    for key in ("ts", "tick_ts"):
+        if key in out:
+            out[key] = int(out[key])
+    if "path" in out:
+        out["path"] = json.loads(out["path"])
+    return out
+
+
+def parse_stream_reply(reply: Any) -> list[tuple[str, str, dict[Any, Any]]]:
+    """Flatten an XREAD/XREADGROUP reply into (stream, entry id, fields) triples.
+
+    Handles RESP2 (a list of [stream, entries]) and RESP3 (a mapping of stream to entries) and
+    entries whose fields are None (deleted while pending).
+    """
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, Mapping) else reply
+    out = []
+    for stream, entries in pairs:
+        name = stream.decode() if isinstance(stream, bytes) else str(stream)
+        if (
+            entries
+            and isinstance(entries[0], list | tuple)
+            and len(entries) == 1
+            and _nested(entries)
+        ):
+            entries = entries[0]
+        for entry_id, fields in entries:
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            out.append((name, eid, dict(fields) if fields else {}))
+    return out
+
+
+def _nested(entries: Any) -> bool:
+    # RESP3 in some client versions wraps the entry list once more: [[(id, fields), ...]]
+    first = entries[0]
+    return bool(first) and isinstance(first[0], list | tuple)
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    """A stream id as a sortable (ms, seq) pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,144 @@
+"""Wiring for ``streamcast serve``: settings -> Redis client, engine, daemon, HTTP, signals.
+
+Signals are handled here alone (and can be switched off for tests): the first SIGTERM or SIGINT
+stops reading, finishes the batch in flight, publishes, acks and exits 0; a second SIGINT exits
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from streamcast.daemon import Daemon, DaemonConfig
+from streamcast.http import HttpServer
+from streamcast.keys import Keys
+from streamcast.metrics import Metrics
+from streamcast.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def make_redis(url: str, timeout_s: float = 5.0, **kwargs: Any) -> Redis:
+    """A client with the protocol pinned (redis-py 8 changed its default) and retry/backoff."""
+    return Redis.from_url(
+        url,
+        protocol=2,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+        health_check_interval=30,
+        **kwargs,
+    )
+
+
+def daemon_config(settings: Settings) -> DaemonConfig:
+    return DaemonConfig(
+        shard_index=settings.shard_index,
+        shard_count=settings.shard_count,
+        consumer=settings.consumer,
+        batch_max_size=settings.batch_max_size,
+        batch_max_wait_ms=settings.batch_max_wait_ms,
+        path_steps=settings.path_steps,
+        path_refresh_s=settings.path_refresh_s,
+        paths_per_batch_max=settings.paths_per_batch_max,
+        history_maxlen=settings.history_maxlen,
+        forecasts_maxlen=settings.forecasts_maxlen,
+        dead_maxlen=settings.dead_maxlen,
+        claim_idle_ms=settings.claim_idle_ms,
+        claim_interval_s=settings.claim_interval_s,
+    )
+
+
+def load_engine(settings: Settings) -> Any:
+    """Load the model and compile the shapes the daemon uses, so no tick waits for a compile."""
+    from streamcast.forecaster import Forecaster
+
+    engine = Forecaster.load(settings.model_path, workers=settings.engine_workers or None)
+    sizes = sorted({1, min(settings.batch_max_size, engine.chunk_size)})
+    engine.warmup(batch_sizes=tuple(sizes), steps=(1, settings.path_steps))
+    log.info(
+        "model %s on %s (chunk %d x %d workers), warmed for batches %s",
+        engine.version,
+        engine.device,
+        engine.chunk_size,
+        engine.workers,
+        sizes,
+    )
+    return engine
+
+
+async def serve(
+    settings: Settings,
+    *,
+    install_signals: bool = True,
+    engine: Any = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run the daemon and its HTTP server until a signal (or ``stop``); return the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    interrupts = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1 and signum == signal.SIGINT:
+            log.warning("second interrupt: exiting now")
+            os._exit(130)
+        log.info("%s: stopping (finishing the batch in flight)", signal.Signals(signum).name)
+        stop.set()
+
+    if install_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+
+    log.info("redis %s, key prefix %r", settings.redis_url_redacted, settings.key_prefix)
+    if engine is None:
+        engine = await loop.run_in_executor(None, load_engine, settings)
+    redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    daemon = Daemon(
+        redis, engine, metrics, keys=Keys(settings.key_prefix), config=daemon_config(settings)
+    )
+    http = HttpServer(
+        registry,
+        host=settings.http_host,
+        port=settings.http_port,
+        ready=lambda: daemon.ready,
+        heartbeat=lambda: daemon.heartbeat,
+        redis_ping=redis.ping,
+    )
+    status = 0
+    try:
+        await http.start()
+        await daemon.start()
+        consume = asyncio.ensure_future(daemon.wait_stopped())
+        stopped = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({consume, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if consume in done and not stop.is_set():
+            log.error("the consume loop ended unexpectedly")
+            status = 1
+        stopped.cancel()
+        await daemon.stop(settings.shutdown_timeout_s)
+    finally:
+        await http.stop()
+        await redis.aclose()
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+        if install_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+    return status

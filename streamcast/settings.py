@@ -1,0 +1,104 @@
+"""Daemon settings from the environment (``STREAMCAST_*``) and ``.env``; only the daemon reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from streamcast.model import DEFAULT_MODEL_DIR
+
+ENV_PREFIX = "STREAMCAST_"
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the text names each variable and what it allows."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis:// or rediss:// (TLS) URL; carries the password when there is one",
+    )
+    key_prefix: str = Field("streamcast", pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    model_path: Path = Field(DEFAULT_MODEL_DIR, description="a saved model directory")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    shard_index: int = Field(0, ge=0)
+    shard_count: int = Field(1, ge=1, le=1024)
+    consumer_name: str = Field("", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
+    batch_max_size: int = Field(512, ge=1, le=65536)
+    batch_max_wait_ms: int = Field(20, ge=0, le=10_000)
+    path_steps: int = Field(50, ge=1, le=1000)
+    path_refresh_s: float = Field(
+        0.0, ge=0, le=3600, description="least time between two paths of one symbol (0: every batch)"
+    )
+    paths_per_batch_max: int = Field(64, ge=1, le=65536)
+    history_maxlen: int = Field(10_000, ge=50, le=100_000_000)
+    forecasts_maxlen: int = Field(10_000, ge=10, le=100_000_000)
+    dead_maxlen: int = Field(100_000, ge=10, le=100_000_000)
+    claim_idle_ms: int = Field(30_000, ge=100)
+    claim_interval_s: float = Field(10.0, gt=0)
+    shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
+    redis_timeout_s: float = Field(5.0, gt=0, le=120)
+    engine_workers: int = Field(0, ge=0, le=256, description="0: one per CPU core")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> Settings:
+        if self.shard_index >= self.shard_count:
+            raise ValueError(
+                f"STREAMCAST_SHARD_INDEX={self.shard_index} must be below "
+                f"STREAMCAST_SHARD_COUNT={self.shard_count}"
+            )
+        return self
+
+    @property
+    def consumer(self) -> str:
+        """A stable consumer name, so a restarted replica resumes its own pending entries."""
+        return self.consumer_name or f"replica-{self.shard_index}"
+
+    @property
+    def redis_url_redacted(self) -> str:
+        return redact_url(self.redis_url)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings; raise :class:`SettingsError` naming each bad variable and what it allows."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"]) or "settings"
+            name = f"{ENV_PREFIX}{field.upper()}" if error["loc"] else "settings"
+            given = error.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {str(given)[:60]!r})"
+            if field == "redis_url" and isinstance(given, str):
+                shown = f" (got {redact_url(given)!r})"
+            lines.append(f"{name}: {error['msg']}{shown}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

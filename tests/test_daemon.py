@@ -1,0 +1,199 @@
+"""The daemon against a real redis-server, in-process, with the shipped model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamcast.daemon import Daemon, DaemonConfig
+from streamcast.data import load_series
+from streamcast.keys import Keys, shard_of
+from streamcast.metrics import Metrics
+from streamcast.replay import fan_out, replay, symbol_names
+from streamcast.schema import decode_forecast
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from streamcast import Forecaster
+
+    with Forecaster.load() as forecaster:
+        yield forecaster
+
+
+async def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.1):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+async def forecast_ids(redis, keys: Keys, symbol: str) -> list[str]:
+    entries = await redis.xrange(keys.forecasts(symbol))
+    return [eid.decode() for eid, _ in entries]
+
+
+async def tick_ids_by_symbol(redis, keys: Keys) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for eid, fields in await redis.xrange(keys.ticks):
+        out.setdefault(fields[b"symbol"].decode(), []).append(eid.decode())
+    return out
+
+
+def registry_value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
+    redis_client, engine, shared_data
+):
+    keys = Keys("sp")
+    series = load_series(shared_data / "sp500.csv")
+    names = symbol_names("SPX", 3)
+    await replay(redis_client, keys, fan_out(series, 3), names, rate=None)
+    metrics = Metrics(CollectorRegistry())
+    config = DaemonConfig(batch_max_size=1024)
+    async with Daemon(redis_client, engine, metrics, keys=keys, config=config):
+        eligible = 3 * (len(series) - 49)
+
+        async def done():
+            return registry_value(metrics, "streamcast_ticks_total", outcome="forecast") >= eligible
+
+        await wait_for(done, timeout_s=120)
+    ticks = await tick_ids_by_symbol(redis_client, keys)
+    for name in names:
+        entries = await redis_client.xrange(keys.forecasts(name))
+        ids = [eid.decode() for eid, _ in entries]
+        assert ids == ticks[name][49:], (
+            f"{name}: forecasts are not exactly the ticks from the 50th on"
+        )
+        last = decode_forecast(entries[-1][1])
+        assert len(last["path"]) == 50 and np.isfinite(last["path"]).all()
+        nexts = [decode_forecast(f)["next"] for _, f in entries]
+        assert np.isfinite(nexts).all()
+        assert last["model"] == engine.version
+    assert registry_value(metrics, "streamcast_ticks_total", outcome="filling") == 3 * 49
+    assert await redis_client.xpending(keys.ticks, keys.group(0, 1)) == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+
+
+MALFORMED = [
+    ({"price": "1.0"}, "missing_symbol"),
+    ({"symbol": "bad symbol!", "price": "1.0"}, "bad_symbol"),
+    ({"symbol": "M0"}, "missing_price"),
+    ({"symbol": "M0", "price": "twelve"}, "bad_price"),
+    ({"symbol": "M0", "price": "nan"}, "non_finite_price"),
+    ({"symbol": "M0", "price": "inf"}, "non_finite_price"),
+    ({"symbol": "M0", "price": "-3"}, "non_positive_price"),
+    ({"symbol": "M0", "price": "0"}, "non_positive_price"),
+    ({"symbol": "M0", "price": "1.0", "ts": "soon"}, "bad_ts"),
+    ({"symbol": "M0", "price": "1" * 100}, "oversized"),
+    ({"symbol": "M0", "price": "1.0", "junk": "x" * 10_000}, "oversized"),
+    ({"symbol": b"\xff\xfe", "price": "1.0"}, "bad_encoding"),
+    ({"symbol": "M0", "price": "100.0", "ts": "1"}, "out_of_order"),
+]
+
+
+async def test_malformed_entries_become_dead_letters_and_valid_ticks_are_forecast(
+    redis_client, engine
+):
+    keys = Keys("bad")
+    prices = 100 + np.cumsum(np.random.default_rng(3).normal(0, 0.5, 120))
+    bad_at = {10 + 8 * k: case for k, case in enumerate(MALFORMED)}
+    valid_ids = []
+    for i, price in enumerate(prices):
+        if i in bad_at:
+            await redis_client.xadd(keys.ticks, bad_at[i][0])
+        valid_ids.append(
+            (
+                await redis_client.xadd(
+                    keys.ticks, {"symbol": "M0", "price": repr(float(price)), "ts": str(10_000 + i)}
+                )
+            ).decode()
+        )
+    metrics = Metrics(CollectorRegistry())
+    async with Daemon(
+        redis_client, engine, metrics, keys=keys, config=DaemonConfig(batch_max_size=16)
+    ):
+
+        async def done():
+            return (
+                await redis_client.xlen(keys.dead) >= len(MALFORMED)
+                and len(await forecast_ids(redis_client, keys, "M0")) >= 71
+            )
+
+        await wait_for(done)
+    letters = await redis_client.xrange(keys.dead)
+    reasons = [fields[b"reason"].decode() for _, fields in letters]
+    assert reasons == [reason for _, reason in MALFORMED]
+    assert all(fields[b"tick_id"] and fields[b"detail"] for _, fields in letters)
+    # the original fields travel with the letter
+    assert letters[3][1][b"field:price"] == b"twelve"
+    assert await forecast_ids(redis_client, keys, "M0") == valid_ids[49:]
+    for _, reason in MALFORMED:
+        assert registry_value(metrics, "streamcast_dead_letters_total", reason=reason) >= 1
+
+
+async def test_restart_rebuilds_windows_from_history_and_forecasts_at_once(redis_client, engine):
+    keys = Keys("restart")
+    prices = 50 + np.arange(60, dtype=float)
+    for price in prices:
+        await redis_client.xadd(keys.ticks, {"symbol": "R", "price": repr(float(price))})
+    async with Daemon(redis_client, engine, Metrics(CollectorRegistry()), keys=keys):
+        await wait_for(lambda: _len_at_least(redis_client, keys.forecasts("R"), 11))
+    # a new daemon: its first new tick is forecast without waiting for 50 more
+    new_id = (await redis_client.xadd(keys.ticks, {"symbol": "R", "price": "111.0"})).decode()
+    metrics = Metrics(CollectorRegistry())
+    async with Daemon(redis_client, engine, metrics, keys=keys):
+        await wait_for(lambda: _len_at_least(redis_client, keys.forecasts("R"), 12))
+    ids = await forecast_ids(redis_client, keys, "R")
+    assert ids[-1] == new_id and len(ids) == 12
+    assert registry_value(metrics, "streamcast_ticks_total", outcome="filling") == 0
+
+
+async def _len_at_least(redis, key: str, n: int) -> bool:
+    return await redis.xlen(key) >= n
+
+
+async def test_shards_split_symbols_and_together_forecast_each_tick_once(redis_client, engine):
+    keys = Keys("shard")
+    names = [f"S{k}" for k in range(6)]
+    paths = 100 + np.cumsum(np.random.default_rng(5).normal(0, 0.3, (6, 60)), axis=1)
+    await replay(redis_client, keys, paths, names, rate=None)
+    daemons = [
+        Daemon(
+            redis_client,
+            engine,
+            Metrics(CollectorRegistry()),
+            keys=keys,
+            config=DaemonConfig(shard_index=i, shard_count=2, consumer=f"replica-{i}"),
+        )
+        for i in range(2)
+    ]
+    for d in daemons:
+        await d.start()
+    try:
+
+        async def done():
+            lengths = [await redis_client.xlen(keys.forecasts(n)) for n in names]
+            return all(n == 11 for n in lengths)
+
+        await wait_for(done)
+    finally:
+        for d in daemons:
+            await d.stop()
+    owners = {n: shard_of(n, 2) for n in names}
+    assert set(owners.values()) == {0, 1}, "the test symbols should land on both shards"
+    for i, d in enumerate(daemons):
+        assert sorted(d.windows.symbols()) == sorted(n for n, o in owners.items() if o == i)

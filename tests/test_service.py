@@ -1,0 +1,159 @@
+"""`streamcast serve` as a real process: signals, kill -9, restart, HTTP, settings errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from streamcast.keys import Keys
+from streamcast.replay import replay
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def spawn_daemon(
+    redis_url: str, prefix: str, http_port: int, tmp_path, **env: str
+) -> subprocess.Popen:
+    environment = {
+        **os.environ,
+        "STREAMCAST_REDIS_URL": redis_url,
+        "STREAMCAST_KEY_PREFIX": prefix,
+        "STREAMCAST_HTTP_PORT": str(http_port),
+        "STREAMCAST_SHUTDOWN_TIMEOUT_S": "10",
+        "STREAMCAST_BATCH_MAX_SIZE": "64",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        **env,
+    }
+    log = open(tmp_path / f"daemon-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamcast.cli", "serve"],
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the daemon exited during start-up"
+        try:
+            if http_get(port, "/readyz")[0] == 200:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise AssertionError("daemon not ready in time")
+
+
+async def total_forecasts(redis, keys: Keys, names) -> int:
+    return sum([await redis.xlen(keys.forecasts(n)) for n in names])
+
+
+async def check_exactly_once(redis, keys: Keys, names) -> None:
+    ticks: dict[str, list[str]] = {}
+    for eid, fields in await redis.xrange(keys.ticks):
+        ticks.setdefault(fields[b"symbol"].decode(), []).append(eid.decode())
+    for name in names:
+        forecast = [eid.decode() for eid, _ in await redis.xrange(keys.forecasts(name))]
+        assert forecast == ticks[name][49:], f"{name}: lost or doubled forecasts"
+
+
+def feed(symbols: int = 4, points: int = 400):
+    rng = np.random.default_rng(11)
+    return 100 * np.exp(np.cumsum(rng.normal(0, 0.01, (symbols, points)), axis=1))
+
+
+async def wait_total(redis, keys, names, target: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while await total_forecasts(redis, keys, names) < target:
+        assert time.monotonic() < deadline, (
+            f"only {await total_forecasts(redis, keys, names)} of {target} forecasts"
+        )
+        await asyncio.sleep(0.2)
+
+
+async def test_kill_9_mid_replay_then_restart_loses_and_doubles_nothing(
+    redis_server, redis_client, tmp_path
+):
+    keys, names, paths = Keys("k9"), [f"K{i}" for i in range(4)], feed()
+    port = free_port()
+    daemon = spawn_daemon(redis_server.url, "k9", port, tmp_path)
+    try:
+        await wait_ready(port, daemon)
+        producer = asyncio.create_task(replay(redis_client, keys, paths, names, rate=800))
+        await wait_total(redis_client, keys, names, 200)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        await producer
+        assert await total_forecasts(redis_client, keys, names) < 4 * (400 - 49), (
+            "killed too late to test anything"
+        )
+        daemon = spawn_daemon(redis_server.url, "k9", port, tmp_path)
+        await wait_total(redis_client, keys, names, 4 * (400 - 49))
+        await asyncio.sleep(1.0)  # anything doubled would land now
+        await check_exactly_once(redis_client, keys, names)
+    finally:
+        daemon.kill()
+        daemon.wait(10)
+
+
+async def test_sigterm_mid_replay_exits_0_in_time_and_restart_completes(
+    redis_server, redis_client, tmp_path
+):
+    keys, names, paths = Keys("term"), [f"T{i}" for i in range(4)], feed()
+    port = free_port()
+    daemon = spawn_daemon(redis_server.url, "term", port, tmp_path)
+    try:
+        await wait_ready(port, daemon)
+        status, body = http_get(port, "/metrics")
+        assert status == 200 and "streamcast_ticks_total" in body
+        assert http_get(port, "/healthz")[0] == 200
+        producer = asyncio.create_task(replay(redis_client, keys, paths, names, rate=800))
+        await wait_total(redis_client, keys, names, 200)
+        started = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0
+        assert time.monotonic() - started < 10.5
+        await producer
+        daemon = spawn_daemon(redis_server.url, "term", port, tmp_path)
+        await wait_total(redis_client, keys, names, 4 * (400 - 49))
+        await asyncio.sleep(1.0)
+        await check_exactly_once(redis_client, keys, names)
+    finally:
+        daemon.terminate()
+        daemon.wait(15)
+
+
+def test_bad_setting_stops_start_up_naming_the_variable(tmp_path):
+    env = {**os.environ, "STREAMCAST_SHARD_COUNT": "zero", "STREAMCAST_BATCH_MAX_SIZE": "-1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "streamcast.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "STREAMCAST_SHARD_COUNT" in out.stderr and "STREAMCAST_BATCH_MAX_SIZE" in out.stderr
+    assert "Traceback" not in out.stderr
