@@ -176,7 +176,8 @@ class Forecaster:
     def _chunks(self, windows: np.ndarray) -> list[np.ndarray]:
         """Cut into rows of bucketed sizes; padding repeats the last window (valid prices)."""
         n = len(windows)
-        size = self.chunk_size if n >= self.chunk_size else _next_pow2(n)
+        # spread even a small batch over the workers: one XLA computation uses one core
+        size = min(self.chunk_size, _next_pow2(math.ceil(n / self.workers)))
         count = math.ceil(n / size)
         chunks = [windows[i * size : (i + 1) * size] for i in range(count)]
         last = chunks[-1]

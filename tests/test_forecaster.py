@@ -84,12 +84,12 @@ def test_chunked_batches_equal_one_window_at_a_time(tiny_model):
 
 
 def test_varying_batch_sizes_reuse_bucketed_programs(tiny_model):
-    with Forecaster(tiny_model, normalise=True, chunk_size=16) as forecaster:
+    with Forecaster(tiny_model, normalise=True, chunk_size=16, workers=2) as forecaster:
         for rows in (1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 40):
             assert forecaster.predict_next(random_prices(rows)).shape == (rows,)
-        # powers of two up to the chunk (3 -> 4, 5 -> 8, 9 -> 16), then 16-row chunks whose
-        # remainder is bucketed the same way (17 -> 16 + 1, 33 -> 16 + 16 + 1, 40 -> 16 + 16 + 8)
-        assert forecaster.compiled_shapes == [(1, 1), (4, 1), (8, 1), (16, 1)]
+        # a batch is split over the 2 workers in power-of-two chunks of at most 16 rows
+        # (3 -> 2 + 1, 9 -> 8 + 1, 40 -> 16 + 16 + 8): five programs serve every size
+        assert forecaster.compiled_shapes == [(1, 1), (2, 1), (4, 1), (8, 1), (16, 1)]
 
 
 def test_bad_inputs_are_refused_with_the_reason(tiny_model):
