@@ -34,14 +34,15 @@ def spawn_daemon(
         "TF_CPP_MIN_LOG_LEVEL": "3",
         **env,
     }
-    log = open(tmp_path / f"daemon-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamcast.cli", "serve"],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
+    with open(tmp_path / f"daemon-{time.monotonic_ns()}.log", "w") as log:
+        # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamcast.cli", "serve"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
 
 
 def http_get(port: int, path: str) -> tuple[int, str]:
