@@ -1,14 +1,15 @@
-# streamcast: a first image (the daemon, health check and GPU variant come with later issues).
+# streamcast: the daemon and CLI (health check and GPU variant come with a later issue).
 #   docker build -t streamcast .
-#   docker run --rm -v "$PWD/../shared/data:/data:ro" -v "$PWD/runs:/runs" streamcast \
-#       train --data /data/sinwave.csv --out /runs/sine
+#   docker run --rm -e STREAMCAST_REDIS_URL=redis://redis:6379/0 -p 8000:8000 streamcast   # serve
+#   docker run --rm -it streamcast demo                                                    # no server needed
 FROM python:3.11-slim AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TF_CPP_MIN_LOG_LEVEL=3
+    TF_CPP_MIN_LOG_LEVEL=3 \
+    STREAMCAST_HTTP_HOST=0.0.0.0
 
 WORKDIR /app
 
@@ -25,5 +26,6 @@ RUN pip install --no-deps . && rm -rf build
 RUN useradd --create-home --uid 10001 streamcast
 USER streamcast
 
+EXPOSE 8000
 ENTRYPOINT ["streamcast"]
-CMD ["--help"]
+CMD ["serve"]

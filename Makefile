@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: install test lint demo bench model experiments clean
+.PHONY: install test lint demo experiment bench bench-daemon model experiments clean
 
 install: $(VENV)/.installed
 
@@ -22,12 +22,19 @@ lint: install
 	$(VENV)/bin/ruff format --check streamcast tests bench
 	$(VENV)/bin/mypy
 
-# Until the daemon lands, the main job is the tutorial's experiment on the built-in sine.
+# The main job: embedded Redis, a synthetic feed, the daemon, live forecasts (Ctrl+C stops).
 demo: install
+	$(VENV)/bin/streamcast demo
+
+# The tutorial's experiment on the built-in sine (train + the three prediction modes).
+experiment: install
 	$(VENV)/bin/streamcast experiment --out runs/sine
 
 bench: install
 	$(PY) bench/engine.py
+
+bench-daemon: install
+	$(PY) bench/daemon.py
 
 # The shipped default model: the project's own synthetic series, reproducible from the seed.
 model: install

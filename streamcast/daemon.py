@@ -216,6 +216,16 @@ class Daemon:
     # -- the consume loop ------------------------------------------------------------------
 
     async def _consume_forever(self) -> None:
+        try:
+            await self._consume()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # not a Redis outage and not bad input (both handled below): a bug, so say so loudly
+            log.exception("the consume loop failed")
+            raise
+
+    async def _consume(self) -> None:
         backoff = 0.1
         setup_done = False
         while not self._stopping.is_set():

@@ -158,3 +158,92 @@ def test_bad_setting_stops_start_up_naming_the_variable(tmp_path):
     assert out.returncode == 2
     assert "STREAMCAST_SHARD_COUNT" in out.stderr and "STREAMCAST_BATCH_MAX_SIZE" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_replay_then_watch_from_the_command_line(redis_server, tmp_path, shared_data):
+    env = {**os.environ, "STREAMCAST_REDIS_URL": redis_server.url, "STREAMCAST_KEY_PREFIX": "cli"}
+    cli = [sys.executable, "-m", "streamcast.cli"]
+    out = subprocess.run(
+        [
+            *cli,
+            "replay",
+            str(shared_data / "sp500.csv"),
+            "--symbol",
+            "SPX",
+            "--symbols",
+            "3",
+            "--as-fast-as-possible",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "replayed 12513 ticks for 3 symbol(s)" in out.stdout
+    port = free_port()
+    daemon = spawn_daemon(redis_server.url, "cli", port, tmp_path)
+    try:
+        watched = subprocess.run(
+            [*cli, "watch", "SPX.0", "SPX.2", "--from-start", "--limit", "5"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+    finally:
+        daemon.terminate()
+        daemon.wait(15)
+    lines = watched.stdout.strip().splitlines()
+    assert watched.returncode == 0 and len(lines) == 5, watched.stderr
+    assert all(line.startswith("SPX.") and " next " in line and " model " in line for line in lines)
+
+
+def test_replay_names_an_unreachable_redis_without_a_traceback(tmp_path):
+    env = {
+        **os.environ,
+        "STREAMCAST_REDIS_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0",
+        "STREAMCAST_REDIS_TIMEOUT_S": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "streamcast.cli", "replay", "--symbols", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "cannot reach redis at redis://:***@127.0.0.1" in out.stderr
+    assert "hunter2" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_runs_with_no_server_and_prints_forecasts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "STREAMCAST_REDIS_URL"}
+    env["STREAMCAST_HTTP_PORT"] = str(free_port())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streamcast.cli",
+            "demo",
+            "--symbols",
+            "3",
+            "--rate",
+            "60",
+            "--seconds",
+            "25",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "embedded redis at redis://127.0.0.1:" in out.stdout
+    forecasts = [line for line in out.stdout.splitlines() if line.startswith("SYN.")]
+    assert len(forecasts) > 20
+    assert any("path end" in line and "(+50)" in line for line in forecasts)

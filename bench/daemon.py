@@ -1,0 +1,326 @@
+"""Daemon throughput and latency against a real redis-server, next to the tutorial's way.
+
+    python bench/daemon.py [--symbols 500] [--rate 2000] [--seconds 60] [--tutorial-seconds 20]
+
+1. Starts a private redis-server on a free port and seeds every symbol's history with 50 prices,
+   so windows are full from the first tick (as after a restart).
+2. Starts `streamcast serve` as a separate process and offers --rate ticks/s round-robin over
+   --symbols symbols for --seconds, then waits for the backlog to drain.
+3. Reads every forecast back: sustained throughput, tick-to-forecast latency (publish time minus
+   the tick's stream id time, both in ms), and the age of each symbol's newest 50-step path
+   sampled every 100 ms.
+4. Runs the same offered load against a consumer written the tutorial's way (one
+   `model.predict` per tick) for --tutorial-seconds and prints the throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from streamcast.keys import Keys  # noqa: E402
+from streamcast.schema import encode_tick  # noqa: E402
+from streamcast.service import make_redis  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    binary = shutil.which("redis-server") or sys.exit("redis-server is not installed")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def prices(symbols: int, points: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    start = rng.uniform(20, 500, size=(symbols, 1))
+    return start * np.exp(np.cumsum(rng.normal(0, 0.01, size=(symbols, points)), axis=1))
+
+
+async def seed_history(redis, keys: Keys, names: list[str], warm: np.ndarray) -> None:
+    pipe = redis.pipeline(transaction=False)
+    for name, row in zip(names, warm, strict=True):
+        for t, price in enumerate(row):
+            pipe.xadd(keys.history(name), {"price": repr(float(price))}, id=f"{t + 1}-0")
+    pipe.sadd(keys.symbols, *names)
+    await pipe.execute()
+
+
+async def offer_load(
+    redis, keys: Keys, names: list[str], feed: np.ndarray, rate: float, seconds: float
+) -> int:
+    """XADD at ``rate`` ticks/s round-robin over symbols in 10 ms slices; returns ticks sent."""
+    symbols = len(names)
+    started = time.monotonic()
+    sent = 0
+    column = 0
+    while True:
+        elapsed = time.monotonic() - started
+        if elapsed >= seconds:
+            return sent
+        due = int(min(elapsed + 0.01, seconds) * rate) - sent
+        if due > 0:
+            now_ms = int(time.time() * 1000)
+            pipe = redis.pipeline(transaction=False)
+            for k in range(due):
+                s = (sent + k) % symbols
+                t = (sent + k) // symbols
+                pipe.xadd(
+                    keys.ticks, encode_tick(names[s], float(feed[s, t % feed.shape[1]]), ts=now_ms)
+                )
+            await pipe.execute()
+            sent += due
+            column += 1
+        await asyncio.sleep(max(0.0, started + (sent / rate) - time.monotonic()))
+
+
+async def forecasts_count(redis, keys: Keys, names: list[str]) -> int:
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        pipe.xlen(keys.forecasts(name))
+    return sum(await pipe.execute())
+
+
+async def collect(
+    redis, keys: Keys, names: list[str]
+) -> tuple[np.ndarray, dict[str, list[int]], list[int]]:
+    """Latencies (ms), path publish times per symbol (ms), and publish times of all forecasts."""
+    latencies, published = [], []
+    paths: dict[str, list[int]] = {}
+    for name in names:
+        cursor = "-"
+        while True:
+            entries = await redis.xrange(keys.forecasts(name), min=cursor, count=5000)
+            if not entries:
+                break
+            for eid, fields in entries:
+                tick_ms = int(eid.split(b"-")[0])
+                ts = int(fields[b"ts"])
+                latencies.append(ts - tick_ms)
+                published.append(ts)
+                if b"path" in fields:
+                    paths.setdefault(name, []).append(ts)
+            last = entries[-1][0].decode()
+            ms, seq = last.split("-")
+            cursor = f"{ms}-{int(seq) + 1}"
+            if len(entries) < 5000:
+                break
+    return np.array(latencies), paths, published
+
+
+def path_ages(
+    paths: dict[str, list[int]], names: list[str], start_ms: int, end_ms: int
+) -> np.ndarray:
+    """Age of each symbol's newest path, sampled every 100 ms (a symbol without one counts from the start)."""
+    grid = np.arange(start_ms + 1000, end_ms, 100)
+    ages = []
+    for name in names:
+        times = np.array(sorted(paths.get(name, [])))
+        idx = np.searchsorted(times, grid, side="right") - 1
+        last = np.where(idx >= 0, times[np.maximum(idx, 0)] if len(times) else start_ms, start_ms)
+        ages.append(grid - last)
+    return np.concatenate(ages) / 1000.0
+
+
+async def tutorial_consumer(
+    redis, keys: Keys, model, stop: asyncio.Event, windows: dict[str, list[float]]
+) -> int:
+    """The tutorial's way: one model.predict per tick, then XADD the forecast and XACK."""
+    group = "tutorial"
+    await redis.xgroup_create(keys.ticks, group, id="$", mkstream=True)
+    done = 0
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        reply = await redis.xreadgroup(group, "t", {keys.ticks: ">"}, count=100, block=200)
+        for _, entries in reply or []:
+            for eid, fields in entries:
+                symbol = fields[b"symbol"].decode()
+                window = windows[symbol]
+                window.append(float(fields[b"price"]))
+                del window[0]
+                x = (np.array(window) / window[0] - 1.0)[None, :, None]
+                y = await loop.run_in_executor(
+                    None, lambda x=x: float(model.predict(x, verbose=0)[0, 0])
+                )
+                await redis.xadd(
+                    keys.forecasts(symbol), {"next": repr(window[0] * (y + 1.0))}, id=eid
+                )
+                await redis.xack(keys.ticks, group, eid)
+                done += 1
+                if stop.is_set():
+                    return done
+    return done
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--symbols", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--tutorial-seconds", type=float, default=20.0)
+    parser.add_argument("--drain-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--env", action="append", default=[], help="extra STREAMCAST_X=Y for the daemon"
+    )
+    args = parser.parse_args()
+
+    names = [f"B{k:04d}" for k in range(args.symbols)]
+    feed = prices(args.symbols, 2000)
+    with tempfile.TemporaryDirectory() as tmp:
+        redis_proc, url = start_redis(tmp)
+        redis = make_redis(url)
+        daemon = None
+        try:
+            keys = Keys("bench")
+            await seed_history(redis, keys, names, feed[:, :50])
+            http_port = free_port()
+            env = {
+                **os.environ,
+                "STREAMCAST_REDIS_URL": url,
+                "STREAMCAST_KEY_PREFIX": "bench",
+                "STREAMCAST_HTTP_PORT": str(http_port),
+            }
+            for item in args.env:
+                key, _, value = item.partition("=")
+                env[key] = value
+            log_path = Path(tmp) / "daemon.log"
+            with open(log_path, "w") as log:
+                daemon = subprocess.Popen(
+                    [sys.executable, "-m", "streamcast.cli", "serve"],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ROOT,
+                )
+            await wait_ready(http_port, daemon)
+            start_ms = int(time.time() * 1000)
+            sent = await offer_load(redis, keys, names, feed[:, 50:], args.rate, args.seconds)
+            end_ms = int(time.time() * 1000)
+            deadline = time.monotonic() + args.drain_timeout
+            while (
+                done := await forecasts_count(redis, keys, names)
+            ) < sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            drained_ms = int(time.time() * 1000)
+            latencies, paths, published = await collect(redis, keys, names)
+            ages = path_ages(paths, names, start_ms, end_ms)
+            in_window = sum(1 for t in published if t <= end_ms)
+            daemon.terminate()
+            daemon.wait(30)
+            daemon = None
+
+            # the tutorial's way on the same offered load
+            import keras
+
+            from streamcast.model import DEFAULT_MODEL_DIR, load_model
+
+            model, _ = load_model(DEFAULT_MODEL_DIR)
+            model.predict(np.zeros((1, 50, 1)), verbose=0)
+            tkeys = Keys("tutorial")
+            windows = {n: list(feed[i, :50]) for i, n in enumerate(names)}
+            stop = asyncio.Event()
+            consumer = asyncio.create_task(tutorial_consumer(redis, tkeys, model, stop, windows))
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            tutorial_sent = await offer_load(
+                redis, tkeys, names, feed[:, 50:], args.rate, args.tutorial_seconds
+            )
+            stop.set()
+            tutorial_done = await consumer
+            tutorial_rate = tutorial_done / (time.monotonic() - t0)
+        finally:
+            if daemon is not None:
+                daemon.kill()
+            await redis.aclose()
+            redis_proc.terminate()
+            redis_proc.wait(10)
+
+    ours_rate = in_window / args.seconds
+    print(
+        f"# streamcast daemon benchmark: {platform.node()}, {os.cpu_count()} CPUs, Keras {keras.__version__}"
+    )
+    print(
+        f"# offered {args.rate:.0f} ticks/s over {args.symbols} symbols for {args.seconds:.0f} s; redis, load and daemon share the machine"
+    )
+    print()
+    print(
+        "| consumer | ticks offered | forecast | sustained (forecasts/s in the load window) | p50 latency (ms) | p99 latency (ms) | max latency (ms) | p99 path age (s) | drain after load (s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| streamcast serve | {sent} | {done} ({done / sent:.1%}) | {ours_rate:,.0f} | {np.percentile(latencies, 50):.0f} | "
+        f"{np.percentile(latencies, 99):.0f} | {latencies.max():.0f} | {np.percentile(ages, 99):.1f} | {(drained_ms - end_ms) / 1000:.1f} |"
+    )
+    print(
+        f"| tutorial (model.predict per tick) | {tutorial_sent} | {tutorial_done} | {tutorial_rate:,.1f} | - | - | - | - | - |"
+    )
+    print()
+    print(f"throughput ratio streamcast / tutorial: {ours_rate / tutorial_rate:,.0f}x")
+    ok = done == sent and np.percentile(latencies, 99) <= 250 and np.percentile(ages, 99) <= 10
+    print(
+        f"target (every tick forecast, p99 latency <= 250 ms, p99 path age <= 10 s): {'met' if ok else 'NOT met'}"
+    )
+
+
+async def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit("the daemon exited during start-up")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    sys.exit("the daemon did not become ready")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
