@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,7 +31,14 @@ from redis.asyncio import Redis
 
 from streamcast.keys import Keys, shard_of
 from streamcast.metrics import Metrics
-from streamcast.schema import TickError, decode_tick, encode_forecast, id_key, parse_stream_reply
+from streamcast.schema import (
+    Tick,
+    TickError,
+    decode_tick,
+    encode_forecast,
+    id_key,
+    parse_stream_reply,
+)
 from streamcast.windows import Windows
 
 log = logging.getLogger(__name__)
@@ -57,14 +64,28 @@ class DaemonConfig:
     batch_max_size: int = 512
     batch_max_wait_ms: int = 20
     path_steps: int = 50
-    path_refresh_s: float = 0.0
-    paths_per_batch_max: int = 64
+    path_refresh_s: float = 1.0
+    paths_per_batch_max: int = 16
     history_maxlen: int = 10_000
     forecasts_maxlen: int = 10_000
     dead_maxlen: int = 100_000
     claim_idle_ms: int = 30_000
     claim_interval_s: float = 10.0
     read_block_ms: int = 500
+
+
+@dataclass
+class Batch:
+    """One read's worth of entries on its way through prepare -> compute -> publish."""
+
+    ack_ids: list[str] = field(default_factory=list)
+    dead: list[tuple[str, str, str, dict[Any, Any]]] = field(default_factory=list)
+    accepted: list[Tick] = field(default_factory=list)  # appended to history
+    ready: list[Tick] = field(default_factory=list)  # with a full window: forecast
+    windows: list[np.ndarray] = field(default_factory=list)  # one per ready tick
+    due: list[int] = field(default_factory=list)  # indices into ready that get a path
+    next_prices: np.ndarray = field(default_factory=lambda: np.empty(0))
+    paths: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
 
 
 @dataclass
@@ -105,7 +126,6 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._read_pending = True
-        self._in_flight = 0
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -226,10 +246,16 @@ class Daemon:
             raise
 
     async def _consume(self) -> None:
+        """Read, prepare and compute batch k+1 while batch k is being published."""
         backoff = 0.1
         setup_done = False
-        while not self._stopping.is_set():
+        pending: Batch | None = None  # computed, not yet published
+        while True:
             try:
+                if self._stopping.is_set():
+                    if pending is not None:
+                        await self._publish(pending)
+                    return
                 if not setup_done:
                     await self._setup()
                     setup_done = True
@@ -239,12 +265,27 @@ class Daemon:
                         self.config.consumer,
                         self.group,
                     )
-                entries = await self._read()
+                entries = await self._read(block=pending is None)
                 self.redis_ok = True
                 backoff = 0.1
-                if entries:
-                    await self._process(entries)
+                if not entries:
+                    if pending is not None:
+                        batch, pending = pending, None
+                        await self._publish(batch)
+                    continue
+                batch = self._prepare(entries)
+                compute = asyncio.ensure_future(self._compute(batch))
+                try:
+                    if pending is not None:
+                        previous, pending = pending, None
+                        await self._publish(previous)
+                except BaseException:
+                    await asyncio.wait([compute])
+                    raise
+                await compute
+                pending = batch
             except REDIS_DOWN as exc:
+                pending = None  # unacknowledged: it will be read again from the pending list
                 self.redis_ok = False
                 self.metrics.redis_errors.inc()
                 log.warning(
@@ -254,8 +295,10 @@ class Daemon:
                     await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
                 setup_done = False  # the batch may not have landed: rebuild windows from history
+                if self._stopping.is_set():
+                    return
 
-    async def _read(self) -> list[tuple[str, str, dict[Any, Any]]]:
+    async def _read(self, block: bool = True) -> list[tuple[str, str, dict[Any, Any]]]:
         cfg = self.config
         if self._read_pending:
             reply = await self.redis.xreadgroup(
@@ -270,10 +313,10 @@ class Daemon:
             cfg.consumer,
             {self.keys.ticks: ">"},
             count=cfg.batch_max_size,
-            block=cfg.read_block_ms,
+            block=cfg.read_block_ms if block else None,
         )
         entries = parse_stream_reply(reply)
-        if entries and len(entries) < cfg.batch_max_size and cfg.batch_max_wait_ms > 0:
+        if block and entries and len(entries) < cfg.batch_max_size and cfg.batch_max_wait_ms > 0:
             # flush on size or deadline: give a small batch a moment to fill
             await asyncio.sleep(cfg.batch_max_wait_ms / 1000)
             more = await self.redis.xreadgroup(
@@ -285,23 +328,19 @@ class Daemon:
             entries += parse_stream_reply(more)
         return entries
 
-    async def _process(self, entries: list[tuple[str, str, dict[Any, Any]]]) -> None:
+    def _prepare(self, entries: list[tuple[str, str, dict[Any, Any]]]) -> Batch:
+        """Validate entries, push prices into windows, and choose which windows get a path."""
         cfg = self.config
         positive = self.engine.normalise
-        ack_ids: list[str] = []
-        dead: list[tuple[str, str, str, dict[Any, Any]]] = []
-        accepted = []  # ticks to append to history
-        ready = []  # (tick, window) with a full window
-        self._in_flight = len(entries)
-        self.metrics.queue_depth.set(len(entries))
+        batch = Batch()
         for _, entry_id, fields in entries:
-            ack_ids.append(entry_id)
+            batch.ack_ids.append(entry_id)
             if not fields:  # deleted from the stream while pending
                 continue
             try:
                 tick = decode_tick(entry_id, fields, positive=positive)
             except TickError as exc:
-                dead.append((entry_id, exc.reason, exc.detail, fields))
+                batch.dead.append((entry_id, exc.reason, exc.detail, fields))
                 continue
             if shard_of(tick.symbol, cfg.shard_count) != cfg.shard_index:
                 self.metrics.ticks.labels("foreign").inc()
@@ -312,86 +351,67 @@ class Daemon:
                 continue
             last_ts = self.windows.get(tick.symbol).last_ts
             if tick.ts is not None and last_ts is not None and tick.ts < last_ts:
-                dead.append(
-                    (
-                        entry_id,
-                        "out_of_order",
-                        f"ts {tick.ts} is before the symbol's last {last_ts}",
-                        fields,
-                    )
-                )
+                detail = f"ts {tick.ts} is before the symbol's last {last_ts}"
+                batch.dead.append((entry_id, "out_of_order", detail, fields))
                 continue
             window = self.windows.push(tick.symbol, entry_id, tick.price, tick.ts)
-            accepted.append(tick)
+            batch.accepted.append(tick)
             if window is not None:
-                ready.append((tick, window))
+                batch.ready.append(tick)
+                batch.windows.append(window)
             else:
                 self.metrics.ticks.labels("filling").inc()
 
-        # paths: the newest window of each symbol whose path is due, stalest first, capped
+        # paths: only the newest window of a symbol in the batch (older ones are coalesced into
+        # it), for symbols whose path is due, stalest first, at most paths_per_batch_max
         now = self.clock()
-        newest: dict[str, int] = {}
-        for i, (tick, _) in enumerate(ready):
-            newest[tick.symbol] = i
+        newest = {tick.symbol: i for i, tick in enumerate(batch.ready)}
         due = [
             i for s, i in newest.items() if now - self.last_path.get(s, 0.0) >= cfg.path_refresh_s
         ]
-        due.sort(key=lambda i: self.last_path.get(ready[i][0].symbol, 0.0))
-        due = due[: cfg.paths_per_batch_max]
+        due.sort(key=lambda i: self.last_path.get(batch.ready[i].symbol, 0.0))
+        batch.due = due[: cfg.paths_per_batch_max]
+        for i in batch.due:
+            self.last_path[batch.ready[i].symbol] = now
+        self.metrics.queue_depth.set(len(entries))
+        return batch
 
-        next_prices = np.empty(0)
-        paths = np.empty((0, cfg.path_steps))
-        if ready:
-            started = time.perf_counter()
-            next_prices, paths = await self._compute(
-                np.stack([w for _, w in ready]),
-                np.stack([ready[i][1] for i in due]) if due else None,
-            )
-            self.metrics.engine_seconds.observe(time.perf_counter() - started)
-        path_of = {i: paths[k] for k, i in enumerate(due)}
-        # publishing and acking must finish together even if we are cancelled mid-way
-        await asyncio.shield(self._publish(ready, next_prices, path_of, accepted, dead, ack_ids))
-        for i in due:
-            self.last_path[ready[i][0].symbol] = now
-        self._in_flight = 0
-        self.metrics.queue_depth.set(0)
-        self.metrics.symbols.set(len(self.windows))
-
-    async def _compute(
-        self, windows: np.ndarray, path_windows: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    async def _compute(self, batch: Batch) -> None:
+        """Run the engine off the event loop; fills ``batch.next_prices`` and ``batch.paths``."""
+        if not batch.ready:
+            return
         engine, steps = self.engine, self.config.path_steps
+        windows = np.stack(batch.windows)
+        path_windows = windows[batch.due] if batch.due else None
 
         def run() -> tuple[np.ndarray, np.ndarray]:
             nxt = engine.predict_next(windows)
-            paths = (
-                engine.rollout(path_windows, steps)
-                if path_windows is not None
-                else np.empty((0, steps))
-            )
-            return nxt, paths
+            paths = engine.rollout(path_windows, steps) if path_windows is not None else None
+            return nxt, paths if paths is not None else np.empty((0, steps))
 
+        started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, run)
+        batch.next_prices, batch.paths = await loop.run_in_executor(self._executor, run)
+        self.metrics.engine_seconds.observe(time.perf_counter() - started)
 
-    async def _publish(
-        self,
-        ready: list[Any],
-        next_prices: np.ndarray,
-        path_of: dict[int, np.ndarray],
-        accepted: list[Any],
-        dead: list[tuple[str, str, str, dict[Any, Any]]],
-        ack_ids: list[str],
-    ) -> None:
+    async def _publish(self, batch: Batch) -> None:
+        # forecasts, history, dead letters and the ack land together or not at all, even if
+        # we are cancelled mid-way: a crash before EXEC redelivers, never loses
+        await asyncio.shield(self._write(batch))
+        self.metrics.queue_depth.set(0)
+        self.metrics.symbols.set(len(self.windows))
+
+    async def _write(self, batch: Batch) -> None:
         cfg, keys = self.config, self.keys
         now_ms = int(self.clock() * 1000)
         version = self.engine.version
+        path_of = {i: batch.paths[k] for k, i in enumerate(batch.due)}
         pipe = self.redis.pipeline(transaction=True)
-        for i, (tick, _) in enumerate(ready):
+        for i, tick in enumerate(batch.ready):
             path = path_of.get(i)
             fields: dict[Any, Any] = encode_forecast(
                 tick,
-                float(next_prices[i]),
+                float(batch.next_prices[i]),
                 None if path is None else path.tolist(),
                 version,
                 now_ms,
@@ -403,7 +423,7 @@ class Daemon:
                 maxlen=cfg.forecasts_maxlen,
                 approximate=True,
             )
-        for tick in accepted:
+        for tick in batch.accepted:
             fields = {"price": repr(tick.price)}
             if tick.ts is not None:
                 fields["ts"] = str(tick.ts)
@@ -414,14 +434,14 @@ class Daemon:
                 maxlen=cfg.history_maxlen,
                 approximate=True,
             )
-        if accepted:
-            pipe.sadd(keys.symbols, *{t.symbol for t in accepted})
-        for entry_id, reason, detail, fields in dead:
+        if batch.accepted:
+            pipe.sadd(keys.symbols, *{t.symbol for t in batch.accepted})
+        for entry_id, reason, detail, original in batch.dead:
             letter: dict[Any, Any] = {"reason": reason, "detail": detail, "tick_id": entry_id}
-            for k, v in fields.items():
+            for k, v in original.items():
                 letter[b"field:" + (k if isinstance(k, bytes) else str(k).encode())] = v
             pipe.xadd(keys.dead, letter, maxlen=cfg.dead_maxlen, approximate=True)
-        pipe.xack(keys.ticks, self.group, *ack_ids)
+        pipe.xack(keys.ticks, self.group, *batch.ack_ids)
         results = await pipe.execute(raise_on_error=False)
         for result in results:
             if isinstance(result, Exception):
@@ -430,17 +450,17 @@ class Daemon:
                 raise result
         # metrics after the write: only what is durable is counted
         self.stats.batches += 1
-        self.stats.forecasts += len(ready)
-        self.stats.paths += len(path_of)
-        self.stats.dead += len(dead)
-        self.metrics.batch_size.observe(len(ack_ids))
-        self.metrics.ticks.labels("forecast").inc(len(ready))
-        self.metrics.ticks.labels("dead").inc(len(dead))
-        self.metrics.forecasts.labels("next").inc(len(ready))
-        self.metrics.forecasts.labels("path").inc(len(path_of))
-        for _, reason, _, _ in dead:
+        self.stats.forecasts += len(batch.ready)
+        self.stats.paths += len(batch.due)
+        self.stats.dead += len(batch.dead)
+        self.metrics.batch_size.observe(len(batch.ack_ids))
+        self.metrics.ticks.labels("forecast").inc(len(batch.ready))
+        self.metrics.ticks.labels("dead").inc(len(batch.dead))
+        self.metrics.forecasts.labels("next").inc(len(batch.ready))
+        self.metrics.forecasts.labels("path").inc(len(batch.due))
+        for _, reason, _, _ in batch.dead:
             self.metrics.dead_letters.labels(reason).inc()
-        for tick, _ in ready:
+        for tick in batch.ready:
             self.metrics.latency.observe(max(0.0, now_ms - id_key(tick.id)[0]) / 1000)
 
     # -- background --------------------------------------------------------------------------
@@ -459,6 +479,9 @@ class Daemon:
                 pass
             except redis_errors.ResponseError as exc:
                 log.debug("housekeeping: %s", exc)
+            except Exception:
+                # keep the heartbeat and metrics going, but make the fault visible
+                log.exception("housekeeping failed")
             now = self.clock()
             ages = [now - self.last_path.get(s, now) for s in self.last_path]
             self.metrics.path_age.set(max(ages) if ages else 0.0)
@@ -477,8 +500,8 @@ class Daemon:
                 self.config.claim_idle_ms,
                 start_id=start,
                 count=1000,
-                justid=True,
             )
+            # [next start, claimed entries, deleted ids]; JUSTID would make redis-py drop the cursor
             start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
             claimed += len(reply[1])
             if start == "0-0":

@@ -149,6 +149,12 @@ class Forecaster:
                 parts = list(self._pool.map(lambda c: self._run(c, steps), chunks))
         return np.concatenate(parts)[: len(windows)]
 
+    def bucket_sizes(self, max_rows: int) -> tuple[int, ...]:
+        """Batch sizes whose warm-up compiles every program a batch of up to ``max_rows`` uses."""
+        top = min(self.chunk_size, _next_pow2(math.ceil(max_rows / self.workers)))
+        # a batch of c * workers rows runs as chunks of c rows
+        return tuple((1 << k) * self.workers for k in range(top.bit_length()))
+
     def warmup(self, batch_sizes: tuple[int, ...] = (1,), steps: tuple[int, ...] = (1, 50)) -> None:
         """Compile the programs these batch sizes and step counts use, so no caller waits later."""
         for b in batch_sizes:

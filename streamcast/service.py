@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -65,15 +66,19 @@ def load_engine(settings: Settings) -> Any:
     from streamcast.forecaster import Forecaster
 
     engine = Forecaster.load(settings.model_path, workers=settings.engine_workers or None)
-    sizes = sorted({1, min(settings.batch_max_size, engine.chunk_size)})
-    engine.warmup(batch_sizes=tuple(sizes), steps=(1, settings.path_steps))
+    started = time.perf_counter()
+    # every bucket a batch or its chunks can round to, for 1-step forecasts and for paths:
+    # a compile in the middle of serving would stall every tick behind it for seconds
+    sizes = engine.bucket_sizes(settings.batch_max_size)
+    engine.warmup(batch_sizes=sizes, steps=(1, settings.path_steps))
     log.info(
-        "model %s on %s (chunk %d x %d workers), warmed for batches %s",
+        "model %s on %s (chunk %d x %d workers), %d programs compiled in %.1f s",
         engine.version,
         engine.device,
         engine.chunk_size,
         engine.workers,
-        sizes,
+        len(engine.compiled_shapes),
+        time.perf_counter() - started,
     )
     return engine
 

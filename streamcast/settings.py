@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         le=3600,
         description="least time between two paths of one symbol (0: every batch)",
     )
-    paths_per_batch_max: int = Field(64, ge=1, le=65536)
+    paths_per_batch_max: int = Field(16, ge=1, le=65536)
     history_maxlen: int = Field(10_000, ge=50, le=100_000_000)
     forecasts_maxlen: int = Field(10_000, ge=10, le=100_000_000)
     dead_maxlen: int = Field(100_000, ge=10, le=100_000_000)

@@ -59,7 +59,7 @@ async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
     names = symbol_names("SPX", 3)
     await replay(redis_client, keys, fan_out(series, 3), names, rate=None)
     metrics = Metrics(CollectorRegistry())
-    config = DaemonConfig(batch_max_size=1024)
+    config = DaemonConfig(batch_max_size=1024, path_refresh_s=0.0)
     async with Daemon(redis_client, engine, metrics, keys=keys, config=config):
         eligible = 3 * (len(series) - 49)
 
@@ -197,3 +197,21 @@ async def test_shards_split_symbols_and_together_forecast_each_tick_once(redis_c
     assert set(owners.values()) == {0, 1}, "the test symbols should land on both shards"
     for i, d in enumerate(daemons):
         assert sorted(d.windows.symbols()) == sorted(n for n, o in owners.items() if o == i)
+
+
+async def test_entries_left_pending_by_a_dead_consumer_are_reclaimed(redis_client, engine):
+    keys = Keys("claim")
+    group = keys.group(0, 1)
+    await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
+    ids = []
+    for i in range(55):
+        eid = await redis_client.xadd(keys.ticks, {"symbol": "C", "price": repr(100.0 + i)})
+        ids.append(eid.decode())
+    # another consumer read them all, then died without acknowledging
+    await redis_client.xreadgroup(group, "dead-replica", {keys.ticks: ">"}, count=100)
+    assert (await redis_client.xpending(keys.ticks, group))["pending"] == 55
+    config = DaemonConfig(claim_idle_ms=200, claim_interval_s=0.5)
+    async with Daemon(redis_client, engine, Metrics(CollectorRegistry()), keys=keys, config=config):
+        await wait_for(lambda: _len_at_least(redis_client, keys.forecasts("C"), 6), timeout_s=30)
+    assert await forecast_ids(redis_client, keys, "C") == ids[49:]
+    assert (await redis_client.xpending(keys.ticks, group))["pending"] == 0

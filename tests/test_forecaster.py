@@ -130,3 +130,16 @@ def test_load_the_shipped_model_and_forecast_finite_prices():
         assert forecaster.version == forecaster.info.version
         path = forecaster.rollout(random_prices(2), steps=50)
     assert path.shape == (2, 50) and np.isfinite(path).all() and (path > 0).all()
+
+
+def test_bucket_sizes_warm_every_chunk_program(tiny_model):
+    with Forecaster(tiny_model, normalise=True, chunk_size=8, workers=2) as forecaster:
+        assert forecaster.bucket_sizes(512) == (2, 4, 8, 16)
+        assert forecaster.bucket_sizes(5) == (2, 4, 8)
+        forecaster.warmup(forecaster.bucket_sizes(512), steps=(1,))
+        assert forecaster.compiled_shapes == [(1, 1), (2, 1), (4, 1), (8, 1)]
+        for rows in (1, 3, 6, 11, 17, 100):
+            forecaster.predict_next(random_prices(rows))
+        assert forecaster.compiled_shapes == [(1, 1), (2, 1), (4, 1), (8, 1)], (
+            "no compile after warm-up"
+        )
