@@ -33,15 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
 from streamcast.schema import encode_tick  # noqa: E402
 from streamcast.service import make_redis  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_redis(directory: str) -> tuple[subprocess.Popen, str]:

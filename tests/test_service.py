@@ -13,10 +13,9 @@ import urllib.request
 import numpy as np
 import pytest
 
+from streamcast.demo import free_port
 from streamcast.keys import Keys
 from streamcast.replay import replay
-
-from .conftest import free_port
 
 pytestmark = pytest.mark.slow
 
