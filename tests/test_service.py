@@ -246,3 +246,38 @@ def test_demo_runs_with_no_server_and_prints_forecasts(tmp_path):
     forecasts = [line for line in out.stdout.splitlines() if line.startswith("SYN.")]
     assert len(forecasts) > 20
     assert any("path end" in line and "(+50)" in line for line in forecasts)
+
+
+def test_password_in_the_url_works_and_a_wrong_one_is_refused_clearly(tmp_path):
+    from .conftest import start_redis_server
+
+    server = start_redis_server(tmp_path, "--requirepass", "s3cret-pw")
+    try:
+        cli = [
+            sys.executable,
+            "-m",
+            "streamcast.cli",
+            "replay",
+            "--symbols",
+            "2",
+            "--points",
+            "60",
+            "--as-fast-as-possible",
+        ]
+        good = {
+            **os.environ,
+            "STREAMCAST_REDIS_URL": f"redis://:s3cret-pw@127.0.0.1:{server.port}/0",
+        }
+        out = subprocess.run(
+            cli, env=good, capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert out.returncode == 0, out.stderr
+        assert "replayed 120 ticks" in out.stdout
+        bad = {**os.environ, "STREAMCAST_REDIS_URL": f"redis://:wrong-pw@127.0.0.1:{server.port}/0"}
+        out = subprocess.run(cli, env=bad, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert out.returncode == 2
+        assert "refused the credentials" in out.stderr
+        assert "wrong-pw" not in out.stderr + out.stdout and "Traceback" not in out.stderr
+    finally:
+        server.process.terminate()
+        server.process.wait(10)
