@@ -89,7 +89,6 @@ async def offer_load(
     symbols = len(names)
     started = time.monotonic()
     sent = 0
-    column = 0
     while True:
         elapsed = time.monotonic() - started
         if elapsed >= seconds:
@@ -106,7 +105,6 @@ async def offer_load(
                 )
             await pipe.execute()
             sent += due
-            column += 1
         await asyncio.sleep(max(0.0, started + (sent / rate) - time.monotonic()))
 
 

@@ -483,8 +483,7 @@ class Daemon:
                 # keep the heartbeat and metrics going, but make the fault visible
                 log.exception("housekeeping failed")
             now = self.clock()
-            ages = [now - self.last_path.get(s, now) for s in self.last_path]
-            self.metrics.path_age.set(max(ages) if ages else 0.0)
+            self.metrics.path_age.set(max((now - t for t in self.last_path.values()), default=0.0))
             self.metrics.ready.set(1 if self.ready else 0)
             await asyncio.sleep(1.0)
 
