@@ -110,6 +110,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="normalise each window to its first value (default: when every value is > 0)",
     )
+    p.add_argument(
+        "--residual",
+        action="store_true",
+        help="the network predicts the change from the last value (an untrained one = naive)",
+    )
     p.add_argument("--layers", type=_layers, default=[1, 50, 100, 1], help="default 1,50,100,1")
     p.add_argument("--dropout", type=_fraction, default=0.2)
     p.add_argument(
@@ -166,6 +171,7 @@ def _train(args: argparse.Namespace) -> int:
         early_stopping_patience=args.early_stopping,
         seed=args.seed,
         normalise=args.normalise,
+        residual=args.residual,
         config=config,
     )
     _quiet_tensorflow()

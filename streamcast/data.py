@@ -154,10 +154,17 @@ def split_windows(windows: np.ndarray, train_fraction: float = 0.9, seed: int = 
     return Split(train=train, test=np.array(windows[n_train:]))
 
 
-def xy(windows: np.ndarray, normalise: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Model inputs (N, seq_len, 1) float32 and targets (N, 1) float32 from windows."""
+def xy(
+    windows: np.ndarray, normalise: bool, residual: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs (N, seq_len, 1) float32 and targets (N, 1) float32 from windows.
+
+    With ``residual`` the target is the change from the window's last input value, so a model
+    that outputs zero is exactly the naive forecast (next = last).
+    """
     w = normalise_windows(windows) if normalise else np.asarray(windows, dtype=np.float64)
-    return w[:, :-1, None].astype(np.float32), w[:, -1:].astype(np.float32)
+    target = w[:, -1:] - w[:, -2:-1] if residual else w[:, -1:]
+    return w[:, :-1, None].astype(np.float32), target.astype(np.float32)
 
 
 def sine_series(n: int = 5001, step: float = 0.01, start: float = 1.0) -> np.ndarray:

@@ -67,6 +67,7 @@ class Forecaster:
     Args:
         model: a Keras model taking (batch, seq_len, 1) and returning (batch, 1).
         normalise: whether the model was trained on windows normalised to their first value.
+        residual: whether the network predicts the change from the window's last value.
         version: the model version carried by every forecast.
         chunk_size: rows per compiled call (default 64 on the CPU, 4096 on a GPU).
         workers: compiled calls run at once (default: the CPU cores; 1 on a GPU).
@@ -77,6 +78,7 @@ class Forecaster:
         model: keras.Model,
         *,
         normalise: bool,
+        residual: bool = False,
         version: str = "unversioned",
         info: ModelInfo | None = None,
         chunk_size: int | None = None,
@@ -93,6 +95,7 @@ class Forecaster:
         self.model = model
         self.seq_len = int(shape[1])
         self.normalise = normalise
+        self.residual = residual
         self.version = version
         self.info = info
         gpus = tf.config.list_logical_devices("GPU")
@@ -111,7 +114,14 @@ class Forecaster:
     def load(cls, path: str | Path = DEFAULT_MODEL_DIR, **kwargs: Any) -> Forecaster:
         """Load a saved model directory (sha256-checked) and wrap it."""
         model, info = load_model(path)
-        return cls(model, normalise=info.normalise, version=info.version, info=info, **kwargs)
+        return cls(
+            model,
+            normalise=info.normalise,
+            residual=info.residual,
+            version=info.version,
+            info=info,
+            **kwargs,
+        )
 
     def close(self) -> None:
         """Stop the worker threads; idempotent."""
@@ -209,13 +219,15 @@ class Forecaster:
         import tensorflow as tf
 
         log.debug("compiling rollout for %d rows x %d steps", rows, steps)
-        net, normalise = self._net, self.normalise
+        net, normalise, residual = self._net, self.normalise, self.residual
 
         def rollout(prices: tf.Tensor) -> tf.Tensor:
             def step(k: tf.Tensor, window: tf.Tensor, out: tf.TensorArray) -> tuple[Any, ...]:
                 first = window[:, :1]
                 x = window / first - 1.0 if normalise else window
                 y = tf.cast(net(tf.cast(x, tf.float32)), tf.float64)
+                if residual:
+                    y = y + x[:, -1]
                 forecast = first[:, 0] * (y + 1.0) if normalise else y
                 window = tf.concat([window[:, 1:], forecast[:, None]], axis=1)
                 return k + 1, window, out.write(k, forecast)

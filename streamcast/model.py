@@ -236,6 +236,7 @@ class ModelInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    residual: bool = False  # the network predicts the change from the window's last value
     streamcast_version: str = __version__
 
     @classmethod
@@ -261,6 +262,8 @@ class ModelInfo:
             raise ModelError(f"{path}: seq_len must be a positive integer, got {info.seq_len!r}")
         if not isinstance(info.normalise, bool):
             raise ModelError(f"{path}: normalise must be true or false, got {info.normalise!r}")
+        if not isinstance(info.residual, bool):
+            raise ModelError(f"{path}: residual must be true or false, got {info.residual!r}")
         return info
 
 
@@ -269,6 +272,7 @@ def save_model(
     directory: str | Path,
     *,
     normalise: bool,
+    residual: bool = False,
     data: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     config: ModelConfig | None = None,
@@ -293,6 +297,7 @@ def save_model(
         metrics=metrics or {},
         config=config.to_dict() if config else {},
         training=training or {},
+        residual=residual,
     )
     write_sidecar(directory, info)
     return info

@@ -27,6 +27,7 @@ class TrainOptions:
     seed: int = 0
     train_fraction: float = 0.9
     normalise: bool | None = None  # None: normalise when every value is > 0
+    residual: bool = False  # predict the change from the last value (zero output = naive)
     config: ModelConfig = field(default_factory=ModelConfig.from_sizes)
     verbose: int | None = None  # None: a progress bar on a terminal, a line per epoch otherwise
 
@@ -65,7 +66,7 @@ def prepare(series: list[np.ndarray], options: TrainOptions) -> Prepared:
         test.append(split.test)
     train = np.concatenate(train_parts)
     np.random.default_rng(options.seed).shuffle(train)
-    x, y = xy(train, normalise)
+    x, y = xy(train, normalise, options.residual)
     return Prepared(x=x, y=y, test=test, normalise=normalise)
 
 
@@ -99,7 +100,7 @@ def train_and_save(
         if options.verbose is not None
         else (1 if sys.stdout.isatty() else 2),
     )
-    with Forecaster(model, normalise=prepared.normalise) as forecaster:
+    with Forecaster(model, normalise=prepared.normalise, residual=options.residual) as forecaster:
         test = np.concatenate(prepared.test)
         point = evaluate(forecaster, test, "point").metrics
     metrics = {
@@ -113,6 +114,7 @@ def train_and_save(
         model,
         out,
         normalise=prepared.normalise,
+        residual=options.residual,
         data={**data_info, "train_windows": len(prepared.x), "test_windows": len(test)},
         metrics=metrics,
         config=options.config,

@@ -135,3 +135,14 @@ def test_synthetic_prices_are_deterministic_distinct_and_positive():
     assert not np.allclose(a, c)
     assert (a > 0).all()
     assert len({round(float(row[-1]), 6) for row in a}) == 5
+
+
+def test_xy_residual_targets_are_the_change_from_the_last_input():
+    from streamcast.data import xy
+
+    windows = np.array([[1.0, 2.0, 4.0], [2.0, 3.0, 2.0]])
+    x, y = xy(windows, normalise=False, residual=True)
+    np.testing.assert_allclose(y[:, 0], [2.0, -1.0])
+    np.testing.assert_allclose(x[:, :, 0], [[1.0, 2.0], [2.0, 3.0]])
+    _, yn = xy(windows, normalise=True, residual=True)
+    np.testing.assert_allclose(yn[:, 0], [2.0, -0.5])  # (4/1 - 1) - (2/1 - 1); (2/2-1) - (3/2-1)

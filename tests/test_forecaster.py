@@ -143,3 +143,38 @@ def test_bucket_sizes_warm_every_chunk_program(tiny_model):
         assert forecaster.compiled_shapes == [(1, 1), (2, 1), (4, 1), (8, 1)], (
             "no compile after warm-up"
         )
+
+
+def test_residual_model_that_outputs_zero_is_the_naive_forecast(tiny_model):
+    """A residual network predicts the change from the last value: zero output -> next = last."""
+    import keras
+
+    from streamcast.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig.from_sizes([1, 4, 1], dropout=0.0), seed=5)
+    dense = model.layers[-1]
+    dense.set_weights([np.zeros_like(w) for w in dense.get_weights()])
+    assert isinstance(dense, keras.layers.Dense)
+    prices = random_prices(4, seed=6)
+    for normalise in (True, False):
+        with Forecaster(model, normalise=normalise, residual=True) as forecaster:
+            path = forecaster.rollout(prices, steps=5)
+        np.testing.assert_allclose(path, np.repeat(prices[:, -1:], 5, axis=1), rtol=1e-12)
+    # the same network without the residual flag forecasts the window's first value (normalised)
+    with Forecaster(model, normalise=True) as forecaster:
+        np.testing.assert_allclose(forecaster.predict_next(prices), prices[:, 0], rtol=1e-12)
+
+
+def test_residual_rollout_equals_the_per_window_loop(tiny_model):
+    prices = random_prices(3, seed=7)
+    with Forecaster(tiny_model, normalise=True, residual=True) as forecaster:
+        got = forecaster.rollout(prices, steps=6)
+    want = np.empty_like(got)
+    for row, window in enumerate(prices):
+        window = window.copy()
+        for k in range(6):
+            x = window / window[0] - 1.0
+            y = float(tiny_model(x[None, :, None].astype(np.float32), training=False)[0, 0])
+            want[row, k] = window[0] * (x[-1] + y + 1.0)
+            window = np.append(window[1:], want[row, k])
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -105,8 +105,11 @@ def test_save_writes_sidecar_and_load_round_trips(tmp_path, tiny_model):
     assert sidecar["seq_len"] == 50 and sidecar["normalise"] is True
     assert sidecar["data"] == {"source": "unit"} and sidecar["metrics"] == {"mse": 1.5}
     assert sidecar["version"].endswith(info.sha256[:8])
+    assert sidecar["residual"] is False
     model, loaded = load_model(tmp_path / "m")
-    assert loaded.version == info.version
+    assert loaded.version == info.version and loaded.residual is False
+    save_model(tiny_model, tmp_path / "r", normalise=True, residual=True)
+    assert load_model(tmp_path / "r")[1].residual is True
     x = np.linspace(0, 1, 50, dtype=np.float32)[None, :, None]
     np.testing.assert_allclose(model(x).numpy(), tiny_model(x).numpy(), rtol=1e-6)
 
