@@ -12,6 +12,11 @@ One consume loop handles a batch at a time, so every tick of a symbol is handled
 A crash anywhere before EXEC redelivers the batch; after EXEC it is done. On restart the windows
 are rebuilt from history, and a redelivered tick already in history is acknowledged without a
 second forecast, so none is lost and none is doubled.
+
+Beside the consume loop run housekeeping (heartbeat, lag, reclaiming), the model watcher (a new
+current version in the registry is fetched, loaded and warmed off the event loop, then swapped in
+between two batches: each forecast carries the version that computed it) and, when configured,
+the retrain schedule.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from redis import exceptions as redis_errors
@@ -40,6 +46,10 @@ from streamcast.schema import (
     parse_stream_reply,
 )
 from streamcast.windows import Windows
+
+if TYPE_CHECKING:
+    from streamcast.registry import Registry
+    from streamcast.retrain import Retrainer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +82,9 @@ class DaemonConfig:
     claim_idle_ms: int = 30_000
     claim_interval_s: float = 10.0
     read_block_ms: int = 500
+    model_check_s: float = 30.0  # fallback poll of the registry when no announcement arrives
+    retrain_interval_s: float = 0.0  # 0: no timed retrain
+    retrain_after_ticks: int = 0  # 0: no retrain by count of ticks accepted on this replica
 
 
 @dataclass
@@ -86,6 +99,7 @@ class Batch:
     due: list[int] = field(default_factory=list)  # indices into ready that get a path
     next_prices: np.ndarray = field(default_factory=lambda: np.empty(0))
     paths: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
+    version: str = ""  # of the model that computed the forecasts
 
 
 @dataclass
@@ -109,6 +123,10 @@ class Daemon:
         keys: Keys | None = None,
         config: DaemonConfig | None = None,
         clock: Callable[[], float] = time.time,
+        registry: Registry | None = None,
+        loader: Callable[[Path], Engine] | None = None,
+        initial_model: Path | None = None,
+        retrainer: Retrainer | None = None,
     ) -> None:
         self.redis = redis
         self.engine = engine
@@ -127,6 +145,15 @@ class Daemon:
         self._executor: ThreadPoolExecutor | None = None
         self._read_pending = True
         self._started = False
+        # the model lifecycle: a registry to watch, how to load a version, what to retrain
+        self.registry = registry
+        self.loader = loader
+        self.initial_model = initial_model
+        self.retrainer = retrainer
+        self.promoted_at: float | None = None
+        self._next_engine: Engine | None = None
+        self._refused: str | None = None  # a version that failed to load: not retried
+        self._ticks_since_retrain = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -140,6 +167,11 @@ class Daemon:
             asyncio.create_task(self._consume_forever(), name="consume"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
         ]
+        if self.registry is not None and self.loader is not None:
+            self._tasks.append(asyncio.create_task(self._watch_models(), name="models"))
+        cfg = self.config
+        if self.retrainer is not None and (cfg.retrain_interval_s or cfg.retrain_after_ticks):
+            self._tasks.append(asyncio.create_task(self._retrain_schedule(), name="retrain"))
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop reading, finish the batch in flight (publish and ack), then stop; idempotent."""
@@ -164,6 +196,9 @@ class Daemon:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+        if self._next_engine is not None:
+            _close(self._next_engine)
+            self._next_engine = None
         self._started = False
         log.info(
             "stopped: %d batches, %d forecasts, %d paths, %d dead letters, %d duplicates skipped",
@@ -256,6 +291,8 @@ class Daemon:
                     if pending is not None:
                         await self._publish(pending)
                     return
+                if self._next_engine is not None:
+                    self._swap()  # between batches: none is being computed
                 if not setup_done:
                     await self._setup()
                     setup_done = True
@@ -391,6 +428,7 @@ class Daemon:
 
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        batch.version = engine.version
         batch.next_prices, batch.paths = await loop.run_in_executor(self._executor, run)
         self.metrics.engine_seconds.observe(time.perf_counter() - started)
 
@@ -404,7 +442,7 @@ class Daemon:
     async def _write(self, batch: Batch) -> None:
         cfg, keys = self.config, self.keys
         now_ms = int(self.clock() * 1000)
-        version = self.engine.version
+        version = batch.version or self.engine.version
         path_of = {i: batch.paths[k] for k, i in enumerate(batch.due)}
         pipe = self.redis.pipeline(transaction=True)
         for i, tick in enumerate(batch.ready):
@@ -453,6 +491,7 @@ class Daemon:
         self.stats.forecasts += len(batch.ready)
         self.stats.paths += len(batch.due)
         self.stats.dead += len(batch.dead)
+        self._ticks_since_retrain += len(batch.accepted)
         self.metrics.batch_size.observe(len(batch.ack_ids))
         self.metrics.ticks.labels("forecast").inc(len(batch.ready))
         self.metrics.ticks.labels("dead").inc(len(batch.dead))
@@ -483,6 +522,8 @@ class Daemon:
                 # keep the heartbeat and metrics going, but make the fault visible
                 log.exception("housekeeping failed")
             now = self.clock()
+            if self.promoted_at is not None:
+                self.metrics.model_age.set(max(0.0, time.time() - self.promoted_at))
             self.metrics.path_age.set(max((now - t for t in self.last_path.values()), default=0.0))
             self.metrics.ready.set(1 if self.ready else 0)
             await asyncio.sleep(1.0)
@@ -517,3 +558,118 @@ class Daemon:
                 lag = group.get("lag")
                 if lag is not None:
                     self.metrics.stream_lag.set(int(lag))
+
+    # -- the model lifecycle -------------------------------------------------------------------
+
+    def _swap(self) -> None:
+        new, self._next_engine = self._next_engine, None
+        assert new is not None
+        old, self.engine = self.engine, new
+        self.metrics.model_info.clear()
+        self.metrics.model_info.labels(new.version).set(1)
+        self.metrics.model_swaps.inc()
+        log.info("serving model %s (was %s)", new.version, old.version)
+        _close(old)
+
+    async def _watch_models(self) -> None:
+        """Load each new current version (announced, or found by the periodic check)."""
+        assert self.registry is not None
+        pubsub: Any = None
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = self.registry.redis.pubsub()
+                    await pubsub.subscribe(self.keys.model_channel)
+                await self._check_model()
+                await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=self.config.model_check_s
+                )
+            except asyncio.CancelledError:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                raise
+            except (*REDIS_DOWN, redis_errors.RedisError) as exc:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                    pubsub = None
+                log.debug("model watcher: %s", exc)
+                await asyncio.sleep(min(5.0, self.config.model_check_s))
+            except Exception:
+                log.exception("model watcher failed; checking again later")
+                await asyncio.sleep(self.config.model_check_s)
+
+    async def _check_model(self) -> None:
+        from streamcast.model import ModelError
+
+        assert self.registry is not None and self.loader is not None
+        current = await self.registry.current()
+        if current is None:
+            if self.initial_model is not None:
+                await self.registry.ensure_current(self.initial_model)
+            return
+        self.promoted_at = current.promoted_at
+        waiting = self._next_engine.version if self._next_engine is not None else None
+        version = current.version
+        if version in (self.engine.version, waiting, self._refused):
+            return
+        log.info("model %s was promoted (%s): loading it", version, current.reason)
+        started = time.perf_counter()
+        try:
+            path = await self.registry.fetch(version)
+            engine = await asyncio.get_running_loop().run_in_executor(None, self.loader, path)
+        except ModelError as exc:
+            self._refuse(version, "invalid", str(exc))
+            return
+        except (*REDIS_DOWN, redis_errors.RedisError):
+            raise
+        except Exception as exc:
+            log.exception("loading model %s failed", version)
+            self._refuse(version, "error", f"{type(exc).__name__}: {exc}")
+            return
+        if engine.seq_len != self.windows.seq_len:
+            _close(engine)
+            self._refuse(
+                version,
+                "mismatch",
+                f"window length {engine.seq_len}, but this replica keeps {self.windows.seq_len}",
+            )
+            return
+        if self._next_engine is not None:
+            _close(self._next_engine)
+        self._next_engine = engine
+        log.info("model %s loaded and warmed in %.1f s", version, time.perf_counter() - started)
+
+    def _refuse(self, version: str, reason: str, detail: str) -> None:
+        self._refused = version
+        self.metrics.model_load_failures.labels(reason).inc()
+        log.error("refusing model %s, still serving %s: %s", version, self.engine.version, detail)
+
+    async def _retrain_schedule(self) -> None:
+        """Retrain every ``retrain_interval_s`` and/or after ``retrain_after_ticks`` ticks."""
+        assert self.retrainer is not None
+        cfg = self.config
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            timed = cfg.retrain_interval_s > 0 and time.monotonic() - last >= cfg.retrain_interval_s
+            counted = (
+                cfg.retrain_after_ticks > 0 and self._ticks_since_retrain >= cfg.retrain_after_ticks
+            )
+            if not (timed or counted) or not self.redis_ok:
+                continue
+            last = time.monotonic()
+            self._ticks_since_retrain = 0
+            try:
+                await self.retrainer.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # run_once reports its own failures; this would be a bug
+                log.exception("retrain schedule: unexpected failure")
+
+
+def _close(engine: Any) -> None:
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()

@@ -113,3 +113,19 @@ def evaluate(
     metrics["skill"] = skill(model["mse"], naive["mse"])
     metrics["mode"] = mode
     return Evaluation(mode=mode, truth=truth, starts=starts, paths=paths, metrics=metrics)
+
+
+def holdout_mse(predictor: Predictor, windows: np.ndarray, relative: bool) -> tuple[float, float]:
+    """(model, naive) 1-step MSE over windows (N, seq_len + 1), the last value the truth.
+
+    ``relative`` divides each error by the last observed price, so that symbols at different price
+    levels weigh alike (for normalised models: every price > 0); otherwise errors are in price units.
+    """
+    windows = np.asarray(windows, dtype=np.float64)
+    inputs, truth = windows[:, :-1], windows[:, -1]
+    last = inputs[:, -1]
+    forecast = predictor.predict_next(inputs)
+    scale = np.abs(last) if relative else np.ones_like(last)
+    model = float(np.mean(((forecast - truth) / scale) ** 2))
+    naive = float(np.mean(((last - truth) / scale) ** 2))
+    return model, naive

@@ -29,6 +29,41 @@ class Keys:
     def history(self, symbol: str) -> str:
         return f"{self.prefix}:history:{symbol}"
 
+    # -- the model registry (streamcast.registry) ---------------------------------------------
+
+    def model(self, version: str) -> str:
+        """A hash: the ``.keras`` bytes, the sidecar JSON and the sha256 of one version."""
+        return f"{self.prefix}:model:{version}"
+
+    @property
+    def models(self) -> str:
+        """A sorted set of every registered version, scored by registration time (ms)."""
+        return f"{self.prefix}:models"
+
+    @property
+    def model_current(self) -> str:
+        """A hash: the version serving, when and why it was promoted."""
+        return f"{self.prefix}:models:current"
+
+    @property
+    def model_promotions(self) -> str:
+        """A list of promoted versions, newest first (``models rollback`` pops it)."""
+        return f"{self.prefix}:models:promotions"
+
+    @property
+    def model_log(self) -> str:
+        """A stream of registry events: retrain outcomes with scores, promotions, rollbacks."""
+        return f"{self.prefix}:models:log"
+
+    @property
+    def model_channel(self) -> str:
+        """Pub/sub channel announcing a new current version to every replica."""
+        return f"{self.prefix}:models:events"
+
+    @property
+    def retrain_lock(self) -> str:
+        return f"{self.prefix}:retrain:lock"
+
     def group(self, shard_index: int, shard_count: int) -> str:
         """One consumer group per shard: replica i of N reads every tick, keeps its own."""
         return f"{self.prefix}:shard-{shard_index}-of-{shard_count}"

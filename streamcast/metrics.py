@@ -80,3 +80,40 @@ class Metrics:
             registry=registry,
         )
         self.ready = Gauge("streamcast_ready", "1 when /readyz would answer 200", registry=registry)
+        # -- the model lifecycle ---------------------------------------------------------------
+        self.model_swaps = Counter(
+            "streamcast_model_swaps",
+            "Model versions loaded, warmed and swapped in while serving",
+            registry=registry,
+        )
+        self.model_load_failures = Counter(
+            "streamcast_model_load_failures",
+            "Promoted versions this replica refused or failed to load (it kept serving), by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.model_age = Gauge(
+            "streamcast_model_age_seconds",
+            "Time since the current version was promoted in the registry",
+            registry=registry,
+        )
+        self.retrains = Counter(
+            "streamcast_retrains",
+            "Retrains this replica started, by result: promoted, rejected, failed, skipped "
+            "(another replica held the lock, or too little history)",
+            ["result"],
+            registry=registry,
+        )
+        self.retrain_seconds = Histogram(
+            "streamcast_retrain_seconds",
+            "Duration of a retrain: history read, training child, scoring, promotion",
+            buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600),
+            registry=registry,
+        )
+        self.retrain_holdout_mse = Gauge(
+            "streamcast_retrain_holdout_mse",
+            "Held-out 1-step MSE (relative to the last price for normalised models) in the last "
+            "retrain, by model: candidate, current, naive",
+            ["model"],
+            registry=registry,
+        )

@@ -80,7 +80,7 @@ class ModelConfig:
         for n, raw in enumerate(spec["layers"]):
             if not isinstance(raw, dict):
                 raise ModelError(f"layer {n}: expected an object, got {raw!r}")
-            kind = str(raw.get("type", "")).lower()
+            kind = str(raw.get("type", raw.get("kind", ""))).lower()  # "kind": our sidecars
             units = int(raw.get("units", raw.get("neurons", 0)) or 0)
             if kind == "lstm":
                 if units < 1:
@@ -171,6 +171,7 @@ def train_model(
     learning_rate: float | None = None,
     cosine_decay: bool = False,
     verbose: int = 2,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Fit ``model`` in place; ``verbose=1`` shows Keras's progress bar, 2 a line per epoch."""
     import time
@@ -191,7 +192,7 @@ def train_model(
             schedule = keras.optimizers.schedules.CosineDecay(rate, total_steps)
         optimizer = optimizer_class(learning_rate=schedule)
         model.compile(loss=model.loss, optimizer=optimizer)
-    callbacks = []
+    callbacks = list(callbacks or [])
     if early_stopping_patience is not None:
         monitor = "val_loss" if validation_split > 0 else "loss"
         callbacks.append(
@@ -242,28 +243,37 @@ class ModelInfo:
     @classmethod
     def read(cls, path: Path) -> ModelInfo:
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ModelError(
                 f"{path}: sidecar missing (a saved model is model.keras + model.json)"
             ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError as exc:
             raise ModelError(f"{path}: sidecar is not valid JSON ({exc})") from None
+        return cls.parse(text, str(path))
+
+    @classmethod
+    def parse(cls, text: str | bytes, where: str) -> ModelInfo:
+        """A sidecar from its JSON text; errors name ``where`` it came from."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{where}: sidecar is not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
-            raise ModelError(f"{path}: sidecar must be a JSON object")
+            raise ModelError(f"{where}: sidecar must be a JSON object")
         missing = [
             k for k in ("version", "created", "seq_len", "normalise", "sha256") if k not in raw
         ]
         if missing:
-            raise ModelError(f"{path}: sidecar lacks {', '.join(missing)}")
+            raise ModelError(f"{where}: sidecar lacks {', '.join(missing)}")
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         info = cls(**known)
         if not isinstance(info.seq_len, int) or info.seq_len < 1:
-            raise ModelError(f"{path}: seq_len must be a positive integer, got {info.seq_len!r}")
+            raise ModelError(f"{where}: seq_len must be a positive integer, got {info.seq_len!r}")
         if not isinstance(info.normalise, bool):
-            raise ModelError(f"{path}: normalise must be true or false, got {info.normalise!r}")
+            raise ModelError(f"{where}: normalise must be true or false, got {info.normalise!r}")
         if not isinstance(info.residual, bool):
-            raise ModelError(f"{path}: residual must be true or false, got {info.residual!r}")
+            raise ModelError(f"{where}: residual must be true or false, got {info.residual!r}")
         return info
 
 

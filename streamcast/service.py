@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -24,6 +26,9 @@ from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
+from streamcast.model import ModelError
+from streamcast.registry import Registry
+from streamcast.retrain import RetrainConfig, Retrainer
 from streamcast.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,14 +63,38 @@ def daemon_config(settings: Settings) -> DaemonConfig:
         dead_maxlen=settings.dead_maxlen,
         claim_idle_ms=settings.claim_idle_ms,
         claim_interval_s=settings.claim_interval_s,
+        model_check_s=settings.model_check_s,
+        retrain_interval_s=settings.retrain_interval_s,
+        retrain_after_ticks=settings.retrain_after_ticks,
     )
 
 
-def load_engine(settings: Settings) -> Any:
-    """Load the model and compile the shapes the daemon uses, so no tick waits for a compile."""
+def retrain_config(settings: Settings, **overrides: Any) -> RetrainConfig:
+    symbols = tuple(s for s in settings.retrain_symbols.split(",") if s)
+    config = RetrainConfig(
+        symbols=symbols,
+        max_points=settings.retrain_max_points,
+        holdout_fraction=settings.retrain_holdout_fraction,
+        margin=settings.retrain_margin,
+        epochs=settings.retrain_epochs,
+        batch_size=settings.retrain_batch_size,
+        residual=settings.retrain_residual,
+        min_windows=settings.retrain_min_windows,
+        time_limit_s=settings.retrain_time_limit_s,
+        threads=settings.retrain_threads,
+    )
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+def load_engine(settings: Settings, path: Path | None = None) -> Any:
+    """Load a model and compile the shapes the daemon uses, so no tick waits for a compile."""
     from streamcast.forecaster import Forecaster
 
-    engine = Forecaster.load(settings.model_path, workers=settings.engine_workers or None)
+    path = path or settings.model_path
+    engine = Forecaster.load(path, workers=settings.engine_workers or None)
     started = time.perf_counter()
     # every bucket a batch or its chunks can round to, for 1-step forecasts and for paths:
     # a compile in the middle of serving would stall every tick behind it for seconds
@@ -81,6 +110,29 @@ def load_engine(settings: Settings) -> Any:
         time.perf_counter() - started,
     )
     return engine
+
+
+async def initial_model_path(models: Registry, settings: Settings) -> Path:
+    """The registry's current version (registering the configured model if there is none yet);
+    the configured model when Redis cannot be reached now (the watcher catches up later)."""
+    try:
+        version = await asyncio.wait_for(
+            models.ensure_current(settings.model_path), settings.redis_timeout_s * 2
+        )
+        return await models.fetch(version)
+    except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+        log.warning(
+            "model registry unavailable (%s): starting on %s",
+            type(exc).__name__,
+            settings.model_path,
+        )
+    except ModelError as exc:
+        log.error(
+            "the registry's current model is unusable (%s): starting on %s",
+            exc,
+            settings.model_path,
+        )
+    return settings.model_path
 
 
 async def serve(
@@ -109,16 +161,35 @@ async def serve(
             loop.add_signal_handler(signum, on_signal, signum)
 
     log.info("redis %s, key prefix %r", settings.redis_url_redacted, settings.key_prefix)
-    if engine is None:
-        engine = await loop.run_in_executor(None, load_engine, settings)
     redis = make_redis(settings.redis_url, settings.redis_timeout_s)
-    registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    keys = Keys(settings.key_prefix)
+    models = Registry(redis, keys, settings.model_cache_dir)
+    if engine is None:
+        path = await initial_model_path(models, settings)
+        engine = await loop.run_in_executor(None, load_engine, settings, path)
+    prometheus = CollectorRegistry()
+    metrics = Metrics(prometheus)
+    retrainer = Retrainer(
+        redis,
+        keys,
+        models,
+        retrain_config(settings),
+        metrics=metrics,
+        initial_model=settings.model_path,
+    )
     daemon = Daemon(
-        redis, engine, metrics, keys=Keys(settings.key_prefix), config=daemon_config(settings)
+        redis,
+        engine,
+        metrics,
+        keys=keys,
+        config=daemon_config(settings),
+        registry=models,
+        loader=partial(load_engine, settings),
+        initial_model=settings.model_path,
+        retrainer=retrainer,
     )
     http = HttpServer(
-        registry,
+        prometheus,
         host=settings.http_host,
         port=settings.http_port,
         ready=lambda: daemon.ready,

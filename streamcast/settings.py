@@ -51,6 +51,25 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
     redis_timeout_s: float = Field(5.0, gt=0, le=120)
     engine_workers: int = Field(0, ge=0, le=256, description="0: one per CPU core")
+    # -- the model lifecycle ---------------------------------------------------------------
+    model_cache_dir: Path | None = Field(
+        None, description="file cache of registry versions (default ~/.cache/streamcast/models)"
+    )
+    model_check_s: float = Field(30.0, gt=0, le=3600)
+    retrain_interval_s: float = Field(3600.0, ge=0, description="0: no timed retrain")
+    retrain_after_ticks: int = Field(0, ge=0, description="0: no retrain by tick count")
+    retrain_symbols: str = Field(
+        "", pattern=r"^[A-Za-z0-9._:,-]*$", description="comma list (default: all)"
+    )
+    retrain_max_points: int = Field(5_000, ge=102, le=10_000_000)
+    retrain_holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    retrain_margin: float = Field(0.01, ge=0, lt=1)
+    retrain_epochs: int = Field(2, ge=1, le=1000)
+    retrain_batch_size: int = Field(32, ge=1, le=65536)
+    retrain_residual: bool | None = None
+    retrain_min_windows: int = Field(200, ge=1)
+    retrain_time_limit_s: float = Field(900.0, gt=0, le=86_400)
+    retrain_threads: int = Field(1, ge=0, le=256, description="0: TensorFlow's default")
 
     @field_validator("redis_url")
     @classmethod

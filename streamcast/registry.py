@@ -1,0 +1,271 @@
+"""The model registry: versions in Redis, a current-version pointer, a file cache, events.
+
+Every replica on any host reaches the same Redis, so versions live there:
+
+* ``{prefix}:model:{version}``: a hash with the ``.keras`` bytes, the sidecar JSON and the sha256;
+* ``{prefix}:models``: every registered version, scored by registration time;
+* ``{prefix}:models:current``: a hash with the serving version, when and why it was promoted,
+  changed together with the promotions list and the log in one MULTI/EXEC (and WATCHed, so two
+  promotions never interleave);
+* ``{prefix}:models:log``: a stream of events (retrain outcomes with both scores, promotions,
+  rollbacks); ``{prefix}:models:events``: a pub/sub channel that tells replicas to look.
+
+A fetched version is written to a file cache (a directory per version) after its bytes' sha256
+matches both the registry's and the sidecar's, and the model loader checks it again on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from streamcast.keys import Keys
+from streamcast.model import MODEL_FILE, SIDECAR_FILE, ModelError, ModelInfo, sha256_file
+
+log = logging.getLogger(__name__)
+
+LOG_MAXLEN = 10_000
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "streamcast" / "models"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Current:
+    version: str
+    promoted_at: float  # unix seconds
+    reason: str
+
+
+@dataclass(frozen=True)
+class Version:
+    version: str
+    registered_at: float
+    info: ModelInfo
+
+
+class Registry:
+    """Register, fetch, promote and roll back model versions for one key prefix."""
+
+    def __init__(self, redis: Redis, keys: Keys, cache_dir: Path | None = None) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    # -- adding versions ---------------------------------------------------------------------
+
+    async def register(self, directory: str | Path) -> ModelInfo:
+        """Store a saved model directory as a version (idempotent); return its sidecar."""
+        directory = Path(directory)
+        info = ModelInfo.read(directory / SIDECAR_FILE)
+        model_path = directory / MODEL_FILE
+        if not model_path.is_file():
+            raise ModelError(f"{model_path}: model file missing")
+        blob = model_path.read_bytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != info.sha256:
+            raise ModelError(
+                f"{model_path}: sha256 {digest[:12]}… does not match the sidecar's "
+                f"{info.sha256[:12]}…; refusing to register a model file that changed"
+            )
+        key = self.keys.model(info.version)
+        sidecar = (directory / SIDECAR_FILE).read_text(encoding="utf-8")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={"keras": blob, "sidecar": sidecar, "sha256": digest})
+        pipe.zadd(self.keys.models, {info.version: int(time.time() * 1000)}, nx=True)
+        await pipe.execute()
+        log.info("registered model %s (%d bytes)", info.version, len(blob))
+        return info
+
+    async def ensure_current(self, directory: str | Path) -> str:
+        """The current version; when there is none yet, register ``directory`` and make it so."""
+        current = await self.current()
+        if current is not None:
+            return current.version
+        info = await self.register(directory)
+        with contextlib.suppress(PromotionConflict):  # another replica set one first: theirs
+            await self.promote(info.version, reason="initial model", expect=None)
+        current = await self.current()
+        assert current is not None
+        return current.version
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def current(self) -> Current | None:
+        raw = await self.redis.hgetall(self.keys.model_current)
+        if not raw:
+            return None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return Current(
+            version=fields["version"],
+            promoted_at=float(fields.get("promoted_at", 0.0)),
+            reason=fields.get("reason", ""),
+        )
+
+    async def info(self, version: str) -> ModelInfo:
+        raw = await self.redis.hget(self.keys.model(version), "sidecar")
+        if raw is None:
+            raise ModelError(f"no model version {version!r} in the registry")
+        return _parse_sidecar(version, raw)
+
+    async def versions(self) -> list[Version]:
+        """Every registered version, oldest first."""
+        rows: Any = await self.redis.zrange(self.keys.models, 0, -1, withscores=True)
+        out = []
+        for member, score in rows:
+            version = _text(member)
+            raw = await self.redis.hget(self.keys.model(version), "sidecar")
+            if raw is None:
+                continue
+            out.append(Version(version, score / 1000, _parse_sidecar(version, raw)))
+        return out
+
+    async def events(self, count: int = 20) -> list[dict[str, str]]:
+        """The newest registry events, newest first."""
+        entries: Any = await self.redis.xrevrange(self.keys.model_log, count=count)
+        return [
+            {"id": _text(eid), **{_text(k): _text(v) for k, v in fields.items()}}
+            for eid, fields in entries
+        ]
+
+    async def fetch(self, version: str) -> Path:
+        """A local directory holding ``version``, from the file cache or fetched and checked."""
+        target = self.cache_dir / version
+        if (target / SIDECAR_FILE).is_file() and (target / MODEL_FILE).is_file():
+            info = ModelInfo.read(target / SIDECAR_FILE)
+            if sha256_file(target / MODEL_FILE) == info.sha256:
+                return target
+            log.warning("cached model %s is damaged; fetching it again", version)
+        reply: Any = await self.redis.hmget(
+            self.keys.model(version), ["keras", "sidecar", "sha256"]
+        )
+        blob, sidecar, digest = reply
+        if blob is None or sidecar is None:
+            raise ModelError(f"no model version {version!r} in the registry")
+        info = _parse_sidecar(version, sidecar)
+        actual = hashlib.sha256(blob).hexdigest()
+        if actual != info.sha256 or (digest is not None and _text(digest) != actual):
+            raise ModelError(
+                f"model {version} in the registry is corrupt: its bytes hash to {actual[:12]}…, "
+                f"the sidecar says {info.sha256[:12]}…"
+            )
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.cache_dir))
+        try:
+            (staging / MODEL_FILE).write_bytes(blob)
+            (staging / SIDECAR_FILE).write_bytes(
+                sidecar if isinstance(sidecar, bytes) else str(sidecar).encode()
+            )
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    # -- changing the current version --------------------------------------------------------
+
+    async def promote(
+        self, version: str, *, reason: str, expect: str | bool | None = False, **event: Any
+    ) -> None:
+        """Point every replica at ``version``, atomically, and tell them.
+
+        ``expect``: the version that must be current for the change to happen (``None``: none
+        must be); ``False`` (the default) promotes whatever is current.
+        """
+        if not await self.redis.exists(self.keys.model(version)):
+            raise ModelError(f"no model version {version!r} in the registry")
+        await self._set_current(version, reason, expect, "promoted", push=True, event=event)
+
+    async def rollback(self, reason: str = "rollback") -> str:
+        """Make the previously promoted version current again; return it."""
+        promotions = [_text(v) for v in await self.redis.lrange(self.keys.model_promotions, 0, 1)]
+        if len(promotions) < 2:
+            raise ModelError("nothing to roll back to: fewer than two versions were ever promoted")
+        current, previous = promotions
+        await self._set_current(previous, reason, current, "rollback", push=False, event={})
+        return previous
+
+    async def record(self, event: dict[str, Any]) -> None:
+        """Append an event (a retrain outcome, say) to the registry's log."""
+        fields: dict[Any, Any] = {k: _field(v) for k, v in event.items() if v is not None}
+        await self.redis.xadd(self.keys.model_log, fields, maxlen=LOG_MAXLEN, approximate=True)
+
+    async def _set_current(
+        self,
+        version: str,
+        reason: str,
+        expect: str | bool | None,
+        kind: str,
+        *,
+        push: bool,
+        event: dict[str, Any],
+    ) -> None:
+        keys = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(keys.model_current, keys.model_promotions)
+            raw = await pipe.hget(keys.model_current, "version")
+            now = _text(raw) if raw is not None else None
+            if expect is not False and now != expect:
+                await pipe.reset()
+                raise PromotionConflict(
+                    f"the current version is {now or 'none'}, not {expect or 'none'}: "
+                    "someone else changed it"
+                )
+            pipe.multi()
+            promoted_at = time.time()
+            pipe.hset(
+                keys.model_current,
+                mapping={"version": version, "promoted_at": repr(promoted_at), "reason": reason},
+            )
+            if push:
+                pipe.lpush(keys.model_promotions, version)
+            else:
+                pipe.lpop(keys.model_promotions)
+            pipe.ltrim(keys.model_promotions, 0, 999)
+            fields: dict[Any, Any] = {
+                "event": kind,
+                "version": version,
+                "previous": now or "",
+                "reason": reason,
+            }
+            fields.update({k: _field(v) for k, v in event.items() if v is not None})
+            pipe.xadd(keys.model_log, fields, maxlen=LOG_MAXLEN, approximate=True)
+            pipe.publish(keys.model_channel, version)
+            try:
+                await pipe.execute()
+            except redis_errors.WatchError:
+                raise PromotionConflict(
+                    "the current version changed during the promotion"
+                ) from None
+        log.info("%s model %s (was %s): %s", kind, version, now or "none", reason)
+
+
+class PromotionConflict(ModelError):
+    """The current version was not what the caller expected (another replica got there first)."""
+
+
+def _field(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _parse_sidecar(version: str, raw: Any) -> ModelInfo:
+    return ModelInfo.parse(raw, f"model {version} in the registry")

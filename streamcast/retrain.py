@@ -1,0 +1,508 @@
+"""Retraining from the history store, gated promotion, and the trainer child process.
+
+One retrain (``Retrainer.run_once``), from ``streamcast retrain`` or the daemon's schedule:
+
+1. take the cluster-wide lock (``SET NX PX``; renewed while the trainer runs, released by token),
+   so at most one retrain runs across all replicas;
+2. fetch the current version from the registry and read the newest ``max_points`` of each
+   symbol's history (paged, bounded);
+3. run the trainer in a child process (``python -m streamcast.retrain JOB_DIR``: never on the
+   event loop, at a lower CPU priority, one TensorFlow thread by default, killed past the time
+   limit or when the parent dies). It scores the current model on the most recent
+   ``holdout_fraction`` of each symbol's windows, trains the candidate on the rest (warm-started
+   from the current weights), scores it on the same windows, and saves it;
+4. promote the candidate only if its held-out MSE beats the current one's by ``margin``; record
+   the outcome, both scores, the naive forecast's and the reason in the log, the metrics and the
+   registry's event stream, whatever happened.
+
+Every failure (a crashing, hanging or NaN-producing trainer, too little history, Redis gone)
+ends as outcome ``failed`` or ``skipped`` with a reason; serving never notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from streamcast import history
+from streamcast.keys import Keys
+from streamcast.metrics import Metrics
+from streamcast.model import ModelError
+from streamcast.registry import PromotionConflict, Registry
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+OUTCOMES = ("promoted", "rejected", "failed", "skipped")
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass
+class RetrainConfig:
+    symbols: tuple[str, ...] = ()  # empty: every symbol with history
+    max_points: int = 5_000  # newest prices read per symbol
+    holdout_fraction: float = 0.1  # most recent windows of each symbol, never trained on
+    margin: float = 0.0  # promote when candidate MSE < current MSE * (1 - margin)
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float | None = None
+    residual: bool | None = None  # None: as the current model
+    warm_start: bool = True  # start from the current weights when the architecture allows
+    min_windows: int = 200  # fewer training windows than this: skipped
+    time_limit_s: float = 900.0
+    lock_ttl_s: float = 30.0
+    threads: int = 1  # TensorFlow threads in the trainer: leave the cores to serving
+    nice: int = 10
+    seed: int = 0
+
+
+@dataclass
+class RetrainResult:
+    outcome: str  # one of OUTCOMES
+    reason: str
+    current: str | None = None
+    candidate: str | None = None
+    candidate_mse: float | None = None
+    current_mse: float | None = None
+    naive_mse: float | None = None
+    windows: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def event(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("extra")
+        out["event"] = "retrain"
+        return out
+
+
+class RetrainLock:
+    """A lock with an expiry, renewed by its holder, released only by the token that took it."""
+
+    def __init__(self, redis: Redis, key: str, ttl_s: float) -> None:
+        self.redis = redis
+        self.key = key
+        self.ttl_ms = max(1000, int(ttl_s * 1000))
+        self.token = secrets.token_hex(16)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    async def acquire(self) -> bool:
+        return bool(await self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms))
+
+    async def renew(self) -> bool:
+        return bool(await self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
+
+    async def release(self) -> bool:
+        return bool(await self._release(keys=[self.key], args=[self.token]))
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "streamcast.retrain"]
+
+
+class Retrainer:
+    """Runs retrains for one deployment; ``run_once`` never raises but for cancellation."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        registry: Registry,
+        config: RetrainConfig | None = None,
+        *,
+        metrics: Metrics | None = None,
+        initial_model: Path | None = None,
+        command: Sequence[str] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.registry = registry
+        self.config = config or RetrainConfig()
+        self.metrics = metrics
+        self.initial_model = initial_model
+        self.command = list(command) if command is not None else worker_command()
+        self.running = False
+
+    async def run_once(self) -> RetrainResult:
+        started = time.monotonic()
+        lock = RetrainLock(self.redis, self.keys.retrain_lock, self.config.lock_ttl_s)
+        try:
+            if not await lock.acquire():
+                result = RetrainResult("skipped", "another replica holds the retrain lock")
+                result.seconds = time.monotonic() - started
+                self._count(result)
+                log.info("retrain skipped: %s", result.reason)
+                return result
+        except REDIS_DOWN as exc:
+            result = RetrainResult("failed", f"redis unavailable ({type(exc).__name__})")
+            result.seconds = time.monotonic() - started
+            self._count(result)
+            log.warning("retrain failed: %s", result.reason)
+            return result
+        self.running = True
+        try:
+            result = await self._run(lock)
+        except REDIS_DOWN as exc:
+            result = RetrainResult(
+                "failed", f"redis unavailable mid-retrain ({type(exc).__name__})"
+            )
+        except (ModelError, history.HistoryError) as exc:
+            result = RetrainResult("failed", str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("retrain failed")
+            result = RetrainResult("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            self.running = False
+            with contextlib.suppress(*REDIS_DOWN, redis_errors.RedisError):
+                await lock.release()
+        result.seconds = time.monotonic() - started
+        await self._report(result)
+        return result
+
+    # -- one retrain ---------------------------------------------------------------------------
+
+    async def _run(self, lock: RetrainLock) -> RetrainResult:
+        cfg = self.config
+        current = await self.registry.current()
+        if current is None:
+            if self.initial_model is None:
+                return RetrainResult("skipped", "no current model in the registry")
+            await self.registry.ensure_current(self.initial_model)
+            current = await self.registry.current()
+            assert current is not None
+        current_dir = await self.registry.fetch(current.version)
+        info = await self.registry.info(current.version)
+        names = list(cfg.symbols) or await history.symbols(self.redis, self.keys)
+        series, used = [], []
+        for name in names:
+            prices = await history.read_series(self.redis, self.keys, name, cfg.max_points)
+            # a symbol needs held-out windows and training windows: 2 x (window + 1) at least
+            if len(prices) >= 2 * (info.seq_len + 1) and np.all(np.isfinite(prices)):
+                series.append(prices)
+                used.append(name)
+        windows = sum(len(s) - info.seq_len for s in series)
+        base = RetrainResult("skipped", "", current=current.version, windows=windows)
+        train_windows = int(windows * (1 - cfg.holdout_fraction))
+        if train_windows < cfg.min_windows:
+            base.reason = (
+                f"not enough history: {train_windows} training windows from {len(used)} "
+                f"symbol(s), at least {cfg.min_windows} needed"
+            )
+            return base
+        log.info(
+            "retraining %s on %d windows of %d symbol(s), %d epochs",
+            current.version,
+            windows,
+            len(used),
+            cfg.epochs,
+        )
+        with tempfile.TemporaryDirectory(prefix="streamcast-retrain-") as tmp:
+            job = Path(tmp)
+            np.savez(job / "series.npz", *series)
+            spec = {**asdict(cfg), "current_dir": str(current_dir), "symbol_names": used}
+            (job / "job.json").write_text(json.dumps(spec), encoding="utf-8")
+            failure = await self._spawn(job, lock)
+            if failure is not None:
+                base.outcome, base.reason = "failed", failure
+                return base
+            return await self._decide(job, base)
+
+    async def _spawn(self, job: Path, lock: RetrainLock) -> str | None:
+        """Run the trainer; None when it exited 0, else why it failed (it is killed if need be)."""
+        cfg = self.config
+        log_path = job / "trainer.log"
+        with log_path.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command, str(job), stdout=out, stderr=asyncio.subprocess.STDOUT
+            )
+        deadline = time.monotonic() + cfg.time_limit_s
+        renew_every = lock.ttl_ms / 3000
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return (
+                        f"trainer exceeded its time limit of {cfg.time_limit_s:g} s and was killed"
+                    )
+                try:
+                    await asyncio.wait_for(proc.wait(), min(renew_every, left))
+                    break
+                except TimeoutError:
+                    pass
+                try:
+                    if not await lock.renew():
+                        return "lost the retrain lock while training (expired); trainer killed"
+                except REDIS_DOWN as exc:
+                    return f"redis unavailable mid-retrain ({type(exc).__name__}); trainer killed"
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        rc = await proc.wait()
+        if rc != 0:
+            tail = _tail(log_path)
+            how = f"killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+            return f"trainer {how}" + (f": {tail}" if tail else "")
+        return None
+
+    async def _decide(self, job: Path, result: RetrainResult) -> RetrainResult:
+        try:
+            raw = json.loads((job / "result.json").read_text(encoding="utf-8"))
+            candidate_dir = Path(raw["candidate_dir"])
+            scores = {k: float(raw[k]) for k in ("candidate_mse", "current_mse", "naive_mse")}
+            result.candidate = str(raw["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            result.outcome, result.reason = "failed", f"trainer left no usable result ({exc})"
+            return result
+        result.candidate_mse = scores["candidate_mse"]
+        result.current_mse = scores["current_mse"]
+        result.naive_mse = scores["naive_mse"]
+        if not all(math.isfinite(v) for v in scores.values()):
+            result.outcome = "failed"
+            result.reason = "the candidate's held-out MSE is not finite (NaN or inf): not promoted"
+            return result
+        cand, cur, margin = scores["candidate_mse"], scores["current_mse"], self.config.margin
+        gain = 1 - cand / cur if cur > 0 else 0.0
+        if cand < cur * (1 - margin):
+            result.outcome = "promoted"
+            result.reason = (
+                f"held-out MSE {cand:.4g} beats the current {cur:.4g} by {gain:.1%} "
+                f"(margin {margin:.1%})"
+            )
+            try:
+                await self.registry.register(candidate_dir)
+                await self.registry.promote(
+                    result.candidate, reason=result.reason, expect=result.current
+                )
+            except PromotionConflict as exc:
+                result.outcome, result.reason = "failed", f"not promoted: {exc}"
+        else:
+            result.outcome = "rejected"
+            result.reason = (
+                f"held-out MSE {cand:.4g} does not beat the current {cur:.4g} by the margin "
+                f"{margin:.1%} (change {gain:+.1%})"
+            )
+        return result
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def _count(self, result: RetrainResult) -> None:
+        if self.metrics is not None:
+            self.metrics.retrains.labels(result.outcome).inc()
+
+    async def _report(self, result: RetrainResult) -> None:
+        self._count(result)
+        level = logging.WARNING if result.outcome == "failed" else logging.INFO
+        log.log(
+            level,
+            "retrain %s in %.1f s: %s (candidate %s, current %s, naive %s)",
+            result.outcome,
+            result.seconds,
+            result.reason,
+            _fmt(result.candidate_mse),
+            _fmt(result.current_mse),
+            _fmt(result.naive_mse),
+        )
+        if self.metrics is not None:
+            m = self.metrics
+            if result.outcome != "skipped":
+                m.retrain_seconds.observe(result.seconds)
+            for name, value in (
+                ("candidate", result.candidate_mse),
+                ("current", result.current_mse),
+                ("naive", result.naive_mse),
+            ):
+                if value is not None and math.isfinite(value):
+                    m.retrain_holdout_mse.labels(name).set(value)
+        if result.outcome == "skipped":
+            return
+        try:
+            await self.registry.record(result.event())
+        except REDIS_DOWN:
+            log.warning("could not record the retrain outcome in the registry (redis down)")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    """The trainer's own last word (a ``trainer:`` line), else the last lines of its output."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    own = [line for line in text if line.startswith("trainer:")]
+    if own:
+        return own[-1].removeprefix("trainer:").strip()[-500:]
+    return " | ".join(line.strip() for line in text[-lines:])[-500:]
+
+
+# -- the trainer child process -----------------------------------------------------------------
+
+
+def _exit_with_parent() -> None:
+    """Exit when the parent dies (a killed daemon must not leave a trainer running)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def train_candidate(job: Path) -> dict[str, Any]:
+    """The trainer's work in ``job``: score the current model, train, score, save; the result."""
+    import keras
+
+    from streamcast.evaluate import holdout_mse
+    from streamcast.forecaster import Forecaster
+    from streamcast.model import ModelConfig, build_model, load_model, save_model, train_model
+    from streamcast.training import TrainOptions, prepare
+
+    spec = json.loads((job / "job.json").read_text(encoding="utf-8"))
+    with np.load(job / "series.npz") as data:
+        series = [data[f"arr_{i}"] for i in range(len(data.files))]
+    current, info = load_model(spec["current_dir"])
+    residual = info.residual if spec["residual"] is None else bool(spec["residual"])
+    config = ModelConfig.from_dict(info.config) if info.config else ModelConfig.from_sizes()
+    options = TrainOptions(
+        epochs=spec["epochs"],
+        batch_size=spec["batch_size"],
+        learning_rate=spec["learning_rate"],
+        cosine_decay=True,
+        validation_split=0.0,
+        seed=spec["seed"],
+        train_fraction=1.0 - spec["holdout_fraction"],
+        normalise=info.normalise,
+        residual=residual,
+        config=config,
+        verbose=2,
+    )
+    prepared = prepare(series, options)
+    test = np.concatenate(prepared.test)
+    workers = max(1, int(spec.get("threads", 1)))
+    with Forecaster(
+        current, normalise=info.normalise, residual=info.residual, workers=workers
+    ) as engine:
+        current_mse, naive_mse = holdout_mse(engine, test, relative=info.normalise)
+    if spec["warm_start"] and residual == info.residual:
+        model = current  # fine-tune the serving weights on the newer data
+        model.compile(loss=config.loss, optimizer=config.optimizer)
+    else:
+        model = build_model(config, seed=spec["seed"])
+    result = train_model(
+        model,
+        prepared.x,
+        prepared.y,
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        seed=options.seed,
+        learning_rate=options.learning_rate,
+        cosine_decay=True,
+        verbose=2,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+    )
+    with Forecaster(model, normalise=info.normalise, residual=residual, workers=workers) as engine:
+        candidate_mse, _ = holdout_mse(engine, test, relative=info.normalise)
+    if not math.isfinite(candidate_mse):
+        raise ModelError(
+            f"training diverged: held-out MSE {candidate_mse} (final loss "
+            f"{result.history.get('loss', [float('nan')])[-1]})"
+        )
+    scores = {"candidate_mse": candidate_mse, "current_mse": current_mse, "naive_mse": naive_mse}
+    saved = save_model(
+        model,
+        job / "candidate",
+        normalise=info.normalise,
+        residual=residual,
+        data={
+            "source": "history",
+            "symbols": spec["symbol_names"],
+            "points": int(sum(len(s) for s in series)),
+            "train_windows": len(prepared.x),
+            "holdout_windows": len(test),
+            "parent": info.version,
+        },
+        metrics={**scores, "relative": info.normalise},
+        config=config,
+        training={
+            "epochs": options.epochs,
+            "epochs_run": result.epochs_run,
+            "batch_size": options.batch_size,
+            "learning_rate": options.learning_rate,
+            "warm_start": model is current,
+            "seconds": round(result.seconds, 2),
+        },
+    )
+    return {"candidate_dir": str(job / "candidate"), "version": saved.version, **scores}
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m streamcast.retrain JOB_DIR", file=sys.stderr)
+        return 2
+    job = Path(argv[0])
+    _exit_with_parent()
+    spec = json.loads((job / "job.json").read_text(encoding="utf-8"))
+    with contextlib.suppress(OSError):
+        os.nice(int(spec.get("nice", 10)))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    import tensorflow as tf
+
+    threads = int(spec.get("threads", 1))
+    if threads > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    try:
+        result = train_candidate(job)
+    except (ModelError, ValueError) as exc:
+        print(f"trainer: {exc}", file=sys.stderr)
+        return 3
+    tmp = job / "result.json.tmp"
+    tmp.write_text(json.dumps(result), encoding="utf-8")
+    os.replace(tmp, job / "result.json")
+    print(f"trainer: candidate {result['version']} saved", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
