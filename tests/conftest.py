@@ -11,6 +11,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_cache(tmp_path_factory):
+    """Registry versions fetched by tests (and the daemons they start) go to a temporary cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "sp500.csv").is_file():

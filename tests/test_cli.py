@@ -104,3 +104,50 @@ def test_experiment_trains_and_evaluates_in_one_command(tmp_path, capsys):
     assert set(report["modes"]) == {"point", "full", "multiple"}
     assert (out / "multiple.png").is_file()
     assert "trained" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_history_retrain_and_models_from_the_command_line(redis_server, tmp_path, shared_data):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STREAMCAST_REDIS_URL": redis_server.url, "STREAMCAST_KEY_PREFIX": "ops"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "streamcast.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+
+    sp500 = str(shared_data / "sp500.csv")
+    out = cli("history", "import", sp500, "--symbol", "SPX")
+    assert out.returncode == 0 and "imported 4171 prices" in out.stdout, out.stderr
+    again = cli("history", "import", sp500, "--symbol", "SPX")
+    assert again.returncode == 2 and "already holds 4171 entries" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert "no versions registered" in cli("models", "list").stdout
+
+    out = cli("retrain", "--epochs", "1", "--max-points", "800", "--min-windows", "100")
+    assert out.returncode == 0 and out.stdout.startswith("promoted: held-out MSE"), out.stderr
+    candidate = out.stdout.strip().split("-> ")[-1]
+    listing = cli("models", "list").stdout.splitlines()
+    assert len(listing) == 2 and listing[1].startswith(f"* {candidate}"), listing
+    assert "rolled back to" in cli("models", "rollback").stdout
+    assert cli("models", "list").stdout.splitlines()[0].startswith("* ")
+    out = cli("models", "promote", candidate)
+    assert out.returncode == 0 and f"promoted {candidate}" in out.stdout, out.stderr
+    log = cli("models", "log").stdout.splitlines()
+    assert [line.split("event=")[1].split()[0] for line in log if "event=" in line][:3] == [
+        "promoted",
+        "rollback",
+        "retrain",
+    ]
+    shown = cli("models", "show", candidate)
+    assert '"parent"' in shown.stdout and '"holdout_windows"' in shown.stdout
+    missing = cli("models", "promote", "no-such-version")
+    assert missing.returncode == 2 and "no model version 'no-such-version'" in missing.stderr
