@@ -46,6 +46,8 @@ experiments: install
 	$(VENV)/bin/streamcast evaluate --model runs/sine --data $(SHARED)/sinwave.csv --out docs/figures/sine
 	$(VENV)/bin/streamcast train --data $(SHARED)/sp500.csv --out runs/sp500
 	$(VENV)/bin/streamcast evaluate --model runs/sp500 --data $(SHARED)/sp500.csv --out docs/figures/sp500
+	$(VENV)/bin/streamcast train --data $(SHARED)/sp500.csv --residual --out runs/sp500-residual
+	$(VENV)/bin/streamcast evaluate --model runs/sp500-residual --data $(SHARED)/sp500.csv --out docs/figures/sp500-residual
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

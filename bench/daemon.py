@@ -186,6 +186,91 @@ async def tutorial_consumer(
     return done
 
 
+async def run_daemon(
+    redis, url: str, tmp: str, prefix: str, names: list[str], feed: np.ndarray, args, extra_env
+) -> dict:
+    """Start `streamcast serve`, offer the load, drain, read back; the measurements."""
+    keys = Keys(prefix)
+    history = args.history_points if args.retrain else 50
+    await seed_history(redis, keys, names, feed[:, :history])
+    http_port = free_port()
+    env = {
+        **os.environ,
+        "STREAMCAST_REDIS_URL": url,
+        "STREAMCAST_KEY_PREFIX": prefix,
+        "STREAMCAST_HTTP_PORT": str(http_port),
+        "STREAMCAST_MODEL_CACHE_DIR": str(Path(tmp) / "cache"),
+        "STREAMCAST_RETRAIN_INTERVAL_S": "0",
+    }
+    for item in [*args.env, *extra_env]:
+        key, _, value = item.partition("=")
+        env[key] = value
+    log_path = Path(tmp) / f"daemon-{prefix}.log"
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "streamcast.cli", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+        await wait_ready(http_port, daemon)
+        start_ms = int(time.time() * 1000)
+        sent = await offer_load(redis, keys, names, feed[:, history:], args.rate, args.seconds)
+        end_ms = int(time.time() * 1000)
+        deadline = time.monotonic() + args.drain_timeout
+        while (
+            done := await forecasts_count(redis, keys, names)
+        ) < sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        drained_ms = int(time.time() * 1000)
+        latencies, paths, published = await collect(redis, keys, names)
+        events = await redis.xrange(keys.model_log)
+        daemon.terminate()
+        daemon.wait(30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    retrains = []
+    for eid, fields in events:
+        if fields.get(b"event") == b"retrain":
+            end = int(eid.split(b"-")[0])
+            retrains.append(
+                (end - int(float(fields[b"seconds"]) * 1000), end, fields[b"outcome"].decode())
+            )
+    return {
+        "sent": sent,
+        "done": done,
+        "latencies": latencies,
+        "ages": path_ages(paths, names, start_ms, end_ms),
+        "in_window": sum(1 for t in published if t <= end_ms),
+        "published": np.array(published),
+        "drain_s": (drained_ms - end_ms) / 1000,
+        "retrains": retrains,
+        "start_ms": start_ms,
+        "end_ms": end_ms,
+        "log": log_path,
+    }
+
+
+def row(name: str, r: dict, seconds: float, latencies: np.ndarray | None = None) -> str:
+    lat = r["latencies"] if latencies is None else latencies
+    return (
+        f"| {name} | {r['sent']} | {r['done']} ({r['done'] / r['sent']:.1%}) | "
+        f"{r['in_window'] / seconds:,.0f} | {np.percentile(lat, 50):.0f} | "
+        f"{np.percentile(lat, 99):.0f} | {lat.max():.0f} | {np.percentile(r['ages'], 99):.1f} | "
+        f"{r['drain_s']:.1f} |"
+    )
+
+
+HEADER = (
+    "| run | ticks offered | forecast | sustained (forecasts/s in the load window) | "
+    "p50 latency (ms) | p99 latency (ms) | max latency (ms) | p99 path age (s) | "
+    "drain after load (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,58 +281,36 @@ async def main() -> None:
     parser.add_argument("--tutorial-seconds", type=float, default=20.0)
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="instead of the tutorial comparison: the same load with and without a retrain",
+    )
+    parser.add_argument(
+        "--history-points", type=int, default=400, help="history per symbol for --retrain"
+    )
+    parser.add_argument(
+        "--retrain-env",
+        action="append",
+        default=[],
+        help="extra STREAMCAST_X=Y for the retraining run",
+    )
+    parser.add_argument(
         "--env", action="append", default=[], help="extra STREAMCAST_X=Y for the daemon"
     )
     args = parser.parse_args()
 
     names = [f"B{k:04d}" for k in range(args.symbols)]
-    feed = prices(args.symbols, 2000)
+    feed = prices(args.symbols, 2000 + args.history_points)
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, url = start_redis(tmp)
         redis = make_redis(url)
-        daemon = None
         try:
-            keys = Keys("bench")
-            await seed_history(redis, keys, names, feed[:, :50])
-            http_port = free_port()
-            env = {
-                **os.environ,
-                "STREAMCAST_REDIS_URL": url,
-                "STREAMCAST_KEY_PREFIX": "bench",
-                "STREAMCAST_HTTP_PORT": str(http_port),
-            }
-            for item in args.env:
-                key, _, value = item.partition("=")
-                env[key] = value
-            log_path = Path(tmp) / "daemon.log"
-            with open(log_path, "w") as log:
-                daemon = subprocess.Popen(
-                    [sys.executable, "-m", "streamcast.cli", "serve"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=ROOT,
-                )
-            await wait_ready(http_port, daemon)
-            start_ms = int(time.time() * 1000)
-            sent = await offer_load(redis, keys, names, feed[:, 50:], args.rate, args.seconds)
-            end_ms = int(time.time() * 1000)
-            deadline = time.monotonic() + args.drain_timeout
-            while (
-                done := await forecasts_count(redis, keys, names)
-            ) < sent and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-            drained_ms = int(time.time() * 1000)
-            latencies, paths, published = await collect(redis, keys, names)
-            ages = path_ages(paths, names, start_ms, end_ms)
-            in_window = sum(1 for t in published if t <= end_ms)
-            daemon.terminate()
-            daemon.wait(30)
-            daemon = None
+            if args.retrain:
+                await retrain_comparison(redis, url, tmp, names, feed, args)
+                return
+            ours = await run_daemon(redis, url, tmp, "bench", names, feed, args, [])
 
             # the tutorial's way on the same offered load
-            import keras
-
             from streamcast.model import DEFAULT_MODEL_DIR, load_model
 
             model, _ = load_model(DEFAULT_MODEL_DIR)
@@ -265,37 +328,88 @@ async def main() -> None:
             tutorial_done = await consumer
             tutorial_rate = tutorial_done / (time.monotonic() - t0)
         finally:
-            if daemon is not None:
-                daemon.kill()
             await redis.aclose()
             redis_proc.terminate()
             redis_proc.wait(10)
 
-    ours_rate = in_window / args.seconds
+    latencies, ages = ours["latencies"], ours["ages"]
+    ours_rate = ours["in_window"] / args.seconds
+    print(header(args))
+    print(HEADER)
+    print(row("streamcast serve", ours, args.seconds))
     print(
-        f"# streamcast daemon benchmark: {platform.node()}, {os.cpu_count()} CPUs, Keras {keras.__version__}"
-    )
-    print(
-        f"# offered {args.rate:.0f} ticks/s over {args.symbols} symbols for {args.seconds:.0f} s; redis, load and daemon share the machine"
-    )
-    print()
-    print(
-        "| consumer | ticks offered | forecast | sustained (forecasts/s in the load window) | p50 latency (ms) | p99 latency (ms) | max latency (ms) | p99 path age (s) | drain after load (s) |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(
-        f"| streamcast serve | {sent} | {done} ({done / sent:.1%}) | {ours_rate:,.0f} | {np.percentile(latencies, 50):.0f} | "
-        f"{np.percentile(latencies, 99):.0f} | {latencies.max():.0f} | {np.percentile(ages, 99):.1f} | {(drained_ms - end_ms) / 1000:.1f} |"
-    )
-    print(
-        f"| tutorial (model.predict per tick) | {tutorial_sent} | {tutorial_done} | {tutorial_rate:,.1f} | - | - | - | - | - |"
+        f"| tutorial (model.predict per tick) | {tutorial_sent} | {tutorial_done} | "
+        f"{tutorial_rate:,.1f} | - | - | - | - | - |"
     )
     print()
     print(f"throughput ratio streamcast / tutorial: {ours_rate / tutorial_rate:,.0f}x")
-    ok = done == sent and np.percentile(latencies, 99) <= 250 and np.percentile(ages, 99) <= 10
-    print(
-        f"target (every tick forecast, p99 latency <= 250 ms, p99 path age <= 10 s): {'met' if ok else 'NOT met'}"
+    ok = (
+        ours["done"] == ours["sent"]
+        and np.percentile(latencies, 99) <= 250
+        and np.percentile(ages, 99) <= 10
     )
+    print(
+        "target (every tick forecast, p99 latency <= 250 ms, p99 path age <= 10 s): "
+        f"{'met' if ok else 'NOT met'}"
+    )
+
+
+def header(args) -> str:
+    import keras
+
+    return (
+        f"# streamcast daemon benchmark: {platform.node()}, {os.cpu_count()} CPUs, "
+        f"Keras {keras.__version__}\n# offered {args.rate:.0f} ticks/s over {args.symbols} "
+        f"symbols for {args.seconds:.0f} s; redis, load and daemon share the machine\n"
+    )
+
+
+async def retrain_comparison(redis, url, tmp, names, feed, args) -> None:
+    """The same load twice: idle, then with the daemon retraining (and swapping) under it."""
+    idle = await run_daemon(redis, url, tmp, "idle", names, feed, args, [])
+    busy = await run_daemon(
+        redis,
+        url,
+        tmp,
+        "retrain",
+        names,
+        feed,
+        args,
+        [
+            "STREAMCAST_RETRAIN_INTERVAL_S=3",
+            "STREAMCAST_RETRAIN_EPOCHS=1",
+            "STREAMCAST_RETRAIN_MARGIN=0",
+            f"STREAMCAST_RETRAIN_MAX_POINTS={args.history_points}",
+            *args.retrain_env,
+        ],
+    )
+    # forecasts published while a retrain ran (from its start to its outcome)
+    published = busy["published"]
+    during = np.zeros(len(published), dtype=bool)
+    for start, end, _ in busy["retrains"]:
+        during |= (published >= start) & (published <= end)
+    lat = busy["latencies"][during] if during.any() else busy["latencies"]
+    active = sum(
+        max(0, min(end, busy["end_ms"]) - max(start, busy["start_ms"]))
+        for start, end, _ in busy["retrains"]
+    ) / max(1, busy["end_ms"] - busy["start_ms"])
+    print(header(args))
+    print(HEADER)
+    print(row("idle (no retrain)", idle, args.seconds))
+    print(row("retraining: whole run", busy, args.seconds))
+    print(row("retraining: while the trainer ran", busy, args.seconds, lat))
+    print()
+    for start, end, outcome in busy["retrains"]:
+        print(
+            f"retrain {outcome}: {(start - busy['start_ms']) / 1000:+.1f} s to "
+            f"{(end - busy['start_ms']) / 1000:+.1f} s of the load window"
+        )
+    print(f"share of the load window with a retrain running: {active:.0%}")
+    p99_idle = np.percentile(idle["latencies"], 99)
+    p99_busy = max(np.percentile(lat, 99), np.percentile(busy["latencies"], 99))
+    ratio = p99_busy / p99_idle
+    print(f"p99 latency ratio retraining / idle: {ratio:.2f}x")
+    print(f"target (at most 2x the idle p99): {'met' if ratio <= 2 else 'NOT met'}")
 
 
 async def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 120) -> None:

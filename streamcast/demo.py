@@ -56,7 +56,8 @@ async def run_demo(
             print(f"demo: using redis at {settings.redis_url_redacted}")
         else:
             url = stack.enter_context(embedded_redis(port))
-            settings = load_settings(redis_url=url)
+            # the embedded server has no Lua (the retrain lock's renewal): no timed retrain here
+            settings = load_settings(redis_url=url, retrain_interval_s=0)
             port = urlsplit(url).port or 0
             print(
                 f"demo: embedded redis at {url} (try: redis-cli -p {port} xlen {settings.key_prefix}:ticks)"

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     batch_max_wait_ms: int = Field(20, ge=0, le=10_000)
     path_steps: int = Field(50, ge=1, le=1000)
     path_refresh_s: float = Field(
-        0.0,
+        1.0,
         ge=0,
         le=3600,
         description="least time between two paths of one symbol (0: every batch)",

@@ -90,6 +90,9 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
 
         await wait_for(swapped)
         assert daemon.engine.version == result.candidate
+        await asyncio.sleep(1.1)  # one housekeeping round
+        age = metrics.registry.get_sample_value("streamcast_model_age_seconds")
+        assert age is not None and 0 <= age < 60, "time since the last promotion"
         await feed
         await replay(redis_client, keys, paths[:, 2400:], names, rate=None)
         await wait_for(lambda: forecasts_at_least(3 * (2600 - 49)))
