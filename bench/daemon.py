@@ -226,19 +226,17 @@ async def run_daemon(
             await asyncio.sleep(0.5)
         drained_ms = int(time.time() * 1000)
         latencies, paths, published = await collect(redis, keys, names)
-        events = await redis.xrange(keys.model_log)
         daemon.terminate()
         daemon.wait(30)
+        lifecycle = [
+            line.rstrip()
+            for line in log_path.read_text().splitlines()
+            if "retrain" in line or "model" in line
+        ]
     finally:
         if daemon.poll() is None:
             daemon.kill()
-    retrains = []
-    for eid, fields in events:
-        if fields.get(b"event") == b"retrain":
-            end = int(eid.split(b"-")[0])
-            retrains.append(
-                (end - int(float(fields[b"seconds"]) * 1000), end, fields[b"outcome"].decode())
-            )
+    retrains = trainer_runs(lifecycle, end_ms)
     return {
         "sent": sent,
         "done": done,
@@ -250,8 +248,27 @@ async def run_daemon(
         "retrains": retrains,
         "start_ms": start_ms,
         "end_ms": end_ms,
-        "log": log_path,
+        "lifecycle": lifecycle,
     }
+
+
+def trainer_runs(lines: list[str], end_ms: int) -> list[tuple[int, int, str]]:
+    """(start ms, end ms, outcome) of each retrain, from the daemon's log lines."""
+    from datetime import datetime
+
+    def at(line: str) -> int:
+        return int(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() * 1000)
+
+    runs, start = [], None
+    for line in lines:
+        if "streamcast.retrain: retraining " in line:
+            start = at(line)
+        elif "streamcast.retrain: retrain " in line and start is not None:
+            runs.append((start, at(line), line.split("retrain ")[1].split()[0]))
+            start = None
+    if start is not None:
+        runs.append((start, end_ms, "still running when the load ended"))
+    return runs
 
 
 def row(name: str, r: dict, seconds: float, latencies: np.ndarray | None = None) -> str:
@@ -287,6 +304,9 @@ async def main() -> None:
     )
     parser.add_argument(
         "--history-points", type=int, default=400, help="history per symbol for --retrain"
+    )
+    parser.add_argument(
+        "--retrain-symbols", type=int, default=20, help="symbols the --retrain run trains on"
     )
     parser.add_argument(
         "--retrain-env",
@@ -380,6 +400,7 @@ async def retrain_comparison(redis, url, tmp, names, feed, args) -> None:
             "STREAMCAST_RETRAIN_EPOCHS=1",
             "STREAMCAST_RETRAIN_MARGIN=0",
             f"STREAMCAST_RETRAIN_MAX_POINTS={args.history_points}",
+            f"STREAMCAST_RETRAIN_SYMBOLS={','.join(names[: args.retrain_symbols])}",
             *args.retrain_env,
         ],
     )
@@ -401,10 +422,21 @@ async def retrain_comparison(redis, url, tmp, names, feed, args) -> None:
     print()
     for start, end, outcome in busy["retrains"]:
         print(
-            f"retrain {outcome}: {(start - busy['start_ms']) / 1000:+.1f} s to "
-            f"{(end - busy['start_ms']) / 1000:+.1f} s of the load window"
+            f"retrain {outcome}: from {(start - busy['start_ms']) / 1000:.1f} s to "
+            f"{(end - busy['start_ms']) / 1000:.1f} s of the {args.seconds:.0f} s load window"
         )
     print(f"share of the load window with a retrain running: {active:.0%}")
+    for name, run in (("idle", idle), ("retraining", busy)):
+        offset = (run["published"] - run["start_ms"]) // 5000
+        slices = [
+            f"{np.percentile(run['latencies'][offset == k], 99):.0f}"
+            for k in range(int(args.seconds // 5))
+            if (offset == k).any()
+        ]
+        print(f"p99 latency (ms) by 5 s slice, {name}: {' '.join(slices)}")
+    print("\nthe retraining daemon's log, model lifecycle lines:")
+    for line in busy["lifecycle"]:
+        print("    " + line[:220])
     p99_idle = np.percentile(idle["latencies"], 99)
     p99_busy = max(np.percentile(lat, 99), np.percentile(busy["latencies"], 99))
     ratio = p99_busy / p99_idle

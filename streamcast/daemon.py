@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -564,12 +566,21 @@ class Daemon:
     def _swap(self) -> None:
         new, self._next_engine = self._next_engine, None
         assert new is not None
-        old, self.engine = self.engine, new
+        old_version = self.engine.version
+        apply = getattr(new, "apply", None)
+        if apply is not None:
+            # staged weights for the running engine: its compiled programs serve the new version
+            if getattr(new, "engine", None) is not self.engine:
+                log.warning("dropping weights staged for an engine no longer serving")
+                return
+            apply()
+        else:
+            old, self.engine = self.engine, new
+            _close(old)
         self.metrics.model_info.clear()
-        self.metrics.model_info.labels(new.version).set(1)
+        self.metrics.model_info.labels(self.engine.version).set(1)
         self.metrics.model_swaps.inc()
-        log.info("serving model %s (was %s)", new.version, old.version)
-        _close(old)
+        log.info("serving model %s (was %s)", self.engine.version, old_version)
 
     async def _watch_models(self) -> None:
         """Load each new current version (announced, or found by the periodic check)."""
@@ -616,9 +627,17 @@ class Daemon:
             return
         log.info("model %s was promoted (%s): loading it", version, current.reason)
         started = time.perf_counter()
+        serving, loader = self.engine, self.loader
+
+        def prepare(path: Path) -> Engine:
+            # same architecture: only the weights change, no compile; else a new engine
+            stage = getattr(serving, "stage", None)
+            staged = stage(path) if stage is not None else None
+            return staged if staged is not None else loader(path)
+
         try:
             path = await self.registry.fetch(version)
-            engine = await asyncio.get_running_loop().run_in_executor(None, self.loader, path)
+            engine = await _in_background(prepare, path)
         except ModelError as exc:
             self._refuse(version, "invalid", str(exc))
             return
@@ -639,7 +658,8 @@ class Daemon:
         if self._next_engine is not None:
             _close(self._next_engine)
         self._next_engine = engine
-        log.info("model %s loaded and warmed in %.1f s", version, time.perf_counter() - started)
+        how = "weights staged" if hasattr(engine, "apply") else "loaded and warmed"
+        log.info("model %s %s in %.1f s", version, how, time.perf_counter() - started)
 
     def _refuse(self, version: str, reason: str, detail: str) -> None:
         self._refused = version
@@ -667,6 +687,31 @@ class Daemon:
                 raise
             except Exception:  # run_once reports its own failures; this would be a bug
                 log.exception("retrain schedule: unexpected failure")
+
+
+LOAD_NICE = 10  # loading and compiling a new version yields the cores to serving
+
+
+async def _in_background(load: Callable[[Path], Engine], path: Path) -> Engine:
+    """Load (and compile) a model on a fresh thread at a lower CPU priority.
+
+    On Linux a thread has its own nice value and the threads it starts inherit it, so the compile
+    and the engine's warm-up workers run behind serving. The warm-up workers are stopped afterwards
+    (``close``); the engine starts new ones, at normal priority, from the thread that serves.
+    """
+
+    def run() -> Engine:
+        with contextlib.suppress(OSError, AttributeError):  # per-thread nice: Linux only
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICE)
+        engine = load(path)
+        _close(engine)
+        return engine
+
+    executor = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, run)
+    finally:
+        executor.shutdown(wait=False)
 
 
 def _close(engine: Any) -> None:

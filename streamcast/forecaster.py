@@ -105,7 +105,8 @@ class Forecaster:
             chunk_size or (DEFAULT_GPU_CHUNK if on_gpu else DEFAULT_CPU_CHUNK)
         )
         self.workers = max(1, workers or (1 if on_gpu else _cpu_count()))
-        self._net, self.fast_path = _network(model)
+        self._net, self._weights, self._structure = _network(model)
+        self.fast_path = self._structure is not None
         self._programs: dict[tuple[int, int], Any] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -124,7 +125,7 @@ class Forecaster:
         )
 
     def close(self) -> None:
-        """Stop the worker threads; idempotent."""
+        """Stop the worker threads; idempotent. A later forecast starts them again."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -158,6 +159,25 @@ class Forecaster:
                     self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="forecaster")
                 parts = list(self._pool.map(lambda c: self._run(c, steps), chunks))
         return np.concatenate(parts)[: len(windows)]
+
+    def stage(self, path: str | Path) -> StagedWeights | None:
+        """Load a saved model (sha256-checked) for a weights-only swap into this engine.
+
+        Possible when it is the same fused architecture with the same window, normalisation and
+        residual flag: then the compiled programs are reused and the swap costs no compile.
+        None when it is not (load a new engine instead).
+        """
+        model, info = load_model(path)
+        if self._structure is None or (info.seq_len, info.normalise, info.residual) != (
+            self.seq_len,
+            self.normalise,
+            self.residual,
+        ):
+            return None
+        fused = _fused_arrays(model)
+        if fused is None or fused[1] != self._structure:
+            return None
+        return StagedWeights(self, fused[0], model, info)
 
     def bucket_sizes(self, max_rows: int) -> tuple[int, ...]:
         """Batch sizes whose warm-up compiles every program a batch of up to ``max_rows`` uses."""
@@ -241,26 +261,59 @@ class Forecaster:
         return tf.function(rollout, input_signature=[spec], jit_compile=self.fast_path)
 
 
-def _network(model: keras.Model) -> tuple[Callable[[Any], Any], bool]:
-    """(net, fast): net maps (B, T) float32 windows to (B,) forecasts inside a graph."""
-    fused = _fused_lstm_stack(model)
+class StagedWeights:
+    """A new version's weights, ready to be written into a running engine's compiled programs."""
+
+    def __init__(self, engine: Forecaster, arrays: list[np.ndarray], model: Any, info: ModelInfo):
+        self.engine = engine
+        self.arrays = arrays
+        self.model = model
+        self.info = info
+        self.version = info.version
+        self.seq_len = info.seq_len
+
+    def apply(self) -> Forecaster:
+        """Overwrite the engine's weights (between two calls); return the engine."""
+        engine = self.engine
+        with engine._lock:
+            for variable, array in zip(engine._weights, self.arrays, strict=True):
+                variable.assign(array)
+            engine.model, engine.info, engine.version = self.model, self.info, self.version
+        return engine
+
+
+def _network(model: keras.Model) -> tuple[Callable[[Any], Any], list[Any], tuple[Any, ...] | None]:
+    """(net, weights, structure): net maps (B, T) float32 windows to (B,) forecasts in a graph.
+
+    For a plain LSTM stack the weights are variables read by the compiled programs and
+    ``structure`` names their shapes; otherwise net calls the Keras model and there are none.
+    """
+    import tensorflow as tf
+
+    fused = _fused_arrays(model)
     if fused is not None:
-        return fused, True
+        arrays, structure = fused
+        weights = [tf.Variable(a, trainable=False) for a in arrays]
+        return _fused_net(weights, structure), weights, structure
 
     def keras_net(x: Any) -> Any:
         return model(x[:, :, None], training=False)[:, 0]
 
-    return keras_net, False
+    return keras_net, [], None
 
 
-def _fused_lstm_stack(model: keras.Model) -> Callable[[Any], Any] | None:
-    """A graph function computing ``model`` from its weights, or None if it is not a plain
-    stack of standard LSTM layers, dropouts and linear Dense layers."""
+def _fused_arrays(model: keras.Model) -> tuple[list[np.ndarray], tuple[Any, ...]] | None:
+    """The weights of a plain stack of standard LSTM layers, dropouts and linear Dense layers,
+    rearranged for the fused cell, and the stack's structure; None for any other model.
+
+    Arrays: the first LSTM's kernel (1, 4u), recurrent kernel and bias; for each deeper LSTM
+    [kernel; recurrent] stacked, and its bias; for each Dense its kernel and bias.
+    """
     import keras
-    import tensorflow as tf
 
-    lstms: list[tuple[Any, Any, Any, bool]] = []
-    denses: list[tuple[Any, Any]] = []
+    lstms: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    denses: list[tuple[np.ndarray, np.ndarray]] = []
+    prev_returns_sequences = False
     for layer in model.layers:
         if isinstance(layer, keras.layers.Dropout):
             continue
@@ -273,6 +326,9 @@ def _fused_lstm_stack(model: keras.Model) -> Callable[[Any], Any] | None:
             )
             if not standard:
                 return None
+            if lstms and not prev_returns_sequences:
+                return None
+            prev_returns_sequences = bool(layer.return_sequences)
             weights = layer.get_weights()
             kernel, recurrent = weights[0], weights[1]
             units = recurrent.shape[0]
@@ -281,32 +337,46 @@ def _fused_lstm_stack(model: keras.Model) -> Callable[[Any], Any] | None:
             scale = np.concatenate(
                 [np.full(units, 0.5), np.full(units, 0.5), np.ones(units), np.full(units, 0.5)]
             ).astype(np.float32)
-            lstms.append(
-                (
-                    tf.constant(kernel * scale),
-                    tf.constant(recurrent * scale),
-                    tf.constant(bias * scale),
-                    bool(layer.return_sequences),
-                )
-            )
+            lstms.append((kernel * scale, recurrent * scale, bias * scale))
         elif isinstance(layer, keras.layers.Dense) and lstms:
             if layer.activation is not keras.activations.linear:
                 return None
             weights = layer.get_weights()
             bias = weights[1] if layer.use_bias else np.zeros(weights[0].shape[1], np.float32)
-            denses.append((tf.constant(weights[0]), tf.constant(bias)))
+            denses.append((weights[0], bias))
         else:
             return None
-    if not lstms or lstms[-1][3] or not denses or denses[-1][0].shape[1] != 1:
+    if not lstms or prev_returns_sequences or not denses or denses[-1][0].shape[1] != 1:
         return None
+    if lstms[0][0].shape[0] != 1:
+        return None
+    first_kernel, first_recurrent, first_bias = lstms[0]
+    arrays = [first_kernel, first_recurrent, first_bias]
+    for kernel, recurrent, bias in lstms[1:]:
+        arrays += [np.concatenate([kernel, recurrent], axis=0), bias]
+    for kernel, bias in denses:
+        arrays += [kernel, bias]
+    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
+    structure = (len(lstms), len(denses), tuple(a.shape for a in arrays))
+    return arrays, structure
 
-    # Time-major, all layers inside one loop over timesteps: layer l at step t needs only
-    # layer l-1 at step t and itself at t-1, so no per-layer sequence is ever materialised.
-    # Layer 1 sees one feature, so its input projection for all steps is a cheap broadcast;
-    # deeper layers multiply [input, h] by the stacked [kernel; recurrent] in one matmul.
-    first_kernel, first_recurrent, first_bias, _ = lstms[0]
-    deeper = [(tf.concat([k, r], axis=0), b) for k, r, b, _ in lstms[1:]]
-    sizes = [int(r.shape[0]) for _, r, _, _ in lstms]
+
+def _fused_net(weights: list[Any], structure: tuple[Any, ...]) -> Callable[[Any], Any]:
+    """The network from its fused weights (variables), every layer inside one timestep loop.
+
+    Time-major: layer l at step t needs only layer l-1 at step t and itself at t-1, so no
+    per-layer sequence is ever materialised. Layer 1 sees one feature, so its input projection for
+    all steps is a cheap broadcast; deeper layers multiply [input, h] by the stacked
+    [kernel; recurrent] in one matmul.
+    """
+    import tensorflow as tf
+
+    n_lstm, n_dense, _ = structure
+    first_kernel, first_recurrent, first_bias = weights[:3]
+    deeper = [(weights[3 + 2 * k], weights[4 + 2 * k]) for k in range(n_lstm - 1)]
+    start = 3 + 2 * (n_lstm - 1)
+    denses = [(weights[start + 2 * k], weights[start + 2 * k + 1]) for k in range(n_dense)]
+    sizes = [int(first_recurrent.shape[0])] + [int(b.shape[0]) // 4 for _, b in deeper]
 
     def cell(gates: Any, c: Any) -> tuple[Any, Any]:
         i, f, g, o = tf.split(tf.tanh(gates), 4, axis=1)

@@ -81,7 +81,7 @@ class RetrainConfig:
     time_limit_s: float = 900.0
     lock_ttl_s: float = 30.0
     threads: int = 1  # TensorFlow threads in the trainer: leave the cores to serving
-    nice: int = 10
+    nice: int = 19
     seed: int = 0
 
 

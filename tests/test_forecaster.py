@@ -178,3 +178,34 @@ def test_residual_rollout_equals_the_per_window_loop(tiny_model):
             want[row, k] = window[0] * (x[-1] + y + 1.0)
             window = np.append(window[1:], want[row, k])
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_same_architecture_version_is_swapped_in_by_weights_without_a_compile(tmp_path):
+    from streamcast.model import ModelConfig, build_model, save_model
+
+    config = ModelConfig.from_sizes([1, 6, 5, 1])
+    old, new = build_model(config, seed=10), build_model(config, seed=11)
+    info = save_model(new, tmp_path / "new", normalise=True)
+    save_model(
+        build_model(ModelConfig.from_sizes([1, 7, 5, 1]), seed=1),
+        tmp_path / "wider",
+        normalise=True,
+    )
+    save_model(new, tmp_path / "residual", normalise=True, residual=True)
+    prices = random_prices(3, seed=12)
+    with (
+        Forecaster(old, normalise=True, version="old") as engine,
+        Forecaster(new, normalise=True) as reference,
+    ):
+        before = engine.rollout(prices, steps=3)
+        programs = engine.compiled_shapes
+        assert engine.stage(tmp_path / "wider") is None
+        assert engine.stage(tmp_path / "residual") is None
+        staged = engine.stage(tmp_path / "new")
+        assert staged is not None and staged.version == info.version
+        np.testing.assert_array_equal(engine.rollout(prices, steps=3), before)  # not applied yet
+        assert staged.apply() is engine and engine.version == info.version
+        after = engine.rollout(prices, steps=3)
+        assert engine.compiled_shapes == programs, "no new program was compiled"
+        np.testing.assert_allclose(after, reference.rollout(prices, steps=3), rtol=1e-6)
+        assert not np.allclose(after, before)
