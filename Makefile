@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: install test lint demo experiment bench bench-daemon model experiments clean
+.PHONY: install test lint demo experiment bench bench-daemon bench-retrain model experiments clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ bench: install
 
 bench-daemon: install
 	$(PY) bench/daemon.py
+
+# p99 latency with the daemon retraining under a load, next to the same load without.
+bench-retrain: install
+	$(PY) bench/daemon.py --retrain --symbols 100 --rate 400 --seconds 60 --history-points 300
 
 # The shipped default model: the project's own synthetic series, reproducible from the seed.
 model: install
