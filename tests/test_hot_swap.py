@@ -30,6 +30,22 @@ def load_warm(path):
     return engine
 
 
+async def serving_daemon(redis, keys, registry, metrics, config, retrainer=None) -> Daemon:
+    """A daemon on the shipped model that follows the registry (and retrains, if given)."""
+    engine = await asyncio.to_thread(load_warm, DEFAULT_MODEL_DIR)
+    return Daemon(
+        redis,
+        engine,
+        metrics,
+        keys=keys,
+        config=config,
+        registry=registry,
+        loader=load_warm,
+        initial_model=DEFAULT_MODEL_DIR,
+        retrainer=retrainer,
+    )
+
+
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -59,17 +75,7 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
     )
     forecast = "streamcast_ticks_total"
     config = DaemonConfig(batch_max_size=BATCH, path_refresh_s=0.0, model_check_s=1.0)
-    engine = await asyncio.to_thread(load_warm, DEFAULT_MODEL_DIR)
-    daemon = Daemon(
-        redis_client,
-        engine,
-        metrics,
-        keys=keys,
-        config=config,
-        registry=registry,
-        loader=load_warm,
-        initial_model=DEFAULT_MODEL_DIR,
-    )
+    daemon = await serving_daemon(redis_client, keys, registry, metrics, config)
     async with daemon:
         await replay(redis_client, keys, paths[:, :1200], names, rate=None)
 
@@ -127,18 +133,7 @@ async def test_corrupt_or_mismatched_versions_are_refused_and_a_killed_trainer_c
         command=killed,
     )
     config = DaemonConfig(batch_max_size=64, model_check_s=0.5, retrain_after_ticks=150)
-    engine = await asyncio.to_thread(load_warm, DEFAULT_MODEL_DIR)
-    daemon = Daemon(
-        redis_client,
-        engine,
-        metrics,
-        keys=keys,
-        config=config,
-        registry=registry,
-        loader=load_warm,
-        initial_model=DEFAULT_MODEL_DIR,
-        retrainer=retrainer,
-    )
+    daemon = await serving_daemon(redis_client, keys, registry, metrics, config, retrainer)
     prices = 100 + np.cumsum(np.random.default_rng(8).normal(0, 0.3, (2, 400)), axis=1)
     async with daemon:
         await wait_for(lambda: _current_is(registry, DEFAULT_VERSION))
