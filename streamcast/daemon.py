@@ -47,6 +47,7 @@ from streamcast.schema import (
     id_key,
     parse_stream_reply,
 )
+from streamcast.skill import SkillTracker
 from streamcast.windows import Windows
 
 if TYPE_CHECKING:
@@ -87,6 +88,9 @@ class DaemonConfig:
     model_check_s: float = 30.0  # fallback poll of the registry when no announcement arrives
     retrain_interval_s: float = 0.0  # 0: no timed retrain
     retrain_after_ticks: int = 0  # 0: no retrain by count of ticks accepted on this replica
+    skill_horizons: tuple[int, ...] = (1, 10, 50)
+    skill_window: int = 2000  # scored forecasts per (horizon, version) in the rolling scores
+    skill_symbols: tuple[str, ...] = ()  # symbols that get a labelled skill series of their own
 
 
 @dataclass
@@ -102,6 +106,9 @@ class Batch:
     next_prices: np.ndarray = field(default_factory=lambda: np.empty(0))
     paths: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     version: str = ""  # of the model that computed the forecasts
+    read_at: float = 0.0  # wall-clock times of the stages, for the per-stage latency
+    compute_started: float = 0.0
+    computed_at: float = 0.0
 
 
 @dataclass
@@ -156,6 +163,12 @@ class Daemon:
         self._next_engine: Engine | None = None
         self._refused: str | None = None  # a version that failed to load: not retried
         self._ticks_since_retrain = 0
+        self.skill = SkillTracker(
+            metrics,
+            horizons=self.config.skill_horizons,
+            window=self.config.skill_window,
+            symbols=self.config.skill_symbols,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -201,6 +214,7 @@ class Daemon:
         if self._next_engine is not None:
             _close(self._next_engine)
             self._next_engine = None
+        self.skill.publish()
         self._started = False
         log.info(
             "stopped: %d batches, %d forecasts, %d paths, %d dead letters, %d duplicates skipped",
@@ -371,7 +385,8 @@ class Daemon:
         """Validate entries, push prices into windows, and choose which windows get a path."""
         cfg = self.config
         positive = self.engine.normalise
-        batch = Batch()
+        batch = Batch(read_at=self.clock())
+        ingest = self.metrics.stage_seconds.labels("ingest")
         for _, entry_id, fields in entries:
             batch.ack_ids.append(entry_id)
             if not fields:  # deleted from the stream while pending
@@ -395,6 +410,7 @@ class Daemon:
                 continue
             window = self.windows.push(tick.symbol, entry_id, tick.price, tick.ts)
             batch.accepted.append(tick)
+            ingest.observe(max(0.0, batch.read_at - id_key(entry_id)[0] / 1000))
             if window is not None:
                 batch.ready.append(tick)
                 batch.windows.append(window)
@@ -431,8 +447,15 @@ class Daemon:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         batch.version = engine.version
+        batch.compute_started = self.clock()
         batch.next_prices, batch.paths = await loop.run_in_executor(self._executor, run)
-        self.metrics.engine_seconds.observe(time.perf_counter() - started)
+        batch.computed_at = self.clock()
+        seconds = time.perf_counter() - started
+        self.metrics.engine_seconds.observe(seconds)
+        self.metrics.stage_seconds.labels("wait").observe(
+            max(0.0, batch.compute_started - batch.read_at)
+        )
+        self.metrics.stage_seconds.labels("compute").observe(seconds)
 
     async def _publish(self, batch: Batch) -> None:
         # forecasts, history, dead letters and the ack land together or not at all, even if
@@ -501,8 +524,16 @@ class Daemon:
         self.metrics.forecasts.labels("path").inc(len(batch.due))
         for _, reason, _, _ in batch.dead:
             self.metrics.dead_letters.labels(reason).inc()
+        done_ms = int(self.clock() * 1000)
         for tick in batch.ready:
-            self.metrics.latency.observe(max(0.0, now_ms - id_key(tick.id)[0]) / 1000)
+            self.metrics.latency.observe(max(0.0, done_ms - id_key(tick.id)[0]) / 1000)
+            if tick.ts is not None:
+                self.metrics.event_latency.observe(max(0.0, done_ms - tick.ts) / 1000)
+        if batch.computed_at:
+            self.metrics.stage_seconds.labels("publish").observe(
+                max(0.0, done_ms / 1000 - batch.computed_at)
+            )
+        self.skill.record(batch)
 
     # -- background --------------------------------------------------------------------------
 
@@ -524,6 +555,7 @@ class Daemon:
                 # keep the heartbeat and metrics going, but make the fault visible
                 log.exception("housekeeping failed")
             now = self.clock()
+            self.skill.publish()
             if self.promoted_at is not None:
                 self.metrics.model_age.set(max(0.0, time.time() - self.promoted_at))
             self.metrics.path_age.set(max((now - t for t in self.last_path.values()), default=0.0))

@@ -117,3 +117,64 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        # -- online skill (streamcast.skill) ---------------------------------------------------
+        scored_labels = ["horizon", "version", "forecaster"]
+        self.squared_error = Counter(
+            "streamcast_forecast_squared_error",
+            "Sum of squared relative errors of scored forecasts (forecaster: model or naive); "
+            "rate() over rate(streamcast_forecast_scored_total) is the MSE over any window",
+            scored_labels,
+            registry=registry,
+        )
+        self.absolute_error = Counter(
+            "streamcast_forecast_absolute_error",
+            "Sum of absolute relative errors of scored forecasts (forecaster: model or naive)",
+            scored_labels,
+            registry=registry,
+        )
+        self.scored = Counter(
+            "streamcast_forecast_scored",
+            "Forecasts scored against the tick that is their truth, by horizon and version",
+            ["horizon", "version"],
+            registry=registry,
+        )
+        self.rolling_mse = Gauge(
+            "streamcast_forecast_rolling_mse",
+            "MSE (relative to the origin price) over the last scored forecasts",
+            scored_labels,
+            registry=registry,
+        )
+        self.rolling_mae = Gauge(
+            "streamcast_forecast_rolling_mae",
+            "MAE (relative to the origin price) over the last scored forecasts",
+            scored_labels,
+            registry=registry,
+        )
+        self.skill = Gauge(
+            "streamcast_skill",
+            "1 - MSE_model / MSE_naive over the last scored forecasts, by horizon and version "
+            "(above 0: better than no change)",
+            ["horizon", "version"],
+            registry=registry,
+        )
+        self.symbol_skill = Gauge(
+            "streamcast_symbol_skill",
+            "Skill of the symbols listed in STREAMCAST_SKILL_SYMBOLS (others are not labelled)",
+            ["symbol", "horizon"],
+            registry=registry,
+        )
+        # -- per-stage latency ----------------------------------------------------------------
+        self.stage_seconds = Histogram(
+            "streamcast_stage_seconds",
+            "Time per stage: ingest (tick in Redis to read), wait (read to compute start, per "
+            "batch), compute (per batch), publish (compute end to written, per batch)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.event_latency = Histogram(
+            "streamcast_event_to_forecast_seconds",
+            "From the tick's event time (its ts field, when it has one) to its forecast published",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )

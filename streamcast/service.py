@@ -66,6 +66,9 @@ def daemon_config(settings: Settings) -> DaemonConfig:
         model_check_s=settings.model_check_s,
         retrain_interval_s=settings.retrain_interval_s,
         retrain_after_ticks=settings.retrain_after_ticks,
+        skill_horizons=tuple(int(h) for h in settings.skill_horizons.split(",")),
+        skill_window=settings.skill_window,
+        skill_symbols=tuple(s for s in settings.skill_symbols.split(",") if s),
     )
 
 

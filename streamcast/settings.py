@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
     redis_timeout_s: float = Field(5.0, gt=0, le=120)
     engine_workers: int = Field(0, ge=0, le=256, description="0: one per CPU core")
+    skill_horizons: str = Field(
+        "1,10,50", pattern=r"^\d{1,4}(,\d{1,4})*$", description="horizons scored online"
+    )
+    skill_window: int = Field(2000, ge=10, le=1_000_000)
+    skill_symbols: str = Field(
+        "", pattern=r"^[A-Za-z0-9._:,-]*$", description="symbols with their own skill series"
+    )
     # -- the model lifecycle ---------------------------------------------------------------
     model_cache_dir: Path | None = Field(
         None, description="file cache of registry versions (default ~/.cache/streamcast/models)"
@@ -77,6 +84,13 @@ class Settings(BaseSettings):
         scheme = urlsplit(value).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
+
+    @field_validator("skill_horizons")
+    @classmethod
+    def _horizons_positive(cls, value: str) -> str:
+        if any(int(h) < 1 for h in value.split(",")):
+            raise ValueError("horizons must be at least 1")
         return value
 
     @model_validator(mode="after")

@@ -80,6 +80,21 @@ async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
         assert np.isfinite(nexts).all()
         assert last["model"] == engine.version
     assert registry_value(metrics, "streamcast_ticks_total", outcome="filling") == 3 * 49
+    # online skill: every 1-step forecast but each symbol's last has met its truth
+    version = engine.version
+    scored = registry_value(
+        metrics, "streamcast_forecast_scored_total", horizon="1", version=version
+    )
+    assert scored == eligible - 3
+    assert registry_value(
+        metrics, "streamcast_forecast_scored_total", horizon="50", version=version
+    )
+    daemon_skill = metrics.registry.get_sample_value(
+        "streamcast_skill", {"horizon": "1", "version": version}
+    )
+    assert daemon_skill is not None and np.isfinite(daemon_skill)
+    for stage in ("ingest", "wait", "compute", "publish"):
+        assert registry_value(metrics, "streamcast_stage_seconds_count", stage=stage) > 0
     assert await redis_client.xpending(keys.ticks, keys.group(0, 1)) == {
         "pending": 0,
         "min": None,

@@ -1,0 +1,245 @@
+"""Online skill: every published forecast is scored when its truth arrives.
+
+For each symbol the daemon remembers the last 1-step forecast (scored against the symbol's next
+tick) and, for every published path, its values at the tracked horizons (step 10 is scored
+against the 10th tick after the path's origin, and so on). The naive forecast ("no change from
+the origin price") is scored on exactly the same ticks. Errors are relative to the origin price, so
+symbols at different price levels weigh alike.
+
+Exported per horizon and model version (bounded: the newest ``keep_versions`` versions only):
+running sums of squared and absolute errors (for ``rate()`` in Prometheus), the rolling MSE and
+MAE over the last ``window`` scored forecasts, and the skill ``1 - MSE_model / MSE_naive`` over
+that window. Per-symbol skill only for a configured short list of symbols.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from streamcast.metrics import Metrics
+
+if TYPE_CHECKING:
+    from streamcast.daemon import Batch
+
+DEFAULT_HORIZONS = (1, 10, 50)
+
+
+@dataclass
+class _Path:
+    values: np.ndarray  # forecast at each tracked horizon (NaN where the path is shorter)
+    origin: float
+    version: str
+    elapsed: int = 0
+
+
+@dataclass
+class _Window:
+    """The last ``size`` scored forecasts of one (version, horizon): model and naive errors."""
+
+    size: int
+    rows: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def add(self, model_err: float, naive_err: float) -> None:
+        self.rows.append((model_err, naive_err))
+        if len(self.rows) > self.size:
+            self.rows.popleft()
+
+    def scores(self) -> tuple[float, float, float, float] | None:
+        """(model MSE, naive MSE, model MAE, naive MAE) over the window, or None when empty."""
+        if not self.rows:
+            return None
+        errs = np.asarray(self.rows)
+        mse = np.mean(errs**2, axis=0)
+        mae = np.mean(np.abs(errs), axis=0)
+        return float(mse[0]), float(mse[1]), float(mae[0]), float(mae[1])
+
+
+def skill_of(model_mse: float, naive_mse: float) -> float:
+    return 1.0 - model_mse / naive_mse if naive_mse > 0 else float("nan")
+
+
+class SkillTracker:
+    """Scores forecasts of one replica's symbols as the ticks that are their truth arrive."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        horizons: Sequence[int] = DEFAULT_HORIZONS,
+        window: int = 2000,
+        keep_versions: int = 3,
+        symbols: Iterable[str] = (),
+    ) -> None:
+        if not horizons or min(horizons) < 1:
+            raise ValueError(f"horizons must be positive, got {list(horizons)}")
+        self.metrics = metrics
+        self.horizons = tuple(sorted(set(horizons)))
+        self.path_horizons = tuple(h for h in self.horizons if h > 1)
+        self.window = window
+        self.keep_versions = keep_versions
+        self.watched = set(symbols)
+        self._next: dict[str, tuple[float, float, str]] = {}
+        self._paths: dict[str, deque[_Path]] = {}
+        self._windows: dict[tuple[str, int], _Window] = {}
+        self._symbol_windows: dict[tuple[str, int], _Window] = {}
+        self._versions: list[str] = []  # oldest first
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def record(self, batch: Batch) -> None:
+        """Score pending forecasts against the batch's ticks, then remember its new forecasts."""
+        ready = {tick.id: i for i, tick in enumerate(batch.ready)}
+        path_of = {i: batch.paths[k] for k, i in enumerate(batch.due)}
+        version = batch.version
+        for tick in batch.accepted:
+            self.observe(tick.symbol, tick.price)
+            i = ready.get(tick.id)
+            if i is not None:
+                self.forecast(
+                    tick.symbol, tick.price, float(batch.next_prices[i]), path_of.get(i), version
+                )
+
+    def observe(self, symbol: str, price: float) -> None:
+        """A new tick of ``symbol``: the truth for its pending forecasts."""
+        pending = self._next.pop(symbol, None)
+        if pending is not None:
+            forecast, origin, version = pending
+            self._score(symbol, version, 1, forecast, origin, price)
+        paths = self._paths.get(symbol)
+        if not paths:
+            return
+        for path in paths:
+            path.elapsed += 1
+            if path.elapsed in self.path_horizons:
+                k = self.path_horizons.index(path.elapsed)
+                value = float(path.values[k])
+                if value == value:  # not NaN: the path reached this horizon
+                    self._score(symbol, path.version, path.elapsed, value, path.origin, price)
+        last = self.path_horizons[-1]
+        while paths and paths[0].elapsed >= last:
+            paths.popleft()
+
+    def forecast(
+        self,
+        symbol: str,
+        price: float,
+        next_value: float,
+        path: np.ndarray | None,
+        version: str,
+    ) -> None:
+        """A forecast published from a window ending at ``price``."""
+        self._see_version(version)
+        if 1 in self.horizons:
+            self._next[symbol] = (next_value, price, version)
+        if path is not None and self.path_horizons:
+            values = np.array(
+                [path[h - 1] if h <= len(path) else np.nan for h in self.path_horizons]
+            )
+            self._paths.setdefault(symbol, deque()).append(_Path(values, price, version))
+
+    def forget(self, symbols: Iterable[str]) -> None:
+        for symbol in symbols:
+            self._next.pop(symbol, None)
+            self._paths.pop(symbol, None)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def skill(self, version: str, horizon: int) -> float:
+        window = self._windows.get((version, horizon))
+        scores = window.scores() if window is not None else None
+        return skill_of(scores[0], scores[1]) if scores is not None else float("nan")
+
+    def snapshot(self) -> dict[str, dict[int, dict[str, float]]]:
+        """{version: {horizon: {skill, mse, naive_mse, mae, naive_mae, n}}} over the windows."""
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        for (version, horizon), window in self._windows.items():
+            scores = window.scores()
+            if scores is None:
+                continue
+            mse, naive_mse, mae, naive_mae = scores
+            out.setdefault(version, {})[horizon] = {
+                "skill": skill_of(mse, naive_mse),
+                "mse": mse,
+                "naive_mse": naive_mse,
+                "mae": mae,
+                "naive_mae": naive_mae,
+                "n": float(len(window.rows)),
+            }
+        return out
+
+    def publish(self) -> None:
+        """Set the rolling gauges (the daemon calls this about once a second)."""
+        m = self.metrics
+        for (version, horizon), window in self._windows.items():
+            scores = window.scores()
+            if scores is None:
+                continue
+            mse, naive_mse, mae, naive_mae = scores
+            h = str(horizon)
+            m.skill.labels(h, version).set(skill_of(mse, naive_mse))
+            m.rolling_mse.labels(h, version, "model").set(mse)
+            m.rolling_mse.labels(h, version, "naive").set(naive_mse)
+            m.rolling_mae.labels(h, version, "model").set(mae)
+            m.rolling_mae.labels(h, version, "naive").set(naive_mae)
+        for (symbol, horizon), window in self._symbol_windows.items():
+            scores = window.scores()
+            if scores is not None:
+                m.symbol_skill.labels(symbol, str(horizon)).set(skill_of(scores[0], scores[1]))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _score(
+        self, symbol: str, version: str, horizon: int, forecast: float, origin: float, truth: float
+    ) -> None:
+        scale = abs(origin) if origin else 1.0
+        model_err = (forecast - truth) / scale
+        naive_err = (origin - truth) / scale
+        key = (version, horizon)
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _Window(self.window)
+        window.add(model_err, naive_err)
+        m, h = self.metrics, str(horizon)
+        m.squared_error.labels(h, version, "model").inc(model_err * model_err)
+        m.squared_error.labels(h, version, "naive").inc(naive_err * naive_err)
+        m.absolute_error.labels(h, version, "model").inc(abs(model_err))
+        m.absolute_error.labels(h, version, "naive").inc(abs(naive_err))
+        m.scored.labels(h, version).inc()
+        if symbol in self.watched:
+            key_s = (symbol, horizon)
+            sw = self._symbol_windows.get(key_s)
+            if sw is None:
+                sw = self._symbol_windows[key_s] = _Window(self.window)
+            sw.add(model_err, naive_err)
+
+    def _see_version(self, version: str) -> None:
+        if version in self._versions:
+            return
+        self._versions.append(version)
+        while len(self._versions) > self.keep_versions:
+            self._drop_version(self._versions.pop(0))
+
+    def _drop_version(self, version: str) -> None:
+        """Forget an old version's windows and label sets, so cardinality stays bounded."""
+        m = self.metrics
+        for horizon in self.horizons:
+            self._windows.pop((version, horizon), None)
+            h = str(horizon)
+            for metric, extra in (
+                (m.skill, ()),
+                (m.scored, ()),
+                (m.rolling_mse, ("model", "naive")),
+                (m.rolling_mae, ("model", "naive")),
+                (m.squared_error, ("model", "naive")),
+                (m.absolute_error, ("model", "naive")),
+            ):
+                label_sets: list[tuple[str, ...]] = [(h, version, e) for e in extra]
+                for labels in label_sets or [(h, version)]:
+                    with contextlib.suppress(KeyError):
+                        metric.remove(*labels)
