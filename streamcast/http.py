@@ -1,4 +1,5 @@
-"""HTTP endpoints: /healthz (alive), /readyz (model, Redis, loop), /metrics (Prometheus)."""
+"""HTTP endpoints: /healthz (alive), /readyz (model, Redis, loop), /metrics (Prometheus), and
+the live page (``/``, streamcast.live) when one is given."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -27,6 +29,7 @@ class HttpServer:
         heartbeat: Callable[[], float],
         redis_ping: Callable[[], object] | None = None,
         stale_after_s: float = 5.0,
+        page: Any = None,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -35,6 +38,7 @@ class HttpServer:
         self._heartbeat = heartbeat
         self._redis_ping = redis_ping
         self._stale_after_s = stale_after_s
+        self._page = page
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -42,21 +46,32 @@ class HttpServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        if self._page is not None:
+            self._page.add_routes(app)
         return app
 
     async def start(self) -> None:
         if self._runner is not None:
             return
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # a stopping server waits this long for open requests (the live page's event streams
+        # end within a second of close())
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("http on http://%s:%d (/healthz /readyz /metrics)", self.host, self.port)
+        log.info(
+            "http on http://%s:%d (%s/healthz /readyz /metrics)",
+            self.host,
+            self.port,
+            "/ (live page) " if self._page is not None else "",
+        )
 
     async def stop(self) -> None:
+        if self._page is not None:
+            self._page.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

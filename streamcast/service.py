@@ -25,6 +25,7 @@ from redis.backoff import ExponentialBackoff
 from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
+from streamcast.live import LivePage
 from streamcast.metrics import Metrics
 from streamcast.model import ModelError
 from streamcast.registry import Registry
@@ -198,6 +199,7 @@ async def serve(
         ready=lambda: daemon.ready,
         heartbeat=lambda: daemon.heartbeat,
         redis_ping=redis.ping,
+        page=LivePage(redis, keys, skill=daemon.skill.snapshot),
     )
     status = 0
     try:

@@ -1,0 +1,174 @@
+"""The live page: ``/`` draws a chart per symbol, fed by server-sent events from the forecast streams.
+
+* ``GET /`` and ``GET /static/{app.js,style.css}``: the page, served from the package (no CDN).
+* ``GET /api/symbols``: the symbols with history, sorted (at most ``max_symbols``).
+* ``GET /events?symbols=A,B``: ``text/event-stream``. First the recent forecasts of each symbol
+  (``forecast`` events, oldest first), then each new one as it is published (a blocking XREAD
+  from the forecast streams), and a ``skill`` event every ``skill_every_s`` with the replica's
+  online skill by version and horizon.
+
+Symbols in a request must match the wire contract's symbol pattern (anything else is a 400), so
+nothing a browser sends reaches Redis but a validated stream key; at most ``max_clients`` event
+streams are open at once (503 beyond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from streamcast.keys import Keys
+from streamcast.schema import SYMBOL_RE, decode_forecast, parse_stream_reply
+
+log = logging.getLogger(__name__)
+
+STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("streamcast").joinpath("web", name).read_bytes()
+
+
+class LivePage:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        skill: Callable[[], dict[str, Any]] | None = None,
+        max_symbols: int = 12,
+        history: int = 200,
+        max_clients: int = 20,
+        skill_every_s: float = 2.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.skill = skill
+        self.max_symbols = max_symbols
+        self.history = history
+        self.max_clients = max_clients
+        self.skill_every_s = skill_every_s
+        self.clients = 0
+        self.closing = asyncio.Event()
+
+    def close(self) -> None:
+        """End every open event stream (the server is stopping); browsers reconnect elsewhere."""
+        self.closing.set()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/", self._index)
+        app.router.add_get("/static/{name}", self._static)
+        app.router.add_get("/favicon.ico", self._no_icon)
+        app.router.add_get("/api/symbols", self._symbols)
+        app.router.add_get("/events", self._events)
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(body=_asset("index.html"), content_type="text/html", charset="utf-8")
+
+    async def _no_icon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def _static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in STATIC:
+            raise web.HTTPNotFound()
+        return web.Response(body=_asset(name), content_type=STATIC[name], charset="utf-8")
+
+    async def _symbols(self, request: web.Request) -> web.Response:
+        try:
+            members = await self.redis.smembers(self.keys.symbols)
+        except (redis_errors.RedisError, OSError):
+            raise web.HTTPServiceUnavailable(text="redis unavailable") from None
+        names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        return web.json_response({"symbols": names[: self.max_symbols]})
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        raw = request.query.get("symbols", "")
+        symbols = [s for s in raw.split(",") if s]
+        if not symbols or len(symbols) > self.max_symbols:
+            raise web.HTTPBadRequest(text=f"symbols: give 1 to {self.max_symbols}, comma-separated")
+        bad = [s for s in symbols if not SYMBOL_RE.fullmatch(s)]
+        if bad:
+            raise web.HTTPBadRequest(text="symbols must be 1-64 of A-Z a-z 0-9 . _ : -")
+        if self.closing.is_set():
+            raise web.HTTPServiceUnavailable(text="stopping")
+        if self.clients >= self.max_clients:
+            raise web.HTTPServiceUnavailable(text="too many live pages open")
+        self.clients += 1
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        try:
+            await response.prepare(request)
+            await self._stream(response, symbols)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.clients -= 1
+        return response
+
+    async def _stream(self, response: web.StreamResponse, symbols: list[str]) -> None:
+        cursors: dict[Any, Any] = {}
+        for symbol in symbols:
+            key = self.keys.forecasts(symbol)
+            entries: Any = await self.redis.xrevrange(key, count=self.history)
+            for entry_id, fields in reversed(entries):
+                await _send(response, "forecast", _event(entry_id, fields))
+            cursors[key] = entries[0][0] if entries else "0"
+        await self._send_skill(response)
+        loop = asyncio.get_running_loop()
+        next_skill = loop.time() + self.skill_every_s
+        while not self.closing.is_set():
+            try:
+                reply = await self.redis.xread(cursors, block=1000, count=200)
+            except (redis_errors.RedisError, OSError):
+                await _send(response, "status", {"redis": False})
+                await asyncio.sleep(1.0)
+                continue
+            for stream, entry_id, fields in parse_stream_reply(reply):
+                cursors[stream] = entry_id
+                await _send(response, "forecast", _event(entry_id, fields))
+            if loop.time() >= next_skill:
+                next_skill = loop.time() + self.skill_every_s
+                await self._send_skill(response)
+
+    async def _send_skill(self, response: web.StreamResponse) -> None:
+        if self.skill is not None:
+            await _send(response, "skill", self.skill())
+
+
+def _event(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
+    forecast = decode_forecast(fields)
+    forecast["id"] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return forecast
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: send null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+async def _send(response: web.StreamResponse, kind: str, data: Any) -> None:
+    payload = json.dumps(_clean(data), separators=(",", ":"))
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(f"event: {kind}\ndata: {payload}\n\n".encode())
