@@ -498,6 +498,40 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="exit 0 if the local daemon answers /healthz (or /readyz with --ready): for probes",
+        description="For container health checks: GET http://127.0.0.1:STREAMCAST_HTTP_PORT/healthz "
+        "(or /readyz), exit 0 on 200 and 1 otherwise with one line saying why.",
+    )
+    p.add_argument("--ready", action="store_true", help="check /readyz (Redis reachable, serving)")
+    p.add_argument("--url", help="base URL (default: http://127.0.0.1:STREAMCAST_HTTP_PORT)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    settings = _settings()
+    host = settings.http_host if settings.http_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    base = args.url or f"http://{host}:{settings.http_port}"
+    url = base.rstrip("/") + ("/readyz" if args.ready else "/healthz")
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            print(f"ok: {url} answered {response.status}")
+            return 0
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode(errors="replace")[:300]
+        print(f"not ok: {url} answered {exc.code}: {body}", file=sys.stderr)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"not ok: {url}: {reason}", file=sys.stderr)
+    return 1
+
+
 # -- history, retrain, models ----------------------------------------------------------------
 
 
@@ -710,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_demo,
         _add_serve,
+        _add_check,
         _add_replay,
         _add_watch,
         _add_experiment,

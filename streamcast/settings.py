@@ -26,7 +26,8 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description="redis:// or rediss:// (TLS) URL; carries the password when there is one",
     )
-    key_prefix: str = Field("streamcast", pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    # braces allowed: a hash tag ({sc0}) keeps a shard's keys in one Redis Cluster slot
+    key_prefix: str = Field("streamcast", pattern=r"^[A-Za-z0-9._:{}-]{1,64}$")
     model_path: Path = Field(DEFAULT_MODEL_DIR, description="a saved model directory")
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)

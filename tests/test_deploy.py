@@ -145,3 +145,119 @@ async def test_prometheus_scrapes_a_live_daemon(redis_server, redis_client, tmp_
         server.wait(15)
         daemon.terminate()
         daemon.wait(30)
+
+
+# -- the image, Compose and Kubernetes -----------------------------------------------------------
+
+ROOT = DEPLOY.parent
+
+
+def test_dockerfile_caches_dependencies_runs_as_non_root_and_checks_health():
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    deps = next(i for i, line in enumerate(lines) if line.startswith("COPY pyproject.toml"))
+    source = next(i for i, line in enumerate(lines) if line.startswith("COPY streamcast"))
+    assert deps < source, "dependencies must be installed before the source is copied"
+    user = next(line for line in lines if line.startswith("USER "))
+    assert user.split()[1] not in ("root", "0")
+    assert 'CMD ["streamcast", "check", "--ready"]' in text and "HEALTHCHECK" in text
+    assert "ARG VARIANT=cpu" in text and '".[gpu]"' in text
+
+
+def test_compose_file_validates_and_wires_the_stack():
+    compose = tool("docker-compose")
+    out = subprocess.run(
+        [compose, "-f", str(DEPLOY / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"SP500_CSV": "/data/sp500.csv", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load(out.stdout)
+    services = config["services"]
+    assert set(services) == {"redis", "streamcast", "replay", "prometheus", "grafana"}
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["replay"]["command"][:2] == ["replay", "/data/sp500.csv"]
+    assert any(v.endswith(":/data/sp500.csv:ro") for v in _volumes(services["replay"]))
+    assert services["streamcast"]["environment"]["STREAMCAST_REDIS_URL"] == "redis://redis:6379/0"
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["streamcast:8000"]
+
+
+def _volumes(service: dict) -> list[str]:
+    out = []
+    for v in service.get("volumes", []):
+        if isinstance(v, str):
+            out.append(v)
+        else:
+            out.append(f"{v['source']}:{v['target']}" + (":ro" if v.get("read_only") else ""))
+    return out
+
+
+def test_kubernetes_statefulset_shards_by_ordinal_with_probes_and_grace():
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "streamcast.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Service", "StatefulSet"}
+    sts = kinds["StatefulSet"]
+    pod = sts["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(env["STREAMCAST_SHARD_COUNT"]) == sts["spec"]["replicas"]
+    assert 'STREAMCAST_SHARD_INDEX="${HOSTNAME##*-}"' in " ".join(container["command"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["spec"]["terminationGracePeriodSeconds"] > float(
+        env["STREAMCAST_SHUTDOWN_TIMEOUT_S"]
+    )
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8000"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # the settings the manifest sets are settings the daemon knows
+    from streamcast.settings import Settings
+
+    known = {f"STREAMCAST_{name.upper()}" for name in Settings.model_fields}
+    assert {name for name in env if name.startswith("STREAMCAST_")} <= known | {
+        "STREAMCAST_SHARD_INDEX"
+    }
+
+
+async def test_streamcast_check_answers_for_probes(tmp_path):
+    import sys
+
+    from streamcast.http import HttpServer
+
+    ready = {"value": False}
+    server = HttpServer(
+        CollectorRegistry(),
+        host="127.0.0.1",
+        port=0,
+        ready=lambda: ready["value"],
+        heartbeat=time.monotonic,
+        redis_ping=lambda: True,
+    )
+
+    async def check(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "streamcast.cli",
+            "check",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    async with server:
+        url = f"http://127.0.0.1:{server.port}"
+        assert (await check("--url", url))[0] == 0
+        code, out = await check("--url", url, "--ready")
+        assert code == 1 and "503" in out
+        ready["value"] = True
+        assert (await check("--url", url, "--ready"))[0] == 0
+    code, out = await check("--url", f"http://127.0.0.1:{free_port()}")
+    assert code == 1 and out.startswith("not ok:") and "Traceback" not in out
