@@ -65,7 +65,7 @@ async def run_demo(
         keys = Keys(settings.key_prefix)
         names = symbol_names("SYN", symbols)
         print(
-            f"demo: http://{settings.http_host}:{settings.http_port}/metrics and /readyz; "
+            f"demo: live page http://{settings.http_host}:{settings.http_port}/ (and /metrics); "
             f"in another terminal: STREAMCAST_REDIS_URL={settings.redis_url_redacted} "
             f"streamcast watch {names[0]}"
         )
