@@ -62,13 +62,13 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-def start_redis_server(directory: Path, *extra: str) -> RedisServer:
+def start_redis_server(directory: Path, *extra: str, port: int | None = None) -> RedisServer:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail(
             "redis-server is not installed (apt-get install -y redis-server; .ci/run does it)"
         )
-    port = free_port()
+    port = port or free_port()
     process = subprocess.Popen(
         [
             binary,

@@ -1,0 +1,402 @@
+"""Faults, bad input and access, with real redis-servers, real processes and real signals.
+
+docs/RELIABILITY.md lists each test with what it does to the system and what it shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from redis import exceptions as redis_errors
+
+from streamcast.daemon import Daemon, DaemonConfig
+from streamcast.data import load_series
+from streamcast.demo import free_port
+from streamcast.keys import Keys
+from streamcast.metrics import Metrics
+from streamcast.replay import fan_out, replay
+from streamcast.schema import encode_tick
+from streamcast.service import make_redis
+from streamcast.settings import Settings, SettingsError, load_settings
+
+from .conftest import start_redis_server
+from .test_service import (
+    check_exactly_once,
+    feed,
+    http_get,
+    spawn_daemon,
+    total_forecasts,
+    wait_ready,
+    wait_total,
+)
+
+# -- settings: every one refuses a wrong type with a message naming it ---------------------------
+
+
+
+@pytest.mark.parametrize("name", sorted(Settings.model_fields))
+def test_every_setting_refuses_a_wrong_type_naming_the_variable(monkeypatch, name):
+    field = Settings.model_fields[name]
+    annotation = str(field.annotation)
+    if "bool" in annotation:
+        bad = "perhaps"
+    elif "int" in annotation:
+        bad = "lots"
+    elif "float" in annotation:
+        bad = "soon"
+    else:
+        bad = "bad value with spaces and {{ braces }}" + "x" * 100
+    variable = f"STREAMCAST_{name.upper()}"
+    monkeypatch.setenv(variable, bad)
+    try:
+        load_settings()
+    except SettingsError as exc:
+        assert variable in str(exc), str(exc)
+        assert "Traceback" not in str(exc)
+        return
+    # a free-text setting that accepts any text is not a wrong type
+    # free text (a host name, a path checked when it is used) takes any string
+    assert name in {"model_path", "model_cache_dir", "http_host"}, f"{variable}={bad!r} accepted"
+
+
+# -- Redis unreachable at start, then there ----------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_redis_unreachable_at_start_then_served_once_it_comes(tmp_path):
+    port, http_port = free_port(), free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    daemon = spawn_daemon(url, "late", http_port, tmp_path, STREAMCAST_REDIS_TIMEOUT_S="1")
+    server = None
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # up (model loaded, HTTP answering) but not ready
+            assert daemon.poll() is None, "the daemon exited without Redis"
+            try:
+                status, _body = http_get(http_port, "/readyz")
+                if status == 503:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3)
+        assert daemon.poll() is None
+        server = start_redis_server(tmp_path, port=port)
+        await wait_ready(http_port, daemon, timeout_s=60)
+        client = make_redis(url)
+        keys, names = Keys("late"), ["L0", "L1"]
+        await replay(client, keys, feed(2, 120), names, rate=None)
+        await wait_total(client, keys, names, 2 * 71)
+        await check_exactly_once(client, keys, names)
+        await client.aclose()
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0
+        if server is not None:
+            server.process.terminate()
+            server.process.wait(10)
+    log = "\n".join(p.read_text() for p in tmp_path.glob("daemon-*.log"))
+    assert "redis unavailable (ConnectionError); retrying in" in log
+    assert "Traceback" not in log
+
+
+# -- Redis restarts (append-only file on) mid-replay ---------------------------------------------
+
+
+async def feed_through_outages(url: str, keys: Keys, paths: np.ndarray, names, rate: float) -> int:
+    """XADD ticks at ``rate``, retrying each one until Redis takes it; returns ticks added."""
+    client = make_redis(url, timeout_s=1.0)
+    sent = 0
+    try:
+        for t in range(paths.shape[1]):
+            for s, name in enumerate(names):
+                while True:
+                    try:
+                        await client.xadd(keys.ticks, encode_tick(name, float(paths[s, t])))
+                        break
+                    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+                        await asyncio.sleep(0.2)
+                sent += 1
+            await asyncio.sleep(len(names) / rate)
+    finally:
+        await client.aclose()
+    return sent
+
+
+@pytest.mark.slow
+async def test_redis_restart_with_aof_mid_replay_loses_nothing_it_kept(tmp_path):
+    aof = ("--appendonly", "yes", "--appendfsync", "always")
+    server = start_redis_server(tmp_path, *aof)
+    port, url = server.port, server.url
+    keys, names = Keys("aof"), [f"A{i}" for i in range(6)]
+    http_ports = [free_port(), free_port()]
+    daemons = [
+        spawn_daemon(
+            url,
+            "aof",
+            http_ports[i],
+            tmp_path,
+            STREAMCAST_SHARD_INDEX=str(i),
+            STREAMCAST_SHARD_COUNT="2",
+            STREAMCAST_REDIS_TIMEOUT_S="1",
+        )
+        for i in range(2)
+    ]
+    client = None
+    try:
+        for i, d in enumerate(daemons):
+            await wait_ready(http_ports[i], d)
+        producer = asyncio.create_task(feed_through_outages(url, keys, feed(6, 300), names, 300))
+        await asyncio.sleep(2.0)
+        server.process.send_signal(signal.SIGKILL)  # kill -9: only the append-only file remains
+        server.process.wait(10)
+        seen_down = [False, False]
+        deadline = time.monotonic() + 20
+        while not all(seen_down) and time.monotonic() < deadline:
+            for i in range(2):
+                with contextlib.suppress(OSError):
+                    seen_down[i] |= http_get(http_ports[i], "/readyz")[0] == 503
+            await asyncio.sleep(0.2)
+        assert all(seen_down), "/readyz never reported the outage"
+        await asyncio.sleep(2.0)
+        server = start_redis_server(tmp_path, *aof, port=port)
+        for i, d in enumerate(daemons):
+            await wait_ready(http_ports[i], d, timeout_s=60)
+        sent = await producer
+        client = make_redis(url)
+        kept = await client.xlen(keys.ticks)
+        assert kept == sent, "appendfsync always: Redis kept every acknowledged tick"
+        await wait_total(client, keys, names, 6 * (300 - 49), timeout_s=120)
+        await asyncio.sleep(1.0)
+        await check_exactly_once(client, keys, names)
+        assert all(d.poll() is None for d in daemons), "a replica exited"
+    finally:
+        if client is not None:
+            await client.aclose()
+        for d in daemons:
+            d.terminate()
+        for d in daemons:
+            d.wait(30)
+        server.process.terminate()
+        server.process.wait(10)
+    log = "\n".join(p.read_text() for p in tmp_path.glob("daemon-*.log"))
+    assert log.count("redis unavailable") >= 2 and "Traceback" not in log
+
+
+# -- three replicas, one killed -9 mid-replay and restarted ------------------------------------
+
+
+@pytest.mark.slow
+async def test_three_replicas_one_killed_mid_sp500_replay_exactly_once(
+    redis_server, redis_client, tmp_path, shared_data
+):
+    keys = Keys("three")
+    series = load_series(shared_data / "sp500.csv")[:600]
+    names = [f"SPX.{i}" for i in range(12)]
+    paths = fan_out(series, len(names))
+    ports = [free_port() for _ in range(3)]
+
+    def start(i: int) -> subprocess.Popen:
+        return spawn_daemon(
+            redis_server.url,
+            "three",
+            ports[i],
+            tmp_path,
+            STREAMCAST_SHARD_INDEX=str(i),
+            STREAMCAST_SHARD_COUNT="3",
+        )
+
+    daemons = [start(i) for i in range(3)]
+    try:
+        for i in range(3):
+            await wait_ready(ports[i], daemons[i])
+        producer = asyncio.create_task(replay(redis_client, keys, paths, names, rate=1200))
+        await wait_total(redis_client, keys, names, 1500)
+        daemons[1].send_signal(signal.SIGKILL)
+        daemons[1].wait(10)
+        total = 12 * (600 - 49)
+        assert await total_forecasts(redis_client, keys, names) < total
+        await producer
+        daemons[1] = start(1)
+        await wait_total(redis_client, keys, names, total, timeout_s=180)
+        await asyncio.sleep(1.0)
+        await check_exactly_once(redis_client, keys, names)
+    finally:
+        for d in daemons:
+            d.kill()
+            d.wait(10)
+
+
+# -- 10,000 malformed entries interleaved with valid ticks ----------------------------------------
+
+
+def malformed(rng: np.random.Generator, n: int) -> list[tuple[dict, str]]:
+    """Entries bad by construction, each with the dead-letter reason it must get."""
+    kinds = [
+        (lambda: {"price": "1.0"}, "missing_symbol"),
+        (lambda: {"symbol": rng.choice(["a b", "x/y", "é", ""]), "price": "1"}, "bad_symbol"),
+        (lambda: {"symbol": "Z"}, "missing_price"),
+        (lambda: {"symbol": "Z", "price": rng.choice(["abc", "1,5", "", "0x1p"])}, "bad_price"),
+        (lambda: {"symbol": "Z", "price": rng.choice(["nan", "inf", "-inf"])}, "non_finite_price"),
+        (lambda: {"symbol": "Z", "price": rng.choice(["0", "-1.5"])}, "non_positive_price"),
+        (lambda: {"symbol": "Z", "price": "1", "ts": rng.choice(["soon", "1.5e"])}, "bad_ts"),
+        (lambda: {"symbol": "Z", "price": "9" * int(rng.integers(70, 300))}, "oversized"),
+        (lambda: {"symbol": bytes(rng.integers(128, 256, 8).astype(np.uint8)), "price": "1"},
+         "bad_encoding"),
+    ]  # fmt: skip
+    out = []
+    for _ in range(n):
+        make, reason = kinds[int(rng.integers(len(kinds)))]
+        out.append((make(), reason))
+    return out
+
+
+@pytest.mark.slow
+async def test_ten_thousand_malformed_entries_interleaved_with_valid_ticks(redis_client):
+    from streamcast import Forecaster
+
+    keys = Keys("fuzz")
+    rng = np.random.default_rng(6)
+    bad = malformed(rng, 10_000)
+    prices = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, (4, 300)), axis=1))
+    valid_at = sorted(rng.choice(10_000 + 1200, size=1200, replace=False))
+    valid_iter = ((f"V{k % 4}", float(prices[k % 4, k // 4])) for k in range(1200))
+    expected_reasons = []
+    pipe = redis_client.pipeline(transaction=False)
+    v = 0
+    b = 0
+    for position in range(10_000 + 1200):
+        if v < len(valid_at) and position == valid_at[v]:
+            symbol, price = next(valid_iter)
+            pipe.xadd(keys.ticks, encode_tick(symbol, price))
+            v += 1
+        else:
+            fields, reason = bad[b]
+            pipe.xadd(keys.ticks, fields)
+            expected_reasons.append(reason)
+            b += 1
+    await pipe.execute()
+    metrics = Metrics(CollectorRegistry())
+    with Forecaster.load() as engine:
+        daemon = Daemon(
+            redis_client, engine, metrics, keys=keys, config=DaemonConfig(batch_max_size=512)
+        )
+        async with daemon:
+            deadline = time.monotonic() + 180
+            while await redis_client.xlen(keys.dead) < 10_000 or await total_forecasts(
+                redis_client, keys, [f"V{i}" for i in range(4)]
+            ) < 4 * (300 - 49):
+                assert daemon._tasks[0].done() is False, "the consume loop ended"
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+    letters = await redis_client.xrange(keys.dead, count=20_000)
+    assert [f[b"reason"].decode() for _, f in letters] == expected_reasons
+    await check_exactly_once(redis_client, keys, [f"V{i}" for i in range(4)])
+
+
+# -- access: TLS and passwords --------------------------------------------------------------------
+
+
+def make_certificates(directory: Path) -> None:
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.crt", "-days", "2", "-subj", "/CN=streamcast-test-ca")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext")  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_tls_and_password_daemon_replay_and_watch_work_and_refuse_clearly(tmp_path):
+    make_certificates(tmp_path)
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no",
+         "--requirepass", "tls-s3cret", "--save", "", "--dir", str(tmp_path)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ca = tmp_path / "ca.crt"
+    url = f"rediss://:tls-s3cret@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    http_port = free_port()
+    daemon = None
+    try:
+        client = make_redis(url)
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except (redis_errors.ConnectionError, OSError):
+                await asyncio.sleep(0.1)
+        await client.aclose()
+        daemon = spawn_daemon(url, "tls", http_port, tmp_path)
+        await wait_ready(http_port, daemon)
+        env = {**os.environ, "STREAMCAST_REDIS_URL": url, "STREAMCAST_KEY_PREFIX": "tls"}
+        cli = [sys.executable, "-m", "streamcast.cli"]
+        replayed = subprocess.run(
+            [*cli, "replay", "--symbols", "2", "--points", "80", "--as-fast-as-possible"],
+            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+        assert replayed.returncode == 0 and "replayed 160 ticks" in replayed.stdout, replayed.stderr
+        watched = subprocess.run(
+            [*cli, "watch", "SYN.0", "--from-start", "--limit", "3"],
+            env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+        assert watched.returncode == 0 and len(watched.stdout.splitlines()) == 3, watched.stderr
+        metrics = http_get(http_port, "/metrics")[1]
+        for wrong, needle in (
+            (url.replace("tls-s3cret", "wrong-pw"), "refused the credentials"),
+            (f"rediss://:tls-s3cret@127.0.0.1:{port}/0", "certificate verify failed"),
+            (f"redis://:tls-s3cret@127.0.0.1:{port}/0", "cannot reach redis"),
+        ):
+            out = subprocess.run(
+                [*cli, "replay", "--symbols", "1", "--points", "5"],
+                env={**env, "STREAMCAST_REDIS_URL": wrong, "STREAMCAST_REDIS_TIMEOUT_S": "2"},
+                capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            )  # fmt: skip
+            assert out.returncode == 2 and needle in out.stderr, out.stderr
+            assert "s3cret" not in out.stderr + out.stdout and "wrong-pw" not in out.stderr
+            assert "Traceback" not in out.stderr
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(30)
+        server.terminate()
+        server.wait(10)
+    log = "\n".join(p.read_text() for p in tmp_path.glob("daemon-*.log"))
+    assert "rediss://:***@127.0.0.1" in log
+    assert "tls-s3cret" not in log and "tls-s3cret" not in metrics
+
+
+async def test_http_binds_only_the_configured_address():
+    import socket
+
+    from streamcast.http import HttpServer
+
+    server = HttpServer(
+        CollectorRegistry(), host="127.0.0.1", port=0, ready=lambda: True, heartbeat=time.monotonic
+    )
+    async with server:
+        site = next(iter(server._runner.sites))  # type: ignore[union-attr]
+        sockets = site._server.sockets
+        assert {s.getsockname()[0] for s in sockets} == {"127.0.0.1"}
+        other = socket.gethostbyname(socket.gethostname())
+        if other != "127.0.0.1" and not other.startswith("127."):
+            with pytest.raises(OSError):
+                socket.create_connection((other, server.port), timeout=1).close()
