@@ -143,6 +143,19 @@ def test_load_refuses_truncated_file_with_matching_hash(tmp_path, tiny_model):
         (None, "sidecar missing"),
         ("{not json", "not valid JSON"),
         ('{"version": "x"}', "sidecar lacks"),
+        (
+            '{"version": "x", "created": "c", "seq_len": "fifty", "normalise": true, "sha256": "0"}',
+            "seq_len must be a positive integer",
+        ),
+        (
+            '{"version": "x", "created": "c", "seq_len": 50, "normalise": "yes", "sha256": "0"}',
+            "normalise must be true or false",
+        ),
+        (
+            '{"version": "x", "created": "c", "seq_len": 50, "normalise": true, "sha256": "0", '
+            '"residual": 1}',
+            "residual must be true or false",
+        ),
     ],
 )
 def test_load_refuses_bad_sidecars(tmp_path, tiny_model, sidecar, message):
