@@ -67,6 +67,18 @@ def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+def spawn_serve(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`streamcast serve` as its own process, its output in ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamcast.cli", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+
 def prices(symbols: int, points: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     start = rng.uniform(20, 500, size=(symbols, 1))
@@ -206,14 +218,7 @@ async def run_daemon(
         key, _, value = item.partition("=")
         env[key] = value
     log_path = Path(tmp) / f"daemon-{prefix}.log"
-    with open(log_path, "w") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "streamcast.cli", "serve"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
+    daemon = spawn_serve(env, log_path)
     try:
         await wait_ready(http_port, daemon)
         start_ms = int(time.time() * 1000)

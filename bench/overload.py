@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -118,14 +117,7 @@ async def main() -> None:
             "STREAMCAST_MODEL_CACHE_DIR": str(Path(tmp) / "cache"),
             "STREAMCAST_RETRAIN_INTERVAL_S": "0",
         }
-        with open(Path(tmp) / "daemon.log", "w") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "streamcast.cli", "serve"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
+        daemon = bench.spawn_serve(env, Path(tmp) / "daemon.log")
         try:
             await bench.wait_ready(http_port, daemon)
             idle_rss = rss_mb(daemon.pid)
