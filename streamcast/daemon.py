@@ -163,6 +163,7 @@ class Daemon:
         self._next_engine: Engine | None = None
         self._refused: str | None = None  # a version that failed to load: not retried
         self._ticks_since_retrain = 0
+        self._read_at = 0.0
         self.skill = SkillTracker(
             metrics,
             horizons=self.config.skill_horizons,
@@ -358,6 +359,7 @@ class Daemon:
                 self.group, cfg.consumer, {self.keys.ticks: "0"}, count=cfg.batch_max_size
             )
             entries = parse_stream_reply(reply)
+            self._read_at = self.clock()
             if entries:
                 return entries
             self._read_pending = False
@@ -369,6 +371,7 @@ class Daemon:
             block=cfg.read_block_ms if block else None,
         )
         entries = parse_stream_reply(reply)
+        self._read_at = self.clock()  # a batch's wait (the fill below, prepare) counts from here
         if block and entries and len(entries) < cfg.batch_max_size and cfg.batch_max_wait_ms > 0:
             # flush on size or deadline: give a small batch a moment to fill
             await asyncio.sleep(cfg.batch_max_wait_ms / 1000)
@@ -385,7 +388,7 @@ class Daemon:
         """Validate entries, push prices into windows, and choose which windows get a path."""
         cfg = self.config
         positive = self.engine.normalise
-        batch = Batch(read_at=self.clock())
+        batch = Batch(read_at=self._read_at or self.clock())
         ingest = self.metrics.stage_seconds.labels("ingest")
         for _, entry_id, fields in entries:
             batch.ack_ids.append(entry_id)

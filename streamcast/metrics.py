@@ -166,8 +166,9 @@ class Metrics:
         # -- per-stage latency ----------------------------------------------------------------
         self.stage_seconds = Histogram(
             "streamcast_stage_seconds",
-            "Time per stage: ingest (tick in Redis to read), wait (read to compute start, per "
-            "batch), compute (per batch), publish (compute end to written, per batch)",
+            "Time per stage: ingest (tick in Redis until its batch's first read), wait (first "
+            "read until compute starts: the batch fill wait and validation, per batch), compute "
+            "(per batch), publish (compute end until written, per batch)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=registry,

@@ -113,10 +113,16 @@ async def test_redis_unreachable_at_start_then_served_once_it_comes(tmp_path):
 # -- Redis restarts (append-only file on) mid-replay ---------------------------------------------
 
 
-async def feed_through_outages(url: str, keys: Keys, paths: np.ndarray, names, rate: float) -> int:
-    """XADD ticks at ``rate``, retrying each one until Redis takes it; returns ticks added."""
+async def feed_through_outages(
+    url: str, keys: Keys, paths: np.ndarray, names, rate: float
+) -> tuple[int, int]:
+    """XADD ticks at ``rate``, retrying each one until Redis takes it.
+
+    Returns (ticks, retries). A retry after a lost reply may add a tick twice (Redis had written
+    it): the feed is at-least-once, like any producer that retries.
+    """
     client = make_redis(url, timeout_s=1.0)
-    sent = 0
+    sent = retries = 0
     try:
         for t in range(paths.shape[1]):
             for s, name in enumerate(names):
@@ -125,12 +131,13 @@ async def feed_through_outages(url: str, keys: Keys, paths: np.ndarray, names, r
                         await client.xadd(keys.ticks, encode_tick(name, float(paths[s, t])))
                         break
                     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+                        retries += 1
                         await asyncio.sleep(0.2)
                 sent += 1
             await asyncio.sleep(len(names) / rate)
     finally:
         await client.aclose()
-    return sent
+    return sent, retries
 
 
 @pytest.mark.slow
@@ -172,11 +179,12 @@ async def test_redis_restart_with_aof_mid_replay_loses_nothing_it_kept(tmp_path)
         server = start_redis_server(tmp_path, *aof, port=port)
         for i, d in enumerate(daemons):
             await wait_ready(http_ports[i], d, timeout_s=60)
-        sent = await producer
+        sent, retries = await producer
         client = make_redis(url)
         kept = await client.xlen(keys.ticks)
-        assert kept == sent, "appendfsync always: Redis kept every acknowledged tick"
-        await wait_total(client, keys, names, 6 * (300 - 49), timeout_s=120)
+        # appendfsync always: every acknowledged tick survived; a retried one may be there twice
+        assert sent <= kept <= sent + retries
+        await wait_total(client, keys, names, kept - 6 * 49, timeout_s=120)
         await asyncio.sleep(1.0)
         await check_exactly_once(client, keys, names)
         assert all(d.poll() is None for d in daemons), "a replica exited"
