@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +96,9 @@ class RetrainResult:
     naive_mse: float | None = None
     windows: int = 0
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def event(self) -> dict[str, Any]:
         out = asdict(self)
-        out.pop("extra")
         out["event"] = "retrain"
         return out
 
@@ -151,7 +149,6 @@ class Retrainer:
         self.metrics = metrics
         self.initial_model = initial_model
         self.command = list(command) if command is not None else worker_command()
-        self.running = False
 
     async def run_once(self) -> RetrainResult:
         started = time.monotonic()
@@ -169,7 +166,6 @@ class Retrainer:
             self._count(result)
             log.warning("retrain failed: %s", result.reason)
             return result
-        self.running = True
         try:
             result = await self._run(lock)
         except REDIS_DOWN as exc:
@@ -184,7 +180,6 @@ class Retrainer:
             log.exception("retrain failed")
             result = RetrainResult("failed", f"{type(exc).__name__}: {exc}")
         finally:
-            self.running = False
             with contextlib.suppress(*REDIS_DOWN, redis_errors.RedisError):
                 await lock.release()
         result.seconds = time.monotonic() - started
