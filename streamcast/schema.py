@@ -18,6 +18,9 @@ MAX_PRICE_CHARS = 64
 MAX_TS_CHARS = 20
 MAX_FIELD_BYTES = 4096  # any field, known or not: larger entries are refused whole
 MAX_FIELDS = 64
+# a price is plain ASCII decimal text: optional minus, digits with an optional fraction, optional
+# exponent. No spaces, no "+", no "_" separators, no other scripts' digits (float() takes them all)
+PRICE_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
 REASONS = (
     "missing_symbol",
@@ -26,6 +29,7 @@ REASONS = (
     "bad_price",
     "non_finite_price",
     "non_positive_price",
+    "price_out_of_range",
     "bad_ts",
     "oversized",
     "bad_encoding",
@@ -40,6 +44,26 @@ class TickError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class TickLimits:
+    """What the edge accepts beyond the syntax: a sane price range and event times near arrival.
+
+    ``price_min`` applies to normalised models (which divide by a window's first price: a price
+    of 1e-320 overflows the division); other models accept prices down to ``-price_max``.
+    ``ts_max_ahead_ms``: how far an event time may be ahead of the entry id's time (the tick's
+    arrival in Redis). Further ahead is a clock or unit error (seconds, microseconds), which
+    would otherwise make every later tick of the symbol look out of order.
+    """
+
+    price_min: float = 1e-6
+    price_max: float = 1e9
+    ts_max_ahead_ms: int = 300_000
+    positive: bool = True  # a normalised model: prices must be > 0
+
+
+DEFAULT_LIMITS = TickLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +86,18 @@ def _text(fields: Mapping[Any, Any], name: str) -> str | None:
     return str(raw)
 
 
-def decode_tick(entry_id: str, fields: Mapping[Any, Any], *, positive: bool = True) -> Tick:
+def decode_tick(
+    entry_id: str,
+    fields: Mapping[Any, Any],
+    *,
+    positive: bool | None = None,
+    limits: TickLimits = DEFAULT_LIMITS,
+) -> Tick:
     """Validate one stream entry's fields (bytes or str keys) into a :class:`Tick`.
 
-    ``positive`` refuses prices <= 0 (a normalised model divides by the window's first price).
-    Unknown fields are ignored, as the contract says, unless the entry is oversized.
+    ``positive`` (default: ``limits.positive``) refuses prices <= 0 (a normalised model divides
+    by the window's first price). Unknown fields are ignored, as the contract says, unless the
+    entry is oversized.
     """
     if len(fields) > MAX_FIELDS:
         raise TickError("oversized", f"{len(fields)} fields, at most {MAX_FIELDS}")
@@ -80,25 +111,68 @@ def decode_tick(entry_id: str, fields: Mapping[Any, Any], *, positive: bool = Tr
     if not SYMBOL_RE.fullmatch(symbol):
         raise TickError("bad_symbol", f"{symbol[:80]!r} is not 1-64 of A-Z a-z 0-9 . _ : -")
     price_text = _text(fields, "price")
-    if price_text is None or price_text.strip() == "":
+    if price_text is None or price_text == "":
         raise TickError("missing_price", "no price field")
-    if len(price_text) > MAX_PRICE_CHARS:
-        raise TickError("oversized", f"price of {len(price_text)} characters")
-    try:
-        price = float(price_text)
-    except ValueError:
-        raise TickError("bad_price", f"{price_text[:40]!r} is not a decimal number") from None
-    if not math.isfinite(price):
-        raise TickError("non_finite_price", f"{price_text!r} is not finite")
-    if positive and price <= 0:
-        raise TickError("non_positive_price", f"{price_text!r} <= 0 for a normalised model")
+    price = parse_price(
+        price_text, positive=limits.positive if positive is None else positive, limits=limits
+    )
     ts_text = _text(fields, "ts")
     ts: int | None = None
     if ts_text is not None and ts_text != "":
         if len(ts_text) > MAX_TS_CHARS or not ts_text.isascii() or not ts_text.isdigit():
             raise TickError("bad_ts", f"{ts_text[:40]!r} is not epoch milliseconds")
         ts = int(ts_text)
+        arrived_ms = id_key(entry_id)[0]
+        if ts - arrived_ms > limits.ts_max_ahead_ms:
+            raise TickError(
+                "bad_ts",
+                f"ts {ts} is {(ts - arrived_ms) / 1000:.0f} s ahead of its arrival "
+                f"(at most {limits.ts_max_ahead_ms / 1000:.0f} s): not epoch milliseconds?",
+            )
     return Tick(id=entry_id, symbol=symbol, price=price, ts=ts)
+
+
+def parse_price(
+    text: str, *, positive: bool | None = None, limits: TickLimits = DEFAULT_LIMITS
+) -> float:
+    """A price from its text, by the wire contract's rules; raise :class:`TickError` if it breaks them.
+
+    The one check for every way a price comes in: live ticks and history imports alike.
+    """
+    if len(text) > MAX_PRICE_CHARS:
+        raise TickError("oversized", f"price of {len(text)} characters")
+    if not PRICE_RE.fullmatch(text):
+        if text.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
+            raise TickError("non_finite_price", f"{text!r} is not finite")
+        raise TickError("bad_price", f"{text[:40]!r} is not a decimal number")
+    price = float(text)
+    if not math.isfinite(price):
+        raise TickError("non_finite_price", f"{text!r} is not finite")
+    return check_price(price, text, positive=positive, limits=limits)
+
+
+def check_price(
+    price: float,
+    shown: str | None = None,
+    *,
+    positive: bool | None = None,
+    limits: TickLimits = DEFAULT_LIMITS,
+) -> float:
+    """Refuse a price outside the configured range (and <= 0 for a normalised model)."""
+    shown = repr(price) if shown is None else repr(shown)
+    if positive is None:
+        positive = limits.positive
+    if not math.isfinite(price):
+        raise TickError("non_finite_price", f"{shown} is not finite")
+    if positive and price <= 0:
+        raise TickError("non_positive_price", f"{shown} <= 0 for a normalised model")
+    low = limits.price_min if positive else -limits.price_max
+    if not low <= price <= limits.price_max:
+        raise TickError(
+            "price_out_of_range",
+            f"{shown} is outside [{low:g}, {limits.price_max:g}] (STREAMCAST_PRICE_MIN/_MAX)",
+        )
+    return price
 
 
 def encode_tick(symbol: str, price: float, ts: int | None = None) -> dict[str, str]:

@@ -21,9 +21,10 @@ from streamcast.schema import (
 
 def test_valid_tick_from_bytes_fields():
     tick = decode_tick(
-        "5-1", {b"symbol": b"AAPL", b"price": b"101.25", b"ts": b"1700000000000", b"x": b"y"}
+        "1700000000000-1",
+        {b"symbol": b"AAPL", b"price": b"101.25", b"ts": b"1700000000000", b"x": b"y"},
     )
-    assert tick == Tick(id="5-1", symbol="AAPL", price=101.25, ts=1700000000000)
+    assert tick == Tick(id="1700000000000-1", symbol="AAPL", price=101.25, ts=1700000000000)
 
 
 def test_valid_tick_without_ts_from_str_fields():
