@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,11 +38,16 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from streamcast.keys import Keys, shard_of
+from streamcast.lease import Lease
 from streamcast.metrics import Metrics
 from streamcast.schema import (
+    SYMBOL_RE,
     Tick,
     TickError,
+    TickLimits,
+    check_price,
     decode_tick,
+    encode_dead_letter,
     encode_forecast,
     id_key,
     parse_stream_reply,
@@ -57,6 +62,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+class GroupLost(Exception):
+    """The consumer group (or the whole ticks stream) is gone: recreate it and go on."""
+
+
+class LeaseLost(Exception):
+    """Another process holds this shard now: publish nothing more, stand by."""
+
+
+class RateLimitedLog:
+    """At most one line per key every ``every_s``, saying how many were folded into it."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._folded: dict[str, int] = {}
+
+    def __call__(self, level: int, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.every_s:
+            self._folded[key] = self._folded.get(key, 0) + 1
+            return
+        folded = self._folded.pop(key, 0)
+        self._last[key] = now
+        suffix = f" (and {folded} more like it since the last such line)" if folded else ""
+        self.logger.log(level, msg + suffix, *args)
 
 
 class Engine(Protocol):
@@ -91,6 +124,12 @@ class DaemonConfig:
     skill_horizons: tuple[int, ...] = (1, 10, 50)
     skill_window: int = 2000  # scored forecasts per (horizon, version) in the rolling scores
     skill_symbols: tuple[str, ...] = ()  # symbols that get a labelled skill series of their own
+    limits: TickLimits = field(default_factory=TickLimits)  # the edge: price range, ts ahead
+    read_max_bytes: int = 16 * 1024 * 1024  # about the most one read pulls in
+    lease_ttl_s: float = 10.0  # one live consumer per group; a dead one's lease lapses after this
+    ticks_trim_interval_s: float = 10.0  # trim what every group has acknowledged (0: never)
+    symbols_max: int = 100_000  # windows kept; the least recently ticked go first
+    symbol_idle_s: float = 86_400.0  # forget a symbol after this long without a tick (0: never)
 
 
 @dataclass
@@ -103,6 +142,7 @@ class Batch:
     ready: list[Tick] = field(default_factory=list)  # with a full window: forecast
     windows: list[np.ndarray] = field(default_factory=list)  # one per ready tick
     due: list[int] = field(default_factory=list)  # indices into ready that get a path
+    failed: dict[int, str] = field(default_factory=dict)  # ready index -> why no forecast
     next_prices: np.ndarray = field(default_factory=lambda: np.empty(0))
     paths: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     version: str = ""  # of the model that computed the forecasts
@@ -136,6 +176,7 @@ class Daemon:
         loader: Callable[[Path], Engine] | None = None,
         initial_model: Path | None = None,
         retrainer: Retrainer | None = None,
+        refused: str | None = None,
     ) -> None:
         self.redis = redis
         self.engine = engine
@@ -144,16 +185,29 @@ class Daemon:
         self.config = config or DaemonConfig()
         self.clock = clock
         self.group = self.keys.group(self.config.shard_index, self.config.shard_count)
+        self.lease = Lease(
+            redis,
+            self.keys.lease(self.group),
+            self.config.consumer,
+            int(self.config.lease_ttl_s * 1000),
+        )
         self.windows = Windows(engine.seq_len)
         self.stats = Stats()
         self.last_path: dict[str, float] = {}
         self.redis_ok = False
+        self.standby = False  # another live process consumes this shard; we wait to take over
         self.heartbeat = 0.0
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._read_pending = True
         self._started = False
+        self._lease_held = False
+        self._lease_lost = False
+        self._acked_high: tuple[int, int] = (0, 0)  # the newest id this process acknowledged
+        self._read_count = min(self.config.batch_max_size, 64)  # grows while entries are small
+        self._say = RateLimitedLog(log)
+        self._pending_letters: Any = None  # dead letters for forecasts Redis refused to take
         # the model lifecycle: a registry to watch, how to load a version, what to retrain
         self.registry = registry
         self.loader = loader
@@ -161,9 +215,10 @@ class Daemon:
         self.retrainer = retrainer
         self.promoted_at: float | None = None
         self._next_engine: Engine | None = None
-        self._refused: str | None = None  # a version that failed to load: not retried
+        self._refused = refused  # a version that failed to load: not retried
         self._ticks_since_retrain = 0
         self._read_at = 0.0
+        self.limits = replace(self.config.limits, positive=engine.normalise)
         self.skill = SkillTracker(
             metrics,
             horizons=self.config.skill_horizons,
@@ -182,6 +237,7 @@ class Daemon:
         self._tasks = [
             asyncio.create_task(self._consume_forever(), name="consume"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._keep_lease(), name="lease"),
         ]
         if self.registry is not None and self.loader is not None:
             self._tasks.append(asyncio.create_task(self._watch_models(), name="models"))
@@ -209,6 +265,11 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        if self._lease_held:
+            # a standby takes over at once instead of after the lease's time to live
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.lease.release(), 2.0)
+            self._lease_held = False
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -239,51 +300,169 @@ class Daemon:
 
     @property
     def ready(self) -> bool:
-        return self.redis_ok and self._started and not self._stopping.is_set()
+        return self.redis_ok and self._started and not self.standby and not self._stopping.is_set()
 
     # -- setup -----------------------------------------------------------------------------
 
-    async def _setup(self) -> None:
+    async def _setup(self) -> bool:
+        """Hold the shard's lease (standing by while another process does), make sure the group
+        exists, take over what earlier consumers left pending; False if stopped meanwhile."""
+        if not await self._hold_lease():
+            return False
+        self._lease_lost = False
+        start = await self._group_start()
         try:
-            await self.redis.xgroup_create(self.keys.ticks, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, self.keys.ticks)
+            await self.redis.xgroup_create(self.keys.ticks, self.group, id=start, mkstream=True)
+            if start == "0":
+                log.info("created consumer group %s on %s", self.group, self.keys.ticks)
+            else:
+                # destroyed (XGROUP DESTROY, DEL of the stream, FLUSHDB): resume after what was
+                # acknowledged, so nothing is read twice and nothing unacknowledged is skipped
+                self.metrics.recoveries.labels("group_recreated").inc()
+                log.warning(
+                    "consumer group %s on %s was gone: recreated it after %s, the newest tick "
+                    "it had acknowledged",
+                    self.group,
+                    self.keys.ticks,
+                    start,
+                )
         except redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await self._restore_windows()
-        self._read_pending = True
-
-    async def _restore_windows(self) -> None:
-        """Refill every owned symbol's window from its history, so a restart forecasts at once.
-
-        History is written in the same transaction as the forecasts, so it is exactly what was
-        processed: after a failed batch the windows are rebuilt from it, never trusted.
-        """
+        await self._take_over_pending()
+        # windows are rebuilt from history as their symbols' ticks arrive (_restore_new): after
+        # a failed batch they are never trusted
         self.windows = Windows(self.engine.seq_len)
-        members = await self.redis.smembers(self.keys.symbols)
-        symbols = sorted(
-            s
-            for s in (m.decode() if isinstance(m, bytes) else str(m) for m in members)
-            if shard_of(s, self.config.shard_count) == self.config.shard_index
-        )
+        self.last_path.clear()
+        self._read_pending = True
+        return True
+
+    async def _group_start(self) -> str:
+        """Where a (re)created group starts: after the newest acknowledged tick, else at 0."""
+        stored = await self.redis.get(self.keys.acked(self.group))
+        high = self._acked_high
+        if stored:
+            with contextlib.suppress(ValueError):
+                high = max(high, id_key(stored.decode() if isinstance(stored, bytes) else stored))
+        return "0" if high == (0, 0) else f"{high[0]}-{high[1]}"
+
+    async def _hold_lease(self) -> bool:
+        """Acquire the shard's lease, waiting as a standby while another live process holds it."""
+        last_said = -1e9
+        while not self._stopping.is_set():
+            if await self.lease.acquire():
+                self._lease_held = True
+                if self.standby:
+                    log.warning("took over %s: this replica consumes it now", self.group)
+                self.standby = False
+                self.metrics.standby.set(0)
+                return True
+            self._lease_held = False
+            holder = await self.lease.holder()
+            if time.monotonic() - last_said >= 60.0:
+                last_said = time.monotonic()
+                log.warning(
+                    "another process (%s) consumes %s with these settings: standing by, not "
+                    "ready; this one takes over within %.0f s of that one stopping or dying",
+                    holder,
+                    self.group,
+                    self.config.lease_ttl_s,
+                )
+            self.standby = True
+            self.metrics.standby.set(1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.config.lease_ttl_s / 3)
+        return False
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease well inside its time to live; losing it stops publishing at once."""
+        while True:
+            await asyncio.sleep(self.config.lease_ttl_s / 3)
+            if not self._lease_held:
+                continue
+            try:
+                kept = await self.lease.renew()
+            except (*REDIS_DOWN, redis_errors.RedisError):
+                continue  # the consume loop sees the outage too; it rebuilds and re-acquires
+            if not kept:
+                self._lease_held = False
+                self._lease_lost = True
+                self.metrics.recoveries.labels("lease_lost").inc()
+                log.error(
+                    "lost the lease of %s (held by %s now, or it lapsed while this process "
+                    "stalled): publishing nothing more until it is held again",
+                    self.group,
+                    await self.lease.holder(),
+                )
+
+    async def _take_over_pending(self) -> None:
+        """Claim, in id order, every entry earlier consumers of the group left unacknowledged,
+        then drop those consumers; we hold the lease, so none of them is alive."""
+        claimed = await self._claim(min_idle_ms=0)
+        for info in await self.redis.xinfo_consumers(self.keys.ticks, self.group):
+            name = _str(info.get("name", b""))
+            if name != self.config.consumer and not int(info.get("pending", 0) or 0):
+                await self.redis.xgroup_delconsumer(self.keys.ticks, self.group, name)
+        if claimed:
+            log.info(
+                "took over %d entries earlier consumers of %s left pending", claimed, self.group
+            )
+
+    async def _restore_new(self, entries: list[tuple[str, str, dict[Any, Any]]]) -> None:
+        """Rebuild from history the window of each symbol in ``entries`` not yet held."""
+        cfg = self.config
+        symbols = set()
+        for _, _, fields in entries:
+            raw = fields.get(b"symbol")
+            if isinstance(raw, bytes) and len(raw) <= 64:
+                symbol = raw.decode("utf-8", "replace")
+                if (
+                    symbol not in self.windows
+                    and SYMBOL_RE.fullmatch(symbol)
+                    and shard_of(symbol, cfg.shard_count) == cfg.shard_index
+                ):
+                    symbols.add(symbol)
+        if not symbols:
+            return
         seq_len = self.windows.seq_len
-        for start in range(0, len(symbols), 200):
-            chunk = symbols[start : start + 200]
+        ordered = sorted(symbols)
+        for start in range(0, len(ordered), 200):
+            chunk = ordered[start : start + 200]
             pipe = self.redis.pipeline(transaction=False)
             for symbol in chunk:
                 pipe.xrevrange(self.keys.history(symbol), count=seq_len)
             replies = await pipe.execute()
-            for symbol, entries in zip(chunk, replies, strict=True):
-                rows = []
-                for entry_id, fields in reversed(entries):
-                    ts = fields.get(b"ts")
-                    rows.append(
-                        (entry_id.decode(), float(fields[b"price"]), int(ts) if ts else None)
-                    )
-                self.windows.restore(symbol, rows)
-        self.metrics.symbols.set(len(self.windows))
-        if symbols:
-            log.info("restored windows of %d symbols from history", len(symbols))
+            now = self.clock()
+            for symbol, history in zip(chunk, replies, strict=True):
+                self.windows.restore(symbol, self._valid_history(symbol, history), now)
+        self._evict()
+
+    def _valid_history(self, symbol: str, entries: Any) -> list[tuple[str, float, int | None]]:
+        """History entries, oldest first, by the edge's rules: an imported or hand-written bad
+        price never reaches a window (it would fail the engine for the whole batch)."""
+        rows: list[tuple[str, float, int | None]] = []
+        bad: list[str] = []
+        for raw_id, fields in reversed(entries):
+            entry_id = _str(raw_id)
+            try:
+                price = check_price(float(fields[b"price"]), limits=self.limits)
+            except (KeyError, ValueError) as exc:
+                bad.append(f"{entry_id}: {exc}")
+                continue
+            ts_raw = fields.get(b"ts")
+            ts = int(ts_raw) if ts_raw and ts_raw.isdigit() else None
+            if ts is not None and ts - id_key(entry_id)[0] > self.limits.ts_max_ahead_ms:
+                ts = None  # a bad event time is not the symbol's clock
+            rows.append((entry_id, price, ts))
+        if bad:
+            self.metrics.history_skipped.inc(len(bad))
+            log.warning(
+                "history of %s: skipped %d entries that break the edge's rules (first: %s)",
+                symbol,
+                len(bad),
+                bad[0],
+            )
+        return rows
 
     # -- the consume loop ------------------------------------------------------------------
 
@@ -311,7 +490,8 @@ class Daemon:
                 if self._next_engine is not None:
                     self._swap()  # between batches: none is being computed
                 if not setup_done:
-                    await self._setup()
+                    if not await self._setup():
+                        return  # stopped while standing by
                     setup_done = True
                     log.info(
                         "consuming %s as %s in group %s",
@@ -327,6 +507,7 @@ class Daemon:
                         batch, pending = pending, None
                         await self._publish(batch)
                     continue
+                await self._restore_new(entries)
                 batch = self._prepare(entries)
                 compute = asyncio.ensure_future(self._compute(batch))
                 try:
@@ -338,13 +519,42 @@ class Daemon:
                     raise
                 await compute
                 pending = batch
-            except REDIS_DOWN as exc:
+            except (GroupLost, LeaseLost) as exc:
+                # unacknowledged batches are read again once the group (or the lease) is back
+                pending = None
+                setup_done = False
+                if isinstance(exc, GroupLost):
+                    log.warning("%s; recreating it", exc)
+                else:
+                    self.standby = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 0.1)
+            except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
                 pending = None  # unacknowledged: it will be read again from the pending list
                 self.redis_ok = False
-                self.metrics.redis_errors.inc()
-                log.warning(
-                    "redis unavailable (%s); retrying in %.1f s", type(exc).__name__, backoff
-                )
+                if isinstance(exc, redis_errors.ResponseError):
+                    reason = _refusal(exc)
+                    if reason == "NOGROUP":
+                        pending, setup_done = None, False
+                        self.redis_ok = True
+                        log.warning(
+                            "consumer group %s on %s is gone (%s); recreating it",
+                            self.group,
+                            self.keys.ticks,
+                            str(exc)[:120],
+                        )
+                        continue
+                    self.metrics.redis_refusals.labels(reason).inc()
+                    log.warning(
+                        "redis refused a command (%s); not ready, retrying in %.1f s",
+                        str(exc)[:160],
+                        backoff,
+                    )
+                else:
+                    self.metrics.redis_errors.inc()
+                    log.warning(
+                        "redis unavailable (%s); retrying in %.1f s", type(exc).__name__, backoff
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -356,9 +566,9 @@ class Daemon:
         cfg = self.config
         if self._read_pending:
             reply = await self.redis.xreadgroup(
-                self.group, cfg.consumer, {self.keys.ticks: "0"}, count=cfg.batch_max_size
+                self.group, cfg.consumer, {self.keys.ticks: "0"}, count=self._read_count
             )
-            entries = parse_stream_reply(reply)
+            entries = self._sized(parse_stream_reply(reply))
             self._read_at = self.clock()
             if entries:
                 return entries
@@ -367,35 +577,49 @@ class Daemon:
             self.group,
             cfg.consumer,
             {self.keys.ticks: ">"},
-            count=cfg.batch_max_size,
+            count=self._read_count,
             block=cfg.read_block_ms if block else None,
         )
-        entries = parse_stream_reply(reply)
+        entries = self._sized(parse_stream_reply(reply))
         self._read_at = self.clock()  # a batch's wait (the fill below, prepare) counts from here
-        if block and entries and len(entries) < cfg.batch_max_size and cfg.batch_max_wait_ms > 0:
+        room = self._read_count - len(entries)
+        if block and entries and room > 0 and cfg.batch_max_wait_ms > 0:
             # flush on size or deadline: give a small batch a moment to fill
             await asyncio.sleep(cfg.batch_max_wait_ms / 1000)
             more = await self.redis.xreadgroup(
-                self.group,
-                cfg.consumer,
-                {self.keys.ticks: ">"},
-                count=cfg.batch_max_size - len(entries),
+                self.group, cfg.consumer, {self.keys.ticks: ">"}, count=room
             )
-            entries += parse_stream_reply(more)
+            entries += self._sized(parse_stream_reply(more))
+        return entries
+
+    def _sized(
+        self, entries: list[tuple[str, str, dict[Any, Any]]]
+    ) -> list[tuple[str, str, dict[Any, Any]]]:
+        """Size the next read so that it pulls in about ``read_max_bytes`` at most: a stream of
+        huge entries is read a few at a time, small ones a full batch at a time."""
+        if entries:
+            size = sum(
+                len(k) + (len(v) if isinstance(v, bytes | str) else 8)
+                for _, _, fields in entries
+                for k, v in fields.items()
+            )
+            per_entry = max(1.0, size / len(entries))
+            fits = max(1, int(self.config.read_max_bytes / per_entry))
+            self._read_count = max(1, min(self.config.batch_max_size, fits, self._read_count * 2))
         return entries
 
     def _prepare(self, entries: list[tuple[str, str, dict[Any, Any]]]) -> Batch:
         """Validate entries, push prices into windows, and choose which windows get a path."""
         cfg = self.config
-        positive = self.engine.normalise
         batch = Batch(read_at=self._read_at or self.clock())
         ingest = self.metrics.stage_seconds.labels("ingest")
+        now = self.clock()
         for _, entry_id, fields in entries:
             batch.ack_ids.append(entry_id)
             if not fields:  # deleted from the stream while pending
                 continue
             try:
-                tick = decode_tick(entry_id, fields, positive=positive)
+                tick = decode_tick(entry_id, fields, limits=self.limits)
             except TickError as exc:
                 batch.dead.append((entry_id, exc.reason, exc.detail, fields))
                 continue
@@ -405,13 +629,21 @@ class Daemon:
             if self.windows.seen(tick.symbol, entry_id):
                 self.stats.duplicates += 1
                 self.metrics.ticks.labels("duplicate").inc()
+                self._say(
+                    logging.INFO,
+                    "duplicate",
+                    "skipped tick %s of %s: its symbol's window already holds it or a later "
+                    "tick (redelivered after a restart or a recovery)",
+                    entry_id,
+                    tick.symbol,
+                )
                 continue
             last_ts = self.windows.get(tick.symbol).last_ts
             if tick.ts is not None and last_ts is not None and tick.ts < last_ts:
                 detail = f"ts {tick.ts} is before the symbol's last {last_ts}"
                 batch.dead.append((entry_id, "out_of_order", detail, fields))
                 continue
-            window = self.windows.push(tick.symbol, entry_id, tick.price, tick.ts)
+            window = self.windows.push(tick.symbol, entry_id, tick.price, tick.ts, now)
             batch.accepted.append(tick)
             ingest.observe(max(0.0, batch.read_at - id_key(entry_id)[0] / 1000))
             if window is not None:
@@ -422,7 +654,6 @@ class Daemon:
 
         # paths: only the newest window of a symbol in the batch (older ones are coalesced into
         # it), for symbols whose path is due, stalest first, at most paths_per_batch_max
-        now = self.clock()
         newest = {tick.symbol: i for i, tick in enumerate(batch.ready)}
         due = [
             i for s, i in newest.items() if now - self.last_path.get(s, 0.0) >= cfg.path_refresh_s
@@ -442,17 +673,28 @@ class Daemon:
         windows = np.stack(batch.windows)
         path_windows = windows[batch.due] if batch.due else None
 
-        def run() -> tuple[np.ndarray, np.ndarray]:
-            nxt = engine.predict_next(windows)
-            paths = engine.rollout(path_windows, steps) if path_windows is not None else None
-            return nxt, paths if paths is not None else np.empty((0, steps))
+        def run() -> tuple[np.ndarray, np.ndarray, dict[int, str], dict[int, str]]:
+            nxt, failed = _rows_apart(engine.predict_next, windows, ())
+            if path_windows is None:
+                return nxt, np.empty((0, steps)), failed, {}
+            paths, path_failed = _rows_apart(
+                lambda w: engine.rollout(w, steps), path_windows, (steps,)
+            )
+            return nxt, paths, failed, path_failed
 
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         batch.version = engine.version
         batch.compute_started = self.clock()
-        batch.next_prices, batch.paths = await loop.run_in_executor(self._executor, run)
+        batch.next_prices, batch.paths, batch.failed, path_failed = await loop.run_in_executor(
+            self._executor, run
+        )
         batch.computed_at = self.clock()
+        for i, why in batch.failed.items():
+            tick = batch.ready[i]
+            batch.dead.append((tick.id, "unforecastable", why, {"symbol": tick.symbol}))
+        for k in path_failed:
+            batch.paths[k] = np.nan  # published without its path, with the reason
         seconds = time.perf_counter() - started
         self.metrics.engine_seconds.observe(seconds)
         self.metrics.stage_seconds.labels("wait").observe(
@@ -463,6 +705,8 @@ class Daemon:
     async def _publish(self, batch: Batch) -> None:
         # forecasts, history, dead letters and the ack land together or not at all, even if
         # we are cancelled mid-way: a crash before EXEC redelivers, never loses
+        if self._lease_lost:
+            raise LeaseLost(f"lost the lease of {self.group}")
         await asyncio.shield(self._write(batch))
         self.metrics.queue_depth.set(0)
         self.metrics.symbols.set(len(self.windows))
@@ -473,58 +717,81 @@ class Daemon:
         version = batch.version or self.engine.version
         path_of = {i: batch.paths[k] for k, i in enumerate(batch.due)}
         pipe = self.redis.pipeline(transaction=True)
+        ops: list[tuple[str, str, str]] = []  # (what, entry id, key) of each queued command
+        withheld = {"next": 0, "path": 0}
         for i, tick in enumerate(batch.ready):
-            path = path_of.get(i)
+            if i in batch.failed:
+                continue  # a dead letter says why
+            nxt, path = float(batch.next_prices[i]), path_of.get(i)
+            reasons = []
+            if not np.isfinite(nxt):
+                withheld["next"] += 1
+                reasons.append("next is not finite")
+            if path is not None and not np.isfinite(path).all():
+                withheld["path"] += 1
+                reasons.append("path is not finite")
             fields: dict[Any, Any] = encode_forecast(
                 tick,
-                float(batch.next_prices[i]),
-                None if path is None else path.tolist(),
+                nxt if np.isfinite(nxt) else None,
+                None if path is None or not np.isfinite(path).all() else path.tolist(),
                 version,
                 now_ms,
+                reason="; ".join(reasons) or None,
             )
-            pipe.xadd(
-                keys.forecasts(tick.symbol),
-                fields,
-                id=tick.id,
-                maxlen=cfg.forecasts_maxlen,
-                approximate=True,
-            )
+            key = keys.forecasts(tick.symbol)
+            pipe.xadd(key, fields, id=tick.id, maxlen=cfg.forecasts_maxlen, approximate=True)
+            ops.append(("forecast", tick.id, key))
         for tick in batch.accepted:
             fields = {"price": repr(tick.price)}
             if tick.ts is not None:
                 fields["ts"] = str(tick.ts)
-            pipe.xadd(
-                keys.history(tick.symbol),
-                fields,
-                id=tick.id,
-                maxlen=cfg.history_maxlen,
-                approximate=True,
-            )
+            key = keys.history(tick.symbol)
+            pipe.xadd(key, fields, id=tick.id, maxlen=cfg.history_maxlen, approximate=True)
+            ops.append(("history", tick.id, key))
         if batch.accepted:
             pipe.sadd(keys.symbols, *{t.symbol for t in batch.accepted})
+            ops.append(("symbols", "", keys.symbols))
         for entry_id, reason, detail, original in batch.dead:
-            letter: dict[Any, Any] = {"reason": reason, "detail": detail, "tick_id": entry_id}
-            for k, v in original.items():
-                letter[b"field:" + (k if isinstance(k, bytes) else str(k).encode())] = v
-            pipe.xadd(keys.dead, letter, maxlen=cfg.dead_maxlen, approximate=True)
+            pipe.xadd(
+                keys.dead,
+                encode_dead_letter(entry_id, reason, detail, original),
+                maxlen=cfg.dead_maxlen,
+                approximate=True,
+            )
+            ops.append(("dead", entry_id, keys.dead))
+        high = max((id_key(i) for i in batch.ack_ids), default=None)
+        if high is not None and high > self._acked_high:
+            pipe.set(keys.acked(self.group), f"{high[0]}-{high[1]}")
+            ops.append(("acked", "", keys.acked(self.group)))
         pipe.xack(keys.ticks, self.group, *batch.ack_ids)
+        ops.append(("ack", "", keys.ticks))
         results = await pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, Exception):
-                if "equal or smaller" in str(result):
-                    continue  # already written before a crash: the id keeps it exactly once
-                raise result
+        group_lost = self._write_errors(ops, results, batch)
+        if high is not None and high > self._acked_high:
+            self._acked_high = high
         # metrics after the write: only what is durable is counted
+        ready = len(batch.ready) - len(batch.failed)
         self.stats.batches += 1
-        self.stats.forecasts += len(batch.ready)
+        self.stats.forecasts += ready
         self.stats.paths += len(batch.due)
         self.stats.dead += len(batch.dead)
         self._ticks_since_retrain += len(batch.accepted)
         self.metrics.batch_size.observe(len(batch.ack_ids))
-        self.metrics.ticks.labels("forecast").inc(len(batch.ready))
+        self.metrics.ticks.labels("forecast").inc(ready)
         self.metrics.ticks.labels("dead").inc(len(batch.dead))
-        self.metrics.forecasts.labels("next").inc(len(batch.ready))
-        self.metrics.forecasts.labels("path").inc(len(batch.due))
+        self.metrics.forecasts.labels("next").inc(ready - withheld["next"])
+        self.metrics.forecasts.labels("path").inc(len(batch.due) - withheld["path"])
+        for kind, n in withheld.items():
+            if n:
+                self.metrics.forecasts_withheld.labels(kind).inc(n)
+                self._say(
+                    logging.WARNING,
+                    f"withheld-{kind}",
+                    "the model's %s was not finite for %d ticks of this batch: published without "
+                    "it, with a reason",
+                    kind,
+                    n,
+                )
         for _, reason, _, _ in batch.dead:
             self.metrics.dead_letters.labels(reason).inc()
         done_ms = int(self.clock() * 1000)
@@ -537,18 +804,91 @@ class Daemon:
                 max(0.0, done_ms / 1000 - batch.computed_at)
             )
         self.skill.record(batch)
+        if group_lost:
+            raise GroupLost(f"consumer group {self.group} vanished while a batch was written")
+
+    def _write_errors(
+        self, ops: list[tuple[str, str, str]], results: list[Any], batch: Batch
+    ) -> bool:
+        """Count and log every command of the transaction that Redis refused; none is skipped
+        silently. A forecast that could not be written becomes a dead letter saying why.
+        Returns whether the consumer group is gone (the ack failed with NOGROUP)."""
+        group_lost = False
+        failed_forecasts: list[tuple[str, str]] = []
+        for (what, entry_id, key), result in zip(ops, results, strict=True):
+            if not isinstance(result, Exception):
+                continue
+            text = str(result)
+            if "NOGROUP" in text:
+                group_lost = True
+                continue
+            reason = "duplicate_id" if "equal or smaller" in text else _refusal(result).lower()
+            self.metrics.write_errors.labels(what, reason).inc()
+            if reason == "duplicate_id":
+                # written before (a redelivery after the history was lost): the id keeps it once
+                self._say(
+                    logging.WARNING,
+                    f"dup-{what}",
+                    "%s %s already in %s: not written twice",
+                    what,
+                    entry_id,
+                    key,
+                )
+                continue
+            self._say(
+                logging.ERROR,
+                f"err-{what}",
+                "writing %s %s to %s failed: %s",
+                what,
+                entry_id,
+                key,
+                text,
+            )
+            if what == "forecast":
+                failed_forecasts.append((entry_id, text))
+        if failed_forecasts:
+            symbol_of = {t.id: t.symbol for t in batch.ready}
+            pipe = self.redis.pipeline(transaction=False)
+            for entry_id, text in failed_forecasts:
+                pipe.xadd(
+                    self.keys.dead,
+                    encode_dead_letter(
+                        entry_id,
+                        "publish_failed",
+                        f"writing its forecast failed: {text[:200]}",
+                        {"symbol": symbol_of.get(entry_id, "")},
+                    ),
+                    maxlen=self.config.dead_maxlen,
+                    approximate=True,
+                )
+            self._pending_letters = pipe
+        return group_lost
 
     # -- background --------------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
-        """Heartbeat, stream lag, path age, and reclaiming entries of dead consumers."""
-        last_claim = 0.0
+        """Heartbeat, stream lag, path age, trimming, forgetting idle symbols, and reclaiming
+        entries of dead consumers."""
+        cfg = self.config
+        last_claim = last_trim = 0.0
         while True:
             self.heartbeat = time.monotonic()
             try:
-                if time.monotonic() - last_claim >= self.config.claim_interval_s and self.redis_ok:
+                if self._pending_letters is not None:
+                    letters, self._pending_letters = self._pending_letters, None
+                    await letters.execute(raise_on_error=False)
+                if time.monotonic() - last_claim >= cfg.claim_interval_s and self.ready:
                     last_claim = time.monotonic()
-                    await self._claim()
+                    if await self._claim(cfg.claim_idle_ms):
+                        log.info("reclaimed entries left pending by another consumer")
+                        self._read_pending = True
+                if (
+                    cfg.ticks_trim_interval_s > 0
+                    and time.monotonic() - last_trim >= cfg.ticks_trim_interval_s
+                    and self.redis_ok
+                ):
+                    last_trim = time.monotonic()
+                    await self._trim_ticks()
                 await self._measure_lag()
             except REDIS_DOWN:
                 pass
@@ -558,15 +898,51 @@ class Daemon:
                 # keep the heartbeat and metrics going, but make the fault visible
                 log.exception("housekeeping failed")
             now = self.clock()
+            self._evict(now)
             self.skill.publish()
             if self.promoted_at is not None:
                 self.metrics.model_age.set(max(0.0, time.time() - self.promoted_at))
-            self.metrics.path_age.set(max((now - t for t in self.last_path.values()), default=0.0))
+            self.metrics.path_age.set(self._path_age(now))
             self.metrics.ready.set(1 if self.ready else 0)
+            self.metrics.symbols.set(len(self.windows))
             await asyncio.sleep(1.0)
 
-    async def _claim(self) -> None:
-        """XAUTOCLAIM entries idle past claim_idle_ms (a consumer that died) into our pending list."""
+    def _path_age(self, now: float) -> float:
+        """Age of the stalest path among symbols that ticked since their path was computed (a
+        symbol that stopped ticking has a path of its newest window: not stale)."""
+        stale = 0.0
+        for symbol, at in self.last_path.items():
+            if self.windows.touched(symbol) > at:
+                stale = max(stale, now - at)
+        return stale
+
+    def _evict(self, now: float | None = None) -> None:
+        """Forget symbols idle past ``symbol_idle_s`` and the least recently ticked beyond
+        ``symbols_max``; a forgotten symbol's window is rebuilt from history at its next tick."""
+        cfg = self.config
+        idle: list[str] = []
+        if now is not None and cfg.symbol_idle_s > 0:
+            idle = self.windows.evict_idle(now - cfg.symbol_idle_s)
+        over = self.windows.evict_over(cfg.symbols_max)
+        for why, symbols in (("idle", idle), ("cap", over)):
+            if not symbols:
+                continue
+            for symbol in symbols:
+                self.last_path.pop(symbol, None)
+            self.skill.forget(symbols)
+            self.metrics.symbols_evicted.labels(why).inc(len(symbols))
+            self._say(
+                logging.INFO,
+                f"evict-{why}",
+                "forgot %d symbols (%s), e.g. %s; their windows come back from history at their "
+                "next tick",
+                len(symbols),
+                "idle" if why == "idle" else f"more than {cfg.symbols_max}",
+                symbols[0],
+            )
+
+    async def _claim(self, min_idle_ms: int) -> int:
+        """XAUTOCLAIM entries idle past ``min_idle_ms`` into our pending list; how many."""
         start = "0-0"
         claimed = 0
         while True:
@@ -574,24 +950,45 @@ class Daemon:
                 self.keys.ticks,
                 self.group,
                 self.config.consumer,
-                self.config.claim_idle_ms,
+                min_idle_ms,
                 start_id=start,
                 count=1000,
             )
             # [next start, claimed entries, deleted ids]; JUSTID would make redis-py drop the cursor
-            start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            start = _str(reply[0])
             claimed += len(reply[1])
             if start == "0-0":
                 break
-        if claimed:
-            log.info("reclaimed %d entries left pending by another consumer", claimed)
-            self._read_pending = True
+        return claimed
+
+    async def _trim_ticks(self) -> None:
+        """Delete the ticks every consumer group of the stream has acknowledged, and only those:
+        the oldest entry still pending in some group, or the first after what some group has
+        read, bounds the trim (XTRIM MINID, approximate: never past that bound)."""
+        keys = self.keys
+        floor: tuple[int, int] | None = None
+        for group in await self.redis.xinfo_groups(keys.ticks):
+            name = _str(group.get("name", b""))
+            last = id_key(_str(group.get("last-delivered-id", b"0-0")))
+            need = (last[0], last[1] + 1)
+            if int(group.get("pending", 0) or 0):
+                summary = await self.redis.xpending(keys.ticks, name)
+                lowest = summary.get("min") if isinstance(summary, dict) else None
+                if lowest:
+                    need = min(need, id_key(_str(lowest)))
+            floor = need if floor is None else min(floor, need)
+        if floor is None or floor <= (0, 1):
+            return
+        trimmed = await self.redis.xtrim(
+            keys.ticks, minid=f"{floor[0]}-{floor[1]}", approximate=True
+        )
+        if trimmed:
+            self.metrics.ticks_trimmed.inc(int(trimmed))
 
     async def _measure_lag(self) -> None:
         groups = await self.redis.xinfo_groups(self.keys.ticks)
         for group in groups:
-            name = group.get("name", b"")
-            if (name.decode() if isinstance(name, bytes) else name) == self.group:
+            if _str(group.get("name", b"")) == self.group:
                 lag = group.get("lag")
                 if lag is not None:
                     self.metrics.stream_lag.set(int(lag))
@@ -753,3 +1150,39 @@ def _close(engine: Any) -> None:
     close = getattr(engine, "close", None)
     if close is not None:
         close()
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _refusal(exc: Exception) -> str:
+    """The error code Redis put first in its reply (OOM, READONLY, NOGROUP, ...), else ERR."""
+    word = str(exc).split(" ", 1)[0]
+    return word if word.isupper() and word.isalpha() and len(word) <= 16 else "ERR"
+
+
+def _rows_apart(
+    compute: Callable[[np.ndarray], np.ndarray], windows: np.ndarray, row_shape: tuple[int, ...]
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Run ``compute`` on the batch; if it raises, row by row, so one symbol's bad window fails
+    only its own forecast (NaN, with the reason by row index), never the batch."""
+    try:
+        return compute(windows), {}
+    except Exception:
+        pass
+    out = np.full((len(windows), *row_shape), np.nan)
+    failed: dict[int, str] = {}
+    for i in range(len(windows)):
+        try:
+            out[i] = np.asarray(compute(windows[i : i + 1]))[0]
+        except Exception as exc:
+            failed[i] = f"{type(exc).__name__}: {exc}"
+    if failed:
+        log.error(
+            "the engine failed on %d of %d windows (first: %s); their ticks are dead letters",
+            len(failed),
+            len(windows),
+            next(iter(failed.values())),
+        )
+    return out, failed

@@ -64,6 +64,14 @@ class Keys:
     def retrain_lock(self) -> str:
         return f"{self.prefix}:retrain:lock"
 
+    def lease(self, group: str) -> str:
+        """Held by the one process consuming ``group`` (streamcast.lease)."""
+        return f"{self.prefix}:lease:{group}"
+
+    def acked(self, group: str) -> str:
+        """The newest tick id ``group`` has acknowledged: where to recreate it if it is lost."""
+        return f"{self.prefix}:acked:{group}"
+
     def group(self, shard_index: int, shard_count: int) -> str:
         """One consumer group per shard: replica i of N reads every tick, keeps its own."""
         return f"{self.prefix}:shard-{shard_index}-of-{shard_count}"

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from streamcast.schema import REASONS
+
+# label values known in advance: each series exists at 0 from the start, so a dashboard panel
+# shows 0 rather than "No data" and increase() sees the first event
+TICK_OUTCOMES = ("forecast", "filling", "dead", "duplicate", "foreign")
+FORECAST_KINDS = ("next", "path")
+STAGES = ("ingest", "wait", "compute", "publish")
+RETRAIN_RESULTS = ("promoted", "rejected", "failed", "skipped")
+LOAD_FAILURES = ("invalid", "mismatch", "error")
+HOLDOUT_MODELS = ("candidate", "current", "naive")
+RECOVERIES = ("group_recreated", "lease_lost", "start_fallback")
+REFUSALS = ("OOM", "READONLY", "MISCONF", "BUSY", "NOSCRIPT", "EXECABORT", "MASTERDOWN", "ERR")
+WRITES = ("forecast", "history", "symbols", "dead", "acked", "ack")
+
 # Tick-to-forecast latency: milliseconds to seconds, finer where the objective (250 ms) lies.
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5,
@@ -179,3 +193,74 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # -- hostile input and operators -------------------------------------------------------
+        self.standby = Gauge(
+            "streamcast_standby",
+            "1 while another live process consumes this shard (same settings): this one waits",
+            registry=registry,
+        )
+        self.recoveries = Counter(
+            "streamcast_recoveries",
+            "Recoveries: group_recreated (the group or stream was deleted), lease_lost (another "
+            "process took this shard), start_fallback (the current model would not load at start)",
+            ["what"],
+            registry=registry,
+        )
+        self.redis_refusals = Counter(
+            "streamcast_redis_refusals",
+            "Commands Redis refused (OOM at maxmemory, READONLY replica, ...): backed off, retried",
+            ["reason"],
+            registry=registry,
+        )
+        self.write_errors = Counter(
+            "streamcast_write_errors",
+            "Commands of the publish transaction Redis refused, by what was written and why "
+            "(duplicate_id: already there)",
+            ["what", "reason"],
+            registry=registry,
+        )
+        self.forecasts_withheld = Counter(
+            "streamcast_forecasts_withheld",
+            "Forecast values not published because the model's output was not finite, by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self.history_skipped = Counter(
+            "streamcast_history_skipped",
+            "History entries breaking the edge's rules, skipped when rebuilding windows",
+            registry=registry,
+        )
+        self.ticks_trimmed = Counter(
+            "streamcast_ticks_trimmed",
+            "Entries trimmed from the ticks stream after every group acknowledged them",
+            registry=registry,
+        )
+        self.symbols_evicted = Counter(
+            "streamcast_symbols_evicted",
+            "Symbols forgotten (idle past STREAMCAST_SYMBOL_IDLE_S, or beyond _SYMBOLS_MAX)",
+            ["why"],
+            registry=registry,
+        )
+        self._zero_known_labels()
+
+    def _zero_known_labels(self) -> None:
+        for counter, values in (
+            (self.ticks, TICK_OUTCOMES),
+            (self.dead_letters, REASONS),
+            (self.forecasts, FORECAST_KINDS),
+            (self.retrains, RETRAIN_RESULTS),
+            (self.model_load_failures, LOAD_FAILURES),
+            (self.recoveries, RECOVERIES),
+            (self.redis_refusals, REFUSALS),
+            (self.forecasts_withheld, FORECAST_KINDS),
+            (self.symbols_evicted, ("idle", "cap")),
+        ):
+            for value in values:
+                counter.labels(value)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for what in WRITES:
+            self.write_errors.labels(what, "duplicate_id")
+        for model in HOLDOUT_MODELS:
+            # no retrain yet: NaN, not a made-up 0
+            self.retrain_holdout_mse.labels(model).set(float("nan"))

@@ -34,7 +34,12 @@ REASONS = (
     "oversized",
     "bad_encoding",
     "out_of_order",
+    "unforecastable",  # the engine failed on the tick's window (the detail says how)
+    "publish_failed",  # Redis refused to store the tick's forecast (the detail says why)
 )
+DEAD_FIELD_BYTES = 256  # an original field's value kept in a dead letter (its size is noted)
+DEAD_NAME_BYTES = 64
+DEAD_FIELDS = 16
 
 
 class TickError(ValueError):
@@ -184,22 +189,60 @@ def encode_tick(symbol: str, price: float, ts: int | None = None) -> dict[str, s
 
 
 def encode_forecast(
-    tick: Tick, next_price: float, path: Sequence[float] | None, model: str, now_ms: int
+    tick: Tick,
+    next_price: float | None,
+    path: Sequence[float] | None,
+    model: str,
+    now_ms: int,
+    *,
+    reason: str | None = None,
 ) -> dict[str, str]:
-    """Fields of one forecast entry (its id is the tick's id, set by the caller)."""
+    """Fields of one forecast entry (its id is the tick's id, set by the caller).
+
+    ``next_price`` None: the model's output was not finite, so the entry has no ``next`` and a
+    ``reason`` saying why (likewise a path that is not finite is left out); a forecast never
+    carries NaN or infinity.
+    """
     fields = {
         "tick_id": tick.id,
         "symbol": tick.symbol,
         "price": repr(tick.price),
-        "next": repr(float(next_price)),
         "model": model,
         "ts": str(now_ms),
     }
+    if next_price is not None and math.isfinite(next_price):
+        fields["next"] = repr(float(next_price))
     if tick.ts is not None:
         fields["tick_ts"] = str(tick.ts)
     if path is not None:
-        fields["path"] = json.dumps([round(float(v), 10) for v in path])
+        fields["path"] = json.dumps([round(float(v), 10) for v in path], allow_nan=False)
+    if reason:
+        fields["reason"] = reason
     return fields
+
+
+def encode_dead_letter(
+    entry_id: str, reason: str, detail: str, original: Mapping[Any, Any]
+) -> dict[Any, Any]:
+    """Fields of one dead letter: the reason, the detail, the tick's id and the original fields,
+    each cut to ``DEAD_FIELD_BYTES`` (its full size in ``size:{name}``), at most ``DEAD_FIELDS`` of
+    them (``fields`` then says how many there were): a hostile entry cannot grow the dead
+    stream by more than a few kilobytes."""
+    letter: dict[Any, Any] = {
+        b"reason": reason.encode(),
+        b"detail": detail.encode("utf-8", "replace")[:512],
+        b"tick_id": entry_id.encode(),
+    }
+    for n, (key, value) in enumerate(original.items()):
+        if n == DEAD_FIELDS:
+            letter[b"fields"] = str(len(original)).encode()
+            break
+        name = (key if isinstance(key, bytes) else str(key).encode())[:DEAD_NAME_BYTES]
+        data = value if isinstance(value, bytes) else str(value).encode()
+        letter[b"field:" + name] = data[:DEAD_FIELD_BYTES]
+        if len(data) > DEAD_FIELD_BYTES:
+            letter[b"size:" + name] = str(len(data)).encode()
+    return letter
 
 
 def decode_forecast(fields: Mapping[Any, Any]) -> dict[str, Any]:

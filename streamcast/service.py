@@ -25,14 +25,20 @@ from redis.backoff import ExponentialBackoff
 from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
+from streamcast.lease import consumer_token
 from streamcast.live import LivePage
 from streamcast.metrics import Metrics
 from streamcast.model import ModelError
 from streamcast.registry import Registry
 from streamcast.retrain import RetrainConfig, Retrainer
+from streamcast.schema import TickLimits
 from streamcast.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class ServeError(RuntimeError):
+    """The daemon cannot start as configured (the text says which setting and why)."""
 
 
 def make_redis(url: str, timeout_s: float = 5.0, **kwargs: Any) -> Redis:
@@ -53,7 +59,8 @@ def daemon_config(settings: Settings) -> DaemonConfig:
     return DaemonConfig(
         shard_index=settings.shard_index,
         shard_count=settings.shard_count,
-        consumer=settings.consumer,
+        # unique per process: two processes with one name would share (and split) its entries
+        consumer=consumer_token(settings.consumer),
         batch_max_size=settings.batch_max_size,
         batch_max_wait_ms=settings.batch_max_wait_ms,
         path_steps=settings.path_steps,
@@ -70,6 +77,16 @@ def daemon_config(settings: Settings) -> DaemonConfig:
         skill_horizons=tuple(int(h) for h in settings.skill_horizons.split(",")),
         skill_window=settings.skill_window,
         skill_symbols=tuple(s for s in settings.skill_symbols.split(",") if s),
+        limits=TickLimits(
+            price_min=settings.price_min,
+            price_max=settings.price_max,
+            ts_max_ahead_ms=settings.ts_max_ahead_ms,
+        ),
+        read_max_bytes=settings.read_max_bytes,
+        lease_ttl_s=settings.lease_ttl_s,
+        ticks_trim_interval_s=settings.ticks_trim_interval_s,
+        symbols_max=settings.symbols_max,
+        symbol_idle_s=settings.symbol_idle_s,
     )
 
 
@@ -139,6 +156,59 @@ async def initial_model_path(models: Registry, settings: Settings) -> Path:
     return settings.model_path
 
 
+async def start_engine(
+    models: Registry, settings: Settings, metrics: Metrics
+) -> tuple[Any, str | None]:
+    """Load and compile the model to serve first: the registry's current version, else the
+    newest earlier promotion that loads, else the configured (packaged) model. A current version
+    that will not load must not stop a restarted replica (a rolling restart would stop them
+    all): say so loudly, count it, and return it as refused so the watcher does not retry it."""
+    loop = asyncio.get_running_loop()
+    path = await initial_model_path(models, settings)
+    try:
+        return await loop.run_in_executor(None, load_engine, settings, path), None
+    except Exception as exc:
+        if path == settings.model_path:
+            raise  # the configured model itself: nothing else to fall back to
+        refused = path.name
+        metrics.model_load_failures.labels("invalid").inc()
+        metrics.recoveries.labels("start_fallback").inc()
+        log.error("the registry's current model %s does not load (%s)", refused, _short(exc))
+    for version in await _earlier_versions(models, refused):
+        try:
+            engine = await loop.run_in_executor(
+                None, load_engine, settings, await models.fetch(version)
+            )
+        except Exception as exc:
+            log.error("the earlier version %s does not load either (%s)", version, _short(exc))
+            continue
+        log.warning(
+            "STARTED ON %s, NOT THE CURRENT %s: fix or roll back the registry", version, refused
+        )
+        return engine, refused
+    engine = await loop.run_in_executor(None, load_engine, settings, settings.model_path)
+    log.warning(
+        "STARTED ON THE CONFIGURED MODEL %s, NOT THE CURRENT %s: fix or roll back the registry",
+        settings.model_path,
+        refused,
+    )
+    return engine, refused
+
+
+async def _earlier_versions(models: Registry, refused: str) -> list[str]:
+    previous = getattr(models, "previous_versions", None)
+    if previous is None:
+        return []
+    try:
+        return [v for v in await previous() if v != refused]
+    except (redis_errors.RedisError, OSError):
+        return []
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
 async def serve(
     settings: Settings,
     *,
@@ -168,11 +238,36 @@ async def serve(
     redis = make_redis(settings.redis_url, settings.redis_timeout_s)
     keys = Keys(settings.key_prefix)
     models = Registry(redis, keys, settings.model_cache_dir)
-    if engine is None:
-        path = await initial_model_path(models, settings)
-        engine = await loop.run_in_executor(None, load_engine, settings, path)
     prometheus = CollectorRegistry()
     metrics = Metrics(prometheus)
+    daemon: Daemon | None = None
+    http = HttpServer(
+        prometheus,
+        host=settings.http_host,
+        port=settings.http_port,
+        ready=lambda: daemon is not None and daemon.ready,
+        heartbeat=lambda: daemon.heartbeat if daemon is not None else time.monotonic(),
+        redis_ping=redis.ping,
+        page=LivePage(redis, keys, skill=lambda: daemon.skill.snapshot() if daemon else {}),
+    )
+    try:
+        # bind first: a port in use or a host that does not resolve is one line, not a
+        # traceback after seconds of compiling
+        await http.start()
+    except OSError as exc:
+        await redis.aclose()
+        raise ServeError(
+            f"cannot serve HTTP on {settings.http_host}:{settings.http_port} "
+            f"(STREAMCAST_HTTP_HOST/_PORT): {exc.strerror or exc}"
+        ) from None
+    refused: str | None = None
+    try:
+        if engine is None:
+            engine, refused = await start_engine(models, settings, metrics)
+    except BaseException:
+        await http.stop()
+        await redis.aclose()
+        raise
     retrainer = Retrainer(
         redis,
         keys,
@@ -191,19 +286,10 @@ async def serve(
         loader=partial(load_engine, settings),
         initial_model=settings.model_path,
         retrainer=retrainer,
-    )
-    http = HttpServer(
-        prometheus,
-        host=settings.http_host,
-        port=settings.http_port,
-        ready=lambda: daemon.ready,
-        heartbeat=lambda: daemon.heartbeat,
-        redis_ping=redis.ping,
-        page=LivePage(redis, keys, skill=daemon.skill.snapshot),
+        refused=refused,
     )
     status = 0
     try:
-        await http.start()
         await daemon.start()
         consume = asyncio.ensure_future(daemon.wait_stopped())
         stopped = asyncio.ensure_future(stop.wait())

@@ -1,4 +1,4 @@
-"""Daemon settings from the environment (``STREAMCAST_*``) and ``.env``; only the daemon reads them."""
+"""Settings from the environment (``STREAMCAST_*``) and ``.env``, for the daemon and the CLI."""
 
 from __future__ import annotations
 
@@ -47,6 +47,32 @@ class Settings(BaseSettings):
     history_maxlen: int = Field(10_000, ge=50, le=100_000_000)
     forecasts_maxlen: int = Field(10_000, ge=10, le=100_000_000)
     dead_maxlen: int = Field(100_000, ge=10, le=100_000_000)
+    # -- the edge: what a tick may be (streamcast.schema.TickLimits) -----------------------
+    price_min: float = Field(
+        1e-6, gt=0, description="smallest price a normalised model accepts (and > 0)"
+    )
+    price_max: float = Field(1e9, gt=0, description="largest price (absolute value)")
+    ts_max_ahead_ms: int = Field(
+        300_000, ge=0, description="how far a tick's ts may be ahead of its arrival in Redis"
+    )
+    read_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=65_536,
+        description="about the most one read of the ticks stream pulls in (entries shrink it)",
+    )
+    # -- one live consumer per shard, housekeeping -----------------------------------------
+    lease_ttl_s: float = Field(
+        10.0, ge=1, le=300, description="a dead replica's shard is taken over after this long"
+    )
+    ticks_trim_interval_s: float = Field(
+        10.0, ge=0, description="trim ticks every group has acknowledged this often (0: never)"
+    )
+    symbols_max: int = Field(100_000, ge=1, description="symbols a replica keeps windows for")
+    symbol_idle_s: float = Field(
+        86_400.0,
+        ge=0,
+        description="forget a symbol's window after this long without a tick (0: never)",
+    )
     claim_idle_ms: int = Field(30_000, ge=100)
     claim_interval_s: float = Field(10.0, gt=0)
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
@@ -105,7 +131,7 @@ class Settings(BaseSettings):
 
     @property
     def consumer(self) -> str:
-        """A stable consumer name, so a restarted replica resumes its own pending entries."""
+        """The base of the consumer name; each process adds its host, pid and a random part."""
         return self.consumer_name or f"replica-{self.shard_index}"
 
     @property

@@ -15,6 +15,7 @@ that window. Per-symbol skill only for a configured short list of symbols.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -200,6 +201,8 @@ class SkillTracker:
         scale = abs(origin) if origin else 1.0
         model_err = (forecast - truth) / scale
         naive_err = (origin - truth) / scale
+        if not (math.isfinite(model_err * model_err) and math.isfinite(naive_err * naive_err)):
+            return  # a forecast that was withheld (not finite) or absurd: one can't poison all
         key = (version, horizon)
         window = self._windows.get(key)
         if window is None:

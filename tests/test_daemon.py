@@ -57,6 +57,8 @@ async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
     keys = Keys("sp")
     series = load_series(shared_data / "sp500.csv")
     names = symbol_names("SPX", 3)
+    # the ticks stream is the truth checked below: a group that never reads keeps it whole
+    await redis_client.xgroup_create(keys.ticks, "witness", id="0", mkstream=True)
     await replay(redis_client, keys, fan_out(series, 3), names, rate=None)
     metrics = Metrics(CollectorRegistry())
     config = DaemonConfig(batch_max_size=1024, path_refresh_s=0.0)

@@ -62,6 +62,8 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
     redis_client, shared_data, tmp_path
 ):
     keys = Keys("swap")
+    # the ticks stream is the truth checked below: a group that never reads keeps it whole
+    await redis_client.xgroup_create(keys.ticks, "witness", id="0", mkstream=True)
     names = symbol_names("SPX", 3)
     paths = fan_out(load_series(shared_data / "sp500.csv")[:2600], 3)
     registry = Registry(redis_client, keys, tmp_path / "cache")

@@ -32,6 +32,7 @@ from streamcast.settings import Settings, SettingsError, load_settings
 from .conftest import start_redis_server
 from .test_service import (
     check_exactly_once,
+    keep_ticks,
     feed,
     http_get,
     spawn_daemon,
@@ -95,6 +96,7 @@ async def test_redis_unreachable_at_start_then_served_once_it_comes(tmp_path):
         await wait_ready(http_port, daemon, timeout_s=60)
         client = make_redis(url)
         keys, names = Keys("late"), ["L0", "L1"]
+        await keep_ticks(client, keys)
         await replay(client, keys, feed(2, 120), names, rate=None)
         await wait_total(client, keys, names, 2 * 71)
         await check_exactly_once(client, keys, names)
@@ -146,6 +148,9 @@ async def test_redis_restart_with_aof_mid_replay_loses_nothing_it_kept(tmp_path)
     server = start_redis_server(tmp_path, *aof)
     port, url = server.port, server.url
     keys, names = Keys("aof"), [f"A{i}" for i in range(6)]
+    witness = make_redis(url)
+    await keep_ticks(witness, keys)
+    await witness.aclose()
     http_ports = [free_port(), free_port()]
     daemons = [
         spawn_daemon(
@@ -209,6 +214,7 @@ async def test_three_replicas_one_killed_mid_sp500_replay_exactly_once(
     redis_server, redis_client, tmp_path, shared_data
 ):
     keys = Keys("three")
+    await keep_ticks(redis_client, keys)
     series = load_series(shared_data / "sp500.csv")[:600]
     names = [f"SPX.{i}" for i in range(12)]
     paths = fan_out(series, len(names))

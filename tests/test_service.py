@@ -69,6 +69,12 @@ async def total_forecasts(redis, keys: Keys, names) -> int:
     return sum([await redis.xlen(keys.forecasts(n)) for n in names])
 
 
+async def keep_ticks(redis, keys: Keys) -> None:
+    """A consumer group that never reads: the daemon trims only what every group has
+    acknowledged, so the ticks stream stays whole as the truth the checks compare against."""
+    await redis.xgroup_create(keys.ticks, "witness", id="0", mkstream=True)
+
+
 async def check_exactly_once(redis, keys: Keys, names) -> None:
     ticks: dict[str, list[str]] = {}
     for eid, fields in await redis.xrange(keys.ticks):
@@ -96,6 +102,7 @@ async def test_kill_9_mid_replay_then_restart_loses_and_doubles_nothing(
     redis_server, redis_client, tmp_path
 ):
     keys, names, paths = Keys("k9"), [f"K{i}" for i in range(4)], feed()
+    await keep_ticks(redis_client, keys)
     port = free_port()
     daemon = spawn_daemon(redis_server.url, "k9", port, tmp_path)
     try:
@@ -121,6 +128,7 @@ async def test_sigterm_mid_replay_exits_0_in_time_and_restart_completes(
     redis_server, redis_client, tmp_path
 ):
     keys, names, paths = Keys("term"), [f"T{i}" for i in range(4)], feed()
+    await keep_ticks(redis_client, keys)
     port = free_port()
     daemon = spawn_daemon(redis_server.url, "term", port, tmp_path)
     try:
