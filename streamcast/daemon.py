@@ -207,6 +207,7 @@ class Daemon:
         self._acked_high: tuple[int, int] = (0, 0)  # the newest id this process acknowledged
         self._read_count = min(self.config.batch_max_size, 64)  # grows while entries are small
         self._say = RateLimitedLog(log)
+        self._idle_checked = 0.0
         self._pending_letters: Any = None  # dead letters for forecasts Redis refused to take
         # the model lifecycle: a registry to watch, how to load a version, what to retrain
         self.registry = registry
@@ -239,6 +240,8 @@ class Daemon:
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(self._keep_lease(), name="lease"),
         ]
+        if self.config.ticks_trim_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self._trim_forever(), name="trim"))
         if self.registry is not None and self.loader is not None:
             self._tasks.append(asyncio.create_task(self._watch_models(), name="models"))
         cfg = self.config
@@ -430,12 +433,12 @@ class Daemon:
             chunk = ordered[start : start + 200]
             pipe = self.redis.pipeline(transaction=False)
             for symbol in chunk:
-                pipe.xrevrange(self.keys.history(symbol), count=seq_len)
+                # twice the window: entries that break the rules are skipped, the rest fill it
+                pipe.xrevrange(self.keys.history(symbol), count=2 * seq_len)
             replies = await pipe.execute()
             now = self.clock()
             for symbol, history in zip(chunk, replies, strict=True):
                 self.windows.restore(symbol, self._valid_history(symbol, history), now)
-        self._evict()
 
     def _valid_history(self, symbol: str, entries: Any) -> list[tuple[str, float, int | None]]:
         """History entries, oldest first, by the edge's rules: an imported or hand-written bad
@@ -519,6 +522,9 @@ class Daemon:
                     raise
                 await compute
                 pending = batch
+                # the pending batch's ticks are in its symbols' windows but not yet in their
+                # history: those symbols stay; any other comes back from history when it ticks
+                self._evict(self.clock(), protect={t.symbol for t in batch.accepted})
             except (GroupLost, LeaseLost) as exc:
                 # unacknowledged batches are read again once the group (or the lease) is back
                 pending = None
@@ -870,7 +876,7 @@ class Daemon:
         """Heartbeat, stream lag, path age, trimming, forgetting idle symbols, and reclaiming
         entries of dead consumers."""
         cfg = self.config
-        last_claim = last_trim = 0.0
+        last_claim = 0.0
         while True:
             self.heartbeat = time.monotonic()
             try:
@@ -882,13 +888,6 @@ class Daemon:
                     if await self._claim(cfg.claim_idle_ms):
                         log.info("reclaimed entries left pending by another consumer")
                         self._read_pending = True
-                if (
-                    cfg.ticks_trim_interval_s > 0
-                    and time.monotonic() - last_trim >= cfg.ticks_trim_interval_s
-                    and self.redis_ok
-                ):
-                    last_trim = time.monotonic()
-                    await self._trim_ticks()
                 await self._measure_lag()
             except REDIS_DOWN:
                 pass
@@ -898,7 +897,6 @@ class Daemon:
                 # keep the heartbeat and metrics going, but make the fault visible
                 log.exception("housekeeping failed")
             now = self.clock()
-            self._evict(now)
             self.skill.publish()
             if self.promoted_at is not None:
                 self.metrics.model_age.set(max(0.0, time.time() - self.promoted_at))
@@ -916,14 +914,16 @@ class Daemon:
                 stale = max(stale, now - at)
         return stale
 
-    def _evict(self, now: float | None = None) -> None:
+    def _evict(self, now: float, protect: set[str]) -> None:
         """Forget symbols idle past ``symbol_idle_s`` and the least recently ticked beyond
-        ``symbols_max``; a forgotten symbol's window is rebuilt from history at its next tick."""
+        ``symbols_max`` (never one in ``protect``); a forgotten symbol's window is rebuilt from
+        history at its next tick. Called between batches, from the consume loop."""
         cfg = self.config
         idle: list[str] = []
-        if now is not None and cfg.symbol_idle_s > 0:
-            idle = self.windows.evict_idle(now - cfg.symbol_idle_s)
-        over = self.windows.evict_over(cfg.symbols_max)
+        if cfg.symbol_idle_s > 0 and now - self._idle_checked >= 1.0:
+            self._idle_checked = now
+            idle = self.windows.evict_idle(now - cfg.symbol_idle_s, protect)
+        over = self.windows.evict_over(cfg.symbols_max, protect)
         for why, symbols in (("idle", idle), ("cap", over)):
             if not symbols:
                 continue
@@ -960,6 +960,16 @@ class Daemon:
             if start == "0-0":
                 break
         return claimed
+
+    async def _trim_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.ticks_trim_interval_s)
+            if not self.redis_ok:
+                continue
+            try:
+                await self._trim_ticks()
+            except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
+                log.debug("trimming the ticks stream: %s", exc)
 
     async def _trim_ticks(self) -> None:
         """Delete the ticks every consumer group of the stream has acknowledged, and only those:
@@ -1156,8 +1166,20 @@ def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_REFUSAL_CLASSES = (
+    # redis-py turns these replies into classes and drops the code from the message
+    (redis_errors.OutOfMemoryError, "OOM"),
+    (redis_errors.ReadOnlyError, "READONLY"),
+    (redis_errors.ExecAbortError, "EXECABORT"),
+    (redis_errors.NoScriptError, "NOSCRIPT"),
+)
+
+
 def _refusal(exc: Exception) -> str:
-    """The error code Redis put first in its reply (OOM, READONLY, NOGROUP, ...), else ERR."""
+    """The error code of Redis's reply (OOM, READONLY, NOGROUP, WRONGTYPE, ...), else ERR."""
+    for cls, code in _REFUSAL_CLASSES:
+        if isinstance(exc, cls):
+            return code
     word = str(exc).split(" ", 1)[0]
     return word if word.isupper() and word.isalpha() and len(word) <= 16 else "ERR"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 import numpy as np
 
@@ -44,23 +44,31 @@ class Windows:
         window = self._windows.get(symbol)
         return window.touched if window is not None else 0.0
 
-    def evict_idle(self, before: float) -> list[str]:
-        """Forget the symbols not touched since ``before``; return them."""
-        gone = []
+    def evict_idle(self, before: float, protect: Container[str] = ()) -> list[str]:
+        """Forget the symbols not touched since ``before`` (except ``protect``); return them."""
+        gone: list[str] = []
         for symbol, window in self._windows.items():
             if window.touched >= before:
                 break  # least recently touched first: the rest are newer
-            gone.append(symbol)
+            if symbol not in protect:
+                gone.append(symbol)
         for symbol in gone:
             del self._windows[symbol]
         return gone
 
-    def evict_over(self, cap: int) -> list[str]:
-        """Forget the least recently touched symbols beyond ``cap``; return them."""
-        gone = []
-        while len(self._windows) > cap:
-            symbol, _ = self._windows.popitem(last=False)
-            gone.append(symbol)
+    def evict_over(self, cap: int, protect: Container[str] = ()) -> list[str]:
+        """Forget the least recently touched symbols beyond ``cap`` (except ``protect``)."""
+        excess = len(self._windows) - cap
+        if excess <= 0:
+            return []
+        gone: list[str] = []
+        for symbol in self._windows:
+            if len(gone) == excess:
+                break
+            if symbol not in protect:
+                gone.append(symbol)
+        for symbol in gone:
+            del self._windows[symbol]
         return gone
 
     def seen(self, symbol: str, entry_id: str) -> bool:

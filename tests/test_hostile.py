@@ -1,0 +1,510 @@
+"""The daemon run the way operators and hostile clients run it, on a real redis-server.
+
+Each test is a case of docs/RELIABILITY.md ("Operators and hostile clients"): the stream or the
+group deleted under it, FLUSHDB, Redis at maxmemory, the ticks stream growing forever, bad
+history, absurd prices and times, huge entries, symbols that never come back. In-process
+daemons (one event loop, the shipped model) keep them fast; `serve` as a process is tested where
+the process matters (tests/test_hostile_serve.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamcast.daemon import Daemon, DaemonConfig, _rows_apart
+from streamcast.keys import Keys, shard_of
+from streamcast.metrics import Metrics
+from streamcast.schema import REASONS, TickLimits, decode_forecast, encode_tick
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from streamcast import Forecaster
+
+    with Forecaster.load() as forecaster:
+        yield forecaster
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    assert value is not None, f"{name}{labels} is not exported"
+    return value
+
+
+async def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not met within {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+class Feed:
+    """Writes ticks and remembers each one's id by symbol: the truth the checks compare with."""
+
+    def __init__(self, redis, keys: Keys, names: list[str], seed: int = 0) -> None:
+        self.redis, self.keys, self.names = redis, keys, names
+        self.rng = np.random.default_rng(seed)
+        self.price = {n: 100.0 * (1 + i) for i, n in enumerate(names)}
+        self.ids: dict[str, list[str]] = {n: [] for n in names}
+
+    async def send(self, rounds: int, pause_s: float = 0.0, only: list[str] | None = None) -> None:
+        names = only or self.names
+        for _ in range(rounds):
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                self.price[name] *= float(np.exp(self.rng.normal(0, 0.005)))
+                pipe.xadd(self.keys.ticks, encode_tick(name, self.price[name]))
+            for name, eid in zip(names, await pipe.execute(), strict=True):
+                self.ids[name].append(eid.decode())
+            if pause_s:
+                await asyncio.sleep(pause_s)
+
+    async def forecast_ids(self, name: str) -> list[str]:
+        return [e.decode() for e, _ in await self.redis.xrange(self.keys.forecasts(name))]
+
+    async def all_forecast(self) -> bool:
+        for name in self.names:
+            expected = self.ids[name][49:]
+            got = await self.redis.xlen(self.keys.forecasts(name))
+            if got < len(expected):
+                return False
+        return True
+
+    async def check_exactly_once(self) -> None:
+        for name in self.names:
+            assert await self.forecast_ids(name) == self.ids[name][49:], (
+                f"{name}: lost or doubled forecasts"
+            )
+
+
+def daemon_for(redis, engine, keys: Keys, **config) -> Daemon:
+    return Daemon(
+        redis, engine, Metrics(CollectorRegistry()), keys=keys, config=DaemonConfig(**config)
+    )
+
+
+# -- (2) Redis error replies: deleted stream or group, FLUSHDB, maxmemory ------------------------
+
+
+@pytest.mark.parametrize("how", ["xgroup_destroy", "del_stream"])
+async def test_group_or_stream_deleted_mid_feed_is_recreated_and_nothing_lost_or_doubled(
+    redis_client, engine, how
+):
+    keys = Keys(f"gone-{how}")
+    feed = Feed(redis_client, keys, ["G0", "G1"])
+    # bad entries too: their dead letters must not be written twice after the recreation
+    daemon = daemon_for(redis_client, engine, keys, batch_max_wait_ms=0)
+    async with daemon:
+        await feed.send(80)
+        await redis_client.xadd(keys.ticks, {"symbol": "G0", "price": "oops"})
+        await wait_for(feed.all_forecast, what="first forecasts")
+        await wait_for(lambda: redis_client.xlen(keys.dead), what="the dead letter")
+        if how == "xgroup_destroy":
+            await redis_client.xgroup_destroy(keys.ticks, daemon.group)
+        else:
+            await redis_client.delete(keys.ticks)
+        await feed.send(40, pause_s=0.01)
+        await wait_for(feed.all_forecast, what="forecasts after the recreation")
+        assert not daemon._tasks[0].done(), "the consume loop ended"
+        assert daemon.ready
+    await feed.check_exactly_once()
+    assert sample(daemon.metrics, "streamcast_recoveries_total", what="group_recreated") >= 1
+    assert await redis_client.xlen(keys.dead) == 1, "a dead letter was written twice"
+
+
+async def test_flushdb_mid_feed_daemon_goes_on_and_forecasts_new_ticks(redis_client, engine):
+    keys = Keys("flush")
+    feed = Feed(redis_client, keys, ["F0"])
+    daemon = daemon_for(redis_client, engine, keys, batch_max_wait_ms=0)
+    async with daemon:
+        await feed.send(60)
+        await wait_for(feed.all_forecast)
+        await redis_client.flushdb()
+        feed.ids = {"F0": []}  # everything is gone, history too: the window fills again
+        await feed.send(60, pause_s=0.005)
+        await wait_for(feed.all_forecast, what="forecasts after FLUSHDB")
+        assert not daemon._tasks[0].done()
+    await feed.check_exactly_once()
+
+
+async def test_redis_at_maxmemory_backs_off_not_ready_then_loses_nothing(redis_client, engine):
+    keys = Keys("oom")
+    feed = Feed(redis_client, keys, ["M0", "M1"])
+    await feed.send(200)
+    await redis_client.config_set("maxmemory-policy", "noeviction")
+    used = (await redis_client.info("memory"))["used_memory"]
+    await redis_client.config_set("maxmemory", str(used + 64 * 1024))
+    daemon = daemon_for(redis_client, engine, keys)
+    try:
+        async with daemon:
+
+            async def refused():
+                return sample(daemon.metrics, "streamcast_redis_refusals_total", reason="OOM")
+
+            await wait_for(refused, what="an OOM refusal")
+            assert not daemon.ready, "/readyz must say 503 while Redis refuses writes"
+            assert await redis_client.xlen(keys.forecasts("M0")) == 0
+            await redis_client.config_set("maxmemory", "0")
+            await wait_for(feed.all_forecast, what="forecasts once memory is back")
+            await wait_for(lambda: asyncio.sleep(0, daemon.ready))
+            assert not daemon._tasks[0].done()
+    finally:
+        await redis_client.config_set("maxmemory", "0")
+    await feed.check_exactly_once()
+
+
+async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_client, engine):
+    keys = Keys("wrongtype")
+    feed = Feed(redis_client, keys, ["W0", "W1"])
+    await redis_client.set(keys.forecasts("W0"), "not a stream")  # an operator's mistake
+    daemon = daemon_for(redis_client, engine, keys)
+    async with daemon:
+        await feed.send(60)
+
+        async def w1_done_and_letters():
+            letters = await redis_client.xrange(keys.dead)
+            return await redis_client.xlen(keys.forecasts("W1")) == 11 and len(letters) >= 11
+
+        await wait_for(w1_done_and_letters, what="W1's forecasts and W0's dead letters")
+    letters = await redis_client.xrange(keys.dead)
+    assert {f[b"reason"] for _, f in letters} == {b"publish_failed"}
+    assert [f[b"tick_id"].decode() for _, f in letters] == feed.ids["W0"][49:]
+    assert b"WRONGTYPE" in letters[0][1][b"detail"]
+    assert (
+        sample(daemon.metrics, "streamcast_write_errors_total", what="forecast", reason="wrongtype")
+        == 11
+    )
+
+
+# -- (3) the ticks stream is trimmed to what every group has acknowledged --------------------------
+
+
+async def test_ticks_trimmed_bounded_over_a_long_replay_with_three_shards_nothing_lost(
+    redis_client, engine
+):
+    keys = Keys("trim")
+    names = [f"T{i}" for i in range(9)]
+    assert {shard_of(n, 3) for n in names} == {0, 1, 2}
+    feed = Feed(redis_client, keys, names)
+    daemons = [
+        daemon_for(
+            redis_client,
+            engine,
+            keys,
+            shard_index=i,
+            shard_count=3,
+            consumer=f"r{i}",
+            ticks_trim_interval_s=0.2,
+            batch_max_wait_ms=0,
+        )
+        for i in range(3)
+    ]
+    lengths = []
+    for d in daemons:
+        await d.start()
+    try:
+        for _ in range(30):  # 30 x 20 rounds x 9 symbols = 5,400 ticks, ~600 a second
+            await feed.send(20, pause_s=0.015)
+            lengths.append(await redis_client.xlen(keys.ticks))
+        await wait_for(feed.all_forecast, timeout_s=120, what="every tick forecast")
+        await wait_for(lambda: _xlen_below(redis_client, keys.ticks, 300), what="final trim")
+    finally:
+        for d in daemons:
+            await d.stop()
+    await feed.check_exactly_once()
+    total = sum(len(v) for v in feed.ids.values())
+    assert total == 5400
+    # bounded: never near the total; it holds what the slowest group has not acknowledged yet
+    # (the daemons warm up in the first seconds) plus part of a node (~100 entries: approximate
+    # trimming frees whole nodes)
+    assert max(lengths) < 5400 // 2, lengths
+    trimmed = sum(sample(d.metrics, "streamcast_ticks_trimmed_total") for d in daemons)
+    assert trimmed >= 5400 - 300
+
+
+async def _xlen_below(redis, key: str, bound: int) -> bool:
+    return await redis.xlen(key) < bound
+
+
+async def test_trim_never_removes_what_a_slow_group_has_not_acknowledged(redis_client, engine):
+    keys = Keys("trimslow")
+    feed = Feed(redis_client, keys, ["S0"])
+    # another consumer group (someone's audit reader) read 30 entries and acknowledged 10
+    await redis_client.xgroup_create(keys.ticks, "audit", id="0", mkstream=True)
+    await feed.send(100)
+    read = await redis_client.xreadgroup("audit", "a", {keys.ticks: ">"}, count=30)
+    got = [e[0] for e in read[0][1]]
+    await redis_client.xack(keys.ticks, "audit", *got[:10])
+    daemon = daemon_for(redis_client, engine, keys, ticks_trim_interval_s=0.2)
+    async with daemon:
+        await wait_for(feed.all_forecast)
+        await asyncio.sleep(0.5)  # several trims
+    first = (await redis_client.xrange(keys.ticks, count=1))[0][0]
+    assert first.decode() <= got[10].decode() or first == got[10]
+    remaining = [e.decode() for e, _ in await redis_client.xrange(keys.ticks)]
+    assert set(feed.ids["S0"][10:]) <= set(remaining), "trimmed an entry the audit group needs"
+
+
+# -- (4) one symbol's bad history never fails a batch ---------------------------------------------
+
+
+async def test_bad_price_in_history_is_skipped_and_other_symbols_forecast(redis_client, engine):
+    keys = Keys("badhist")
+    # history written raw, as an old import or a hand-made XADD could: a 0 and a 1e-320 in it
+    for i in range(60):
+        price = {20: "0", 40: "1e-320"}.get(i, repr(100.0 + i))
+        await redis_client.xadd(keys.history("H0"), {"price": price}, id=f"0-{i + 1}")
+    await redis_client.sadd(keys.symbols, "H0")
+    feed = Feed(redis_client, keys, ["H0", "H1"])
+    daemon = daemon_for(redis_client, engine, keys)
+    async with daemon:
+        await feed.send(60)
+
+        async def both():
+            return (
+                await redis_client.xlen(keys.forecasts("H1")) == 11
+                and await redis_client.xlen(keys.forecasts("H0")) == 60
+            )
+
+        await wait_for(both, what="both symbols forecast")
+    assert sample(daemon.metrics, "streamcast_history_skipped_total") == 2
+    nexts = [decode_forecast(f)["next"] for _, f in await redis_client.xrange(keys.forecasts("H0"))]
+    assert np.isfinite(nexts).all()
+
+
+def test_an_engine_failure_on_one_window_fails_only_that_row():
+    def compute(windows: np.ndarray) -> np.ndarray:
+        if (windows[:, 0] <= 0).any():
+            raise ValueError("a normalised model needs each window's first price > 0")
+        return windows[:, -1] * 2
+
+    windows = np.array([[1.0, 2.0], [0.0, 3.0], [4.0, 5.0]])
+    out, failed = _rows_apart(compute, windows, ())
+    assert out[0] == 4.0 and out[2] == 10.0 and np.isnan(out[1])
+    assert list(failed) == [1] and "first price > 0" in failed[1]
+
+
+class _NaNEngine:
+    """The shipped engine, but its 1-step output for one symbol's windows is NaN."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.seq_len, self.normalise, self.version = engine.seq_len, True, "nan-engine"
+
+    def predict_next(self, prices: np.ndarray) -> np.ndarray:
+        out = np.array(self._engine.predict_next(prices))
+        out[prices[:, -1] > 1000] = np.nan  # the wild symbol
+        return out
+
+    def rollout(self, prices: np.ndarray, steps: int = 50) -> np.ndarray:
+        out = np.array(self._engine.rollout(prices, steps))
+        out[prices[:, -1] > 1000] = np.inf
+        return out
+
+
+# -- (7) no non-finite value is published; the skill stays finite ---------------------------------
+
+
+async def test_non_finite_output_is_withheld_with_a_reason_and_skill_stays_finite(
+    redis_client, engine
+):
+    keys = Keys("nan")
+    feed = Feed(redis_client, keys, ["N0", "N1"])
+    feed.price["N1"] = 5000.0
+    daemon = Daemon(
+        redis_client,
+        _NaNEngine(engine),
+        Metrics(CollectorRegistry()),
+        keys=keys,
+        config=DaemonConfig(path_refresh_s=0.0),
+    )
+    async with daemon:
+        await feed.send(120)
+        await wait_for(feed.all_forecast)
+        await asyncio.sleep(1.1)  # one housekeeping round publishes the skill
+    wild = [decode_forecast(f) for _, f in await redis_client.xrange(keys.forecasts("N1"))]
+    assert all("next" not in f and "path" not in f for f in wild)
+    assert all(
+        f["reason"] == "next is not finite; path is not finite"
+        or f["reason"] == "next is not finite"
+        for f in wild
+    )
+    calm = [decode_forecast(f) for _, f in await redis_client.xrange(keys.forecasts("N0"))]
+    assert all(np.isfinite(f["next"]) and "reason" not in f for f in calm)
+    assert sample(daemon.metrics, "streamcast_forecasts_withheld_total", kind="next") == len(wild)
+    snapshot = daemon.skill.snapshot()
+    values = [v for h in snapshot.values() for s in h.values() for v in s.values()]
+    assert values and np.isfinite(values).all(), snapshot
+    squared = sample(
+        daemon.metrics,
+        "streamcast_forecast_squared_error_total",
+        horizon="1",
+        version="nan-engine",
+        forecaster="model",
+    )
+    assert np.isfinite(squared)
+
+
+async def test_absurd_prices_are_dead_letters_at_the_edge(redis_client, engine):
+    keys = Keys("absurd")
+    limits = TickLimits(price_min=1e-6, price_max=1e9)
+    daemon = daemon_for(redis_client, engine, keys, limits=limits)
+    for price in (
+        "1e-320",
+        "1e300",
+        "-5",
+        "+100",
+        " 12.5 ",
+        "1_000",
+        "\u0661\u0662",
+        "\uff11\uff12",
+    ):
+        await redis_client.xadd(keys.ticks, {"symbol": "A", "price": price})
+    async with daemon:
+        await wait_for(lambda: _xlen_at_least(redis_client, keys.dead, 8))
+    reasons = [f[b"reason"].decode() for _, f in await redis_client.xrange(keys.dead)]
+    assert reasons == [
+        "price_out_of_range",
+        "price_out_of_range",
+        "non_positive_price",
+        "bad_price",
+        "bad_price",
+        "bad_price",
+        "bad_price",
+        "bad_price",
+    ]
+
+
+async def _xlen_at_least(redis, key: str, n: int) -> bool:
+    return await redis.xlen(key) >= n
+
+
+# -- (8) one wrong timestamp never locks a symbol out ---------------------------------------------
+
+
+async def test_a_far_future_ts_is_a_dead_letter_and_changes_no_state(redis_client, engine):
+    keys = Keys("future")
+    now_ms = int(time.time() * 1000)
+    await redis_client.xadd(keys.ticks, {"symbol": "Z", "price": "10", "ts": str(now_ms + 10**9)})
+    await redis_client.xadd(keys.ticks, {"symbol": "Z", "price": "10", "ts": str(now_ms * 1000)})
+    for i in range(60):
+        await redis_client.xadd(
+            keys.ticks, {"symbol": "Z", "price": repr(10.0 + i / 10), "ts": str(now_ms + i)}
+        )
+    daemon = daemon_for(redis_client, engine, keys)
+    async with daemon:
+        await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("Z"), 11))
+    letters = await redis_client.xrange(keys.dead)
+    assert [f[b"reason"] for _, f in letters] == [b"bad_ts", b"bad_ts"]
+    assert b"ahead of its arrival" in letters[0][1][b"detail"]
+    assert await redis_client.xlen(keys.forecasts("Z")) == 11, "a later tick was locked out"
+
+
+async def test_a_far_future_ts_already_in_history_does_not_lock_the_symbol(redis_client, engine):
+    keys = Keys("futurehist")
+    now_ms = int(time.time() * 1000)
+    await redis_client.xadd(keys.history("Y"), {"price": "10", "ts": str(now_ms * 1000)}, id="1-0")
+    daemon = daemon_for(redis_client, engine, keys)
+    for i in range(60):
+        await redis_client.xadd(keys.ticks, {"symbol": "Y", "price": "10.5", "ts": str(now_ms + i)})
+    async with daemon:
+        await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("Y"), 12))
+    assert await redis_client.xlen(keys.dead) == 0
+
+
+# -- (9) large entries: bounded reads, small dead letters ------------------------------------------
+
+
+async def test_huge_entries_are_read_a_few_at_a_time_and_dead_letters_stay_small(
+    redis_client, engine
+):
+    keys = Keys("huge")
+    blob = b"x" * 1_000_000
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(40):
+        pipe.xadd(keys.ticks, {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
+    await pipe.execute()
+    daemon = daemon_for(redis_client, engine, keys, read_max_bytes=4_000_000)
+    async with daemon:
+        await wait_for(lambda: _xlen_at_least(redis_client, keys.dead, 40))
+        assert daemon._read_count <= 4, "reads did not shrink to the byte budget"
+    letters = await redis_client.xrange(keys.dead)
+    assert {f[b"reason"] for _, f in letters} == {b"oversized"}
+    for _, fields in letters:
+        assert len(fields[b"field:junk"]) == 256 and fields[b"size:junk"] == b"1000000"
+        assert sum(len(k) + len(v) for k, v in fields.items()) < 2048
+    memory = await redis_client.memory_usage(keys.dead)
+    assert memory < 200_000, f"the dead stream takes {memory} bytes for 40 letters"
+
+
+# -- (11) duplicates said, path age bounded, symbols forgotten -------------------------------------
+
+
+async def test_idle_and_excess_symbols_are_forgotten_and_come_back_from_history(
+    redis_client, engine, caplog
+):
+    keys = Keys("evict")
+    names = [f"E{i}" for i in range(5)]
+    feed = Feed(redis_client, keys, names)
+    daemon = daemon_for(redis_client, engine, keys, symbols_max=3, batch_max_wait_ms=0)
+    async with daemon:
+        await feed.send(55)
+        await wait_for(feed.all_forecast)
+        await feed.send(3, only=["E0"], pause_s=0.05)  # the others fall idle: beyond the cap
+        await wait_for(lambda: asyncio.sleep(0, len(daemon.windows) <= 3), what="eviction")
+        # one more tick of each: windows come back whole from history, each forecast at once
+        await feed.send(1)
+        await wait_for(feed.all_forecast)
+    await feed.check_exactly_once()
+    assert sample(daemon.metrics, "streamcast_symbols_evicted_total", why="cap") >= 2
+
+
+async def test_path_age_does_not_grow_for_a_symbol_that_stopped(redis_client, engine):
+    keys = Keys("pathage")
+    feed = Feed(redis_client, keys, ["P0"])
+    daemon = daemon_for(redis_client, engine, keys, path_refresh_s=0.0)
+    async with daemon:
+        await feed.send(60)
+        await wait_for(feed.all_forecast)
+        await asyncio.sleep(2.5)  # the symbol has stopped; its last path is of its newest window
+        assert sample(daemon.metrics, "streamcast_path_age_max_seconds") == 0.0
+
+
+async def test_redelivered_ticks_are_logged_as_duplicates(redis_client, engine, caplog):
+    keys = Keys("dups")
+    feed = Feed(redis_client, keys, ["D0"])
+    await feed.send(60)
+    async with daemon_for(redis_client, engine, keys):
+        await wait_for(feed.all_forecast)
+    # the group lost (as after a restore from an old snapshot): redelivered from the start
+    await redis_client.xgroup_destroy(keys.ticks, keys.group(0, 1))
+    await redis_client.delete(keys.acked(keys.group(0, 1)))
+    caplog.set_level("INFO", logger="streamcast.daemon")
+    daemon = daemon_for(redis_client, engine, keys)
+    async with daemon:
+        await wait_for(lambda: asyncio.sleep(0, daemon.stats.duplicates == 60))
+    assert any("already holds it" in r.getMessage() for r in caplog.records)
+    await feed.check_exactly_once()
+
+
+# -- (12) every known label set exported at 0 ------------------------------------------------------
+
+
+def test_counters_with_known_labels_are_exported_from_the_start():
+    metrics = Metrics(CollectorRegistry())
+    for reason in REASONS:
+        assert sample(metrics, "streamcast_dead_letters_total", reason=reason) == 0
+    for result in ("promoted", "rejected", "failed", "skipped"):
+        assert sample(metrics, "streamcast_retrains_total", result=result) == 0
+    for reason in ("invalid", "mismatch", "error"):
+        assert sample(metrics, "streamcast_model_load_failures_total", reason=reason) == 0
+    assert np.isnan(sample(metrics, "streamcast_retrain_holdout_mse", model="candidate"))
+    assert sample(metrics, "streamcast_redis_refusals_total", reason="OOM") == 0
