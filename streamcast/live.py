@@ -9,7 +9,10 @@
 
 Symbols in a request must match the wire contract's symbol pattern (anything else is a 400), so
 nothing a browser sends reaches Redis but a validated stream key; at most ``max_clients`` event
-streams are open at once (503 beyond).
+streams are open at once (503 beyond). A stream ends within a poll (``poll_ms``) of its client
+going away, so the cap counts connected pages only. A forecast entry is sent as it is: one without
+``next`` (the daemon publishes none when the model's output is not finite) has no ``next``, a
+non-finite number is sent as null, and an entry that does not parse is skipped.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class LivePage:
         history: int = 200,
         max_clients: int = 20,
         skill_every_s: float = 2.0,
+        poll_ms: int = 1000,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -58,8 +62,10 @@ class LivePage:
         self.history = history
         self.max_clients = max_clients
         self.skill_every_s = skill_every_s
+        self.poll_ms = poll_ms
         self.clients = 0
         self.closing = asyncio.Event()
+        self._warned_bad_entry = False
 
     def close(self) -> None:
         """End every open event stream (the server is stopping); browsers reconnect elsewhere."""
@@ -114,47 +120,68 @@ class LivePage:
         )
         try:
             await response.prepare(request)
-            await self._stream(response, symbols)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+            await self._stream(request, response, symbols)
+        except ConnectionResetError:
+            pass  # the page went away while we wrote to it
         finally:
             self.clients -= 1
         return response
 
-    async def _stream(self, response: web.StreamResponse, symbols: list[str]) -> None:
+    async def _stream(
+        self, request: web.Request, response: web.StreamResponse, symbols: list[str]
+    ) -> None:
         cursors: dict[Any, Any] = {}
         for symbol in symbols:
             key = self.keys.forecasts(symbol)
-            entries: Any = await self.redis.xrevrange(key, count=self.history)
+            try:
+                entries: Any = await self.redis.xrevrange(key, count=self.history)
+            except (redis_errors.RedisError, OSError):
+                await _send(response, "status", {"redis": False})
+                return  # the page's EventSource reconnects by itself a few seconds later
             for entry_id, fields in reversed(entries):
-                await _send(response, "forecast", _event(entry_id, fields))
+                await self._send_forecast(response, entry_id, fields)
             cursors[key] = entries[0][0] if entries else "0"
         await self._send_skill(response)
         loop = asyncio.get_running_loop()
         next_skill = loop.time() + self.skill_every_s
-        while not self.closing.is_set():
+        # aiohttp does not cancel a handler whose client left: look each poll, or an abandoned
+        # stream would poll Redis (and hold a place under max_clients) forever
+        while not self.closing.is_set() and _connected(request):
             try:
-                reply = await self.redis.xread(cursors, block=1000, count=200)
+                reply = await self.redis.xread(cursors, block=self.poll_ms, count=200)
             except (redis_errors.RedisError, OSError):
                 await _send(response, "status", {"redis": False})
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.closing.wait(), 1.0)
                 continue
             for stream, entry_id, fields in parse_stream_reply(reply):
                 cursors[stream] = entry_id
-                await _send(response, "forecast", _event(entry_id, fields))
+                await self._send_forecast(response, entry_id, fields)
             if loop.time() >= next_skill:
                 next_skill = loop.time() + self.skill_every_s
                 await self._send_skill(response)
+
+    async def _send_forecast(
+        self, response: web.StreamResponse, entry_id: Any, fields: Any
+    ) -> None:
+        try:
+            forecast = decode_forecast(fields)
+        except (ValueError, TypeError) as exc:  # json's errors are ValueErrors
+            if not self._warned_bad_entry:  # once: a bad producer must not flood the log
+                self._warned_bad_entry = True
+                log.warning("live page: skipping a forecast entry that does not parse: %r", exc)
+            return
+        forecast["id"] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        await _send(response, "forecast", forecast)
 
     async def _send_skill(self, response: web.StreamResponse) -> None:
         if self.skill is not None:
             await _send(response, "skill", self.skill())
 
 
-def _event(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
-    forecast = decode_forecast(fields)
-    forecast["id"] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return forecast
+def _connected(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is not None and not transport.is_closing()
 
 
 def _clean(value: Any) -> Any:
@@ -169,6 +196,6 @@ def _clean(value: Any) -> Any:
 
 
 async def _send(response: web.StreamResponse, kind: str, data: Any) -> None:
+    """One server-sent event; raises ConnectionResetError once the page has gone."""
     payload = json.dumps(_clean(data), separators=(",", ":"))
-    with contextlib.suppress(ConnectionResetError):
-        await response.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+    await response.write(f"event: {kind}\ndata: {payload}\n\n".encode())

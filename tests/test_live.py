@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import time
+from importlib import resources
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +31,7 @@ SCREENSHOT_ENV = "STREAMCAST_LIVE_SCREENSHOT"  # also save the screenshot here (
 
 
 async def put_forecast(redis, keys: Keys, symbol: str, price: float, path=None) -> str:
+    """A tick and its forecast, as the daemon publishes them; the forecast's id."""
     tick_id = (await redis.xadd(keys.ticks, {"symbol": symbol, "price": repr(price)})).decode()
     fields = encode_forecast(Tick(tick_id, symbol, price, None), price * 1.01, path, "v1", 0)
     await redis.xadd(keys.forecasts(symbol), fields, id=tick_id)
@@ -95,6 +98,198 @@ async def test_events_stream_recent_and_new_forecasts_then_skill(page_server, re
     assert events[0][1]["path"] == [101.0, 102.0] and events[0][1]["next"] == pytest.approx(101.0)
     assert events[1] == ("skill", {"v1": {"1": {"skill": 0.5, "n": 3}}})
     assert events[2][0] == "forecast" and events[2][1]["id"] == second
+
+
+async def read_sse(response: aiohttp.ClientResponse, events: list, until) -> None:
+    """Append (kind, data) for each event read until ``until(events)``; data's raw JSON too."""
+    kind = None
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            assert "NaN" not in line and "Infinity" not in line, line  # JSON a browser parses
+            events.append((kind, json.loads(line[6:])))
+            if until(events):
+                return
+
+
+async def wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def xread_calls(redis) -> int:
+    return int((await redis.info("commandstats")).get("cmdstat_xread", {}).get("calls", 0))
+
+
+async def test_dropped_event_streams_end_free_their_place_and_stop_polling(redis_client):
+    page = LivePage(redis_client, Keys("drop"), max_clients=20)
+    server = HttpServer(
+        CollectorRegistry(), host="127.0.0.1", port=0, ready=lambda: True,
+        heartbeat=time.monotonic, page=page,
+    )  # fmt: skip
+    request = b"GET /events?symbols=D0 HTTP/1.1\r\nHost: t\r\n\r\n"
+    async with server:
+        statuses = []
+        for _ in range(100):  # a page opened and closed (a tab, curl -m 1), a hundred times
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(request)
+            statuses.append(int((await asyncio.wait_for(reader.readline(), 5)).split()[1]))
+            writer.close()
+            await writer.wait_closed()
+        assert set(statuses) <= {200, 503} and statuses[:20] == [200] * 20
+        await wait_until(lambda: page.clients == 0)  # each stream ends within a poll (1 s)
+        polls = await xread_calls(redis_client)
+        await asyncio.sleep(2.2)  # an observation window: two polls of any stream left behind
+        assert await xread_calls(redis_client) == polls
+        url = f"http://127.0.0.1:{server.port}/events?symbols=D0"
+        async with aiohttp.ClientSession() as http, http.get(url) as r:
+            assert r.status == 200 and page.clients == 1
+        await wait_until(lambda: page.clients == 0)
+
+
+async def test_events_carry_forecasts_without_next_or_non_finite_and_skip_unparsable(
+    page_server, redis_client, caplog
+):
+    base, keys = page_server
+    stream = keys.forecasts("N0")
+    tick = Tick("1-1", "N0", 100.0, None)
+    await redis_client.sadd(keys.symbols, "N0")
+    # what the daemon publishes when the model's output is not finite: no next, a reason
+    no_next = encode_forecast(tick, None, None, "v1", 0, reason="model output not finite")
+    await redis_client.xadd(stream, no_next, id="1-1")
+    base_fields = {"tick_id": "0-0", "symbol": "N0", "price": "100.0", "model": "v1", "ts": "0"}
+    non_finite = {**base_fields, "next": "nan", "path": "[NaN, 101.5, Infinity]"}
+    await redis_client.xadd(stream, non_finite, id="2-1")
+    await redis_client.xadd(stream, {**base_fields, "next": "not a number"}, id="3-1")
+    await redis_client.xadd(stream, {**base_fields, "next": "104.0"}, id="4-1")
+    events: list = []
+    async with aiohttp.ClientSession() as http, http.get(base + "/events?symbols=N0") as r:
+        assert r.status == 200
+        await asyncio.wait_for(read_sse(r, events, lambda e: e[-1][0] == "skill"), 10)
+        # and the same while streaming (XREAD rather than the first XREVRANGE)
+        await redis_client.xadd(stream, {**base_fields, "path": "[1.0,"}, id="5-1")
+        await redis_client.xadd(stream, {**no_next, "tick_id": "6-1"}, id="6-1")
+        await redis_client.xadd(stream, {**base_fields, "next": "106.0"}, id="7-1")
+        await asyncio.wait_for(read_sse(r, events, lambda e: e[-1][1].get("id") == "7-1"), 10)
+    forecasts = {data["id"]: data for kind, data in events if kind == "forecast"}
+    assert list(forecasts) == ["1-1", "2-1", "4-1", "6-1", "7-1"]
+    assert "next" not in forecasts["1-1"] and "path" not in forecasts["1-1"]
+    assert forecasts["1-1"]["reason"] == "model output not finite"
+    assert forecasts["1-1"]["price"] == 100.0 and "next" not in forecasts["6-1"]
+    assert forecasts["2-1"]["next"] is None and forecasts["2-1"]["path"] == [None, 101.5, None]
+    assert forecasts["4-1"]["next"] == 104.0 and forecasts["7-1"]["next"] == 106.0
+    warnings = [r for r in caplog.records if r.name == "streamcast.live"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING  # once, not per entry
+
+
+async def test_events_with_redis_down_say_so_and_end_without_an_error_log(caplog):
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    # nothing listens there; no retries, so that the refusal comes at once
+    down = Redis(host="127.0.0.1", port=free_port(), protocol=2, retry=Retry(NoBackoff(), 0))
+    server = HttpServer(
+        CollectorRegistry(), host="127.0.0.1", port=0, ready=lambda: True,
+        heartbeat=time.monotonic, page=LivePage(down, Keys("down")),
+    )  # fmt: skip
+    events: list = []
+    try:
+        async with server:
+            url = f"http://127.0.0.1:{server.port}/events?symbols=A"
+            async with aiohttp.ClientSession() as http, http.get(url) as r:
+                assert r.status == 200
+                await asyncio.wait_for(read_sse(r, events, lambda e: False), 10)  # to the end
+    finally:
+        await down.aclose()
+    assert events == [("status", {"redis": False})]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# -- the page's script, in node with a stub DOM (no browser needed) -------------------------------
+
+PAGE_SCRIPT_HARNESS = r"""
+const fs = require("fs");
+const vm = require("vm");
+const errors = [];
+const points = [];
+const ctx = {
+  clearRect() {}, beginPath() {}, stroke() {},
+  moveTo(x, y) { points.push([x, y]); }, lineTo(x, y) { points.push([x, y]); },
+};
+const element = () => ({
+  textContent: "", children: [], clientWidth: 300, clientHeight: 100, width: 0, height: 0,
+  append(...xs) { this.children.push(...xs); }, getContext() { return ctx; },
+});
+const elements = { charts: element(), skill: element(), status: element() };
+const sources = [];
+class EventSource {
+  constructor(url) { this.url = url; this.listeners = {}; sources.push(this); }
+  addEventListener(kind, f) { this.listeners[kind] = f; }
+}
+let frames = [];
+const sandbox = {
+  window: {}, EventSource, URLSearchParams, setTimeout, devicePixelRatio: 1,
+  location: { search: "?symbols=A" },
+  document: { getElementById: (id) => elements[id], createElement: () => element() },
+  requestAnimationFrame: (f) => frames.push(f),
+  fetch: () => { throw new Error("fetch is not expected with ?symbols="); },
+  console: { error: (...a) => errors.push(a.join(" ")), warn() {}, log() {} },
+};
+vm.createContext(sandbox);
+const run = (f) => { try { f(); } catch (e) { errors.push(String(e && e.stack || e)); } };
+run(() => vm.runInContext(fs.readFileSync(process.argv[2], "utf8"), sandbox));
+const input = JSON.parse(fs.readFileSync(0, "utf8"));
+for (const [kind, data] of input) {
+  run(() => sources[0].listeners[kind]({ data: JSON.stringify(data) }));
+  const pending = frames; frames = [];
+  for (const f of pending) run(f);  // draw, as the next animation frame would
+}
+const captions = elements.charts.children.map((figure) => figure.children[0].textContent);
+console.log(JSON.stringify({
+  errors, captions, skill: elements.skill.textContent, state: sandbox.window.streamcast,
+  points: points.length, finite: points.every(([x, y]) => Number.isFinite(x) && Number.isFinite(y)),
+}));
+"""
+
+
+def test_the_page_script_skips_a_forecast_without_next_or_path(tmp_path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    harness = tmp_path / "harness.js"
+    harness.write_text(PAGE_SCRIPT_HARNESS)
+    app = tmp_path / "app.js"
+    app.write_bytes(resources.files("streamcast").joinpath("web", "app.js").read_bytes())
+    events = [
+        ("forecast", {"symbol": "A", "price": 100.0, "next": 101.0, "path": [101.0, 102.0],
+                      "model": "v1", "id": "1-0"}),
+        ("forecast", {"symbol": "A", "price": 101.0, "model": "v1", "id": "2-0",
+                      "reason": "model output not finite"}),
+        ("forecast", {"symbol": "A", "price": 102.0, "next": None, "path": [None, 103.0],
+                      "model": "v1", "id": "3-0"}),
+        ("skill", {"v1": {"1": {"skill": None, "n": 0}, "5": {"n": 2}, "10": None}}),
+        ("forecast", {"symbol": "A", "price": 103.0, "next": 104.0, "model": "v1", "id": "4-0"}),
+    ]  # fmt: skip
+    done = subprocess.run(
+        [node, str(harness), str(app)],
+        input=json.dumps(events),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["errors"] == []
+    assert result["state"] == {"events": 5, "forecasts": 4, "skill": events[3][1]}
+    assert result["captions"] == ["A  price 103.00  next 104.00  model v1"]
+    assert result["skill"].endswith("v1: h1 - (n=0)  h5 - (n=2)  h10 - (n=0)")
+    assert result["points"] > 0 and result["finite"]
 
 
 @pytest.mark.parametrize(
@@ -221,6 +416,22 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
                 charts = await tools.value("document.querySelectorAll('canvas').length")
                 status = await tools.value("document.getElementById('status').textContent")
                 shot = await tools.call("Page.captureScreenshot", format="png")
+                # forecasts as the daemon publishes them when the model's output is not finite
+                # (no next, no path) or as an older entry with NaN reaches the page (null): the
+                # page draws on, two frames later, without an error
+                injected = await tools.call(
+                    "Runtime.evaluate",
+                    expression=(
+                        "onForecast({symbol: 'SYN.0', price: 100.5, model: 'v1',"
+                        " reason: 'model output not finite'});"
+                        "onForecast({symbol: 'SYN.1', price: 100.5, next: null,"
+                        " path: [null, 101.0], model: 'v1'});"
+                        "new Promise((done) => requestAnimationFrame("
+                        "() => requestAnimationFrame(() => done(true))))"
+                    ),
+                    awaitPromise=True,
+                    returnByValue=True,
+                )
                 tools.reader.cancel()
         png = base64.b64decode(shot["data"])
         (tmp_path / "live.png").write_bytes(png)
@@ -228,6 +439,7 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
             Path(os.environ[SCREENSHOT_ENV]).write_bytes(png)
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
         assert charts == 3 and status == "live"
+        assert "exceptionDetails" not in injected and injected["result"]["value"] is True, injected
         assert tools.errors == [], tools.errors
     finally:
         if producer is not None:

@@ -19,15 +19,22 @@ function chart(symbol) {
   return c;
 }
 
+// A number to draw, or null: the server sends null for a non-finite value, and a forecast whose
+// model output was not finite comes without `next` (with a `reason`) and often without `path`.
+const finite = (v) => (Number.isFinite(v) ? v : null);
+const fmt = (v, digits) => (Number.isFinite(v) ? v.toFixed(digits) : "-");
+
 function onForecast(f) {
+  if (!f || typeof f.symbol !== "string") return;
   const c = chart(f.symbol);
-  c.prices.push(f.price);
-  c.nexts.push(f.next); // the forecast of the value after this price
+  c.prices.push(finite(f.price));
+  c.nexts.push(finite(f.next)); // the forecast of the value after this price
   if (c.prices.length > KEEP) { c.prices.shift(); c.nexts.shift(); }
-  if (Array.isArray(f.path)) { c.path = f.path; c.pathAt = c.prices.length - 1; }
+  if (Array.isArray(f.path)) { c.path = f.path.map(finite); c.pathAt = c.prices.length - 1; }
   else if (c.path) { c.pathAt = Math.max(0, c.pathAt - (c.prices.length >= KEEP ? 1 : 0)); }
-  c.model = f.model;
-  c.caption.textContent = `${f.symbol}  price ${f.price.toFixed(2)}  next ${f.next.toFixed(2)}  model ${f.model}`;
+  c.model = typeof f.model === "string" ? f.model : "";
+  const next = fmt(f.next, 2) + (f.reason ? ` (${f.reason})` : "");
+  c.caption.textContent = `${f.symbol}  price ${fmt(f.price, 2)}  next ${next}  model ${c.model}`;
   c.dirty = true;
 }
 
@@ -47,7 +54,12 @@ function draw(c) {
   const y = (v) => h - 6 - ((v - lo) / (hi - lo)) * (h - 12);
   const line = (points, color, width) => {
     ctx.strokeStyle = color; ctx.lineWidth = width * devicePixelRatio; ctx.beginPath();
-    points.forEach(([i, v], k) => (k ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v))));
+    let gap = true; // a missing value breaks the line rather than dropping it to the axis
+    for (const [i, v] of points) {
+      if (v === null) { gap = true; continue; }
+      if (gap) ctx.moveTo(x(i), y(v)); else ctx.lineTo(x(i), y(v));
+      gap = false;
+    }
     ctx.stroke();
   };
   line(c.prices.map((v, i) => [i, v]), "#e8e8e8", 1.5);
@@ -65,7 +77,7 @@ function showSkill(skill) {
   const parts = [];
   for (const [version, horizons] of Object.entries(skill)) {
     const hs = Object.entries(horizons)
-      .map(([hz, s]) => `h${hz} ${s.skill === null ? "-" : (s.skill >= 0 ? "+" : "") + s.skill.toFixed(3)} (n=${s.n})`)
+      .map(([hz, s]) => `h${hz} ${s && Number.isFinite(s.skill) ? (s.skill >= 0 ? "+" : "") + s.skill.toFixed(3) : "-"} (n=${s ? s.n : 0})`)
       .join("  ");
     parts.push(`${version}: ${hs}`);
   }
