@@ -176,9 +176,12 @@ def _train(args: argparse.Namespace) -> int:
         config=config,
     )
     _quiet_tensorflow()
-    from streamcast.training import train_and_save
+    from streamcast.training import NormaliseError, train_and_save
 
-    info = train_and_save(series, options, args.out, data_info)
+    try:
+        info = train_and_save(series, options, args.out, data_info)
+    except NormaliseError as exc:
+        raise UserError(f"{exc}; train with --no-normalise for series that cross zero") from None
     print(
         f"saved model {info.version} to {args.out}: test MSE {info.metrics['mse']:.4g}, "
         f"naive {info.metrics['naive_mse']:.4g}, skill {info.metrics['skill']:+.3f}"
@@ -546,16 +549,31 @@ def _add_history(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--symbol", required=True)
     imp.add_argument("--column", help="column of a headed CSV (default: Close)")
     imp.add_argument("--replace", action="store_true", help="drop the symbol's history first")
+    imp.add_argument(
+        "--allow-non-positive",
+        action="store_true",
+        help="accept prices <= 0 (only for a model trained with --no-normalise; a normalised "
+        "model divides by prices, so by default they must be > 0, as for live ticks)",
+    )
     imp.set_defaults(func=_history_import)
 
 
 def _history_import(args: argparse.Namespace) -> int:
-    from streamcast.data import load_series
-    from streamcast.history import HistoryError, import_series
+    from streamcast.history import HistoryError, import_series, load_prices
     from streamcast.keys import Keys
+    from streamcast.schema import TickLimits
 
     settings = _settings()
-    series = load_series(args.file, args.column)
+    # the live edge's rules: one bad price would fail every retrain that reads this history
+    limits = TickLimits(
+        price_min=settings.price_min,
+        price_max=settings.price_max,
+        positive=not args.allow_non_positive,
+    )
+    try:
+        series = load_prices(args.file, args.column, limits=limits)
+    except HistoryError as exc:
+        raise UserError(str(exc)) from None
 
     async def run(redis: Any) -> int:
         return await import_series(
@@ -565,6 +583,7 @@ def _history_import(args: argparse.Namespace) -> int:
             series,
             maxlen=settings.history_maxlen,
             replace=args.replace,
+            limits=limits,
         )
 
     try:
@@ -610,6 +629,7 @@ def _retrain(args: argparse.Namespace) -> int:
     from streamcast.keys import Keys
     from streamcast.registry import Registry
     from streamcast.retrain import Retrainer
+    from streamcast.schema import TickLimits
     from streamcast.service import retrain_config
 
     settings = _settings()
@@ -628,6 +648,7 @@ def _retrain(args: argparse.Namespace) -> int:
         min_windows=args.min_windows,
         residual=args.residual,
         time_limit_s=args.time_limit,
+        limits=TickLimits(price_min=settings.price_min, price_max=settings.price_max),
     )
 
     async def run(redis: Any) -> Any:

@@ -4,18 +4,34 @@ The daemon appends every accepted tick (entry id = tick id) in the same transact
 forecast. ``import_series`` loads a file's worth of older prices into an empty history, and
 ``read_series`` reads the newest part back for training: pages of ``page`` entries per round trip,
 at most ``max_points`` per symbol, so memory is bounded by ``symbols x max_points`` floats.
+
+Prices go in by the live edge's rules (:func:`streamcast.schema.parse_price`): ``load_prices``
+reads a file's text with them and ``import_series`` checks the values again. What comes back out
+is checked once more by whoever trains on it (``clean_series``): a history written by other
+means, or by an older version, must not fail a retrain.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from redis.asyncio import Redis
 
 from streamcast.keys import Keys
-from streamcast.schema import SYMBOL_RE
+from streamcast.schema import (
+    DEFAULT_LIMITS,
+    SYMBOL_RE,
+    TickError,
+    TickLimits,
+    check_price,
+    parse_price,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +67,7 @@ async def read_series(
         )
         if not entries:
             break
-        prices = np.fromiter((float(f[b"price"]) for _, f in entries), np.float64, len(entries))
+        prices = np.fromiter((_price(f) for _, f in entries), np.float64, len(entries))
         chunks.append(prices)
         got += len(entries)
         upper = "(" + _text(entries[-1][0])
@@ -60,6 +76,156 @@ async def read_series(
     if not chunks:
         return np.empty(0)
     return np.concatenate(chunks)[::-1].copy()
+
+
+def _price(fields: Any) -> float:
+    """An entry's price, NaN when it is missing or not a number (left to ``clean_series``)."""
+    raw = fields.get(b"price", fields.get("price"))
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def valid_prices(
+    prices: np.ndarray, *, positive: bool | None = None, limits: TickLimits = DEFAULT_LIMITS
+) -> np.ndarray:
+    """A mask of the prices :func:`streamcast.schema.check_price` accepts (vectorised)."""
+    prices = np.asarray(prices, dtype=np.float64)
+    positive = limits.positive if positive is None else positive
+    low = limits.price_min if positive else -limits.price_max
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(prices) & (prices >= low) & (prices <= limits.price_max)
+        if positive:
+            ok &= prices > 0
+    return ok
+
+
+def clean_series(
+    prices: np.ndarray, *, positive: bool | None = None, limits: TickLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray, Counter[str]]:
+    """The prices that pass the live edge's rules, in order, and the others counted by reason."""
+    prices = np.asarray(prices, dtype=np.float64)
+    ok = valid_prices(prices, positive=positive, limits=limits)
+    reasons: Counter[str] = Counter()
+    for value in prices[~ok]:
+        try:
+            check_price(float(value), positive=positive, limits=limits)
+        except TickError as exc:
+            reasons[exc.reason] += 1
+    return prices[ok], reasons
+
+
+def load_prices(
+    path: str | Path,
+    column: str | None = None,
+    *,
+    positive: bool | None = None,
+    limits: TickLimits = DEFAULT_LIMITS,
+) -> np.ndarray:
+    """A price file for import, every value checked as the live edge checks a tick's price.
+
+    The file is a bare column of prices (optionally under a one-word header) or a headed CSV
+    where ``column`` (default ``Close``) is the price. The first price that breaks the rules
+    refuses the whole file, naming the file, the line and the problem.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise HistoryError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise HistoryError(f"{path}: is a directory, not a CSV file") from None
+    except UnicodeDecodeError as exc:
+        raise HistoryError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
+    rows = [
+        (n, row)
+        for n, row in enumerate(csv.reader(text.splitlines()), start=1)
+        if any(cell.strip() for cell in row)
+    ]
+    if not rows:
+        raise HistoryError(f"{path}: the file is empty")
+    _, first = rows[0]
+    index = 0
+    if not all(_is_number(cell) for cell in first):  # a header line
+        names = [cell.strip() for cell in first]
+        rows = rows[1:]
+        wanted = column or ("Close" if "Close" in names or len(names) > 1 else names[0])
+        if wanted not in names:
+            raise HistoryError(
+                f"{path}: no column {wanted!r} (columns: {', '.join(names)}; choose with --column)"
+            )
+        index = names.index(wanted)
+    elif column is not None:
+        raise HistoryError(f"{path}: asked for column {column!r} but the file has no header line")
+    elif len(first) != 1:
+        raise HistoryError(f"{path}: {len(first)} values a line and no header line naming them")
+    values = np.empty(len(rows), dtype=np.float64)
+    for i, (line, row) in enumerate(rows):
+        if index >= len(row):
+            raise HistoryError(
+                f"{path}, line {line}: {len(row)} fields, column {index + 1} missing"
+            )
+        try:
+            values[i] = parse_price(row[index], positive=positive, limits=limits)
+        except TickError as exc:
+            raise HistoryError(f"{path}, line {line}: {exc.reason}: {exc.detail}") from None
+    if not len(values):
+        raise HistoryError(f"{path}: no prices under the header line")
+    return values
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class TrainingHistories:
+    """What a retrain reads: the usable series and what was left out, by symbol."""
+
+    series: list[np.ndarray] = field(default_factory=list)  # oldest first, each
+    symbols: list[str] = field(default_factory=list)  # the symbol of each series
+    skipped: dict[str, int] = field(default_factory=dict)  # bad prices left out
+    notes: list[str] = field(default_factory=list)  # one line per symbol with a problem
+
+
+async def read_for_training(
+    redis: Redis,
+    keys: Keys,
+    names: list[str],
+    *,
+    max_points: int,
+    min_points: int,
+    limits: TickLimits = DEFAULT_LIMITS,
+) -> TrainingHistories:
+    """The newest ``max_points`` of each symbol, less the prices the live edge would refuse.
+
+    A symbol that lost prices, or keeps fewer than ``min_points``, gets a note saying so: one
+    bad symbol never fails a retrain of the others, and its outcome says which symbol it was.
+    """
+    out = TrainingHistories()
+    for name in names:
+        raw = await read_series(redis, keys, name, max_points)
+        prices, reasons = clean_series(raw, limits=limits)
+        if reasons:
+            out.skipped[name] = sum(reasons.values())
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+            out.notes.append(f"{name}: left out {out.skipped[name]} bad price(s) ({why})")
+            log.warning("history for training: %s", out.notes[-1])
+        if len(prices) >= min_points:
+            out.series.append(prices)
+            out.symbols.append(name)
+        else:
+            out.notes.append(
+                f"{name}: unusable, {len(prices)} valid price(s) of {len(raw)} read, "
+                f"at least {min_points} needed"
+            )
+            log.warning("history for training: %s", out.notes[-1])
+    return out
 
 
 async def import_series(
@@ -71,21 +237,31 @@ async def import_series(
     maxlen: int,
     replace: bool = False,
     page: int = PAGE,
+    positive: bool | None = None,
+    limits: TickLimits = DEFAULT_LIMITS,
 ) -> int:
     """Load ``prices`` (oldest first) as the history of ``symbol``; return how many are kept.
 
     Imported entries get ids ``0-1``, ``0-2``, ...: older than any live tick, so the daemon's
     later appends (id = tick id) follow them. A history that is not empty is refused unless
-    ``replace``: older prices cannot go in front of newer ones in a stream.
+    ``replace``: older prices cannot go in front of newer ones in a stream. Every price must pass
+    the live edge's check (``positive``: default ``limits.positive``); one that does not refuses
+    the whole series, and nothing is written.
     """
     if not SYMBOL_RE.fullmatch(symbol):
         raise HistoryError(f"symbol {symbol!r} must be 1-64 of A-Z a-z 0-9 . _ : -")
     prices = np.asarray(prices, dtype=np.float64)
     if prices.ndim != 1 or len(prices) == 0:
         raise HistoryError("nothing to import: the series is empty")
-    bad = np.flatnonzero(~np.isfinite(prices))
+    bad = np.flatnonzero(~valid_prices(prices, positive=positive, limits=limits))
     if len(bad):
-        raise HistoryError(f"value {bad[0] + 1} is {prices[bad[0]]!r}: prices must be finite")
+        try:
+            check_price(float(prices[bad[0]]), positive=positive, limits=limits)
+        except TickError as exc:
+            raise HistoryError(
+                f"value {bad[0] + 1} of {len(prices)}: {exc.reason}: {exc.detail} "
+                f"({len(bad)} bad value(s) in all); nothing imported"
+            ) from None
     key = keys.history(symbol)
     existing = await redis.xlen(key)
     if existing and not replace:

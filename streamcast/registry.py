@@ -12,6 +12,11 @@ Every replica on any host reaches the same Redis, so versions live there:
 
 A fetched version is written to a file cache (a directory per version) after its bytes' sha256
 matches both the registry's and the sidecar's, and the model loader checks it again on load.
+
+A version name becomes a Redis key and a directory name, so every name that comes in (a sidecar,
+the command line, the promotions list, a retrain's result) passes :func:`check_version` first,
+and a version whose sidecar names another version is refused: a replica would load it again at
+every model check, since it compares the registry's name with the name the loaded sidecar gives.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -36,6 +42,26 @@ from streamcast.model import MODEL_FILE, SIDECAR_FILE, ModelError, ModelInfo, sh
 log = logging.getLogger(__name__)
 
 LOG_MAXLEN = 10_000
+# a version is one path component: no "/", no leading "." or "-", no ".." anywhere
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class VersionError(ModelError):
+    """A version name that cannot be used as a key and a cache directory name."""
+
+
+def check_version(version: object) -> str:
+    """``version`` when it is a valid version name; else raise :class:`VersionError` naming it.
+
+    Valid: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit, without "..".
+    """
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version) or ".." in version:
+        shown = repr(version)[:80]
+        raise VersionError(
+            f"model version {shown} is not a valid name: 1-64 of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit, without '..'"
+        )
+    return version
 
 
 def default_cache_dir() -> Path:
@@ -75,6 +101,10 @@ class Registry:
         """Store a saved model directory as a version (idempotent); return its sidecar."""
         directory = Path(directory)
         info = ModelInfo.read(directory / SIDECAR_FILE)
+        try:
+            check_version(info.version)
+        except VersionError as exc:
+            raise VersionError(f"{directory / SIDECAR_FILE}: {exc}") from None
         model_path = directory / MODEL_FILE
         if not model_path.is_file():
             raise ModelError(f"{model_path}: model file missing")
@@ -87,12 +117,28 @@ class Registry:
             )
         key = self.keys.model(info.version)
         sidecar = (directory / SIDECAR_FILE).read_text(encoding="utf-8")
+        await self._check_unchanged(info.version, digest)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"keras": blob, "sidecar": sidecar, "sha256": digest})
         pipe.zadd(self.keys.models, {info.version: int(time.time() * 1000)}, nx=True)
         await pipe.execute()
         log.info("registered model %s (%d bytes)", info.version, len(blob))
         return info
+
+    async def _check_unchanged(self, version: str, digest: str) -> None:
+        """Refuse to overwrite a registered version with other bytes or a mismatched entry."""
+        reply: Any = await self.redis.hmget(self.keys.model(version), ["sidecar", "sha256"])
+        sidecar, stored = reply
+        if sidecar is None and stored is None:
+            return
+        if stored is not None and _text(stored) != digest:
+            raise ModelError(
+                f"model version {version} is already registered with other bytes (sha256 "
+                f"{_text(stored)[:12]}…, this file {digest[:12]}…); a version never changes: "
+                "save the model again to get a new version"
+            )
+        if sidecar is not None:
+            _parse_sidecar(version, sidecar)  # an entry whose sidecar names another version
 
     async def ensure_current(self, directory: str | Path) -> str:
         """The current version; when there is none yet, register ``directory`` and make it so."""
@@ -120,6 +166,7 @@ class Registry:
         )
 
     async def info(self, version: str) -> ModelInfo:
+        check_version(version)
         raw = await self.redis.hget(self.keys.model(version), "sidecar")
         if raw is None:
             raise ModelError(f"no model version {version!r} in the registry")
@@ -131,10 +178,36 @@ class Registry:
         out = []
         for member, score in rows:
             version = _text(member)
-            raw = await self.redis.hget(self.keys.model(version), "sidecar")
-            if raw is None:
+            try:
+                check_version(version)
+                raw = await self.redis.hget(self.keys.model(version), "sidecar")
+                if raw is None:
+                    continue
+                out.append(Version(version, score / 1000, _parse_sidecar(version, raw)))
+            except ModelError as exc:
+                log.warning("skipping an unusable registry entry: %s", exc)
+        return out
+
+    async def previous_versions(self) -> list[str]:
+        """Versions promoted before the current one, newest first: fallbacks to try in turn.
+
+        Each appears once; the current version, names that are not valid and versions no longer
+        in the registry are left out.
+        """
+        current = await self.current()
+        raw: Any = await self.redis.lrange(self.keys.model_promotions, 0, -1)
+        out: list[str] = []
+        for member in raw:
+            version = _text(member)
+            if (current is not None and version == current.version) or version in out:
                 continue
-            out.append(Version(version, score / 1000, _parse_sidecar(version, raw)))
+            try:
+                check_version(version)
+            except VersionError as exc:
+                log.warning("skipping a promotion of an invalid version: %s", exc)
+                continue
+            if await self.redis.exists(self.keys.model(version)):
+                out.append(version)
         return out
 
     async def events(self, count: int = 20) -> list[dict[str, str]]:
@@ -146,11 +219,22 @@ class Registry:
         ]
 
     async def fetch(self, version: str) -> Path:
-        """A local directory holding ``version``, from the file cache or fetched and checked."""
-        target = self.cache_dir / version
+        """A local directory holding ``version``, from the file cache or fetched and checked.
+
+        Raises :class:`ModelError` (:class:`VersionError` for a bad name) for a version that is
+        missing, corrupt, or whose sidecar names another version.
+        """
+        target = self._cache_path(version)
         if (target / SIDECAR_FILE).is_file() and (target / MODEL_FILE).is_file():
-            info = ModelInfo.read(target / SIDECAR_FILE)
-            if sha256_file(target / MODEL_FILE) == info.sha256:
+            try:
+                info = ModelInfo.read(target / SIDECAR_FILE)
+            except ModelError:
+                info = None
+            if (
+                info is not None
+                and info.version == version
+                and sha256_file(target / MODEL_FILE) == info.sha256
+            ):
                 return target
             log.warning("cached model %s is damaged; fetching it again", version)
         reply: Any = await self.redis.hmget(
@@ -173,10 +257,24 @@ class Registry:
             (staging / SIDECAR_FILE).write_bytes(
                 sidecar if isinstance(sidecar, bytes) else str(sidecar).encode()
             )
+            target = self._cache_path(version)  # again: the cache may have changed meanwhile
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _cache_path(self, version: str) -> Path:
+        """The cache directory of ``version``, refused unless it lies directly in the cache."""
+        check_version(version)
+        root = self.cache_dir.resolve()
+        target = self.cache_dir / version
+        # defence in depth: a name that passed the check, or a link planted in the cache, must
+        # still not make fetch remove and replace a directory elsewhere
+        if target.resolve().parent != root or target.is_symlink():
+            raise ModelError(
+                f"model {version}: cache path {target} leads outside the cache {root}; refused"
+            )
         return target
 
     # -- changing the current version --------------------------------------------------------
@@ -189,6 +287,7 @@ class Registry:
         ``expect``: the version that must be current for the change to happen (``None``: none
         must be); ``False`` (the default) promotes whatever is current.
         """
+        check_version(version)
         if not await self.redis.exists(self.keys.model(version)):
             raise ModelError(f"no model version {version!r} in the registry")
         await self._set_current(version, reason, expect, "promoted", push=True, event=event)
@@ -199,6 +298,7 @@ class Registry:
         if len(promotions) < 2:
             raise ModelError("nothing to roll back to: fewer than two versions were ever promoted")
         current, previous = promotions
+        check_version(previous)
         await self._set_current(previous, reason, current, "rollback", push=False, event={})
         return previous
 
@@ -268,4 +368,12 @@ def _field(value: Any) -> str:
 
 
 def _parse_sidecar(version: str, raw: Any) -> ModelInfo:
-    return ModelInfo.parse(raw, f"model {version} in the registry")
+    """The sidecar of registry entry ``version``; refused if it names another version."""
+    check_version(version)
+    info = ModelInfo.parse(raw, f"model {version} in the registry")
+    if info.version != version:
+        raise ModelError(
+            f"model {version} in the registry: its sidecar says version {str(info.version)[:80]!r}; "
+            "a version whose sidecar names another is refused (it would be reloaded forever)"
+        )
+    return info

@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ from streamcast import history
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.model import ModelError
-from streamcast.registry import PromotionConflict, Registry
+from streamcast.registry import PromotionConflict, Registry, check_version
+from streamcast.schema import TickLimits
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,9 @@ class RetrainConfig:
     threads: int = 1  # TensorFlow threads in the trainer: leave the cores to serving
     nice: int = 19
     seed: int = 0
+    # the live edge's price rules, applied again to what is read from the history (positive:
+    # set from whether the current model is normalised)
+    limits: TickLimits = field(default_factory=TickLimits)
 
 
 @dataclass
@@ -96,10 +100,12 @@ class RetrainResult:
     naive_mse: float | None = None
     windows: int = 0
     seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)  # bad prices left out, by symbol
 
     def event(self) -> dict[str, Any]:
         out = asdict(self)
         out["event"] = "retrain"
+        out["skipped"] = ",".join(f"{k}:{v}" for k, v in self.skipped.items()) or None
         return out
 
 
@@ -200,20 +206,26 @@ class Retrainer:
         current_dir = await self.registry.fetch(current.version)
         info = await self.registry.info(current.version)
         names = list(cfg.symbols) or await history.symbols(self.redis, self.keys)
-        series, used = [], []
-        for name in names:
-            prices = await history.read_series(self.redis, self.keys, name, cfg.max_points)
-            # a symbol needs held-out windows and training windows: 2 x (window + 1) at least
-            if len(prices) >= 2 * (info.seq_len + 1) and np.all(np.isfinite(prices)):
-                series.append(prices)
-                used.append(name)
+        # a symbol needs held-out windows and training windows: 2 x (window + 1) at least
+        read = await history.read_for_training(
+            self.redis,
+            self.keys,
+            names,
+            max_points=cfg.max_points,
+            min_points=2 * (info.seq_len + 1),
+            limits=replace(cfg.limits, positive=info.normalise),
+        )
+        series, used, notes = read.series, read.symbols, read.notes
         windows = sum(len(s) - info.seq_len for s in series)
-        base = RetrainResult("skipped", "", current=current.version, windows=windows)
+        base = RetrainResult(
+            "skipped", "", current=current.version, windows=windows, skipped=read.skipped
+        )
         train_windows = int(windows * (1 - cfg.holdout_fraction))
         if train_windows < cfg.min_windows:
-            base.reason = (
+            base.reason = _with_notes(
                 f"not enough history: {train_windows} training windows from {len(used)} "
-                f"symbol(s), at least {cfg.min_windows} needed"
+                f"symbol(s), at least {cfg.min_windows} needed",
+                notes,
             )
             return base
         log.info(
@@ -230,9 +242,11 @@ class Retrainer:
             (job / "job.json").write_text(json.dumps(spec), encoding="utf-8")
             failure = await self._spawn(job, lock)
             if failure is not None:
-                base.outcome, base.reason = "failed", failure
+                base.outcome, base.reason = "failed", _with_notes(failure, notes)
                 return base
-            return await self._decide(job, base)
+            result = await self._decide(job, base)
+        result.reason = _with_notes(result.reason, notes)
+        return result
 
     async def _spawn(self, job: Path, lock: RetrainLock) -> str | None:
         """Run the trainer; None when it exited 0, else why it failed (it is killed if need be)."""
@@ -278,7 +292,7 @@ class Retrainer:
             raw = json.loads((job / "result.json").read_text(encoding="utf-8"))
             candidate_dir = Path(raw["candidate_dir"])
             scores = {k: float(raw[k]) for k in ("candidate_mse", "current_mse", "naive_mse")}
-            result.candidate = str(raw["version"])
+            result.candidate = check_version(raw["version"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             result.outcome, result.reason = "failed", f"trainer left no usable result ({exc})"
             return result
@@ -348,6 +362,10 @@ class Retrainer:
             await self.registry.record(result.event())
         except REDIS_DOWN:
             log.warning("could not record the retrain outcome in the registry (redis down)")
+
+
+def _with_notes(reason: str, notes: list[str]) -> str:
+    return reason + "".join(f"; {note}" for note in notes)
 
 
 def _fmt(value: float | None) -> str:

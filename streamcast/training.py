@@ -40,15 +40,26 @@ class Prepared:
     normalise: bool
 
 
+class NormaliseError(DataError):
+    """Normalisation asked for on a series with values <= 0.
+
+    The text names no command-line flag: the trainer runs for ``train`` (which has
+    ``--no-normalise``) and for ``retrain`` (which follows the current model), so each caller
+    adds the advice that fits it.
+    """
+
+
 def choose_normalise(series: list[np.ndarray], normalise: bool | None) -> bool:
     """Resolve ``normalise=None`` to whether every value is positive; refuse an impossible True."""
     positive = all(bool(np.all(s > 0)) for s in series)
     if normalise is None:
         return positive
     if normalise and not positive:
-        raise DataError(
-            "normalisation divides each window by its first value, but the series has values "
-            "<= 0; use --no-normalise"
+        n = next(i for i, s in enumerate(series) if not np.all(s > 0))
+        at = int(np.argmax(~(series[n] > 0)))
+        raise NormaliseError(
+            "normalisation divides each window by its first value, but series "
+            f"{n + 1} has values <= 0 (value {at + 1} is {float(series[n][at])!r})"
         )
     return normalise
 

@@ -151,3 +151,19 @@ def test_history_retrain_and_models_from_the_command_line(redis_server, tmp_path
     assert '"parent"' in shown.stdout and '"holdout_windows"' in shown.stdout
     missing = cli("models", "promote", "no-such-version")
     assert missing.returncode == 2 and "no model version 'no-such-version'" in missing.stderr
+
+
+def test_normalise_on_a_series_that_crosses_zero_names_the_value_and_the_flag(tmp_path, capsys):
+    from streamcast.training import NormaliseError, TrainOptions, prepare
+
+    path = tmp_path / "s.csv"
+    path.write_text("\n".join(str(v) for v in sine_series(200)))
+    args = ["train", "--data", str(path), "--normalise", "--out", str(tmp_path / "m")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "series 1 has values <= 0 (value 36 is " in err
+    assert err.rstrip().endswith("train with --no-normalise for series that cross zero")
+    # the trainer's own message names no flag: retrain, which runs it too, has none
+    with pytest.raises(NormaliseError) as caught:
+        prepare([sine_series(200)], TrainOptions(normalise=True))
+    assert "--" not in str(caught.value)

@@ -56,7 +56,7 @@ async def test_import_refuses_a_non_empty_history_unless_replacing(redis_client)
         await import_series(redis_client, keys, "B", np.ones(3), maxlen=100)
     assert await import_series(redis_client, keys, "B", np.ones(3), maxlen=100, replace=True) == 3
     assert await redis_client.xlen(keys.history("B")) == 3
-    with pytest.raises(HistoryError, match="must be finite"):
+    with pytest.raises(HistoryError, match="value 2 of 2: non_finite_price: nan is not finite"):
         await import_series(redis_client, keys, "C", np.array([1.0, np.nan]), maxlen=100)
     with pytest.raises(HistoryError, match="symbol"):
         await import_series(redis_client, keys, "bad symbol", np.ones(3), maxlen=100)

@@ -32,9 +32,9 @@ from streamcast.settings import Settings, SettingsError, load_settings
 from .conftest import start_redis_server
 from .test_service import (
     check_exactly_once,
-    keep_ticks,
     feed,
     http_get,
+    keep_ticks,
     spawn_daemon,
     total_forecasts,
     wait_ready,
