@@ -788,10 +788,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     func: Callable[[argparse.Namespace], int] = args.func
     from streamcast.model import ModelError
+    from streamcast.service import ServeError
 
     try:
         return func(args)
-    except (UserError, DataError, ModelError) as exc:
+    except (UserError, DataError, ModelError, ServeError) as exc:
         print(f"streamcast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

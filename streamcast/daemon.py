@@ -1019,6 +1019,7 @@ class Daemon:
         else:
             old, self.engine = self.engine, new
             _close(old)
+            self.limits = replace(self.limits, positive=self.engine.normalise)
         self.metrics.model_info.clear()
         self.metrics.model_info.labels(self.engine.version).set(1)
         self.metrics.model_swaps.inc()

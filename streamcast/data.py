@@ -123,8 +123,7 @@ def normalise_windows(windows: np.ndarray) -> np.ndarray:
         bad = int(np.argmax(first.reshape(-1) <= 0))
         raise DataError(
             f"window {bad} starts at {first.reshape(-1)[bad]!r}: normalisation divides by the "
-            "first value of each window, which must be > 0 (train with --no-normalise for "
-            "series that cross zero)"
+            "first value of each window, which must be > 0"
         )
     return windows / first - 1.0
 

@@ -103,6 +103,7 @@ def retrain_config(settings: Settings, **overrides: Any) -> RetrainConfig:
         min_windows=settings.retrain_min_windows,
         time_limit_s=settings.retrain_time_limit_s,
         threads=settings.retrain_threads,
+        limits=TickLimits(price_min=settings.price_min, price_max=settings.price_max),
     )
     for name, value in overrides.items():
         if value is not None:
@@ -196,11 +197,8 @@ async def start_engine(
 
 
 async def _earlier_versions(models: Registry, refused: str) -> list[str]:
-    previous = getattr(models, "previous_versions", None)
-    if previous is None:
-        return []
     try:
-        return [v for v in await previous() if v != refused]
+        return [v for v in await models.previous_versions() if v != refused]
     except (redis_errors.RedisError, OSError):
         return []
 
@@ -249,6 +247,9 @@ async def serve(
         heartbeat=lambda: daemon.heartbeat if daemon is not None else time.monotonic(),
         redis_ping=redis.ping,
         page=LivePage(redis, keys, skill=lambda: daemon.skill.snapshot() if daemon else {}),
+        header_timeout_s=settings.http_header_timeout_s,
+        keepalive_timeout_s=settings.http_keepalive_timeout_s,
+        max_connections=settings.http_max_connections,
     )
     try:
         # bind first: a port in use or a host that does not resolve is one line, not a

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     model_path: Path = Field(DEFAULT_MODEL_DIR, description="a saved model directory")
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="a request head must arrive within this (slow clients)"
+    )
+    http_keepalive_timeout_s: float = Field(75.0, gt=0, le=3600)
+    http_max_connections: int = Field(1000, ge=1, le=100_000)
     shard_index: int = Field(0, ge=0)
     shard_count: int = Field(1, ge=1, le=1024)
     consumer_name: str = Field("", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
