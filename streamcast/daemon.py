@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 
 from streamcast.keys import Keys, shard_of
 from streamcast.lease import Lease
+from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.schema import (
     SYMBOL_RE,
@@ -70,26 +71,6 @@ class GroupLost(Exception):
 
 class LeaseLost(Exception):
     """Another process holds this shard now: publish nothing more, stand by."""
-
-
-class RateLimitedLog:
-    """At most one line per key every ``every_s``, saying how many were folded into it."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
-        self.logger = logger
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._folded: dict[str, int] = {}
-
-    def __call__(self, level: int, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) < self.every_s:
-            self._folded[key] = self._folded.get(key, 0) + 1
-            return
-        folded = self._folded.pop(key, 0)
-        self._last[key] = now
-        suffix = f" (and {folded} more like it since the last such line)" if folded else ""
-        self.logger.log(level, msg + suffix, *args)
 
 
 class Engine(Protocol):
@@ -208,7 +189,6 @@ class Daemon:
         self._read_count = min(self.config.batch_max_size, 64)  # grows while entries are small
         self._say = RateLimitedLog(log)
         self._idle_checked = 0.0
-        self._pending_letters: Any = None  # dead letters for forecasts Redis refused to take
         # the model lifecycle: a registry to watch, how to load a version, what to retrain
         self.registry = registry
         self.loader = loader
@@ -772,7 +752,7 @@ class Daemon:
         pipe.xack(keys.ticks, self.group, *batch.ack_ids)
         ops.append(("ack", "", keys.ticks))
         results = await pipe.execute(raise_on_error=False)
-        group_lost = self._write_errors(ops, results, batch)
+        group_lost = await self._write_errors(ops, results, batch)
         if high is not None and high > self._acked_high:
             self._acked_high = high
         # metrics after the write: only what is durable is counted
@@ -813,7 +793,7 @@ class Daemon:
         if group_lost:
             raise GroupLost(f"consumer group {self.group} vanished while a batch was written")
 
-    def _write_errors(
+    async def _write_errors(
         self, ops: list[tuple[str, str, str]], results: list[Any], batch: Batch
     ) -> bool:
         """Count and log every command of the transaction that Redis refused; none is skipped
@@ -867,7 +847,7 @@ class Daemon:
                     maxlen=self.config.dead_maxlen,
                     approximate=True,
                 )
-            self._pending_letters = pipe
+            await pipe.execute(raise_on_error=False)
         return group_lost
 
     # -- background --------------------------------------------------------------------------
@@ -880,9 +860,6 @@ class Daemon:
         while True:
             self.heartbeat = time.monotonic()
             try:
-                if self._pending_letters is not None:
-                    letters, self._pending_letters = self._pending_letters, None
-                    await letters.execute(raise_on_error=False)
                 if time.monotonic() - last_claim >= cfg.claim_interval_s and self.ready:
                     last_claim = time.monotonic()
                     if await self._claim(cfg.claim_idle_ms):

@@ -22,6 +22,8 @@ from aiohttp import web
 from aiohttp.http import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from streamcast.logs import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 _OVERLOADED = (
@@ -162,12 +164,19 @@ class _ServerLog(logging.LoggerAdapter[logging.Logger]):
     the parser's exception at ERROR with its traceback: anyone could flood the log that way.
     """
 
+    _say = RateLimitedLog(logging.getLogger("aiohttp.server"))
+
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
         if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
-            kwargs.pop("exc_info")
-            level = min(level, logging.WARNING)
-            msg = f"{msg} ({exc.code} {type(exc).__name__})"
+            # at most one line every 10 s, with how many more there were
+            self._say(
+                min(level, logging.WARNING),
+                "bad-request",
+                f"{msg} ({exc.code} {type(exc).__name__})",
+                *args,
+            )
+            return
         super().log(level, msg, *args, **kwargs)
 
 
