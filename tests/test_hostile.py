@@ -165,15 +165,19 @@ async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_clien
     keys = Keys("wrongtype")
     feed = Feed(redis_client, keys, ["W0", "W1"])
     await redis_client.set(keys.forecasts("W0"), "not a stream")  # an operator's mistake
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, engine, keys, batch_max_wait_ms=0)
     async with daemon:
-        await feed.send(60)
+        await feed.send(49)
+        # then one tick each, each in a batch of its own, all within a second: every failed
+        # batch's letters must be written, not only the last one's
+        for n in range(1, 12):
+            await feed.send(1)
+            await wait_for(lambda n=n: _xlen_at_least(redis_client, keys.forecasts("W1"), n))
 
-        async def w1_done_and_letters():
-            letters = await redis_client.xrange(keys.dead)
-            return await redis_client.xlen(keys.forecasts("W1")) == 11 and len(letters) >= 11
+        async def letters_written():
+            return await redis_client.xlen(keys.dead) >= 11
 
-        await wait_for(w1_done_and_letters, what="W1's forecasts and W0's dead letters")
+        await wait_for(letters_written, timeout_s=10, what="W0's 11 dead letters")
     letters = await redis_client.xrange(keys.dead)
     assert {f[b"reason"] for _, f in letters} == {b"publish_failed"}
     assert [f[b"tick_id"].decode() for _, f in letters] == feed.ids["W0"][49:]
