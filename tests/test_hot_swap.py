@@ -153,6 +153,15 @@ async def test_corrupt_or_mismatched_versions_are_refused_and_a_killed_trainer_c
         await redis_client.hset(keys.model(corrupt.version), "keras", bytes(blob))
         await registry.promote(corrupt.version, reason="test: corrupt")
         await wait_for(lambda: _failures(metrics, "invalid"))
+        # a version whose sidecar names another one (the serving one's bytes under a new key,
+        # written raw): refused once, not loaded again at every model check
+        entry = await redis_client.hgetall(keys.model(DEFAULT_VERSION))
+        await redis_client.hset(keys.model("renamed-1"), mapping=entry)
+        await redis_client.zadd(keys.models, {"renamed-1": 1})
+        await registry.promote("renamed-1", reason="test: a sidecar naming another version")
+        await wait_for(lambda: _failures(metrics, "invalid", at_least=2))
+        await asyncio.sleep(2.0)  # four model checks
+        assert sample(metrics, "streamcast_model_load_failures_total", reason="invalid") == 2
         # ticks flow; the trainer started every 150 ticks is killed each time
         await replay(redis_client, keys, prices, ["K0", "K1"], rate=400, chunk=20)
 
@@ -174,8 +183,8 @@ async def _current_is(registry: Registry, version: str) -> bool:
     return current is not None and current.version == version
 
 
-async def _failures(metrics: Metrics, reason: str) -> bool:
-    return sample(metrics, "streamcast_model_load_failures_total", reason=reason) >= 1
+async def _failures(metrics: Metrics, reason: str, at_least: int = 1) -> bool:
+    return sample(metrics, "streamcast_model_load_failures_total", reason=reason) >= at_least
 
 
 async def _retrains(metrics: Metrics, result: str) -> bool:

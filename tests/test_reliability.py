@@ -80,17 +80,22 @@ async def test_redis_unreachable_at_start_then_served_once_it_comes(tmp_path):
     server = None
     try:
         deadline = time.monotonic() + 90
-        while True:  # up (model loaded, HTTP answering) but not ready
+        while True:  # up (model loaded, consuming) but not ready: it has tried Redis and failed
             assert daemon.poll() is None, "the daemon exited without Redis"
             try:
-                status, _body = http_get(http_port, "/readyz")
-                if status == 503:
+                status, body = http_get(http_port, "/metrics")
+                errors = [
+                    float(line.split()[-1])
+                    for line in body.splitlines()
+                    if line.startswith("streamcast_redis_errors_total ")
+                ]
+                if status == 200 and errors and errors[0] >= 2:
                     break
             except OSError:
                 pass
             assert time.monotonic() < deadline
             await asyncio.sleep(0.5)
-        await asyncio.sleep(3)
+        assert http_get(http_port, "/readyz")[0] == 503
         assert daemon.poll() is None
         server = start_redis_server(tmp_path, port=port)
         await wait_ready(http_port, daemon, timeout_s=60)
