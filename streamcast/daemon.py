@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -46,11 +47,11 @@ from streamcast.schema import (
     Tick,
     TickError,
     TickLimits,
-    check_price,
     decode_tick,
     encode_dead_letter,
     encode_forecast,
     id_key,
+    parse_price,
     parse_stream_reply,
 )
 from streamcast.skill import SkillTracker
@@ -63,10 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-
-
-class GroupLost(Exception):
-    """The consumer group (or the whole ticks stream) is gone: recreate it and go on."""
 
 
 class LeaseLost(Exception):
@@ -158,8 +155,12 @@ class Daemon:
         initial_model: Path | None = None,
         retrainer: Retrainer | None = None,
         refused: str | None = None,
+        publisher: Redis | None = None,
     ) -> None:
         self.redis = redis
+        # the publish transaction goes through a client that never retries it by itself: a
+        # retried EXEC whose reply was lost would write its dead letters twice
+        self.publisher = publisher or redis
         self.engine = engine
         self.metrics = metrics
         self.keys = keys or Keys()
@@ -185,6 +186,9 @@ class Daemon:
         self._started = False
         self._lease_held = False
         self._lease_lost = False
+        self._lease_until = 0.0  # monotonic: past this, the lease may have lapsed unseen
+        self._lease_epoch = 0  # bumped at each acquisition: a renewal of an older one is void
+        self._pending_from = "0"  # where the next read of our pending entries starts
         self._acked_high: tuple[int, int] = (0, 0)  # the newest id this process acknowledged
         self._read_count = min(self.config.batch_max_size, 64)  # grows while entries are small
         self._say = RateLimitedLog(log)
@@ -234,8 +238,10 @@ class Daemon:
             return
         self._stopping.set()
         consume, *others = self._tasks
+        lease_task = next((t for t in others if t.get_name() == "lease"), None)
         for task in others:
-            task.cancel()
+            if task is not lease_task:  # renewing goes on while the batch in flight drains
+                task.cancel()
         try:
             await asyncio.wait_for(asyncio.shield(consume), timeout_s)
         except TimeoutError:
@@ -244,6 +250,8 @@ class Daemon:
                 timeout_s,
             )
             consume.cancel()
+        if lease_task is not None:
+            lease_task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -318,22 +326,34 @@ class Daemon:
         self.windows = Windows(self.engine.seq_len)
         self.last_path.clear()
         self._read_pending = True
+        self._pending_from = "0"
         return True
 
     async def _group_start(self) -> str:
-        """Where a (re)created group starts: after the newest acknowledged tick, else at 0."""
-        stored = await self.redis.get(self.keys.acked(self.group))
+        """Where a (re)created group starts: after the newest acknowledged tick, else at 0; never
+        past the newest entry the stream has had (a hand-made far-future mark skips nothing)."""
         high = self._acked_high
-        if stored:
-            with contextlib.suppress(ValueError):
-                high = max(high, id_key(stored.decode() if isinstance(stored, bytes) else stored))
-        return "0" if high == (0, 0) else f"{high[0]}-{high[1]}"
+        with contextlib.suppress(ValueError, redis_errors.ResponseError):
+            stored = await self.redis.get(self.keys.acked(self.group))
+            if stored:
+                high = max(high, id_key(_str(stored)))
+        if high == (0, 0):
+            return "0"
+        with contextlib.suppress(ValueError, redis_errors.ResponseError):
+            info = await self.redis.xinfo_stream(self.keys.ticks)
+            newest = id_key(_str(info.get("last-generated-id", b"0-0")))
+            if newest != (0, 0):
+                high = min(high, newest)
+        return f"{high[0]}-{high[1]}"
 
     async def _hold_lease(self) -> bool:
         """Acquire the shard's lease, waiting as a standby while another live process holds it."""
         last_said = -1e9
         while not self._stopping.is_set():
+            asked = time.monotonic()
             if await self.lease.acquire():
+                self._lease_epoch += 1
+                self._lease_until = asked + self._lease_valid_s()
                 self._lease_held = True
                 if self.standby:
                     log.warning("took over %s: this replica consumes it now", self.group)
@@ -357,34 +377,58 @@ class Daemon:
                 await asyncio.wait_for(self._stopping.wait(), self.config.lease_ttl_s / 3)
         return False
 
+    def _lease_valid_s(self) -> float:
+        """How long after a renewal was asked for the lease is surely still ours: its time to
+        live less a margin for a blocking read that started just before."""
+        ttl = self.config.lease_ttl_s
+        return ttl - min(ttl / 3, self.config.read_block_ms / 1000 + 0.5)
+
+    def _check_lease(self) -> None:
+        """Raise LeaseLost unless the lease is surely ours: before every read and publish, so a
+        process that stalled past its lease neither reads nor publishes for the shard."""
+        if self._lease_lost or time.monotonic() > self._lease_until:
+            raise LeaseLost(f"the lease of {self.group} is lost or may have lapsed")
+
     async def _keep_lease(self) -> None:
         """Renew the lease well inside its time to live; losing it stops publishing at once."""
         while True:
             await asyncio.sleep(self.config.lease_ttl_s / 3)
             if not self._lease_held:
                 continue
+            epoch, asked = self._lease_epoch, time.monotonic()
             try:
                 kept = await self.lease.renew()
             except (*REDIS_DOWN, redis_errors.RedisError):
                 continue  # the consume loop sees the outage too; it rebuilds and re-acquires
-            if not kept:
-                self._lease_held = False
-                self._lease_lost = True
-                self.metrics.recoveries.labels("lease_lost").inc()
-                log.error(
-                    "lost the lease of %s (held by %s now, or it lapsed while this process "
-                    "stalled): publishing nothing more until it is held again",
-                    self.group,
-                    await self.lease.holder(),
-                )
+            except Exception:
+                log.exception("renewing the lease of %s failed", self.group)
+                continue
+            if epoch != self._lease_epoch:
+                continue  # re-acquired meanwhile: this renewal was of the old one
+            if kept:
+                self._lease_until = asked + self._lease_valid_s()
+                continue
+            self._lease_held = False
+            self._lease_lost = True
+            self.metrics.recoveries.labels("lease_lost").inc()
+            log.error(
+                "lost the lease of %s (another process holds it now, or it lapsed while this "
+                "process stalled): reading and publishing nothing until it is held again",
+                self.group,
+            )
 
     async def _take_over_pending(self) -> None:
         """Claim, in id order, every entry earlier consumers of the group left unacknowledged,
         then drop those consumers; we hold the lease, so none of them is alive."""
         claimed = await self._claim(min_idle_ms=0)
+        # a consumer is dropped only when it has nothing pending and has been idle past any
+        # lease it could still think it holds (DELCONSUMER drops what it has pending)
+        quiet_ms = int(self.config.lease_ttl_s * 1000) + self.config.read_block_ms + 1000
         for info in await self.redis.xinfo_consumers(self.keys.ticks, self.group):
             name = _str(info.get("name", b""))
-            if name != self.config.consumer and not int(info.get("pending", 0) or 0):
+            pending = int(info.get("pending", 0) or 0)
+            idle = int(info.get("idle", 0) or 0)
+            if name != self.config.consumer and not pending and idle >= quiet_ms:
                 await self.redis.xgroup_delconsumer(self.keys.ticks, self.group, name)
         if claimed:
             log.info(
@@ -415,9 +459,21 @@ class Daemon:
             for symbol in chunk:
                 # twice the window: entries that break the rules are skipped, the rest fill it
                 pipe.xrevrange(self.keys.history(symbol), count=2 * seq_len)
-            replies = await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
             now = self.clock()
             for symbol, history in zip(chunk, replies, strict=True):
+                if isinstance(history, redis_errors.ResponseError):
+                    # e.g. WRONGTYPE: someone wrote another kind of key there. The symbol fills
+                    # its window from live ticks; the shard goes on
+                    self.metrics.history_skipped.inc()
+                    self._say(
+                        logging.WARNING,
+                        "history-unreadable",
+                        "history of %s cannot be read (%s): its window fills from live ticks",
+                        symbol,
+                        str(history)[:120],
+                    )
+                    history = []
                 self.windows.restore(symbol, self._valid_history(symbol, history), now)
 
     def _valid_history(self, symbol: str, entries: Any) -> list[tuple[str, float, int | None]]:
@@ -425,21 +481,26 @@ class Daemon:
         price never reaches a window (it would fail the engine for the whole batch)."""
         rows: list[tuple[str, float, int | None]] = []
         bad: list[str] = []
+        ahead_ms = int(self.clock() * 1000) + self.limits.ts_max_ahead_ms
         for raw_id, fields in reversed(entries):
             entry_id = _str(raw_id)
             try:
-                price = check_price(float(fields[b"price"]), limits=self.limits)
+                if id_key(entry_id)[0] > ahead_ms:
+                    raise ValueError("an id in the future")  # would make every live tick 'seen'
+                price = parse_price(_str(fields.get(b"price", b"")), limits=self.limits)
             except (KeyError, ValueError) as exc:
                 bad.append(f"{entry_id}: {exc}")
                 continue
             ts_raw = fields.get(b"ts")
-            ts = int(ts_raw) if ts_raw and ts_raw.isdigit() else None
+            ts = int(ts_raw) if ts_raw and len(ts_raw) <= 20 and ts_raw.isdigit() else None
             if ts is not None and ts - id_key(entry_id)[0] > self.limits.ts_max_ahead_ms:
                 ts = None  # a bad event time is not the symbol's clock
             rows.append((entry_id, price, ts))
         if bad:
             self.metrics.history_skipped.inc(len(bad))
-            log.warning(
+            self._say(
+                logging.WARNING,
+                "history-bad",
                 "history of %s: skipped %d entries that break the edge's rules (first: %s)",
                 symbol,
                 len(bad),
@@ -482,6 +543,12 @@ class Daemon:
                         self.config.consumer,
                         self.group,
                     )
+                if self._read_pending and self._pending_from == "0" and pending is not None:
+                    # reading our pending entries from the start would read the batch in
+                    # flight again: publish it first
+                    batch, pending = pending, None
+                    await self._publish(batch)
+                self._check_lease()
                 entries = await self._read(block=pending is None)
                 self.redis_ok = True
                 backoff = 0.1
@@ -505,14 +572,11 @@ class Daemon:
                 # the pending batch's ticks are in its symbols' windows but not yet in their
                 # history: those symbols stay; any other comes back from history when it ticks
                 self._evict(self.clock(), protect={t.symbol for t in batch.accepted})
-            except (GroupLost, LeaseLost) as exc:
-                # unacknowledged batches are read again once the group (or the lease) is back
+            except LeaseLost:
+                # unacknowledged batches are read again by whoever holds the lease next
                 pending = None
                 setup_done = False
-                if isinstance(exc, GroupLost):
-                    log.warning("%s; recreating it", exc)
-                else:
-                    self.standby = True
+                self._lease_held = False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), 0.1)
             except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
@@ -523,12 +587,16 @@ class Daemon:
                     if reason == "NOGROUP":
                         pending, setup_done = None, False
                         self.redis_ok = True
-                        log.warning(
+                        self._say(
+                            logging.WARNING,
+                            "nogroup",
                             "consumer group %s on %s is gone (%s); recreating it",
                             self.group,
                             self.keys.ticks,
                             str(exc)[:120],
                         )
+                        with contextlib.suppress(TimeoutError):  # a loop of DELs cannot spin us
+                            await asyncio.wait_for(self._stopping.wait(), 0.1)
                         continue
                     self.metrics.redis_refusals.labels(reason).inc()
                     log.warning(
@@ -551,12 +619,18 @@ class Daemon:
     async def _read(self, block: bool = True) -> list[tuple[str, str, dict[Any, Any]]]:
         cfg = self.config
         if self._read_pending:
+            # our own pending entries, from a cursor: the batch read last is not acknowledged
+            # yet while it is published, and must not be read (and dead-lettered) twice
             reply = await self.redis.xreadgroup(
-                self.group, cfg.consumer, {self.keys.ticks: "0"}, count=self._read_count
+                self.group,
+                cfg.consumer,
+                {self.keys.ticks: self._pending_from},
+                count=self._read_count,
             )
             entries = self._sized(parse_stream_reply(reply))
             self._read_at = self.clock()
             if entries:
+                self._pending_from = entries[-1][1]
                 return entries
             self._read_pending = False
         reply = await self.redis.xreadgroup(
@@ -691,8 +765,7 @@ class Daemon:
     async def _publish(self, batch: Batch) -> None:
         # forecasts, history, dead letters and the ack land together or not at all, even if
         # we are cancelled mid-way: a crash before EXEC redelivers, never loses
-        if self._lease_lost:
-            raise LeaseLost(f"lost the lease of {self.group}")
+        self._check_lease()
         await asyncio.shield(self._write(batch))
         self.metrics.queue_depth.set(0)
         self.metrics.symbols.set(len(self.windows))
@@ -702,7 +775,7 @@ class Daemon:
         now_ms = int(self.clock() * 1000)
         version = batch.version or self.engine.version
         path_of = {i: batch.paths[k] for k, i in enumerate(batch.due)}
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.publisher.pipeline(transaction=True)
         ops: list[tuple[str, str, str]] = []  # (what, entry id, key) of each queued command
         withheld = {"next": 0, "path": 0}
         for i, tick in enumerate(batch.ready):
@@ -710,7 +783,7 @@ class Daemon:
                 continue  # a dead letter says why
             nxt, path = float(batch.next_prices[i]), path_of.get(i)
             reasons = []
-            if not np.isfinite(nxt):
+            if not math.isfinite(nxt):
                 withheld["next"] += 1
                 reasons.append("next is not finite")
             if path is not None and not np.isfinite(path).all():
@@ -718,7 +791,7 @@ class Daemon:
                 reasons.append("path is not finite")
             fields: dict[Any, Any] = encode_forecast(
                 tick,
-                nxt if np.isfinite(nxt) else None,
+                nxt if math.isfinite(nxt) else None,
                 None if path is None or not np.isfinite(path).all() else path.tolist(),
                 version,
                 now_ms,
@@ -752,7 +825,7 @@ class Daemon:
         pipe.xack(keys.ticks, self.group, *batch.ack_ids)
         ops.append(("ack", "", keys.ticks))
         results = await pipe.execute(raise_on_error=False)
-        group_lost = await self._write_errors(ops, results, batch)
+        await self._write_errors(ops, results, batch)
         if high is not None and high > self._acked_high:
             self._acked_high = high
         # metrics after the write: only what is durable is counted
@@ -790,32 +863,27 @@ class Daemon:
                 max(0.0, done_ms / 1000 - batch.computed_at)
             )
         self.skill.record(batch)
-        if group_lost:
-            raise GroupLost(f"consumer group {self.group} vanished while a batch was written")
 
     async def _write_errors(
         self, ops: list[tuple[str, str, str]], results: list[Any], batch: Batch
-    ) -> bool:
+    ) -> None:
         """Count and log every command of the transaction that Redis refused; none is skipped
-        silently. A forecast that could not be written becomes a dead letter saying why.
-        Returns whether the consumer group is gone (the ack failed with NOGROUP)."""
-        group_lost = False
-        failed_forecasts: list[tuple[str, str]] = []
+        silently. A forecast that was not written becomes a dead letter saying why."""
+        failed: list[tuple[str, str]] = []
+        duplicates: list[tuple[str, str]] = []
         for (what, entry_id, key), result in zip(ops, results, strict=True):
             if not isinstance(result, Exception):
                 continue
             text = str(result)
-            if "NOGROUP" in text:
-                group_lost = True
-                continue
             reason = "duplicate_id" if "equal or smaller" in text else _refusal(result).lower()
             self.metrics.write_errors.labels(what, reason).inc()
             if reason == "duplicate_id":
-                # written before (a redelivery after the history was lost): the id keeps it once
+                if what == "forecast":
+                    duplicates.append((entry_id, key))
                 self._say(
                     logging.WARNING,
                     f"dup-{what}",
-                    "%s %s already in %s: not written twice",
+                    "%s %s: %s has a later entry",
                     what,
                     entry_id,
                     key,
@@ -831,24 +899,42 @@ class Daemon:
                 text,
             )
             if what == "forecast":
-                failed_forecasts.append((entry_id, text))
-        if failed_forecasts:
-            symbol_of = {t.id: t.symbol for t in batch.ready}
+                failed.append((entry_id, text))
+        if duplicates:
+            # written before (a redelivery after its history was lost): nothing to do. But a
+            # stray later entry in the stream refuses a forecast that was never written: say so
             pipe = self.redis.pipeline(transaction=False)
-            for entry_id, text in failed_forecasts:
-                pipe.xadd(
-                    self.keys.dead,
-                    encode_dead_letter(
-                        entry_id,
-                        "publish_failed",
-                        f"writing its forecast failed: {text[:200]}",
-                        {"symbol": symbol_of.get(entry_id, "")},
-                    ),
-                    maxlen=self.config.dead_maxlen,
-                    approximate=True,
-                )
+            for entry_id, key in duplicates:
+                pipe.xrange(key, entry_id, entry_id)
+            found = await pipe.execute(raise_on_error=False)
+            for (entry_id, key), entry in zip(duplicates, found, strict=True):
+                if not entry:
+                    failed.append((entry_id, f"{key} holds a later entry than this tick"))
+        if not failed:
+            return
+        symbol_of = {t.id: t.symbol for t in batch.ready}
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, text in failed:
+            pipe.xadd(
+                self.keys.dead,
+                encode_dead_letter(
+                    entry_id,
+                    "publish_failed",
+                    f"writing its forecast failed: {text[:200]}",
+                    {"symbol": symbol_of.get(entry_id, "")},
+                ),
+                maxlen=self.config.dead_maxlen,
+                approximate=True,
+            )
+        try:
             await pipe.execute(raise_on_error=False)
-        return group_lost
+        except (*REDIS_DOWN, redis_errors.RedisError) as exc:
+            # the ticks are acknowledged already: the log is all that is left to say it
+            log.error(
+                "%d forecasts were not written and their dead letters neither (%s)",
+                len(failed),
+                exc,
+            )
 
     # -- background --------------------------------------------------------------------------
 
@@ -864,6 +950,7 @@ class Daemon:
                     last_claim = time.monotonic()
                     if await self._claim(cfg.claim_idle_ms):
                         log.info("reclaimed entries left pending by another consumer")
+                        self._pending_from = "0"
                         self._read_pending = True
                 await self._measure_lag()
             except REDIS_DOWN:
@@ -951,11 +1038,15 @@ class Daemon:
     async def _trim_ticks(self) -> None:
         """Delete the ticks every consumer group of the stream has acknowledged, and only those:
         the oldest entry still pending in some group, or the first after what some group has
-        read, bounds the trim (XTRIM MINID, approximate: never past that bound)."""
-        keys = self.keys
+        read, bounds the trim (XTRIM MINID, approximate: never past that bound). A shard group
+        of this deployment that is missing (not created yet, or destroyed and about to be
+        recreated) bounds it by its acknowledged mark, and stops it when it has none."""
+        keys, cfg = self.keys, self.config
         floor: tuple[int, int] | None = None
+        present = set()
         for group in await self.redis.xinfo_groups(keys.ticks):
             name = _str(group.get("name", b""))
+            present.add(name)
             last = id_key(_str(group.get("last-delivered-id", b"0-0")))
             need = (last[0], last[1] + 1)
             if int(group.get("pending", 0) or 0):
@@ -963,6 +1054,16 @@ class Daemon:
                 lowest = summary.get("min") if isinstance(summary, dict) else None
                 if lowest:
                     need = min(need, id_key(_str(lowest)))
+            floor = need if floor is None else min(floor, need)
+        for shard in range(cfg.shard_count):
+            name = keys.group(shard, cfg.shard_count)
+            if name in present:
+                continue
+            mark = await self.redis.get(keys.acked(name))
+            if not mark:
+                return
+            acked = id_key(_str(mark))
+            need = (acked[0], acked[1] + 1)
             floor = need if floor is None else min(floor, need)
         if floor is None or floor <= (0, 1):
             return

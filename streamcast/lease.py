@@ -6,16 +6,18 @@ error anywhere. So a replica holds ``{prefix}:lease:{group}`` (SET NX PX, renewe
 time to live) while it consumes, and a second process with the same settings waits as a standby,
 loudly, and takes over when the holder dies or stops.
 
-The holder's token is its consumer name, ``{base}:{host}:{pid}:{random}``, unique per process. A
-lease left by a process of this host that no longer runs (kill -9, then a restart) is taken at
-once rather than after its time to live; so is one left by this very pid (a container restarted
-with the same hostname and pid 1).
+The holder's token is its consumer name, ``{base}:{host}:{pid}:{random}``, unique per process;
+``host`` is the host name with a short hash of the boot id and the pid namespace, so two
+containers sharing a host name (host networking) or two cloned machines never look like one. A
+lease left by a process of this host and pid namespace that no longer runs (kill -9, then a
+restart) is taken at once rather than after its time to live.
 
 Plain commands and WATCH transactions only (no Lua), so the embedded demo server supports it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -28,24 +30,39 @@ from redis.asyncio import Redis
 log = logging.getLogger(__name__)
 
 
+def host_identity() -> str:
+    """This host and pid namespace: the host name and a hash of the boot id and the namespace."""
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:32]
+    marks = []
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            if path.endswith("/pid"):
+                marks.append(os.readlink(path))
+            else:
+                with open(path) as file:
+                    marks.append(file.read().strip())
+        except OSError:
+            marks.append("")
+    digest = hashlib.sha256("|".join(marks).encode()).hexdigest()[:6]
+    return f"{name or 'host'}-{digest}"
+
+
 def consumer_token(base: str) -> str:
     """A consumer name unique to this process: ``base:host:pid:random``."""
-    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:40]
-    return f"{base}:{host or 'host'}:{os.getpid()}:{secrets.token_hex(3)}"
+    return f"{base}:{host_identity()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
-def holder_is_dead(token: str, *, host: str | None = None, pid: int | None = None) -> bool:
-    """Whether ``token`` names a process of this host that is gone (or was this pid before)."""
+def holder_is_dead(token: str, *, host: str | None = None) -> bool:
+    """Whether ``token`` names a process of this host and pid namespace that is gone."""
     parts = token.rsplit(":", 3)
     if len(parts) != 4 or not parts[2].isdigit():
         return False
     _, holder_host, holder_pid, _ = parts
-    mine = consumer_token("x").rsplit(":", 3)[1] if host is None else host
-    if holder_host != mine:
+    if holder_host != (host_identity() if host is None else host):
         return False
     holder = int(holder_pid)
-    if holder == (os.getpid() if pid is None else pid):
-        return True  # a previous process with our pid: this one restarted in its container
+    if holder == os.getpid():
+        return False  # our own pid in our own namespace: that token is this process's
     try:
         os.kill(holder, 0)
     except ProcessLookupError:
@@ -58,7 +75,7 @@ def holder_is_dead(token: str, *, host: str | None = None, pid: int | None = Non
 def _text(value: Any) -> str | None:
     if value is None:
         return None
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class Lease:
@@ -89,7 +106,11 @@ class Lease:
 
     async def renew(self) -> bool:
         """Extend the lease; False if another process holds it now (or it lapsed)."""
-        return await self._swap(self.token)
+        if await self._swap(self.token):
+            return True
+        # redis-py reports a connection lost under WATCH as a WatchError: look again (an
+        # outage raises here), so a blip is not taken for a lost lease
+        return await self.holder() == self.token and await self._swap(self.token)
 
     async def release(self) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -41,14 +41,15 @@ class ServeError(RuntimeError):
     """The daemon cannot start as configured (the text says which setting and why)."""
 
 
-def make_redis(url: str, timeout_s: float = 5.0, **kwargs: Any) -> Redis:
-    """A client with the protocol pinned (redis-py 8 changed its default) and retry/backoff."""
+def make_redis(url: str, timeout_s: float = 5.0, *, retries: int = 3, **kwargs: Any) -> Redis:
+    """A client with the protocol pinned (redis-py 8 changed its default) and retry/backoff
+    (``retries=0``: none, for the publish transaction, which must not run twice)."""
     return Redis.from_url(
         url,
         protocol=2,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3),
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),
         retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
         health_check_interval=30,
         **kwargs,
@@ -234,6 +235,7 @@ async def serve(
 
     log.info("redis %s, key prefix %r", settings.redis_url_redacted, settings.key_prefix)
     redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+    publisher = make_redis(settings.redis_url, settings.redis_timeout_s, retries=0)
     keys = Keys(settings.key_prefix)
     models = Registry(redis, keys, settings.model_cache_dir)
     prometheus = CollectorRegistry()
@@ -257,6 +259,7 @@ async def serve(
         await http.start()
     except OSError as exc:
         await redis.aclose()
+        await publisher.aclose()
         raise ServeError(
             f"cannot serve HTTP on {settings.http_host}:{settings.http_port} "
             f"(STREAMCAST_HTTP_HOST/_PORT): {exc.strerror or exc}"
@@ -268,6 +271,7 @@ async def serve(
     except BaseException:
         await http.stop()
         await redis.aclose()
+        await publisher.aclose()
         raise
     retrainer = Retrainer(
         redis,
@@ -288,6 +292,7 @@ async def serve(
         initial_model=settings.model_path,
         retrainer=retrainer,
         refused=refused,
+        publisher=publisher,
     )
     status = 0
     try:
@@ -303,6 +308,7 @@ async def serve(
     finally:
         await http.stop()
         await redis.aclose()
+        await publisher.aclose()
         close = getattr(engine, "close", None)
         if close is not None:
             close()

@@ -512,3 +512,130 @@ def test_counters_with_known_labels_are_exported_from_the_start():
         assert sample(metrics, "streamcast_model_load_failures_total", reason=reason) == 0
     assert np.isnan(sample(metrics, "streamcast_retrain_holdout_mse", model="candidate"))
     assert sample(metrics, "streamcast_redis_refusals_total", reason="OOM") == 0
+
+
+# -- found by review: each a way a tick could be lost, doubled or a shard stopped ---------------
+
+
+async def test_a_replica_that_loses_its_lease_stops_and_the_standby_forecasts_exactly_once(
+    redis_client, engine
+):
+    keys = Keys("leaselost")
+    feed = Feed(redis_client, keys, ["L0", "L1"])
+    first = daemon_for(redis_client, engine, keys, consumer="a", lease_ttl_s=1.5)
+    second = daemon_for(redis_client, engine, keys, consumer="b", lease_ttl_s=1.5)
+    await first.start()
+    await wait_for(lambda: asyncio.sleep(0, first.ready), what="the first ready")
+    await second.start()
+    try:
+        await wait_for(lambda: asyncio.sleep(0, second.standby), what="the second standing by")
+        await feed.send(60, pause_s=0.005)
+        await wait_for(feed.all_forecast)
+
+        async def never_renewed() -> bool:  # as if the first stalled past its lease
+            return False
+
+        first.lease.renew = never_renewed  # type: ignore[method-assign]
+        await wait_for(lambda: asyncio.sleep(0, second.ready), what="the second taking over")
+        await feed.send(60, pause_s=0.005)
+        await wait_for(feed.all_forecast)
+        assert not first.ready and first.stats.forecasts == 2 * 11
+    finally:
+        await first.stop()
+        await second.stop()
+    await feed.check_exactly_once()
+
+
+async def test_trim_waits_for_a_shard_group_that_is_missing(redis_client, engine):
+    keys = Keys("trimmissing")
+    feed = Feed(redis_client, keys, ["M0"])
+    await feed.send(120)
+    # shard 0 of 2 runs; shard 1's replica has not started yet: its group does not exist
+    daemon = daemon_for(
+        redis_client, engine, keys, shard_index=0, shard_count=2, ticks_trim_interval_s=0.2
+    )
+    async with daemon:
+        await wait_for(lambda: asyncio.sleep(0, daemon.stats.batches >= 1))
+        await asyncio.sleep(1.0)  # several trims
+    assert await redis_client.xlen(keys.ticks) == 120, "trimmed what shard 1 has not read"
+
+
+async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(redis_client, engine):
+    keys = Keys("pendingonce")
+    group = keys.group(0, 1)
+    await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
+    for i in range(300):  # a malformed entry among many, all read by a replica that then died
+        fields = {"symbol": "P", "price": "x"} if i == 150 else encode_tick("P", 100.0 + i)
+        await redis_client.xadd(keys.ticks, fields)
+    await redis_client.xreadgroup(group, "a", {keys.ticks: ">"}, count=1000)
+    daemon = daemon_for(redis_client, engine, keys, consumer="a", batch_max_size=64)
+    async with daemon:
+        await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("P"), 250))
+        await asyncio.sleep(0.5)
+    assert await redis_client.xlen(keys.dead) == 1
+    assert daemon.stats.duplicates == 0
+
+
+async def test_a_history_key_of_the_wrong_type_does_not_stop_the_shard(redis_client, engine):
+    keys = Keys("wronghist")
+    await redis_client.set(keys.history("X0"), "junk")
+    feed = Feed(redis_client, keys, ["X0", "X1"])
+    daemon = daemon_for(redis_client, engine, keys)
+    async with daemon:
+        await feed.send(60)
+
+        async def x1_forecast():
+            return await redis_client.xlen(keys.forecasts("X1")) == 11
+
+        await wait_for(x1_forecast, what="the other symbol's forecasts")
+        assert daemon.ready
+
+
+async def test_a_history_ts_of_thousands_of_digits_and_a_bad_lease_value_do_not_crash(
+    redis_client, engine
+):
+    keys = Keys("oddvalues")
+    await redis_client.xadd(keys.history("O0"), {"price": "10", "ts": "9" * 5000}, id="1-0")
+    feed = Feed(redis_client, keys, ["O0"])
+    await feed.send(60)
+    daemon = daemon_for(redis_client, engine, keys)
+    async with daemon:
+        await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("O0"), 11))
+        assert not daemon._tasks[0].done()
+    # a lease value that is not UTF-8: another holder, shown, not a crash
+    await redis_client.set(keys.lease(daemon.group), b"\xff\xfe", px=1500)
+    again = daemon_for(redis_client, engine, keys, consumer="other")
+    async with again:
+        await wait_for(lambda: asyncio.sleep(0, again.standby))
+        await wait_for(lambda: asyncio.sleep(0, again.ready), what="taking over after the TTL")
+        assert not again._tasks[0].done()
+
+
+async def test_a_stray_later_forecast_entry_makes_dead_letters_not_silence(redis_client, engine):
+    keys = Keys("stray")
+    await redis_client.xadd(keys.forecasts("Q0"), {"x": "1"}, id="99999999999999-0")
+    feed = Feed(redis_client, keys, ["Q0"])
+    await feed.send(60)
+    async with daemon_for(redis_client, engine, keys):
+        await wait_for(lambda: _xlen_at_least(redis_client, keys.dead, 11))
+    letters = await redis_client.xrange(keys.dead)
+    assert [f[b"tick_id"].decode() for _, f in letters] == feed.ids["Q0"][49:]
+    assert {f[b"reason"] for _, f in letters} == {b"publish_failed"}
+
+
+async def test_a_far_future_acknowledged_mark_does_not_skip_later_ticks(redis_client, engine):
+    keys = Keys("futuremark")
+    feed = Feed(redis_client, keys, ["F0"])
+    async with daemon_for(redis_client, engine, keys) as first:
+        await feed.send(55)
+        await wait_for(feed.all_forecast)
+    # while no replica runs: a hand-made mark far ahead of anything the stream has had, and the
+    # group destroyed. Recreated there, the group would skip every tick for centuries
+    await redis_client.set(keys.acked(first.group), "99999999999999-0")
+    await redis_client.xgroup_destroy(keys.ticks, first.group)
+    daemon = daemon_for(redis_client, engine, keys)
+    async with daemon:
+        await wait_for(lambda: asyncio.sleep(0, daemon.ready))
+        await feed.send(10, pause_s=0.01)
+        await wait_for(feed.all_forecast, what="the ticks after the recreation")
+    await feed.check_exactly_once()
