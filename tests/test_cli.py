@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -167,3 +168,141 @@ def test_normalise_on_a_series_that_crosses_zero_names_the_value_and_the_flag(tm
     with pytest.raises(NormaliseError) as caught:
         prepare([sine_series(200)], TrainOptions(normalise=True))
     assert "--" not in str(caught.value)
+
+
+# -- bad files on the command line: exit 2, one line naming the file ----------------------------
+
+
+def run_cli(capsys, *args: str) -> tuple[int, list[str]]:
+    """main(args); its exit status and the lines it wrote to stderr."""
+    code = main(list(args))
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+HEADED = "a,b\n" + "\n".join(f"{i},{i}" for i in range(60))
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        (None, (), "no such file"),
+        ("", (), "the file is empty"),
+        (b"\xff\xfe\x00garbage\x80", (), "not a text file"),
+        ("1.0\n2.0\nabc\n", (), "line 3: not a number: 'abc'"),
+        ("1.0\nnan\n", (), "line 2: 'nan' is not a finite number"),
+        ("1.0\n2.0\n", (), "2 values, fewer than one window of 51"),
+        (HEADED, (), "no 'Close'"),
+        (HEADED, ("--column", "c"), "no column 'c' (columns: a, b)"),
+    ],
+    ids=["missing", "empty", "binary", "non-numeric", "non-finite", "too-short", "no-close",
+         "no-column"],
+)  # fmt: skip
+def test_a_bad_csv_is_exit_2_and_one_line_naming_the_file(
+    tmp_path, capsys, content, extra, message
+):
+    path = tmp_path / "prices.csv"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    out = tmp_path / "model"
+    code, lines = run_cli(capsys, "train", "--data", str(path), *extra, "--out", str(out))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"streamcast train: error: {path}") and message in lines[0]
+    assert not out.exists()
+
+
+def _tamper(directory):
+    path = directory / "model.keras"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(directory):
+    from streamcast.model import ModelInfo, sha256_file, write_sidecar
+
+    path = directory / "model.keras"
+    path.write_bytes(path.read_bytes()[:200])
+    info = ModelInfo.read(directory / "model.json")
+    info.sha256 = sha256_file(path)  # the hash matches: only loading finds it broken
+    write_sidecar(directory, info)
+
+
+def _sidecar(text):
+    def write(directory):
+        if text is None:
+            (directory / "model.json").unlink()
+        else:
+            (directory / "model.json").write_text(text)
+
+    return write
+
+
+WRONG_TYPE = (
+    '{"version": "x", "created": "c", "seq_len": "fifty", "normalise": true, "sha256": "0"}'
+)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named", "message"),
+    [
+        (_tamper, "model.keras", "does not match the sidecar"),
+        (_truncate, "model.keras", "cannot load"),
+        (_sidecar(None), "model.json", "sidecar missing"),
+        (_sidecar("{not json"), "model.json", "not valid JSON"),
+        (_sidecar('{"version": "x"}'), "model.json", "sidecar lacks"),
+        (_sidecar(WRONG_TYPE), "model.json", "seq_len must be a positive integer"),
+        (lambda d: shutil.rmtree(d), "", "not a model directory"),
+    ],
+    ids=["tampered", "truncated", "no-sidecar", "sidecar-not-json", "sidecar-incomplete",
+         "sidecar-wrong-type", "no-directory"],
+)  # fmt: skip
+def test_a_bad_model_is_exit_2_and_one_line_naming_the_file(
+    tmp_path, capsys, tiny_model, damage, named, message
+):
+    from streamcast.model import save_model
+
+    model = tmp_path / "model"
+    save_model(tiny_model, model, normalise=False)
+    damage(model)
+    data = tmp_path / "sine.csv"
+    data.write_text("\n".join(str(v) for v in sine_series(200)))
+    out = tmp_path / "eval"
+    code, lines = run_cli(
+        capsys, "evaluate", "--model", str(model), "--data", str(data), "--out", str(out)
+    )
+    assert code == 2 and len(lines) == 1, lines
+    assert f"{model / named}".rstrip("/") in lines[0] and message in lines[0], lines[0]
+    assert lines[0].startswith("streamcast evaluate: error: ")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_registry_version_whose_bytes_changed_is_exit_2_and_one_line_naming_it(
+    redis_server, tmp_path, capsys, monkeypatch, tiny_model
+):
+    import redis as redis_sync
+
+    from streamcast.keys import Keys
+    from streamcast.model import save_model
+
+    monkeypatch.setenv("STREAMCAST_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("STREAMCAST_KEY_PREFIX", "bytes")
+    monkeypatch.setenv("STREAMCAST_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    info = save_model(tiny_model, tmp_path / "model", normalise=False)
+    code, lines = run_cli(capsys, "models", "add", str(tmp_path / "model"))
+    assert code == 0 and lines == [], lines
+    client = redis_sync.Redis(port=redis_server.port)
+    try:
+        key = Keys("bytes").model(info.version)
+        blob = bytearray(client.hget(key, "keras"))
+        blob[-10] ^= 0xFF
+        client.hset(key, "keras", bytes(blob))
+    finally:
+        client.close()
+    code, lines = run_cli(capsys, "models", "promote", info.version)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"streamcast models: error: model {info.version} ")
+    assert "corrupt" in lines[0]
+    assert not (tmp_path / "cache" / info.version).exists()

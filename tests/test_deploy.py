@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import shutil
@@ -158,10 +159,108 @@ def test_dockerfile_caches_dependencies_runs_as_non_root_and_checks_health():
     deps = next(i for i, line in enumerate(lines) if line.startswith("COPY pyproject.toml"))
     source = next(i for i, line in enumerate(lines) if line.startswith("COPY streamcast"))
     assert deps < source, "dependencies must be installed before the source is copied"
-    user = next(line for line in lines if line.startswith("USER "))
-    assert user.split()[1] not in ("root", "0")
+    assert image_user(text) == (10001, 10001)
     assert 'CMD ["streamcast", "check", "--ready"]' in text and "HEALTHCHECK" in text
     assert "ARG VARIANT=cpu" in text and '".[gpu]"' in text
+
+
+def _number(text: str | None) -> int:
+    return int(text) if text is not None and text.isdigit() else -1  # -1: not known, refused
+
+
+def image_user(dockerfile: str) -> tuple[int, int]:
+    """The (uid, gid) the image's last stage runs as, from its USER line and the useradd or
+    groupadd lines that create a named user or group; AssertionError if root or not known."""
+    stage = re.split(r"(?im)^FROM\s", dockerfile)[-1]
+    lines = [line.strip() for line in stage.replace("\\\n", " ").splitlines()]
+    users = [line.split(None, 1)[1].strip() for line in lines if line.upper().startswith("USER ")]
+    assert users, "no USER line in the last stage: the image runs as root"
+    user, _, group = users[-1].partition(":")
+    created: dict[str, tuple[int, int]] = {}  # user name -> (uid, primary gid)
+    groups = {"root": 0}
+    commands = r"\b(useradd|adduser|groupadd|addgroup)\b([^&;|\n]*)"
+    for kind, rest in re.findall(commands, "\n".join(lines)):
+        args = rest.split()
+        options = dict(itertools.pairwise(args))
+        name = args[-1] if args else ""
+        shared = "-o" in args or "--non-unique" in args  # may share root's id
+        if kind in ("groupadd", "addgroup"):
+            groups[name] = -1 if shared else _number(options.get("--gid", options.get("-g")))
+            continue
+        uid = -1 if shared else _number(options.get("--uid", options.get("-u")))
+        primary = options.get("--gid", options.get("-g"))
+        if primary is None:
+            gid = uid  # its own group, of the same name and number
+        else:
+            gid = int(primary) if primary.isdigit() else groups.get(primary, -1)
+        created[name] = (uid, gid)
+    if user.isdigit():
+        # a uid with no user of its own runs with the root group unless USER names one
+        uid, primary_gid = int(user), {u: g for u, g in created.values()}.get(int(user), 0)
+    else:
+        assert user in created, f"USER {user}: not created in the Dockerfile"
+        uid, primary_gid = created[user]
+    if group:
+        assert group.isdigit() or group in groups, f"USER {users[-1]}: group not created"
+        gid = int(group) if group.isdigit() else groups[group]
+    else:
+        gid = primary_gid
+    assert uid >= 1000, f"USER {users[-1]}: uid {uid} (root, a system account, or not given)"
+    assert gid >= 1000, f"USER {users[-1]}: gid {gid} (root, a system group, or not given)"
+    return uid, gid
+
+
+GOOD_USER = "RUN useradd --create-home --uid 10001 app\nUSER app\n"
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "why"),
+    [
+        ("FROM x\nRUN true\n", "no USER"),
+        ("FROM x\nUSER root\n", "root by name"),
+        ("FROM x\nUSER 0\n", "root by number"),
+        ("FROM x\nUSER 0:0\n", "root user and group"),
+        ("FROM x\nUSER 10001\n", "a bare uid: the root group"),
+        ("FROM x\nUSER 10001:0\n", "root group"),
+        ("FROM x\n" + GOOD_USER.replace("USER app", "USER app:root"), "root group by name"),
+        ("FROM x\nRUN useradd --uid 0 -o app\nUSER app\n", "uid 0, shared"),
+        ("FROM x\nRUN useradd --system app\nUSER app\n", "a system uid, not given"),
+        ("FROM x\nRUN useradd --uid 999 app\nUSER app\n", "a system uid"),
+        ("FROM x\nRUN useradd --uid 10001 -g 0 app\nUSER app\n", "root primary group"),
+        ("FROM x\nUSER nobody\n", "a user the Dockerfile does not create"),
+        ("FROM x AS build\n" + GOOD_USER + "FROM y\nRUN true\n", "USER only in another stage"),
+    ],
+)
+def test_dockerfile_user_check_refuses_root_in_every_spelling(dockerfile, why):
+    with pytest.raises(AssertionError):
+        image_user(dockerfile)
+
+
+def test_dockerfile_user_check_accepts_non_root_spellings():
+    assert image_user("FROM x\n" + GOOD_USER) == (10001, 10001)
+    assert image_user("FROM x\nUSER 10001:10001\n") == (10001, 10001)
+    groups = "RUN groupadd --gid 2000 g && useradd --uid 2001 -g g app\nUSER app:g\n"
+    assert image_user("FROM x\n" + groups) == (2001, 2000)
+
+
+def test_dockerfile_and_kubernetes_run_as_non_root_without_capabilities_on_a_read_only_root():
+    uid, gid = image_user((ROOT / "Dockerfile").read_text())
+    docs = yaml.safe_load_all((DEPLOY / "k8s" / "streamcast.yaml").read_text())
+    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    for container in pod["containers"]:
+        context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+        assert context.get("runAsNonRoot") is True, container["name"]
+        assert context.get("runAsUser", uid) == uid and context.get("runAsGroup", gid) == gid
+        assert context.get("privileged", False) is False
+        assert context.get("allowPrivilegeEscalation", False) is False
+        assert context.get("readOnlyRootFilesystem") is True, container["name"]
+        capabilities = context.get("capabilities", {})
+        assert "ALL" in capabilities.get("drop", []) and not capabilities.get("add")
+        # what the daemon writes (the model cache, temporary files) is on a mounted volume
+        mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        for path in (env.get("STREAMCAST_MODEL_CACHE_DIR") or "", "/tmp"):
+            assert any(path.startswith(m) for m in mounts), f"{path} is on the read-only root"
 
 
 def test_compose_file_validates_and_wires_the_stack():

@@ -18,7 +18,7 @@ from streamcast.model import DEFAULT_MODEL_DIR, ModelConfig, ModelInfo, build_mo
 from streamcast.registry import Registry
 from streamcast.replay import fan_out, replay, symbol_names
 from streamcast.retrain import RetrainConfig, Retrainer
-from streamcast.schema import decode_forecast
+from streamcast.schema import decode_forecast, id_key
 
 DEFAULT_VERSION = ModelInfo.read(DEFAULT_MODEL_DIR / "model.json").version
 BATCH = 256
@@ -86,10 +86,16 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
 
         await wait_for(lambda: forecasts_at_least(3 * (1200 - 49)))
         assert (await registry.current()).version == DEFAULT_VERSION  # type: ignore[union-attr]
-        # ticks keep coming while the candidate trains, is promoted, loaded and swapped in
+        feed_after = (await redis_client.xrevrange(keys.ticks, count=1))[0][0].decode()
+        # ticks keep coming while the candidate trains, is promoted, loaded and swapped in (the
+        # feed starts over if it runs out first), and go on after the swap
+        stop_feed = asyncio.Event()
         feed = asyncio.create_task(
-            replay(redis_client, keys, paths[:, 1200:2400], names, rate=100, chunk=30)
-        )
+            replay(
+                redis_client, keys, paths[:, 1200:2400], names,
+                rate=100, chunk=30, loop=True, stop=stop_feed,
+            )
+        )  # fmt: skip
         result = await retrainer.run_once()
         assert result.outcome == "promoted", result.reason
 
@@ -98,12 +104,18 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
 
         await wait_for(swapped)
         assert daemon.engine.version == result.candidate
+        at_swap = sample(metrics, forecast, outcome="forecast")
+        await wait_for(lambda: forecasts_at_least(at_swap + 90))  # the feed went on
+        assert not feed.done(), "the feed ended before the swap"
+        stop_feed.set()
+        await feed
+        feed_last = (await redis_client.xrevrange(keys.ticks, count=1))[0][0].decode()
         await asyncio.sleep(1.1)  # one housekeeping round
         age = metrics.registry.get_sample_value("streamcast_model_age_seconds")
         assert age is not None and 0 <= age < 60, "time since the last promotion"
-        await feed
         await replay(redis_client, keys, paths[:, 2400:], names, rate=None)
-        await wait_for(lambda: forecasts_at_least(3 * (2600 - 49)))
+        total = await redis_client.xlen(keys.ticks)
+        await wait_for(lambda: forecasts_at_least(total - 3 * 49))
     assert sample(metrics, "streamcast_model_info", version=result.candidate) == 1
     assert sample(metrics, "streamcast_model_info", version=DEFAULT_VERSION) == 0
     ticks: dict[str, list[str]] = {}
@@ -117,6 +129,14 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
         assert set(versions[:first_new]) == {DEFAULT_VERSION}
         assert set(versions[first_new:]) == {result.candidate}, "one swap, never back"
         assert len(versions) - first_new >= 200
+        # within the one paced replay: its first ticks forecast by the old version, its last
+        # ones by the new (the swap happened while it ran, for this very symbol)
+        during = [
+            version
+            for (eid, _), version in zip(entries, versions, strict=True)
+            if id_key(feed_after) < id_key(eid.decode()) <= id_key(feed_last)
+        ]
+        assert during[0] == DEFAULT_VERSION and during[-1] == result.candidate, name
 
 
 async def test_corrupt_or_mismatched_versions_are_refused_and_a_killed_trainer_changes_nothing(

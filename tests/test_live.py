@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from redis import exceptions as redis_errors
 
 from streamcast.demo import free_port
 from streamcast.http import HttpServer
@@ -66,8 +67,16 @@ async def test_page_and_assets_are_served_by_the_daemon_with_nothing_external(pa
             async with http.get(base + src) as r:
                 assert r.status == 200
                 assert "http://" not in await r.text() and "https://" not in await r.text()
-        async with http.get(base + "/static/../settings.py") as r:
-            assert r.status == 404
+    # raw, as a hostile client sends it: an HTTP client would normalise the `..` away first
+    port = int(base.rsplit(":", 1)[1])
+    for target in ("/static/../settings.py", "/static/..%2Fsettings.py", "/static/../../cli.py"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        response = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await writer.wait_closed()
+        assert response.startswith(b"HTTP/1.1 404 "), (target, response[:200])
+        assert b"import" not in response  # no source file's text
 
 
 async def test_events_stream_recent_and_new_forecasts_then_skill(page_server, redis_client):
@@ -292,13 +301,44 @@ def test_the_page_script_skips_a_forecast_without_next_or_path(tmp_path):
     assert result["points"] > 0 and result["finite"]
 
 
+class Untouchable:
+    """A stand-in for the Redis client that records every use (and then fails like an outage)."""
+
+    def __init__(self) -> None:
+        self.used: list[str] = []
+
+    def __getattr__(self, name: str):
+        self.used.append(name)
+        raise redis_errors.ConnectionError(f"redis was touched: {name}")
+
+
 @pytest.mark.parametrize(
-    "query", ["symbols=bad%20symbol", "symbols=", "symbols=" + ",".join(f"S{i}" for i in range(13))]
+    "query",
+    [
+        "symbols=bad%20symbol",
+        "symbols=",
+        "symbols=,",
+        "symbols=A,..%2Fx",
+        "symbols=" + ",".join(f"S{i}" for i in range(13)),
+    ],
 )
-async def test_events_refuse_bad_symbols_before_touching_redis(page_server, query):
-    base, _ = page_server
-    async with aiohttp.ClientSession() as http, http.get(base + "/events?" + query) as r:
-        assert r.status == 400
+async def test_events_refuse_bad_symbols_before_touching_redis(query):
+    redis = Untouchable()
+    server = HttpServer(
+        CollectorRegistry(), host="127.0.0.1", port=0, ready=lambda: True,
+        heartbeat=time.monotonic, page=LivePage(redis, Keys("refuse")),  # type: ignore[arg-type]
+    )  # fmt: skip
+    async with server, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{server.port}"
+        async with http.get(f"{base}/events?{query}") as r:
+            assert r.status == 400
+        assert redis.used == [], "a refused request reached redis"
+        # the stand-in does notice a request that is let through
+        events: list = []
+        async with http.get(f"{base}/events?symbols=A") as r:
+            assert r.status == 200
+            await asyncio.wait_for(read_sse(r, events, lambda e: False), 10)
+        assert redis.used and events == [("status", {"redis": False})]
 
 
 # -- the page in a real browser ------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -182,15 +183,57 @@ async def test_too_little_history_is_skipped_with_the_reason(redis_client, tmp_p
     assert (await registry.current()).version == DEFAULT_VERSION  # type: ignore[union-attr]
 
 
-async def test_redis_gone_mid_retrain_fails_cleanly(redis_server, deployment):
+# A trainer that says it has started (its pid in a marker file), then sleeps for a minute.
+MARKED_SLEEPER = """
+import os, sys, time
+from pathlib import Path
+marker = Path(sys.argv[1])
+marker.with_suffix(".tmp").write_text(str(os.getpid()))
+os.replace(marker.with_suffix(".tmp"), marker)
+time.sleep(60)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_redis_gone_mid_retrain_kills_the_trainer_and_fails_cleanly(
+    redis_server, deployment, tmp_path
+):
     from streamcast.service import make_redis
 
+    keys, _ = deployment
+    marker = tmp_path / "trainer.pid"
     client = make_redis(redis_server.url, timeout_s=1.0)
-    job, _ = retrainer(client, deployment, [sys.executable, "-c", "import time; time.sleep(30)"])
+    job, metrics = retrainer(
+        client, deployment, [sys.executable, "-c", MARKED_SLEEPER, str(marker)]
+    )
     job.config.lock_ttl_s = 3.0  # renewals every second
     task = asyncio.create_task(job.run_once())
-    await asyncio.sleep(2.0)
-    redis_server.process.kill()
-    result = await asyncio.wait_for(task, 60)
-    await client.aclose()
-    assert result.outcome == "failed" and "redis unavailable" in result.reason
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.is_file():  # the trainer runs (so the lock was taken before it)
+            assert not task.done(), f"the retrain ended first: {task.result()}"
+            assert time.monotonic() < deadline, "the trainer never started"
+            await asyncio.sleep(0.05)
+        pid = int(marker.read_text())
+        assert running(pid)
+        token = await client.get(keys.retrain_lock)
+        assert token is not None and len(token) == 32, "the retrain lock is held"
+        redis_server.process.kill()
+        redis_server.process.wait(10)
+        # the trainer sleeps 60 s: ending well within that means it was killed, not awaited
+        result = await asyncio.wait_for(task, 30)
+    finally:
+        task.cancel()
+        await client.aclose()
+    assert result.outcome == "failed", result.reason
+    assert result.reason.startswith("redis unavailable mid-retrain"), result.reason
+    assert "; trainer killed" in result.reason, result.reason
+    assert not running(pid), "the trainer is still running"
+    assert sample(metrics, "streamcast_retrains_total", result="failed") == 1

@@ -3,11 +3,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from streamcast.schema import (
+    DEFAULT_LIMITS,
+    PRICE_RE,
     REASONS,
+    SYMBOL_RE,
     Tick,
     TickError,
     decode_forecast,
@@ -62,9 +65,19 @@ def test_zero_price_is_allowed_for_a_raw_value_model():
     assert decode_tick("1-0", {b"symbol": b"S", b"price": b"-0.5"}, positive=False).price == -0.5
 
 
+CONTRACT_KEYS = ["symbol", "price", "ts", b"symbol", b"price", b"ts"]
+
+
 @given(
     st.dictionaries(
-        st.one_of(st.binary(max_size=20), st.text(max_size=20)), st.binary(max_size=100), max_size=8
+        st.one_of(st.sampled_from(CONTRACT_KEYS), st.binary(max_size=20), st.text(max_size=20)),
+        st.one_of(
+            st.binary(max_size=100),
+            st.text(max_size=30),
+            st.from_regex(SYMBOL_RE, fullmatch=True),
+            st.from_regex(PRICE_RE, fullmatch=True),
+        ),
+        max_size=8,
     )
 )
 def test_decoder_never_fails_other_than_with_a_tick_error(fields):
@@ -73,11 +86,183 @@ def test_decoder_never_fails_other_than_with_a_tick_error(fields):
     except TickError as exc:
         assert exc.reason in REASONS
     else:
-        assert tick.price > 0 and 1 <= len(tick.symbol) <= 64
+        assert DEFAULT_LIMITS.price_min <= tick.price <= DEFAULT_LIMITS.price_max
+        assert SYMBOL_RE.fullmatch(tick.symbol)
 
 
-def test_tick_round_trip_through_encode():
-    assert decode_tick("2-0", encode_tick("X", 12.5, ts=99)) == Tick("2-0", "X", 12.5, 99)
+# -- valid ticks, generated from the contract, and each way of breaking one ---------------------
+
+ENTRY_MS = st.integers(0, 2**46)
+
+
+@st.composite
+def price_texts(
+    draw, low: float = DEFAULT_LIMITS.price_min, high: float = DEFAULT_LIMITS.price_max
+):
+    """A price in [low, high] as decimal text the contract takes, in its various spellings."""
+    value = draw(st.floats(low, high, allow_nan=False, allow_infinity=False))
+    style = draw(st.sampled_from(["repr", "fixed", "exponent", "upper", "no_lead", "no_frac"]))
+    if style == "repr":
+        text = repr(value)
+    elif style == "fixed":
+        text = f"{value:.6f}"
+    elif style == "exponent":
+        text = f"{value:.{draw(st.integers(0, 17))}e}"
+    elif style == "upper":
+        text = f"{value:.8E}".replace("E+", "E")
+    elif style == "no_lead":  # ".5"
+        text = f"{value:.9f}".removeprefix("0")
+    else:  # "12." (a trailing point, no fraction)
+        text = f"{round(value):d}."
+    assume(low <= float(text) <= high)
+    return text
+
+
+@st.composite
+def valid_ticks(draw):
+    """(entry id, fields, the tick they decode to): symbols from the contract's pattern, prices
+    as decimal text in range, an optional ts no further ahead of the id's time than allowed, a
+    few unknown fields; keys and values as bytes or text."""
+    ms = draw(ENTRY_MS)
+    entry_id = f"{ms}-{draw(st.integers(0, 2**32))}"
+    symbol = draw(st.from_regex(SYMBOL_RE, fullmatch=True))
+    price = draw(price_texts())
+    ts = draw(st.none() | st.integers(0, ms + DEFAULT_LIMITS.ts_max_ahead_ms))
+    fields = {"symbol": symbol, "price": price}
+    if ts is not None:
+        fields["ts"] = str(ts)
+    extra = draw(
+        st.dictionaries(
+            st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=10).filter(
+                lambda k: k not in ("symbol", "price", "ts")
+            ),
+            st.text(max_size=50),
+            max_size=3,
+        )
+    )
+    fields.update(extra)
+    as_bytes = draw(st.booleans())
+    if as_bytes:
+        fields = {k.encode(): v.encode() for k, v in fields.items()}
+    return entry_id, fields, Tick(entry_id, symbol, float(price), ts)
+
+
+@given(valid_ticks())
+def test_valid_ticks_round_trip(case):
+    entry_id, fields, tick = case
+    assert decode_tick(entry_id, fields) == tick
+    again = decode_tick(entry_id, encode_tick(tick.symbol, tick.price, tick.ts))
+    assert again == tick
+
+
+def _key(fields: dict, name: str) -> str | bytes:
+    """The key ``name`` has in ``fields``: bytes or text, as the symbol's key is."""
+    if name in fields or name.encode() in fields:
+        return name if name in fields else name.encode()
+    return name.encode() if b"symbol" in fields else name
+
+
+def _set(fields: dict, name: str, value: str | bytes) -> dict:
+    """``fields`` with ``name`` set to ``value`` (text as the fields are; bytes kept as bytes)."""
+    key = _key(fields, name)
+    out = {k: v for k, v in fields.items() if k not in (name, name.encode())}
+    out[key] = value.encode() if isinstance(key, bytes) and isinstance(value, str) else value
+    return out
+
+
+def _drop(fields: dict, name: str) -> dict:
+    return {k: v for k, v in fields.items() if k not in (name, name.encode())}
+
+
+def _text(fields: dict, name: str) -> str:
+    value = fields[_key(fields, name)]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+ARABIC_INDIC = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+
+
+def mutations(draw, entry_id: str, fields: dict) -> list[tuple[str, dict, str]]:
+    """(what, broken fields, the reason they must be refused with) for one valid tick."""
+    ms = int(entry_id.split("-")[0])
+    price = _text(fields, "price")
+    symbol = _text(fields, "symbol")
+    spot = draw(st.integers(0, len(price)))
+    return [
+        ("no symbol", _drop(fields, "symbol"), "missing_symbol"),
+        ("empty symbol", _set(fields, "symbol", ""), "missing_symbol"),
+        (
+            "a character outside the symbol's set",
+            _set(fields, "symbol", symbol[:10] + draw(st.sampled_from(" /é*\n")) + symbol[10:]),
+            "bad_symbol",
+        ),
+        ("65 characters", _set(fields, "symbol", (symbol * 65)[:65]), "bad_symbol"),
+        ("no price", _drop(fields, "price"), "missing_price"),
+        ("empty price", _set(fields, "price", ""), "missing_price"),
+        (
+            "not decimal text",
+            _set(
+                fields,
+                "price",
+                price[:spot] + draw(st.sampled_from(["_", " ", "x", ","])) + price[spot:],
+            ),
+            "bad_price",
+        ),
+        ("a leading +", _set(fields, "price", "+" + price), "bad_price"),
+        ("surrounding spaces", _set(fields, "price", f" {price} "), "bad_price"),
+        ("other digits", _set(fields, "price", price.translate(ARABIC_INDIC)), "bad_price"),
+        (
+            "not finite",
+            _set(
+                fields, "price", draw(st.sampled_from(["nan", "inf", "-inf", "Infinity", "1e999"]))
+            ),
+            "non_finite_price",
+        ),
+        ("negative", _set(fields, "price", "-" + price), "non_positive_price"),
+        (
+            "zero",
+            _set(fields, "price", draw(st.sampled_from(["0", "0.0", "-0", "0e5"]))),
+            "non_positive_price",
+        ),
+        (
+            "too large",
+            _set(fields, "price", repr(draw(st.floats(2e9, 1e300)))),
+            "price_out_of_range",
+        ),
+        (
+            "too small",
+            _set(fields, "price", repr(draw(st.floats(5e-324, 5e-7)))),
+            "price_out_of_range",
+        ),
+        ("over 64 characters", _set(fields, "price", "0" * 65 + price), "oversized"),
+        ("a field over 4 kB", _set(fields, "note", "x" * 4097), "oversized"),
+        ("65 fields", {**fields, **{f"f{i}": "1" for i in range(65)}}, "oversized"),
+        ("symbol not UTF-8", _set(fields, "symbol", b"\xff" + symbol.encode()), "bad_encoding"),
+        ("price not UTF-8", _set(fields, "price", price.encode() + b"\xfe"), "bad_encoding"),
+        (
+            "ts not digits",
+            _set(fields, "ts", draw(st.sampled_from(["-5", "1.5", "soon", " 12", "1e3", "١٢"]))),
+            "bad_ts",
+        ),
+        ("ts over 20 digits", _set(fields, "ts", "1" * 21), "bad_ts"),
+        (
+            "ts too far ahead of the entry's time",
+            _set(
+                fields, "ts", str(ms + DEFAULT_LIMITS.ts_max_ahead_ms + draw(st.integers(1, 10**9)))
+            ),
+            "bad_ts",
+        ),
+    ]
+
+
+@given(valid_ticks(), st.data())
+def test_each_mutation_of_a_valid_tick_is_refused_with_its_reason(case, data):
+    entry_id, fields, _ = case
+    for what, broken, reason in mutations(data.draw, entry_id, fields):
+        with pytest.raises(TickError) as refused:
+            decode_tick(entry_id, broken)
+        assert refused.value.reason == reason, (what, broken, refused.value)
+        assert reason in REASONS
 
 
 def test_forecast_encoding_round_trip():
