@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: install test lint demo experiment bench bench-daemon bench-retrain model experiments clean
+.PHONY: install test lint demo experiment bench bench-daemon bench-retrain bench-overload bench-hostile model experiments clean
 
 install: $(VENV)/.installed
 
@@ -30,15 +30,23 @@ demo: install
 experiment: install
 	$(VENV)/bin/streamcast experiment --out runs/sine
 
+# Benchmarks record their reports in docs/results/ and refresh the docs that include them.
 bench: install
-	$(PY) bench/engine.py
+	$(PY) bench/engine.py --record && $(PY) bench/results.py
 
 bench-daemon: install
-	$(PY) bench/daemon.py
+	$(PY) bench/daemon.py --record && $(PY) bench/results.py
 
 # p99 latency with the daemon retraining under a load, next to the same load without.
 bench-retrain: install
-	$(PY) bench/daemon.py --retrain --symbols 100 --rate 400 --seconds 60 --history-points 300
+	$(PY) bench/daemon.py --retrain --symbols 100 --rate 400 --seconds 60 --history-points 300 --record && $(PY) bench/results.py
+
+bench-overload: install
+	$(PY) bench/overload.py --symbols 500 --rate 20000 --seconds 30 --producers 2 --record && $(PY) bench/results.py
+
+# Everything operators and hostile clients do, at once, against one deployment (exit 1 if any case fails).
+bench-hostile: install
+	$(PY) bench/hostile.py --record && $(PY) bench/results.py
 
 # The shipped default model: the project's own synthetic series, reproducible from the seed.
 model: install

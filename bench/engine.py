@@ -1,12 +1,13 @@
 """Engine speed: the tutorial's way against Forecaster, measured side by side in one run.
 
-    python bench/engine.py [--model DIR] [--reps 5] [--batches 1,64,512]
+    python bench/engine.py [--model DIR] [--reps 5] [--batches 1,64,512] [--record]
 
 For each batch size B (symbols) it times a 50-step rollout done the tutorial's way (one
 ``model.predict`` per step per window; enough calls are timed to extrapolate) against
 ``Forecaster.rollout``, and one step by ``model.predict`` on the whole batch against
 ``Forecaster.predict_next``. It counts the LSTM's multiply-adds to give achieved GFLOP/s, next to
-this machine's float32 numpy matmul rate measured in the same run. Medians throughout.
+this machine's float32 numpy matmul rate measured in the same run. Medians throughout. The
+tutorial's rollout time is extrapolated from the timed calls (B x 50 calls would take hours).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
+from results import Report
 
 STEPS = 50
 
@@ -71,7 +74,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batches", default="1,64,512")
     parser.add_argument("--tutorial-calls", type=int, default=40, help="model.predict calls timed")
+    parser.add_argument("--record", action="store_true", help="write docs/results/engine.md")
     args = parser.parse_args()
+    out = Report("engine")
     batches = [int(b) for b in args.batches.split(",")]
 
     import keras
@@ -90,25 +95,25 @@ def main() -> None:
     tutorial_rollout(model, warm, 2)
     per_call = median_seconds(lambda: tutorial_rollout(model, warm, 1), args.tutorial_calls)
 
-    print(
+    out(
         f"# streamcast engine benchmark: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs"
     )
-    print(
+    out(
         f"# TensorFlow {tf.__version__}, Keras {keras.__version__}, device {forecaster.device}, "
         f"chunk {forecaster.chunk_size} x {forecaster.workers} workers, model {forecaster.version}"
     )
-    print(
+    out(
         f"# {macs:,} multiply-adds per window pass; numpy float32 matmul (2048^2): {peak:.1f} GFLOP/s"
     )
-    print(
+    out(
         f"# tutorial model.predict on one window: {per_call * 1e3:.1f} ms per call (median of {args.tutorial_calls})"
     )
-    print()
-    print(
+    out()
+    out(
         "| B | tutorial rollout (s, extrapolated) | Forecaster.rollout (s) | ratio | GFLOP/s | % of matmul "
         "| model.predict 1 step (ms) | predict_next (ms) | ratio |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     for b in batches:
         batch = prices(b, seed=b)
@@ -122,21 +127,22 @@ def main() -> None:
         keras_step = median_seconds(lambda x=x: model.predict(x, verbose=0), args.reps)
         our_step = median_seconds(lambda batch=batch: forecaster.predict_next(batch), args.reps)
         results[b] = (tutorial / ours, gflops / peak)
-        print(
+        out(
             f"| {b} | {tutorial:.1f} | {ours:.3f} | {tutorial / ours:,.0f}x | {gflops:.1f} | "
             f"{gflops / peak:.0%} | {keras_step * 1e3:.1f} | {our_step * 1e3:.1f} | "
             f"{keras_step / our_step:.1f}x |"
         )
     if 512 in results:
         ratio, share = results[512]
-        print()
-        print(
+        out()
+        out(
             f"target rollout >= 500x the tutorial's way at B=512: {ratio:,.0f}x {'met' if ratio >= 500 else 'NOT met'}"
         )
-        print(
+        out(
             f"target >= 50% of the matmul rate at B=512: {share:.0%} {'met' if share >= 0.5 else 'NOT met'}"
         )
     forecaster.close()
+    out.save(args.record)
 
 
 if __name__ == "__main__":

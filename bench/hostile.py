@@ -1,6 +1,6 @@
 """Everything operators and hostile clients do, to one running deployment, at once.
 
-    python bench/hostile.py [--symbols 20] [--rate 200] [--seconds 60]
+    python bench/hostile.py [--symbols 20] [--rate 200] [--seconds 60] [--record]
 
 Starts a private redis-server and two `streamcast serve` processes with the same settings (one
 consumes, one stands by), after promoting a current model that does not load. A paced producer
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import daemon as bench  # noqa: E402  (bench/daemon.py: redis, serve, load helpers)
 import numpy as np  # noqa: E402
+from results import Report  # noqa: E402  (bench/results.py)
 
 from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
@@ -215,6 +216,7 @@ async def main() -> int:
     parser.add_argument("--symbols", type=int, default=20)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--record", action="store_true", help="write docs/results/hostile.md")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hostile-"))
     server, url = bench.start_redis(str(tmp))
@@ -427,18 +429,15 @@ async def main() -> int:
         server.kill()
     logs = "\n".join(p.read_text() for p in tmp.glob("serve-*.log"))
     rows.append(("logs", "no traceback in either daemon's log", "Traceback" not in logs))
-    print(
-        f"# bench/hostile.py on {platform.node()} ({os.cpu_count()} CPUs), {time.strftime('%Y-%m-%d')}"
-    )
-    print(
-        f"# python bench/hostile.py --symbols {args.symbols} --rate {args.rate:g} --seconds {args.seconds:g}"
-    )
-    print("| case | result | ok |")
-    print("|---|---|---|")
+    out = Report("hostile")
+    out(f"# bench/hostile.py on {platform.node()} ({os.cpu_count()} CPUs)")
+    out("| case | result | ok |")
+    out("|---|---|---|")
     for case, result, ok in rows:
-        print(f"| {case} | {result} | {'yes' if ok else '**NO**'} |")
+        out(f"| {case} | {result} | {'yes' if ok else '**NO**'} |")
     failed = [case for case, _, ok in rows if not ok]
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    out(f"{len(rows) - len(failed)} of {len(rows)} cases held")
+    out.save(args.record)
     if failed:
         print(f"logs kept in {tmp}")
     else:

@@ -29,17 +29,23 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import daemon as bench  # noqa: E402  (bench/daemon.py: redis, load, collection helpers)
 import numpy as np  # noqa: E402
+from results import Report  # noqa: E402  (bench/results.py)
 
 from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
 from streamcast.service import make_redis  # noqa: E402
 
 
-def produce(url: str, names: list[str], feed: np.ndarray, rate: float, seconds: float) -> int:
-    """One producer process: offer ``rate`` ticks/s over its symbols; returns ticks sent."""
+def produce(
+    url: str, names: list[str], feed: np.ndarray, rate: float, seconds: float, start_at: float
+) -> int:
+    """One producer process: from ``start_at`` (epoch seconds, the same for every producer, so
+    their start-up is not load time) offer ``rate`` ticks/s over its symbols; ticks sent."""
 
     async def run() -> int:
         redis = make_redis(url)
+        await redis.ping()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
         try:
             return await bench.offer_load(redis, Keys("overload"), names, feed, rate, seconds)
         finally:
@@ -49,7 +55,13 @@ def produce(url: str, names: list[str], feed: np.ndarray, rate: float, seconds: 
 
 
 async def offer_in_processes(
-    url: str, names: list[str], feed: np.ndarray, rate: float, seconds: float, processes: int
+    url: str,
+    names: list[str],
+    feed: np.ndarray,
+    rate: float,
+    seconds: float,
+    processes: int,
+    start_at: float,
 ) -> int:
     """Split symbols and rate over ``processes`` producers (one Python process tops out near
     12,000 ticks/s on this machine); returns ticks sent in all."""
@@ -62,7 +74,7 @@ async def offer_in_processes(
         parts = [
             loop.run_in_executor(
                 pool, produce, url, names[k::processes], feed[k::processes], rate / processes,
-                seconds,
+                seconds, start_at,
             )
             for k in range(processes)
         ]  # fmt: skip
@@ -99,6 +111,7 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--drain-timeout", type=float, default=1800.0)
     parser.add_argument("--producers", type=int, default=2, help="load generator processes")
+    parser.add_argument("--record", action="store_true", help="write docs/results/overload.md")
     args = parser.parse_args()
 
     names = [f"O{k:04d}" for k in range(args.symbols)]
@@ -124,11 +137,12 @@ async def main() -> None:
             samples: list = []
             stop = asyncio.Event()
             sampler = asyncio.create_task(sample(daemon.pid, http_port, stop, samples))
-            load_started = time.monotonic()
+            # the producers start together once spawned: their start-up is not load time
+            start_at = time.time() + 5.0
             sent = await offer_in_processes(
-                url, names, feed[:, 50:], args.rate, args.seconds, args.producers
+                url, names, feed[:, 50:], args.rate, args.seconds, args.producers, start_at
             )
-            load_s = time.monotonic() - load_started
+            load_s = time.time() - start_at
             end = time.monotonic()
             done = 0
             while time.monotonic() - end < args.drain_timeout:
@@ -149,27 +163,30 @@ async def main() -> None:
             redis_proc.wait(10)
 
     t, rss, lags = (np.array(col) for col in zip(*samples, strict=True))
+    t = t - 5.0  # the sampler started with the 5 s wait for the producers
+    out = Report("overload")
     during = t <= load_s
-    print(f"# streamcast overload: {platform.node()}, {os.cpu_count()} CPUs")
-    print(
+    out(f"# streamcast overload: {platform.node()}, {os.cpu_count()} CPUs")
+    out(
         f"# offered {args.rate:,.0f} ticks/s over {args.symbols} symbols for {args.seconds:.0f} s "
         f"(achieved {sent / load_s:,.0f}/s by {args.producers} producer processes); redis, the "
         "load and the daemon share the machine\n"
     )
-    print("| ticks offered | forecast | daemon alive | RSS idle | RSS peak | peak lag | "
+    out("| ticks offered | forecast | daemon alive | RSS idle | RSS peak | peak lag | "
           "lag at load end | drain after load | redis memory at end |")  # fmt: skip
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    print(
+    out("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    out(
         f"| {sent:,} | {done:,} ({done / sent:.1%}) | {'yes' if alive else 'NO'} | "
         f"{idle_rss:,.0f} MB | {np.nanmax(rss):,.0f} MB | {np.nanmax(lags):,.0f} | "
         f"{lags[during][-1] if during.any() else float('nan'):,.0f} | {drain_s:,.1f} s | "
         f"{redis_mem:,.0f} MB |"
     )
-    print()
-    print("RSS (MB) and lag every 10 s: " + "  ".join(
+    out()
+    out("RSS (MB) and lag every 10 s: " + "  ".join(
         f"{tt:.0f}s:{r:.0f}/{g:,.0f}" for tt, r, g in zip(t[::10], rss[::10], lags[::10], strict=True)
     ))  # fmt: skip
-    print(f"every tick forecast after the drain: {'yes' if done == sent else 'NO'}")
+    out(f"every tick forecast after the drain: {'yes' if done == sent else 'NO'}")
+    out.save(args.record)
 
 
 if __name__ == "__main__":

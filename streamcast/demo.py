@@ -17,12 +17,19 @@ import threading
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from streamcast.keys import Keys
 from streamcast.replay import replay, symbol_names, synthetic_feed, watch
 from streamcast.service import load_engine, make_redis, serve
 from streamcast.settings import ENV_PREFIX, load_settings
 
 log = logging.getLogger(__name__)
+
+# the demo's feed: the shipped model was trained on seed 0 of the same generator, so this is a
+# feed it has never seen (tests/test_model.py scores it there)
+FEED_SEED = 1
+FEED_POINTS = 5000
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,6 +52,11 @@ def embedded_redis(port: int = 0, host: str = "127.0.0.1") -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def demo_feed(symbols: int) -> np.ndarray:
+    """The demo's synthetic prices, (symbols, FEED_POINTS)."""
+    return synthetic_feed(symbols, FEED_POINTS, seed=FEED_SEED)
 
 
 async def run_demo(
@@ -73,8 +85,7 @@ async def run_demo(
             "demo: loading and compiling the model (a few seconds), then forecasts stream below; Ctrl+C stops"
         )
         stop = asyncio.Event()
-        # seed 1: a feed the shipped model (trained on seed 0) has never seen
-        feed = synthetic_feed(symbols, 5000, seed=1)
+        feed = demo_feed(symbols)
         engine = await asyncio.get_running_loop().run_in_executor(None, load_engine, settings)
         redis = make_redis(settings.redis_url, settings.redis_timeout_s)
         try:

@@ -188,22 +188,14 @@ def test_shipped_default_model_loads_and_is_documented():
 def test_shipped_default_model_beats_naive_on_the_demos_feed_as_on_its_test_windows():
     """The README's claim: the default model, trained on seed 0, is scored on the demo's feed
     (the same generator, another seed), which it never saw, and keeps its stored skill."""
-    import inspect
-    import re
-
     from streamcast import Forecaster
     from streamcast.data import make_windows
-    from streamcast.demo import run_demo
+    from streamcast.demo import FEED_SEED, demo_feed
     from streamcast.evaluate import evaluate
-    from streamcast.replay import synthetic_feed
 
-    # the feed exactly as `streamcast demo` makes it (its default of 8 symbols)
-    call = re.search(r"synthetic_feed\(symbols, (\d+), seed=(\d+)\)", inspect.getsource(run_demo))
-    assert call is not None, "the demo no longer makes its feed with synthetic_feed"
-    points, seed = int(call.group(1)), int(call.group(2))
     info = ModelInfo.read(DEFAULT_MODEL_DIR / "model.json")
-    assert f"seed={seed}" not in info.data["source"], "the demo's feed is the training data"
-    feed = synthetic_feed(8, points, seed=seed)
+    assert f"seed={FEED_SEED}" not in info.data["source"], "the demo's feed is the training data"
+    feed = demo_feed(8)  # the demo's default of 8 symbols
     windows = np.concatenate([make_windows(series)[::10] for series in feed])  # every 10th
     with Forecaster.load() as engine:
         point = evaluate(engine, windows, "point").metrics
