@@ -193,6 +193,7 @@ class Daemon:
         self._read_count = min(self.config.batch_max_size, 64)  # grows while entries are small
         self._say = RateLimitedLog(log)
         self._idle_checked = 0.0
+        self.trim_rounds = 0  # times the trim ran (what it removed is in the metrics)
         # the model lifecycle: a registry to watch, how to load a version, what to retrain
         self.registry = registry
         self.loader = loader
@@ -252,9 +253,7 @@ class Daemon:
             consume.cancel()
         if lease_task is not None:
             lease_task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await _cancelled(self._tasks)
         self._tasks = []
         if self._lease_held:
             # a standby takes over at once instead of after the lease's time to live
@@ -1042,6 +1041,7 @@ class Daemon:
         of this deployment that is missing (not created yet, or destroyed and about to be
         recreated) bounds it by its acknowledged mark, and stops it when it has none."""
         keys, cfg = self.keys, self.config
+        self.trim_rounds += 1
         floor: tuple[int, int] | None = None
         present = set()
         for group in await self.redis.xinfo_groups(keys.ticks):
@@ -1239,6 +1239,27 @@ def _close(engine: Any) -> None:
     close = getattr(engine, "close", None)
     if close is not None:
         close()
+
+
+async def _cancelled(tasks: list[asyncio.Task[None]], rounds: int = 20) -> None:
+    """Wait for cancelled tasks to end, cancelling again those that did not.
+
+    A cancellation can be swallowed when it races a timeout inside a client call (asyncio's
+    wait_for and timeout turn it into TimeoutError, which a retry loop then handles): awaiting
+    such a task once more would wait forever, and the process would never stop.
+    """
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(rounds):
+        if not pending:
+            break
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a task that failed was logged where it failed
+    if pending:
+        log.error("tasks that would not stop: %s", ", ".join(t.get_name() for t in pending))
 
 
 def _str(value: Any) -> str:

@@ -250,7 +250,8 @@ async def test_trim_never_removes_what_a_slow_group_has_not_acknowledged(redis_c
     daemon = daemon_for(redis_client, engine, keys, ticks_trim_interval_s=0.2)
     async with daemon:
         await wait_for(feed.all_forecast)
-        await asyncio.sleep(0.5)  # several trims
+        rounds = daemon.trim_rounds
+        await wait_for(lambda: asyncio.sleep(0, daemon.trim_rounds >= rounds + 3), what="trims")
     first = (await redis_client.xrange(keys.ticks, count=1))[0][0]
     assert first.decode() <= got[10].decode() or first == got[10]
     remaining = [e.decode() for e, _ in await redis_client.xrange(keys.ticks)]
@@ -333,7 +334,6 @@ async def test_non_finite_output_is_withheld_with_a_reason_and_skill_stays_finit
     async with daemon:
         await feed.send(120)
         await wait_for(feed.all_forecast)
-        await asyncio.sleep(1.1)  # one housekeeping round publishes the skill
     wild = [decode_forecast(f) for _, f in await redis_client.xrange(keys.forecasts("N1"))]
     assert all("next" not in f and "path" not in f for f in wild)
     assert all(
@@ -556,7 +556,7 @@ async def test_trim_waits_for_a_shard_group_that_is_missing(redis_client, engine
     )
     async with daemon:
         await wait_for(lambda: asyncio.sleep(0, daemon.stats.batches >= 1))
-        await asyncio.sleep(1.0)  # several trims
+        await wait_for(lambda: asyncio.sleep(0, daemon.trim_rounds >= 3), what="three trims")
     assert await redis_client.xlen(keys.ticks) == 120, "trimmed what shard 1 has not read"
 
 
@@ -571,7 +571,11 @@ async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(re
     daemon = daemon_for(redis_client, engine, keys, consumer="a", batch_max_size=64)
     async with daemon:
         await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("P"), 250))
-        await asyncio.sleep(0.5)
+
+        async def nothing_pending() -> bool:
+            return (await redis_client.xpending(keys.ticks, group))["pending"] == 0
+
+        await wait_for(nothing_pending, what="every entry acknowledged")
     assert await redis_client.xlen(keys.dead) == 1
     assert daemon.stats.duplicates == 0
 
@@ -639,3 +643,26 @@ async def test_a_far_future_acknowledged_mark_does_not_skip_later_ticks(redis_cl
         await feed.send(10, pause_s=0.01)
         await wait_for(feed.all_forecast, what="the ticks after the recreation")
     await feed.check_exactly_once()
+
+
+async def test_stopping_survives_a_task_that_swallowed_its_cancellation():
+    """A cancellation racing a timeout inside a client call can be turned into TimeoutError and
+    handled by a retry loop; stop() used to await such a task forever (found as a hang)."""
+    from streamcast.daemon import _cancelled
+
+    swallowed = asyncio.Event()
+
+    async def retry_loop() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed.is_set():
+                    raise
+                swallowed.set()  # as if it had been a TimeoutError: handled, loop again
+
+    task = asyncio.create_task(retry_loop())
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.wait_for(_cancelled([task]), timeout=10)
+    assert swallowed.is_set() and task.cancelled()

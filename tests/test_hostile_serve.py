@@ -26,6 +26,7 @@ from .test_service import (
     keep_ticks,
     spawn_daemon,
     wait_ready,
+    wait_settled,
     wait_total,
 )
 
@@ -92,7 +93,7 @@ async def test_two_daemons_with_the_same_settings_one_stands_by_then_takes_over(
         await wait_status(ports[1], second, 200, timeout_s=30)
         await replay(redis_client, keys, paths[:, 200:], names, rate=800)
         await wait_total(redis_client, keys, names, 4 * (400 - 49))
-        await asyncio.sleep(1.0)  # anything doubled would land now
+        await wait_settled(redis_client, keys)  # nothing can be added or doubled after this
         await check_exactly_once(redis_client, keys, names)
         assert metric(ports[1], "streamcast_standby ") == 0.0
     finally:
