@@ -20,14 +20,9 @@ class DataError(ValueError):
     """A series file or array that cannot be used, with the reason (and file and line) in the text."""
 
 
-def load_series(path: str | Path, column: str | None = None) -> np.ndarray:
-    """Read one price series from a CSV file as float64.
-
-    Two kinds of file are accepted: a bare single column of numbers (optionally under a one-word
-    header line), as in the tutorial's data sets, or a headed CSV with several columns, where
-    ``column`` picks the series (default ``Close`` when the file has one).
-    """
-    path = Path(path)
+def read_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a CSV file with their line numbers; DataError naming the file if it
+    cannot be read as text or holds nothing."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -36,10 +31,25 @@ def load_series(path: str | Path, column: str | None = None) -> np.ndarray:
         raise DataError(f"{path}: is a directory, not a CSV file") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
-    rows = [(n, row) for n, row in enumerate(csv.reader(text.splitlines()), start=1) if row]
-    rows = [(n, row) for n, row in rows if any(cell.strip() for cell in row)]
+    rows = [
+        (n, row)
+        for n, row in enumerate(csv.reader(text.splitlines()), start=1)
+        if any(cell.strip() for cell in row)
+    ]
     if not rows:
         raise DataError(f"{path}: the file is empty")
+    return rows
+
+
+def load_series(path: str | Path, column: str | None = None) -> np.ndarray:
+    """Read one price series from a CSV file as float64.
+
+    Two kinds of file are accepted: a bare single column of numbers (optionally under a one-word
+    header line), as in the tutorial's data sets, or a headed CSV with several columns, where
+    ``column`` picks the series (default ``Close`` when the file has one).
+    """
+    path = Path(path)
+    rows = read_rows(path)
 
     first_line, header = rows[0]
     has_header = not all(_is_number(cell) for cell in header)

@@ -13,7 +13,6 @@ means, or by an older version, must not fail a retrain.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from redis.asyncio import Redis
 
+from streamcast.data import DataError, read_rows
 from streamcast.keys import Keys
 from streamcast.schema import (
     DEFAULT_LIMITS,
@@ -131,20 +131,9 @@ def load_prices(
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise HistoryError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise HistoryError(f"{path}: is a directory, not a CSV file") from None
-    except UnicodeDecodeError as exc:
-        raise HistoryError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
-    rows = [
-        (n, row)
-        for n, row in enumerate(csv.reader(text.splitlines()), start=1)
-        if any(cell.strip() for cell in row)
-    ]
-    if not rows:
-        raise HistoryError(f"{path}: the file is empty")
+        rows = read_rows(path)
+    except DataError as exc:
+        raise HistoryError(str(exc)) from None
     _, first = rows[0]
     index = 0
     if not all(_is_number(cell) for cell in first):  # a header line
