@@ -52,7 +52,7 @@ def load_series(path: str | Path, column: str | None = None) -> np.ndarray:
     rows = read_rows(path)
 
     first_line, header = rows[0]
-    has_header = not all(_is_number(cell) for cell in header)
+    has_header = not all(is_number(cell) for cell in header)
     if has_header:
         names = [cell.strip() for cell in header]
         body = rows[1:]
@@ -104,7 +104,7 @@ def load_series(path: str | Path, column: str | None = None) -> np.ndarray:
     return values
 
 
-def _is_number(cell: str) -> bool:
+def is_number(cell: str) -> bool:
     try:
         float(cell)
     except ValueError:

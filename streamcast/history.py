@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from redis.asyncio import Redis
 
-from streamcast.data import DataError, read_rows
+from streamcast.data import DataError, is_number, read_rows
 from streamcast.keys import Keys
 from streamcast.schema import (
     DEFAULT_LIMITS,
@@ -136,7 +136,7 @@ def load_prices(
         raise HistoryError(str(exc)) from None
     _, first = rows[0]
     index = 0
-    if not all(_is_number(cell) for cell in first):  # a header line
+    if not all(is_number(cell) for cell in first):  # a header line
         names = [cell.strip() for cell in first]
         rows = rows[1:]
         wanted = column or ("Close" if "Close" in names or len(names) > 1 else names[0])
@@ -162,14 +162,6 @@ def load_prices(
     if not len(values):
         raise HistoryError(f"{path}: no prices under the header line")
     return values
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass
