@@ -41,8 +41,8 @@ from results import Report  # noqa: E402  (bench/results.py)
 
 from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
-from streamcast.schema import encode_tick  # noqa: E402
 from streamcast.service import make_redis  # noqa: E402
+from streamcast.wire import encode_tick  # noqa: E402
 
 
 def start_redis(directory: str) -> tuple[subprocess.Popen, str]:

@@ -43,8 +43,8 @@ from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
 from streamcast.model import DEFAULT_MODEL_DIR  # noqa: E402
 from streamcast.registry import Registry  # noqa: E402
-from streamcast.schema import encode_tick, id_key  # noqa: E402
 from streamcast.service import make_redis  # noqa: E402
+from streamcast.wire import encode_tick, id_key  # noqa: E402
 
 PREFIX = "hostile"
 

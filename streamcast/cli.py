@@ -382,7 +382,7 @@ def feed_from_args(args: argparse.Namespace) -> tuple[Any, list[str]]:
     else:
         paths = synthetic_feed(args.symbols, args.points, seed=args.seed)
         base = args.symbol or "SYN"
-    from streamcast.schema import SYMBOL_RE
+    from streamcast.wire import SYMBOL_RE
 
     names = symbol_names(base, args.symbols)
     if not all(SYMBOL_RE.fullmatch(n) for n in names):
@@ -561,7 +561,7 @@ def _add_history(sub: argparse._SubParsersAction) -> None:
 def _history_import(args: argparse.Namespace) -> int:
     from streamcast.history import HistoryError, import_series, load_prices
     from streamcast.keys import Keys
-    from streamcast.schema import TickLimits
+    from streamcast.wire import TickLimits
 
     settings = _settings()
     # the live edge's rules: one bad price would fail every retrain that reads this history
@@ -629,8 +629,8 @@ def _retrain(args: argparse.Namespace) -> int:
     from streamcast.keys import Keys
     from streamcast.registry import Registry
     from streamcast.retrain import Retrainer
-    from streamcast.schema import TickLimits
     from streamcast.service import retrain_config
+    from streamcast.wire import TickLimits
 
     settings = _settings()
     if args.learning_rate is not None and not args.learning_rate >= 0:

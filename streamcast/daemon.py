@@ -42,7 +42,9 @@ from streamcast.keys import Keys, shard_of
 from streamcast.lease import Lease
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
-from streamcast.schema import (
+from streamcast.skill import SkillTracker
+from streamcast.windows import Windows
+from streamcast.wire import (
     SYMBOL_RE,
     Tick,
     TickError,
@@ -54,8 +56,6 @@ from streamcast.schema import (
     parse_price,
     parse_stream_reply,
 )
-from streamcast.skill import SkillTracker
-from streamcast.windows import Windows
 
 if TYPE_CHECKING:
     from streamcast.registry import Registry

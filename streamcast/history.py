@@ -5,7 +5,7 @@ forecast. ``import_series`` loads a file's worth of older prices into an empty h
 ``read_series`` reads the newest part back for training: pages of ``page`` entries per round trip,
 at most ``max_points`` per symbol, so memory is bounded by ``symbols x max_points`` floats.
 
-Prices go in by the live edge's rules (:func:`streamcast.schema.parse_price`): ``load_prices``
+Prices go in by the live edge's rules (:func:`streamcast.wire.parse_price`): ``load_prices``
 reads a file's text with them and ``import_series`` checks the values again. What comes back out
 is checked once more by whoever trains on it (``clean_series``): a history written by other
 means, or by an older version, must not fail a retrain.
@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from streamcast.data import DataError, is_number, read_rows
 from streamcast.keys import Keys
-from streamcast.schema import (
+from streamcast.wire import (
     DEFAULT_LIMITS,
     SYMBOL_RE,
     TickError,
@@ -90,7 +90,7 @@ def _price(fields: Any) -> float:
 def valid_prices(
     prices: np.ndarray, *, positive: bool | None = None, limits: TickLimits = DEFAULT_LIMITS
 ) -> np.ndarray:
-    """A mask of the prices :func:`streamcast.schema.check_price` accepts (vectorised)."""
+    """A mask of the prices :func:`streamcast.wire.check_price` accepts (vectorised)."""
     prices = np.asarray(prices, dtype=np.float64)
     positive = limits.positive if positive is None else positive
     low = limits.price_min if positive else -limits.price_max

@@ -31,7 +31,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from streamcast.keys import Keys
-from streamcast.schema import SYMBOL_RE, decode_forecast, parse_stream_reply
+from streamcast.wire import SYMBOL_RE, decode_forecast, parse_stream_reply
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from streamcast.schema import REASONS
+from streamcast.wire import REASONS
 
 # label values known in advance: each series exists at 0 from the start, so a dashboard panel
 # shows 0 rather than "No data" and increase() sees the first event

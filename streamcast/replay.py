@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from streamcast.data import synthetic_prices
 from streamcast.keys import Keys
-from streamcast.schema import decode_forecast, encode_tick, parse_stream_reply
+from streamcast.wire import decode_forecast, encode_tick, parse_stream_reply
 
 log = logging.getLogger(__name__)
 

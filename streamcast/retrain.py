@@ -46,7 +46,7 @@ from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.model import ModelError
 from streamcast.registry import PromotionConflict, Registry, check_version
-from streamcast.schema import TickLimits
+from streamcast.wire import TickLimits
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from streamcast.metrics import Metrics
 from streamcast.model import ModelError
 from streamcast.registry import Registry
 from streamcast.retrain import RetrainConfig, Retrainer
-from streamcast.schema import TickLimits
 from streamcast.settings import Settings
+from streamcast.wire import TickLimits
 
 log = logging.getLogger(__name__)
 

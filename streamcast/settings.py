@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     history_maxlen: int = Field(10_000, ge=50, le=100_000_000)
     forecasts_maxlen: int = Field(10_000, ge=10, le=100_000_000)
     dead_maxlen: int = Field(100_000, ge=10, le=100_000_000)
-    # -- the edge: what a tick may be (streamcast.schema.TickLimits) -----------------------
+    # -- the edge: what a tick may be (streamcast.wire.TickLimits) -----------------------
     price_min: float = Field(
         1e-6, gt=0, description="smallest price a normalised model accepts (and > 0)"
     )

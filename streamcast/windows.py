@@ -7,7 +7,7 @@ from collections.abc import Container, Iterable
 
 import numpy as np
 
-from streamcast.schema import id_key
+from streamcast.wire import id_key
 
 
 class SymbolWindow:

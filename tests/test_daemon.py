@@ -13,7 +13,7 @@ from streamcast.data import load_series
 from streamcast.keys import Keys, shard_of
 from streamcast.metrics import Metrics
 from streamcast.replay import fan_out, replay, symbol_names
-from streamcast.schema import decode_forecast
+from streamcast.wire import decode_forecast
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from streamcast.history import (
     valid_prices,
 )
 from streamcast.keys import Keys
-from streamcast.schema import TickError, TickLimits, check_price
+from streamcast.wire import TickError, TickLimits, check_price
 
 HOSTILE = {
     "0": "non_positive_price",

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from streamcast.daemon import Daemon, DaemonConfig, _rows_apart
 from streamcast.keys import Keys, shard_of
 from streamcast.metrics import Metrics
-from streamcast.schema import REASONS, TickLimits, decode_forecast, encode_tick
+from streamcast.wire import REASONS, TickLimits, decode_forecast, encode_tick
 
 
 @pytest.fixture(scope="module")

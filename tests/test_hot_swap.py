@@ -18,7 +18,7 @@ from streamcast.model import DEFAULT_MODEL_DIR, ModelConfig, ModelInfo, build_mo
 from streamcast.registry import Registry
 from streamcast.replay import fan_out, replay, symbol_names
 from streamcast.retrain import RetrainConfig, Retrainer
-from streamcast.schema import decode_forecast, id_key
+from streamcast.wire import decode_forecast, id_key
 
 DEFAULT_VERSION = ModelInfo.read(DEFAULT_MODEL_DIR / "model.json").version
 BATCH = 256

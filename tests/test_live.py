@@ -24,7 +24,7 @@ from streamcast.http import HttpServer
 from streamcast.keys import Keys
 from streamcast.live import LivePage
 from streamcast.replay import replay, synthetic_feed
-from streamcast.schema import Tick, encode_forecast
+from streamcast.wire import Tick, encode_forecast
 
 from .test_service import spawn_daemon, wait_ready
 

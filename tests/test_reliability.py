@@ -28,9 +28,9 @@ from streamcast.demo import free_port
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.replay import fan_out, replay
-from streamcast.schema import TickError, decode_tick, encode_tick
 from streamcast.service import make_redis
 from streamcast.settings import Settings, SettingsError, load_settings
+from streamcast.wire import TickError, decode_tick, encode_tick
 
 from .conftest import start_redis_server
 from .test_service import (

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from streamcast.schema import (
+from streamcast.wire import (
     DEFAULT_LIMITS,
     PRICE_RE,
     REASONS,
