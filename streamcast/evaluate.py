@@ -5,8 +5,8 @@
 * ``multiple``: a rollout of ``horizon`` steps from every ``horizon``-th test window.
 
 Every score comes with the naive forecast's (next = last observed value) over the same points and
-the skill ``1 - MSE_model / MSE_naive``: above 0 the model beats "no change", at or below 0 it
-does not, however good a plot looks.
+the skill ``1 - MSE_model / MSE_naive`` (:mod:`streamcast.scoring`): above 0 the model beats "no
+change", at or below 0 it does not, however good a plot looks.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+from streamcast.scoring import model_and_naive_mse, mse_by_step, scores, skill
 
 MODES = ("point", "full", "multiple")
 
@@ -25,35 +27,6 @@ class Predictor(Protocol):
     def predict_next(self, prices: np.ndarray) -> np.ndarray: ...
 
     def rollout(self, prices: np.ndarray, steps: int = 50) -> np.ndarray: ...
-
-
-def scores(true: np.ndarray, forecast: np.ndarray, last: np.ndarray) -> dict[str, float]:
-    """MSE, MAE, MAPE (%) and direction accuracy of ``forecast`` for ``true``.
-
-    ``last`` is the last observed value each forecast was made from; direction accuracy is the
-    share of points where ``sign(forecast - last) == sign(true - last)``. MAPE skips true values
-    of zero (it is undefined there) and is meaningless for series that cross zero.
-    """
-    true, forecast, last = (np.asarray(a, dtype=np.float64).ravel() for a in (true, forecast, last))
-    err = forecast - true
-    nonzero = true != 0
-    mape = (
-        float(np.mean(np.abs(err[nonzero] / true[nonzero])) * 100)
-        if nonzero.any()
-        else float("nan")
-    )
-    return {
-        "mse": float(np.mean(err**2)),
-        "mae": float(np.mean(np.abs(err))),
-        "mape": mape,
-        "direction_accuracy": float(np.mean(np.sign(forecast - last) == np.sign(true - last))),
-        "n": int(true.size),
-    }
-
-
-def skill(mse_model: float, mse_naive: float) -> float:
-    """``1 - MSE_model / MSE_naive``; NaN when the naive forecast is exact (no variation)."""
-    return float(1.0 - mse_model / mse_naive) if mse_naive > 0 else float("nan")
 
 
 @dataclass
@@ -101,8 +74,8 @@ def evaluate(
         naive = scores(true_paths, naive_paths, naive_paths)
         metrics = {"model": model, "naive": naive}
         k = min(steps, horizon)
-        model_by_h = np.mean((paths[:, :k] - true_paths[:, :k]) ** 2, axis=0)
-        naive_by_h = np.mean((naive_paths[:, :k] - true_paths[:, :k]) ** 2, axis=0)
+        model_by_h = mse_by_step(true_paths[:, :k], paths[:, :k])
+        naive_by_h = mse_by_step(true_paths[:, :k], naive_paths[:, :k])
         metrics["by_horizon"] = {
             "step": list(range(1, k + 1)),
             "model_mse": [float(v) for v in model_by_h],
@@ -118,14 +91,11 @@ def evaluate(
 def holdout_mse(predictor: Predictor, windows: np.ndarray, relative: bool) -> tuple[float, float]:
     """(model, naive) 1-step MSE over windows (N, seq_len + 1), the last value the truth.
 
-    ``relative`` divides each error by the last observed price, so that symbols at different price
-    levels weigh alike (for normalised models: every price > 0); otherwise errors are in price units.
+    ``relative`` divides each error by the last observed price (see
+    :func:`streamcast.scoring.model_and_naive_mse`); otherwise errors are in price units.
     """
     windows = np.asarray(windows, dtype=np.float64)
     inputs, truth = windows[:, :-1], windows[:, -1]
-    last = inputs[:, -1]
-    forecast = predictor.predict_next(inputs)
-    scale = np.abs(last) if relative else np.ones_like(last)
-    model = float(np.mean(((forecast - truth) / scale) ** 2))
-    naive = float(np.mean(((last - truth) / scale) ** 2))
-    return model, naive
+    return model_and_naive_mse(
+        predictor.predict_next(inputs), truth, inputs[:, -1], relative=relative
+    )

@@ -4,7 +4,7 @@ For each symbol the daemon remembers the last 1-step forecast (scored against th
 tick) and, for every published path, its values at the tracked horizons (step 10 is scored
 against the 10th tick after the path's origin, and so on). The naive forecast ("no change from
 the origin price") is scored on exactly the same ticks. Errors are relative to the origin price, so
-symbols at different price levels weigh alike.
+symbols at different price levels weigh alike; the arithmetic is :mod:`streamcast.scoring`'s.
 
 Exported per horizon and model version (bounded: the newest ``keep_versions`` versions only):
 running sums of squared and absolute errors (for ``rate()`` in Prometheus), the rolling MSE and
@@ -18,12 +18,13 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamcast.metrics import Metrics
+from streamcast.scoring import RollingErrors, relative_errors
 
 if TYPE_CHECKING:
     from streamcast.daemon import Batch
@@ -37,32 +38,6 @@ class _Path:
     origin: float
     version: str
     elapsed: int = 0
-
-
-@dataclass
-class _Window:
-    """The last ``size`` scored forecasts of one (version, horizon): model and naive errors."""
-
-    size: int
-    rows: deque[tuple[float, float]] = field(default_factory=deque)
-
-    def add(self, model_err: float, naive_err: float) -> None:
-        self.rows.append((model_err, naive_err))
-        if len(self.rows) > self.size:
-            self.rows.popleft()
-
-    def scores(self) -> tuple[float, float, float, float] | None:
-        """(model MSE, naive MSE, model MAE, naive MAE) over the window, or None when empty."""
-        if not self.rows:
-            return None
-        errs = np.asarray(self.rows)
-        mse = np.mean(errs**2, axis=0)
-        mae = np.mean(np.abs(errs), axis=0)
-        return float(mse[0]), float(mse[1]), float(mae[0]), float(mae[1])
-
-
-def skill_of(model_mse: float, naive_mse: float) -> float:
-    return 1.0 - model_mse / naive_mse if naive_mse > 0 else float("nan")
 
 
 class SkillTracker:
@@ -82,13 +57,14 @@ class SkillTracker:
         self.metrics = metrics
         self.horizons = tuple(sorted(set(horizons)))
         self.path_horizons = tuple(h for h in self.horizons if h > 1)
-        self.window = window
+        self.window_size = window  # scored forecasts per rolling score
         self.keep_versions = keep_versions
         self.watched = set(symbols)
         self._next: dict[str, tuple[float, float, str]] = {}
         self._paths: dict[str, deque[_Path]] = {}
-        self._windows: dict[tuple[str, int], _Window] = {}
-        self._symbol_windows: dict[tuple[str, int], _Window] = {}
+        # the rolling errors of each (version, horizon), and of each (watched symbol, horizon)
+        self._errors: dict[tuple[str, int], RollingErrors] = {}
+        self._symbol_errors: dict[tuple[str, int], RollingErrors] = {}
         self._versions: list[str] = []  # oldest first
 
     # -- feeding -----------------------------------------------------------------------------
@@ -152,62 +128,58 @@ class SkillTracker:
     # -- reading -----------------------------------------------------------------------------
 
     def skill(self, version: str, horizon: int) -> float:
-        window = self._windows.get((version, horizon))
-        scores = window.scores() if window is not None else None
-        return skill_of(scores[0], scores[1]) if scores is not None else float("nan")
+        errors = self._errors.get((version, horizon))
+        scores = errors.scores() if errors is not None else None
+        return scores.skill if scores is not None else float("nan")
 
     def snapshot(self) -> dict[str, dict[int, dict[str, float]]]:
-        """{version: {horizon: {skill, mse, naive_mse, mae, naive_mae, n}}} over the windows."""
+        """{version: {horizon: {skill, mse, naive_mse, mae, naive_mae, n}}}, rolling."""
         out: dict[str, dict[int, dict[str, float]]] = {}
-        for (version, horizon), window in self._windows.items():
-            scores = window.scores()
+        for (version, horizon), errors in self._errors.items():
+            scores = errors.scores()
             if scores is None:
                 continue
-            mse, naive_mse, mae, naive_mae = scores
             out.setdefault(version, {})[horizon] = {
-                "skill": skill_of(mse, naive_mse),
-                "mse": mse,
-                "naive_mse": naive_mse,
-                "mae": mae,
-                "naive_mae": naive_mae,
-                "n": float(len(window.rows)),
+                "skill": scores.skill,
+                "mse": scores.mse,
+                "naive_mse": scores.naive_mse,
+                "mae": scores.mae,
+                "naive_mae": scores.naive_mae,
+                "n": float(scores.n),
             }
         return out
 
     def publish(self) -> None:
         """Set the rolling gauges (the daemon calls this about once a second)."""
         m = self.metrics
-        for (version, horizon), window in self._windows.items():
-            scores = window.scores()
+        for (version, horizon), errors in self._errors.items():
+            scores = errors.scores()
             if scores is None:
                 continue
-            mse, naive_mse, mae, naive_mae = scores
             h = str(horizon)
-            m.skill.labels(h, version).set(skill_of(mse, naive_mse))
-            m.rolling_mse.labels(h, version, "model").set(mse)
-            m.rolling_mse.labels(h, version, "naive").set(naive_mse)
-            m.rolling_mae.labels(h, version, "model").set(mae)
-            m.rolling_mae.labels(h, version, "naive").set(naive_mae)
-        for (symbol, horizon), window in self._symbol_windows.items():
-            scores = window.scores()
+            m.skill.labels(h, version).set(scores.skill)
+            m.rolling_mse.labels(h, version, "model").set(scores.mse)
+            m.rolling_mse.labels(h, version, "naive").set(scores.naive_mse)
+            m.rolling_mae.labels(h, version, "model").set(scores.mae)
+            m.rolling_mae.labels(h, version, "naive").set(scores.naive_mae)
+        for (symbol, horizon), errors in self._symbol_errors.items():
+            scores = errors.scores()
             if scores is not None:
-                m.symbol_skill.labels(symbol, str(horizon)).set(skill_of(scores[0], scores[1]))
+                m.symbol_skill.labels(symbol, str(horizon)).set(scores.skill)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _score(
         self, symbol: str, version: str, horizon: int, forecast: float, origin: float, truth: float
     ) -> None:
-        scale = abs(origin) if origin else 1.0
-        model_err = (forecast - truth) / scale
-        naive_err = (origin - truth) / scale
+        model_err, naive_err = relative_errors(forecast, truth, origin)
         if not (math.isfinite(model_err * model_err) and math.isfinite(naive_err * naive_err)):
             return  # a forecast that was withheld (not finite) or absurd: one can't poison all
         key = (version, horizon)
-        window = self._windows.get(key)
-        if window is None:
-            window = self._windows[key] = _Window(self.window)
-        window.add(model_err, naive_err)
+        errors = self._errors.get(key)
+        if errors is None:
+            errors = self._errors[key] = RollingErrors(self.window_size)
+        errors.add(model_err, naive_err)
         m, h = self.metrics, str(horizon)
         m.squared_error.labels(h, version, "model").inc(model_err * model_err)
         m.squared_error.labels(h, version, "naive").inc(naive_err * naive_err)
@@ -216,10 +188,10 @@ class SkillTracker:
         m.scored.labels(h, version).inc()
         if symbol in self.watched:
             key_s = (symbol, horizon)
-            sw = self._symbol_windows.get(key_s)
-            if sw is None:
-                sw = self._symbol_windows[key_s] = _Window(self.window)
-            sw.add(model_err, naive_err)
+            symbol_errors = self._symbol_errors.get(key_s)
+            if symbol_errors is None:
+                symbol_errors = self._symbol_errors[key_s] = RollingErrors(self.window_size)
+            symbol_errors.add(model_err, naive_err)
 
     def _see_version(self, version: str) -> None:
         if version in self._versions:
@@ -229,10 +201,10 @@ class SkillTracker:
             self._drop_version(self._versions.pop(0))
 
     def _drop_version(self, version: str) -> None:
-        """Forget an old version's windows and label sets, so cardinality stays bounded."""
+        """Forget an old version's rolling errors and label sets, so cardinality stays bounded."""
         m = self.metrics
         for horizon in self.horizons:
-            self._windows.pop((version, horizon), None)
+            self._errors.pop((version, horizon), None)
             h = str(horizon)
             for metric, extra in (
                 (m.skill, ()),

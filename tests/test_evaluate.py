@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from streamcast.data import make_windows
-from streamcast.evaluate import evaluate, scores, skill
+from streamcast.evaluate import evaluate, holdout_mse
 
 
 class LinearOracle:
@@ -50,12 +50,14 @@ def test_full_mode_is_one_path_over_the_test_span():
     assert result.metrics["model"]["mse"] == 0.0
 
 
-def test_scores_values():
-    s = scores(np.array([2.0, 4.0]), np.array([3.0, 3.0]), np.array([1.0, 5.0]))
-    assert s["mse"] == 1.0 and s["mae"] == 1.0
-    assert s["mape"] == pytest.approx((0.5 + 0.25) / 2 * 100)
-    assert s["direction_accuracy"] == 1.0
-    assert skill(1.0, 4.0) == 0.75 and np.isnan(skill(1.0, 0.0))
+def test_holdout_mse_scores_the_predictor_and_the_naive_forecast_on_the_same_windows():
+    windows = make_windows(np.arange(1.0, 61.0) * 10.0, seq_len=4)  # next = last + 10
+    # the oracle forecasts last + 1: off by 9; the naive forecast by 10
+    assert holdout_mse(LinearOracle(), windows, relative=False) == (81.0, 100.0)
+    model, naive = holdout_mse(LinearOracle(), windows, relative=True)
+    last = windows[:, -2]
+    assert model == pytest.approx(np.mean((9.0 / last) ** 2))
+    assert naive == pytest.approx(np.mean((10.0 / last) ** 2))
 
 
 def test_unknown_mode_and_short_tests_are_refused():
