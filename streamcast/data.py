@@ -20,7 +20,11 @@ class DataError(ValueError):
     """A series file or array that cannot be used, with the reason (and file and line) in the text."""
 
 
-def read_rows(path: Path) -> list[tuple[int, list[str]]]:
+Rows = list[tuple[int, list[str]]]
+"""The non-blank rows of a CSV file: (line number, cells)."""
+
+
+def read_rows(path: Path) -> Rows:
     """The non-blank rows of a CSV file with their line numbers; DataError naming the file if it
     cannot be read as text or holds nothing."""
     try:
@@ -50,40 +54,46 @@ def load_series(path: str | Path, column: str | None = None) -> np.ndarray:
     """
     path = Path(path)
     rows = read_rows(path)
+    body, index = _series_column(path, rows, column)
+    values = _column_values(path, body, index)
+    if len(values) < SEQ_LEN + 1:
+        raise DataError(
+            f"{path}: {len(values)} values, fewer than one window of {SEQ_LEN + 1} "
+            f"({SEQ_LEN} inputs and a target)"
+        )
+    return values
 
+
+def _series_column(path: Path, rows: Rows, column: str | None) -> tuple[Rows, int]:
+    """The data rows (without any header line) and the index of the series' column in them."""
     first_line, header = rows[0]
-    has_header = not all(is_number(cell) for cell in header)
-    if has_header:
-        names = [cell.strip() for cell in header]
-        body = rows[1:]
-        if len(names) == 1:
-            index = 0
-            if column is not None and column != names[0]:
-                raise DataError(
-                    f"{path}: no column {column!r}; the file has one column: {names[0]!r}"
-                )
-        else:
-            wanted = column if column is not None else ("Close" if "Close" in names else None)
-            if wanted is None:
-                raise DataError(
-                    f"{path}: several columns and no 'Close'; choose one with --column "
-                    f"(columns: {', '.join(names)})"
-                )
-            if wanted not in names:
-                raise DataError(f"{path}: no column {wanted!r} (columns: {', '.join(names)})")
-            index = names.index(wanted)
-    else:
+    if all(is_number(cell) for cell in header):  # no header line: a bare column of numbers
         if column is not None:
             raise DataError(f"{path}: asked for column {column!r} but the file has no header line")
-        body = rows
-        index = 0
-        width = len(header)
-        if width != 1:
+        if len(header) != 1:
             raise DataError(
-                f"{path}, line {first_line}: {width} values and no header line; "
+                f"{path}, line {first_line}: {len(header)} values and no header line; "
                 "a headerless file must have one value per line"
             )
+        return rows, 0
+    names = [cell.strip() for cell in header]
+    if len(names) == 1:
+        if column is not None and column != names[0]:
+            raise DataError(f"{path}: no column {column!r}; the file has one column: {names[0]!r}")
+        return rows[1:], 0
+    wanted = column if column is not None else ("Close" if "Close" in names else None)
+    if wanted is None:
+        raise DataError(
+            f"{path}: several columns and no 'Close'; choose one with --column "
+            f"(columns: {', '.join(names)})"
+        )
+    if wanted not in names:
+        raise DataError(f"{path}: no column {wanted!r} (columns: {', '.join(names)})")
+    return rows[1:], names.index(wanted)
 
+
+def _column_values(path: Path, body: Rows, index: int) -> np.ndarray:
+    """Column ``index`` of every row as float64; DataError naming the line of a bad value."""
     values = np.empty(len(body), dtype=np.float64)
     for i, (line, row) in enumerate(body):
         if index >= len(row):
@@ -96,11 +106,6 @@ def load_series(path: str | Path, column: str | None = None) -> np.ndarray:
         if not math.isfinite(value):
             raise DataError(f"{path}, line {line}: {cell!r} is not a finite number")
         values[i] = value
-    if len(values) < SEQ_LEN + 1:
-        raise DataError(
-            f"{path}: {len(values)} values, fewer than one window of {SEQ_LEN + 1} "
-            f"({SEQ_LEN} inputs and a target)"
-        )
     return values
 
 
@@ -151,11 +156,22 @@ class Split:
     test: np.ndarray
 
 
+def train_count(n_windows: int, train_fraction: float) -> int:
+    """How many of ``n_windows`` ordered windows come before the test split (rounded down)."""
+    return int(n_windows * train_fraction)
+
+
+def held_out_windows(windows: np.ndarray, train_fraction: float) -> np.ndarray:
+    """The windows after the first ``train_fraction`` (those :func:`split_windows` tests on), in
+    order; empty when there are none. Unlike ``split_windows``, neither copies nor shuffles."""
+    return windows[train_count(len(windows), train_fraction) :]
+
+
 def split_windows(windows: np.ndarray, train_fraction: float = 0.9, seed: int = 0) -> Split:
     """The first ``train_fraction`` of the windows, shuffled with ``seed``; the rest kept in order."""
     if not 0.0 < train_fraction < 1.0:
         raise DataError(f"train_fraction must be between 0 and 1, got {train_fraction}")
-    n_train = int(len(windows) * train_fraction)
+    n_train = train_count(len(windows), train_fraction)
     if n_train == 0 or n_train == len(windows):
         raise DataError(f"{len(windows)} windows are too few to split {train_fraction:.0%} / rest")
     train = np.array(windows[:n_train])

@@ -6,6 +6,7 @@ import pytest
 from streamcast.data import (
     DataError,
     denormalise,
+    held_out_windows,
     load_series,
     make_windows,
     normalise_windows,
@@ -103,6 +104,16 @@ def test_split_keeps_test_in_order_and_shuffles_train_reproducibly():
     assert not np.array_equal(a.train, windows[:135])
     np.testing.assert_array_equal(np.sort(a.train[:, 0]), windows[:135, 0])
     np.testing.assert_array_equal(a.test, windows[135:])
+
+
+def test_held_out_windows_are_the_splits_test_windows_and_may_be_all_or_none():
+    windows = make_windows(np.arange(1, 201, dtype=float), 50)  # 150 windows
+    for fraction in (0.5, 0.9, 0.95):
+        expected = split_windows(windows, fraction).test
+        np.testing.assert_array_equal(held_out_windows(windows, fraction), expected)
+    assert len(held_out_windows(windows, 0.0)) == 150  # evaluate --train-fraction 0: all of them
+    assert len(held_out_windows(windows[:1], 0.9)) == 1
+    assert len(held_out_windows(windows, 0.999)) == 1
 
 
 def test_normalise_and_denormalise_round_trip():
