@@ -1,4 +1,7 @@
-"""The ``streamcast`` command line. Only this module configures logging.
+"""The ``streamcast`` command line: a parser and a function for each command.
+
+Only the two programs configure logging: this one and the retrain trainer, which runs as its own
+process (``python -m streamcast.retrain``).
 
 Heavy imports (TensorFlow, matplotlib) happen inside the commands that need them, so ``--help``
 and argument errors answer at once.
@@ -21,6 +24,8 @@ from streamcast.data import DataError
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from streamcast.model import ModelConfig
 
 log = logging.getLogger("streamcast")
 
@@ -127,42 +132,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from streamcast.data import load_series, sine_series, synthetic_prices
-    from streamcast.model import ModelConfig, ModelError
     from streamcast.training import TrainOptions
 
-    if args.data is not None:
-        series = [load_series(args.data, args.column)]
-        data_info = {
-            "source": str(args.data),
-            "column": args.column,
-            "points": len(series[0]),
-            "range": f"values 1..{len(series[0])} of the file, oldest first",
-        }
-    elif args.sine:
-        series = [sine_series()]
-        data_info = {"source": "sine:5001", "points": len(series[0])}
-    else:
-        if args.column:
-            raise UserError("--column applies to --data files only")
-        prices = synthetic_prices(args.synthetic, args.points, seed=args.seed)
-        series = list(prices)
-        data_info = {
-            "source": f"synthetic:{args.synthetic}x{args.points}:seed={args.seed}",
-            "points": int(prices.size),
-            "range": f"{args.synthetic} symbols x steps 0..{args.points - 1}",
-        }
-    try:
-        if args.config is not None:
-            try:
-                raw = json.loads(args.config.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise UserError(f"{args.config}: cannot read the model config ({exc})") from None
-            config = ModelConfig.from_dict(raw.get("model", raw) if isinstance(raw, dict) else raw)
-        else:
-            config = ModelConfig.from_sizes(args.layers, dropout=args.dropout)
-    except ModelError as exc:
-        raise UserError(str(exc)) from None
+    series, data_info = _training_series(args)
     options = TrainOptions(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -173,7 +145,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         normalise=args.normalise,
         residual=args.residual,
-        config=config,
+        config=_model_config(args),
     )
     _quiet_tensorflow()
     from streamcast.training import NormaliseError, train_and_save
@@ -187,6 +159,47 @@ def _train(args: argparse.Namespace) -> int:
         f"naive {info.metrics['naive_mse']:.4g}, skill {info.metrics['skill']:+.3f}"
     )
     return 0
+
+
+def _training_series(args: argparse.Namespace) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The series ``train`` learns from (--data, --sine or --synthetic) and where they came from."""
+    from streamcast.data import load_series, sine_series, synthetic_prices
+
+    if args.data is not None:
+        series = load_series(args.data, args.column)
+        return [series], {
+            "source": str(args.data),
+            "column": args.column,
+            "points": len(series),
+            "range": f"values 1..{len(series)} of the file, oldest first",
+        }
+    if args.sine:
+        series = sine_series()
+        return [series], {"source": "sine:5001", "points": len(series)}
+    if args.column:
+        raise UserError("--column applies to --data files only")
+    prices = synthetic_prices(args.synthetic, args.points, seed=args.seed)
+    return list(prices), {
+        "source": f"synthetic:{args.synthetic}x{args.points}:seed={args.seed}",
+        "points": int(prices.size),
+        "range": f"{args.synthetic} symbols x steps 0..{args.points - 1}",
+    }
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    """The network from --config (a JSON layer list) or else --layers and --dropout."""
+    from streamcast.model import ModelConfig, ModelError
+
+    try:
+        if args.config is None:
+            return ModelConfig.from_sizes(args.layers, dropout=args.dropout)
+        try:
+            raw = json.loads(args.config.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{args.config}: cannot read the model config ({exc})") from None
+        return ModelConfig.from_dict(raw.get("model", raw) if isinstance(raw, dict) else raw)
+    except ModelError as exc:
+        raise UserError(str(exc)) from None
 
 
 # -- evaluate ------------------------------------------------------------------------------
@@ -242,13 +255,12 @@ def run_evaluation(
     train_fraction: float = 0.9,
 ) -> dict[str, Any]:
     """Evaluate ``modes`` on the test split of ``series``; write PNGs and metrics.json to ``out``."""
-    from streamcast.data import make_windows
+    from streamcast.data import held_out_windows, make_windows
 
-    windows = make_windows(series)
-    n_test = len(windows) - int(len(windows) * train_fraction)
+    test = held_out_windows(make_windows(series), train_fraction)
+    n_test = len(test)
     if n_test < 1:
         raise UserError(f"{name}: no test windows with a train fraction of {train_fraction}")
-    test = windows[-n_test:]
     _quiet_tensorflow()
     from streamcast.evaluate import evaluate
     from streamcast.forecaster import Forecaster
@@ -707,11 +719,8 @@ def _models(args: argparse.Namespace) -> int:
                 print("no versions registered (the daemon registers its model on first start)")
             for row in rows:
                 mark = "*" if current and row.version == current.version else " "
-                m = row.info.metrics
-                model, naive = m.get("candidate_mse", m.get("mse")), m.get("naive_mse")
-                shown = ""
-                if isinstance(model, int | float) and isinstance(naive, int | float) and naive:
-                    shown = f"test skill {1 - model / naive:+.3f}"
+                skill = row.info.test_skill()
+                shown = f"test skill {skill:+.3f}" if skill is not None else ""
                 source = row.info.data.get("source", "")
                 print(f"{mark} {row.version}  {row.info.created}  {shown}  {source}")
         elif args.verb == "show":

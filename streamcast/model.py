@@ -19,6 +19,7 @@ import numpy as np
 
 from streamcast import __version__
 from streamcast.data import SEQ_LEN
+from streamcast.scoring import skill
 
 if TYPE_CHECKING:
     import keras
@@ -275,6 +276,19 @@ class ModelInfo:
         if not isinstance(info.residual, bool):
             raise ModelError(f"{where}: residual must be true or false, got {info.residual!r}")
         return info
+
+    def test_skill(self) -> float | None:
+        """The skill on the held-out test windows stored in ``metrics``; None when absent.
+
+        From ``mse`` and ``naive_mse`` (``streamcast.training.sidecar_metrics``). A retrained
+        model's sidecar written before the two trainers shared that schema holds its MSE as
+        ``candidate_mse``: such models may still be in a registry, so it is read too.
+        """
+        model = self.metrics.get("mse", self.metrics.get("candidate_mse"))
+        naive = self.metrics.get("naive_mse")
+        if not (isinstance(model, int | float) and isinstance(naive, int | float)) or naive <= 0:
+            return None  # none stored, or a naive forecast without error: no skill to show
+        return skill(model, naive)
 
 
 def save_model(

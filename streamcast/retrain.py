@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from redis.asyncio import Redis
 from streamcast import history
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
-from streamcast.model import ModelError
+from streamcast.model import ModelConfig, ModelError, ModelInfo, load_model
 from streamcast.registry import PromotionConflict, Registry, check_version
+from streamcast.training import Parent, TrainOptions, train_and_save
 from streamcast.wire import TickLimits
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,17 @@ return 0
 
 @dataclass
 class RetrainConfig:
+    """How a retrain runs, with the defaults the service runs it with.
+
+    The setting ``STREAMCAST_RETRAIN_<NAME>`` is the field ``<name>`` (``margin`` is
+    ``STREAMCAST_RETRAIN_MARGIN``); fields without a setting keep their default in the service.
+    When to retrain (``STREAMCAST_RETRAIN_INTERVAL_S``, ``..._AFTER_TICKS``) is the daemon's.
+    """
+
     symbols: tuple[str, ...] = ()  # empty: every symbol with history
     max_points: int = 5_000  # newest prices read per symbol
     holdout_fraction: float = 0.1  # most recent windows of each symbol, never trained on
-    margin: float = 0.0  # promote when candidate MSE < current MSE * (1 - margin)
+    margin: float = 0.01  # promote when candidate MSE < current MSE * (1 - margin)
     epochs: int = 2
     batch_size: int = 32
     learning_rate: float | None = None
@@ -81,8 +89,8 @@ class RetrainConfig:
     min_windows: int = 200  # fewer training windows than this: skipped
     time_limit_s: float = 900.0
     lock_ttl_s: float = 30.0
-    threads: int = 1  # TensorFlow threads in the trainer: leave the cores to serving
-    nice: int = 19
+    threads: int = 1  # TensorFlow threads in the trainer (0: TensorFlow's default)
+    nice: int = 19  # the trainer's CPU priority: the lowest, so that serving comes first
     seed: int = 0
     # the live edge's price rules, applied again to what is read from the history (positive:
     # set from whether the current model is normalised)
@@ -237,9 +245,7 @@ class Retrainer:
         )
         with tempfile.TemporaryDirectory(prefix="streamcast-retrain-") as tmp:
             job = Path(tmp)
-            np.savez(job / "series.npz", *series)
-            spec = {**asdict(cfg), "current_dir": str(current_dir), "symbol_names": used}
-            (job / "job.json").write_text(json.dumps(spec), encoding="utf-8")
+            TrainerJob(cfg, current_dir, used).write(job, series)
             failure = await self._spawn(job, lock)
             if failure is not None:
                 base.outcome, base.reason = "failed", _with_notes(failure, notes)
@@ -400,91 +406,94 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+@dataclass
+class TrainerJob:
+    """What the parent hands the trainer child: ``job.json`` and ``series.npz`` in JOB_DIR."""
+
+    config: RetrainConfig
+    current_dir: Path  # the current model, fetched from the registry
+    symbol_names: list[str]  # the symbols whose histories are in the series, in order
+
+    def write(self, job: Path, series: Sequence[np.ndarray]) -> None:
+        np.savez(job / "series.npz", *series)
+        spec = {
+            **asdict(self.config),
+            "current_dir": str(self.current_dir),
+            "symbol_names": self.symbol_names,
+        }
+        (job / "job.json").write_text(json.dumps(spec), encoding="utf-8")
+
+    @classmethod
+    def read(cls, job: Path) -> TrainerJob:
+        """The job in ``job``; a setting missing from its JSON takes RetrainConfig's default."""
+        spec = json.loads((job / "job.json").read_text(encoding="utf-8"))
+        names = {f.name for f in fields(RetrainConfig)}
+        values = {k: v for k, v in spec.items() if k in names}
+        if "symbols" in values:
+            values["symbols"] = tuple(values["symbols"])
+        if "limits" in values:
+            values["limits"] = TickLimits(**values["limits"])
+        return cls(RetrainConfig(**values), Path(spec["current_dir"]), spec["symbol_names"])
+
+    @staticmethod
+    def series(job: Path) -> list[np.ndarray]:
+        with np.load(job / "series.npz") as data:
+            return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
 def train_candidate(job: Path) -> dict[str, Any]:
     """The trainer's work in ``job``: score the current model, train, score, save; the result."""
-    import keras
-
-    from streamcast.evaluate import holdout_mse
-    from streamcast.forecaster import Forecaster
-    from streamcast.model import ModelConfig, build_model, load_model, save_model, train_model
-    from streamcast.training import TrainOptions, prepare
-
-    spec = json.loads((job / "job.json").read_text(encoding="utf-8"))
-    with np.load(job / "series.npz") as data:
-        series = [data[f"arr_{i}"] for i in range(len(data.files))]
-    current, info = load_model(spec["current_dir"])
-    residual = info.residual if spec["residual"] is None else bool(spec["residual"])
-    config = ModelConfig.from_dict(info.config) if info.config else ModelConfig.from_sizes()
-    options = TrainOptions(
-        epochs=spec["epochs"],
-        batch_size=spec["batch_size"],
-        learning_rate=spec["learning_rate"],
-        cosine_decay=True,
-        validation_split=0.0,
-        seed=spec["seed"],
-        train_fraction=1.0 - spec["holdout_fraction"],
-        normalise=info.normalise,
-        residual=residual,
-        config=config,
-        verbose=2,
-    )
-    prepared = prepare(series, options)
-    test = np.concatenate(prepared.test)
-    workers = max(1, int(spec.get("threads", 1)))
-    with Forecaster(
-        current, normalise=info.normalise, residual=info.residual, workers=workers
-    ) as engine:
-        current_mse, naive_mse = holdout_mse(engine, test, relative=info.normalise)
-    if spec["warm_start"] and residual == info.residual:
-        model = current  # fine-tune the serving weights on the newer data
-        model.compile(loss=config.loss, optimizer=config.optimizer)
-    else:
-        model = build_model(config, seed=spec["seed"])
-    result = train_model(
-        model,
-        prepared.x,
-        prepared.y,
-        epochs=options.epochs,
-        batch_size=options.batch_size,
-        seed=options.seed,
-        learning_rate=options.learning_rate,
-        cosine_decay=True,
-        verbose=2,
-        callbacks=[keras.callbacks.TerminateOnNaN()],
-    )
-    with Forecaster(model, normalise=info.normalise, residual=residual, workers=workers) as engine:
-        candidate_mse, _ = holdout_mse(engine, test, relative=info.normalise)
-    if not math.isfinite(candidate_mse):
-        raise ModelError(
-            f"training diverged: held-out MSE {candidate_mse} (final loss "
-            f"{result.history.get('loss', [float('nan')])[-1]})"
-        )
-    scores = {"candidate_mse": candidate_mse, "current_mse": current_mse, "naive_mse": naive_mse}
-    saved = save_model(
-        model,
+    task = TrainerJob.read(job)
+    series = TrainerJob.series(job)
+    current, info = load_model(task.current_dir)
+    saved = train_and_save(
+        series,
+        _candidate_options(task.config, info),
         job / "candidate",
-        normalise=info.normalise,
-        residual=residual,
-        data={
+        {
             "source": "history",
-            "symbols": spec["symbol_names"],
+            "symbols": task.symbol_names,
             "points": int(sum(len(s) for s in series)),
-            "train_windows": len(prepared.x),
-            "holdout_windows": len(test),
             "parent": info.version,
         },
-        metrics={**scores, "relative": info.normalise},
-        config=config,
-        training={
-            "epochs": options.epochs,
-            "epochs_run": result.epochs_run,
-            "batch_size": options.batch_size,
-            "learning_rate": options.learning_rate,
-            "warm_start": model is current,
-            "seconds": round(result.seconds, 2),
-        },
+        parent=Parent(current, info, warm_start=task.config.warm_start),
+        relative=info.normalise,
+        workers=max(1, task.config.threads),
     )
-    return {"candidate_dir": str(job / "candidate"), "version": saved.version, **scores}
+    scores = saved.metrics
+    if not math.isfinite(scores["mse"]):
+        raise ModelError(
+            f"training diverged: held-out MSE {scores['mse']} (final loss {scores['final_loss']})"
+        )
+    return {
+        "candidate_dir": str(job / "candidate"),
+        "version": saved.version,
+        "candidate_mse": scores["mse"],
+        "current_mse": scores["parent_mse"],
+        "naive_mse": scores["naive_mse"],
+    }
+
+
+def _candidate_options(config: RetrainConfig, current: ModelInfo) -> TrainOptions:
+    """Train as the current model was built (its layers, normalisation, by default its target);
+    the newest ``holdout_fraction`` of each symbol's windows is held out, none for validation."""
+    residual = current.residual if config.residual is None else bool(config.residual)
+    return TrainOptions(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        cosine_decay=True,
+        validation_split=0.0,
+        seed=config.seed,
+        train_fraction=1.0 - config.holdout_fraction,
+        normalise=current.normalise,
+        residual=residual,
+        config=ModelConfig.from_dict(current.config)
+        if current.config
+        else ModelConfig.from_sizes(),
+        verbose=2,
+        stop_on_nan=True,
+    )
 
 
 def worker_main(argv: Sequence[str]) -> int:
@@ -493,18 +502,17 @@ def worker_main(argv: Sequence[str]) -> int:
         return 2
     job = Path(argv[0])
     _exit_with_parent()
-    spec = json.loads((job / "job.json").read_text(encoding="utf-8"))
+    config = TrainerJob.read(job).config
     with contextlib.suppress(OSError):
-        os.nice(int(spec.get("nice", 10)))
+        os.nice(config.nice)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import tensorflow as tf
 
-    threads = int(spec.get("threads", 1))
-    if threads > 0:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    if config.threads > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(config.threads)
     try:
         result = train_candidate(job)
     except (ModelError, ValueError) as exc:

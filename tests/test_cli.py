@@ -138,6 +138,7 @@ def test_history_retrain_and_models_from_the_command_line(redis_server, tmp_path
     candidate = out.stdout.strip().split("-> ")[-1]
     listing = cli("models", "list").stdout.splitlines()
     assert len(listing) == 2 and listing[1].startswith(f"* {candidate}"), listing
+    assert "test skill" in listing[0] and "test skill" in listing[1], listing
     assert "rolled back to" in cli("models", "rollback").stdout
     assert cli("models", "list").stdout.splitlines()[0].startswith("* ")
     out = cli("models", "promote", candidate)
@@ -149,7 +150,8 @@ def test_history_retrain_and_models_from_the_command_line(redis_server, tmp_path
         "retrain",
     ]
     shown = cli("models", "show", candidate)
-    assert '"parent"' in shown.stdout and '"holdout_windows"' in shown.stdout
+    assert '"parent"' in shown.stdout and '"test_windows"' in shown.stdout
+    assert '"parent_mse"' in shown.stdout  # a retrained model: its parent's score too
     missing = cli("models", "promote", "no-such-version")
     assert missing.returncode == 2 and "no model version 'no-such-version'" in missing.stderr
 

@@ -115,6 +115,22 @@ def test_save_writes_sidecar_and_load_round_trips(tmp_path, tiny_model):
     np.testing.assert_allclose(model(x).numpy(), tiny_model(x).numpy(), rtol=1e-6)
 
 
+def test_test_skill_reads_the_sidecar_metrics_and_older_retrain_sidecars():
+    def info(metrics: dict) -> ModelInfo:
+        return ModelInfo("v", "2026-01-01", 50, True, "0" * 64, metrics=metrics)
+
+    assert info({"mse": 1.0, "naive_mse": 4.0, "skill": 0.75}).test_skill() == 0.75
+    # a retrained model saved before the schema was shared: its own MSE was "candidate_mse"
+    old = {"candidate_mse": 1.0, "current_mse": 2.0, "naive_mse": 4.0, "relative": True}
+    assert info(old).test_skill() == 0.75
+    assert info({}).test_skill() is None
+    assert info({"mse": "?", "naive_mse": 4.0}).test_skill() is None
+    assert info({"mse": 1.0, "naive_mse": 0.0}).test_skill() is None
+    assert ModelInfo.read(DEFAULT_MODEL_DIR / "model.json").test_skill() == pytest.approx(
+        0.8086243240985996
+    )
+
+
 def test_load_refuses_a_tampered_model_file(tmp_path, tiny_model):
     save_model(tiny_model, tmp_path / "m", normalise=False)
     path = tmp_path / "m" / "model.keras"

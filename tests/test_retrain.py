@@ -18,7 +18,8 @@ from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.model import DEFAULT_MODEL_DIR, ModelInfo
 from streamcast.registry import Registry
-from streamcast.retrain import RetrainConfig, Retrainer
+from streamcast.retrain import RetrainConfig, Retrainer, TrainerJob
+from streamcast.wire import TickLimits
 
 DEFAULT_VERSION = ModelInfo.read(DEFAULT_MODEL_DIR / "model.json").version
 
@@ -83,6 +84,13 @@ async def test_real_trainer_promotes_a_better_candidate_and_records_everything(
     info = await registry.info(result.candidate)
     assert info.data["parent"] == DEFAULT_VERSION and info.data["symbols"] == ["SPA", "SPB"]
     assert info.training["warm_start"] is True
+    # the candidate's sidecar holds its scores in the schema `streamcast train` writes
+    assert info.metrics["mse"] == pytest.approx(result.candidate_mse)
+    assert info.metrics["parent_mse"] == pytest.approx(result.current_mse)
+    assert info.metrics["naive_mse"] == pytest.approx(result.naive_mse)
+    assert info.metrics["skill"] == pytest.approx(1 - result.candidate_mse / result.naive_mse)
+    assert info.metrics["relative"] is True  # the shipped model is normalised
+    assert info.metrics["test_windows"] == info.data["test_windows"] > 0
     # outcome, both scores, the naive score and the reason are in the registry's log
     retrain_event, promotion = await registry.events(2)
     assert promotion["event"] == "promoted" and promotion["version"] == result.candidate
@@ -237,3 +245,29 @@ async def test_redis_gone_mid_retrain_kills_the_trainer_and_fails_cleanly(
     assert "; trainer killed" in result.reason, result.reason
     assert not running(pid), "the trainer is still running"
     assert sample(metrics, "streamcast_retrains_total", result="failed") == 1
+
+
+def test_retrain_config_defaults_are_what_the_service_runs_with(monkeypatch):
+    from streamcast.service import retrain_config
+    from streamcast.settings import Settings
+
+    for name in list(os.environ):
+        if name.startswith("STREAMCAST_"):
+            monkeypatch.delenv(name)
+    assert retrain_config(Settings(_env_file=None)) == RetrainConfig()
+    assert RetrainConfig().margin == 0.01 and RetrainConfig().nice == 19
+
+
+def test_the_trainer_reads_the_job_its_parent_wrote(tmp_path):
+    config = RetrainConfig(symbols=("A", "B"), epochs=3, nice=5, limits=TickLimits(positive=False))
+    series = [np.arange(60.0), np.arange(70.0) + 0.5]
+    TrainerJob(config, tmp_path / "current", ["A", "B"]).write(tmp_path, series)
+    assert TrainerJob.read(tmp_path) == TrainerJob(config, tmp_path / "current", ["A", "B"])
+    for read, written in zip(TrainerJob.series(tmp_path), series, strict=True):
+        np.testing.assert_array_equal(read, written)
+    # a setting missing from the job takes RetrainConfig's default, as the parent's would
+    spec = json.loads((tmp_path / "job.json").read_text())
+    del spec["nice"], spec["threads"]
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    job = TrainerJob.read(tmp_path)
+    assert (job.config.nice, job.config.threads) == (RetrainConfig().nice, RetrainConfig().threads)
