@@ -8,6 +8,11 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+# the shared helpers assert too: rewritten, their failures show the values compared
+pytest.register_assert_rewrite("tests.helpers")
+
+from .helpers import start_redis_server  # noqa: E402  (after the rewrite is registered)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -40,64 +45,19 @@ def default_model():
     return build_model(seed=2)
 
 
+@pytest.fixture(scope="session")
+def shipped_engine():
+    """The shipped model (streamcast/models/default) as an engine, loaded once for the run.
+
+    Shared: a test that swaps weights into its engine, or closes it, loads its own.
+    """
+    from streamcast import Forecaster
+
+    with Forecaster.load() as engine:
+        yield engine
+
+
 # -- Redis -------------------------------------------------------------------------------------
-
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from streamcast.demo import free_port  # noqa: E402
-
-
-@dataclass
-class RedisServer:
-    port: int
-    process: subprocess.Popen
-    directory: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-def start_redis_server(directory: Path, *extra: str, port: int | None = None) -> RedisServer:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail(
-            "redis-server is not installed (apt-get install -y redis-server; .ci/run does it)"
-        )
-    port = port or free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
-                    return RedisServer(port, process, directory)
-        except OSError:
-            time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"redis-server did not start on port {port}")
 
 
 @pytest.fixture
@@ -111,7 +71,7 @@ def redis_server(tmp_path):
 
 @pytest.fixture
 async def redis_client(redis_server):
-    from streamcast.service import make_redis
+    from streamcast.connect import make_redis
 
     client = make_redis(redis_server.url)
     yield client

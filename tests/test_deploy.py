@@ -22,7 +22,7 @@ from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.replay import replay
 
-from .test_service import feed, spawn_daemon, wait_ready, wait_total
+from .helpers import feed, spawn_daemon, wait_ready, wait_total
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SUFFIXES = {

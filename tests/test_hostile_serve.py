@@ -9,7 +9,6 @@ import json
 import shutil
 import signal
 import socket
-import time
 
 import pytest
 
@@ -19,39 +18,20 @@ from streamcast.model import DEFAULT_MODEL_DIR
 from streamcast.registry import Registry
 from streamcast.replay import replay
 
-from .test_service import (
+from .helpers import (
     check_exactly_once,
     feed,
     http_get,
     keep_ticks,
+    scraped,
     spawn_daemon,
+    wait_for,
     wait_ready,
     wait_settled,
     wait_total,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def metric(port: int, line_start: str) -> float:
-    _, body = http_get(port, "/metrics")
-    for line in body.splitlines():
-        if line.startswith(line_start):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{line_start} not in /metrics")
-
-
-async def wait_status(port: int, process, status: int, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the daemon exited"
-        try:
-            if http_get(port, "/readyz")[0] == status:
-                return
-        except OSError:
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"/readyz never answered {status}")
 
 
 async def test_two_daemons_with_the_same_settings_one_stands_by_then_takes_over(
@@ -69,15 +49,13 @@ async def test_two_daemons_with_the_same_settings_one_stands_by_then_takes_over(
         second = spawn_daemon(redis_server.url, "twin", ports[1], tmp_path, **env)
 
         async def standing_by() -> bool:
+            assert second.poll() is None, "the second daemon exited"
             try:
-                return metric(ports[1], "streamcast_standby ") == 1.0
-            except (OSError, AssertionError):
+                return scraped(ports[1], "streamcast_standby ", absent=0.0) == 1.0
+            except OSError:
                 return False
 
-        deadline = time.monotonic() + 90
-        while not await standing_by():
-            assert second.poll() is None and time.monotonic() < deadline
-            await asyncio.sleep(0.2)
+        await wait_for(standing_by, timeout_s=90, interval_s=0.2)
         assert http_get(ports[1], "/readyz")[0] == 503, "a standby must not say it is ready"
         await replay(redis_client, keys, paths[:, :200], names, rate=800)
         await wait_total(redis_client, keys, names, 4 * (200 - 49))
@@ -90,12 +68,12 @@ async def test_two_daemons_with_the_same_settings_one_stands_by_then_takes_over(
         # the holder dies: the standby takes over within the lease's time to live
         first.send_signal(signal.SIGKILL)
         first.wait(10)
-        await wait_status(ports[1], second, 200, timeout_s=30)
+        await wait_ready(ports[1], second, timeout_s=30)
         await replay(redis_client, keys, paths[:, 200:], names, rate=800)
         await wait_total(redis_client, keys, names, 4 * (400 - 49))
         await wait_settled(redis_client, keys)  # nothing can be added or doubled after this
         await check_exactly_once(redis_client, keys, names)
-        assert metric(ports[1], "streamcast_standby ") == 0.0
+        assert scraped(ports[1], "streamcast_standby ") == 0.0
     finally:
         for process in (first, second):
             if process is not None:
@@ -125,12 +103,12 @@ async def test_a_current_model_that_does_not_load_starts_on_the_packaged_one_lou
     daemon = spawn_daemon(redis_server.url, "broken", port, tmp_path, STREAMCAST_MODEL_CHECK_S="1")
     try:
         await wait_ready(port, daemon)
-        assert metric(port, 'streamcast_model_load_failures_total{reason="invalid"}') == 1.0
-        assert metric(port, 'streamcast_recoveries_total{what="start_fallback"}') == 1.0
+        assert scraped(port, 'streamcast_model_load_failures_total{reason="invalid"}') == 1.0
+        assert scraped(port, 'streamcast_recoveries_total{what="start_fallback"}') == 1.0
         packaged = json.loads((DEFAULT_MODEL_DIR / "model.json").read_text())["version"]
-        assert metric(port, f'streamcast_model_info{{version="{packaged}"}}') == 1.0
+        assert scraped(port, f'streamcast_model_info{{version="{packaged}"}}') == 1.0
         await asyncio.sleep(3)  # three model checks: the refused version is not tried again
-        assert metric(port, 'streamcast_model_load_failures_total{reason="invalid"}') == 1.0
+        assert scraped(port, 'streamcast_model_load_failures_total{reason="invalid"}') == 1.0
         await replay(redis_client, keys, feed(1, 60), ["B0"], rate=None)
         await wait_total(redis_client, keys, ["B0"], 11)
     finally:

@@ -22,24 +22,26 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 
+from streamcast.connect import make_redis
 from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.data import load_series
 from streamcast.demo import free_port
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.replay import fan_out, replay
-from streamcast.service import make_redis
 from streamcast.settings import Settings, SettingsError, load_settings
-from streamcast.wire import TickError, decode_tick, encode_tick
+from streamcast.wire import Tick, TickError
 
-from .conftest import start_redis_server
-from .test_service import (
+from .helpers import (
     check_exactly_once,
     feed,
     http_get,
     keep_ticks,
+    scraped,
     spawn_daemon,
+    start_redis_server,
     total_forecasts,
+    wait_for,
     wait_ready,
     wait_settled,
     wait_total,
@@ -121,24 +123,17 @@ async def test_redis_unreachable_at_start_then_served_once_it_comes(tmp_path):
     port, http_port = free_port(), free_port()
     url = f"redis://127.0.0.1:{port}/0"
     daemon = spawn_daemon(url, "late", http_port, tmp_path, STREAMCAST_REDIS_TIMEOUT_S="1")
+
+    async def tried_redis() -> bool:  # up (model loaded, consuming): it tried Redis, failed
+        assert daemon.poll() is None, "the daemon exited without Redis"
+        try:
+            return scraped(http_port, "streamcast_redis_errors_total ", absent=0.0) >= 2
+        except OSError:
+            return False
+
     server = None
     try:
-        deadline = time.monotonic() + 90
-        while True:  # up (model loaded, consuming) but not ready: it has tried Redis and failed
-            assert daemon.poll() is None, "the daemon exited without Redis"
-            try:
-                status, body = http_get(http_port, "/metrics")
-                errors = [
-                    float(line.split()[-1])
-                    for line in body.splitlines()
-                    if line.startswith("streamcast_redis_errors_total ")
-                ]
-                if status == 200 and errors and errors[0] >= 2:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.5)
+        await wait_for(tried_redis, timeout_s=90, interval_s=0.5)
         assert http_get(http_port, "/readyz")[0] == 503
         assert daemon.poll() is None
         server = start_redis_server(tmp_path, port=port)
@@ -181,7 +176,7 @@ async def feed_through_outages(
             for s, name in enumerate(names):
                 while True:
                     try:
-                        eid = await client.xadd(keys.ticks, encode_tick(name, float(paths[s, t])))
+                        eid = await client.xadd(keys.ticks, Tick.encode(name, float(paths[s, t])))
                         break
                     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
                         retries += 1
@@ -345,7 +340,7 @@ def expected_letter(entry_id: str, reason: str, fields: dict) -> dict[bytes, byt
         str(k).encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()
     }
     with pytest.raises(TickError) as refused:
-        decode_tick(entry_id, raw)
+        Tick.decode(entry_id, raw)
     assert refused.value.reason == reason  # the case is bad in the way it claims
     letter = {
         b"reason": reason.encode(),
@@ -360,9 +355,9 @@ def expected_letter(entry_id: str, reason: str, fields: dict) -> dict[bytes, byt
 
 
 @pytest.mark.slow
-async def test_ten_thousand_malformed_entries_interleaved_with_valid_ticks(redis_client):
-    from streamcast import Forecaster
-
+async def test_ten_thousand_malformed_entries_interleaved_with_valid_ticks(
+    redis_client, shipped_engine
+):
     keys = Keys("fuzz")
     rng = np.random.default_rng(6)
     bad = malformed(rng, 10_000)
@@ -378,7 +373,7 @@ async def test_ten_thousand_malformed_entries_interleaved_with_valid_ticks(redis
     for position in range(10_000 + 1200):
         if v < len(valid_at) and position == valid_at[v]:
             symbol, price = next(valid_iter)
-            pipe.xadd(keys.ticks, encode_tick(symbol, price))
+            pipe.xadd(keys.ticks, Tick.encode(symbol, price))
             valid_symbol_at[position] = symbol
             v += 1
         else:
@@ -393,18 +388,17 @@ async def test_ten_thousand_malformed_entries_interleaved_with_valid_ticks(redis
     for position, symbol in valid_symbol_at.items():
         valid_ids.setdefault(symbol, []).append(ids[position].decode())
     metrics = Metrics(CollectorRegistry())
-    with Forecaster.load() as engine:
-        daemon = Daemon(
-            redis_client, engine, metrics, keys=keys, config=DaemonConfig(batch_max_size=512)
-        )
-        async with daemon:
-            deadline = time.monotonic() + 180
-            while await redis_client.xlen(keys.dead) < 10_000 or await total_forecasts(
-                redis_client, keys, [f"V{i}" for i in range(4)]
-            ) < 4 * (300 - 49):
-                assert daemon._tasks[0].done() is False, "the consume loop ended"
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.2)
+    daemon = Daemon(
+        redis_client, shipped_engine, metrics, keys=keys, config=DaemonConfig(batch_max_size=512)
+    )
+    async with daemon:
+        deadline = time.monotonic() + 180
+        while await redis_client.xlen(keys.dead) < 10_000 or await total_forecasts(
+            redis_client, keys, [f"V{i}" for i in range(4)]
+        ) < 4 * (300 - 49):
+            assert daemon._tasks[0].done() is False, "the consume loop ended"
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
     letters = await redis_client.xrange(keys.dead, count=20_000)
     assert [f[b"reason"].decode() for _, f in letters] == expected_reasons
     # each letter: the entry's id, the decoder's detail for that entry, its original fields

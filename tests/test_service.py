@@ -8,44 +8,27 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
-import numpy as np
 import pytest
 
 from streamcast.demo import free_port
 from streamcast.keys import Keys
 from streamcast.replay import replay
 
+from .helpers import (
+    check_exactly_once,
+    feed,
+    http_get,
+    keep_ticks,
+    spawn_daemon,
+    start_redis_server,
+    total_forecasts,
+    wait_ready,
+    wait_settled,
+    wait_total,
+)
+
 pytestmark = pytest.mark.slow
-
-
-def spawn_daemon(
-    redis_url: str, prefix: str, http_port: int, tmp_path, **env: str
-) -> subprocess.Popen:
-    environment = {
-        **os.environ,
-        "STREAMCAST_REDIS_URL": redis_url,
-        "STREAMCAST_KEY_PREFIX": prefix,
-        "STREAMCAST_HTTP_PORT": str(http_port),
-        "STREAMCAST_SHUTDOWN_TIMEOUT_S": "10",
-        "STREAMCAST_BATCH_MAX_SIZE": "64",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        **env,
-    }
-    log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
-    with open(log_path, "w") as log:
-        # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamcast.cli", "serve"],
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-        )
-    process.log_path = log_path  # type: ignore[attr-defined]
-    return process
 
 
 def log_time(log: str, needle: str) -> float:
@@ -53,83 +36,6 @@ def log_time(log: str, needle: str) -> float:
     line = next(line for line in log.splitlines() if needle in line)
     stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
     return stamp.timestamp()
-
-
-def http_get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-async def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the daemon exited during start-up"
-        try:
-            if http_get(port, "/readyz")[0] == 200:
-                return
-        except OSError:
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError("daemon not ready in time")
-
-
-async def total_forecasts(redis, keys: Keys, names) -> int:
-    return sum([await redis.xlen(keys.forecasts(n)) for n in names])
-
-
-async def keep_ticks(redis, keys: Keys) -> None:
-    """A consumer group that never reads: the daemon trims only what every group has
-    acknowledged, so the ticks stream stays whole as the truth the checks compare against."""
-    await redis.xgroup_create(keys.ticks, "witness", id="0", mkstream=True)
-
-
-async def check_exactly_once(redis, keys: Keys, names) -> None:
-    ticks: dict[str, list[str]] = {}
-    for eid, fields in await redis.xrange(keys.ticks):
-        ticks.setdefault(fields[b"symbol"].decode(), []).append(eid.decode())
-    for name in names:
-        forecast = [eid.decode() for eid, _ in await redis.xrange(keys.forecasts(name))]
-        assert forecast == ticks[name][49:], f"{name}: lost or doubled forecasts"
-
-
-async def wait_settled(redis, keys: Keys, timeout_s: float = 60) -> None:
-    """Wait until every daemon's group was delivered the whole ticks stream and acknowledged it
-    all: nothing is left to forecast (publish and ack are one transaction), so nothing can be
-    added, or doubled, after this."""
-
-    def text(value) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        newest = await redis.xrevrange(keys.ticks, count=1)
-        groups = [g for g in await redis.xinfo_groups(keys.ticks) if text(g["name"]) != "witness"]
-        waiting = [
-            (text(g["name"]), g["pending"], text(g["last-delivered-id"]))
-            for g in groups
-            if g["pending"] or not newest or text(g["last-delivered-id"]) != text(newest[0][0])
-        ]
-        if groups and not waiting:
-            return
-        assert time.monotonic() < deadline, f"groups not settled: {waiting}"
-        await asyncio.sleep(0.1)
-
-
-def feed(symbols: int = 4, points: int = 400):
-    rng = np.random.default_rng(11)
-    return 100 * np.exp(np.cumsum(rng.normal(0, 0.01, (symbols, points)), axis=1))
-
-
-async def wait_total(redis, keys, names, target: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while await total_forecasts(redis, keys, names) < target:
-        assert time.monotonic() < deadline, (
-            f"only {await total_forecasts(redis, keys, names)} of {target} forecasts"
-        )
-        await asyncio.sleep(0.2)
 
 
 async def test_kill_9_mid_replay_then_restart_loses_and_doubles_nothing(
@@ -308,8 +214,6 @@ async def test_demo_runs_with_no_server_and_prints_forecasts(tmp_path):
 
 
 def test_password_in_the_url_works_and_a_wrong_one_is_refused_clearly(tmp_path):
-    from .conftest import start_redis_server
-
     server = start_redis_server(tmp_path, "--requirepass", "s3cret-pw")
     try:
         cli = [
