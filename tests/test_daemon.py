@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
-import pytest
 from prometheus_client import CollectorRegistry
 
 from streamcast.daemon import Daemon, DaemonConfig
@@ -15,58 +12,31 @@ from streamcast.metrics import Metrics
 from streamcast.replay import fan_out, replay, symbol_names
 from streamcast.wire import decode_forecast
 
-
-@pytest.fixture(scope="module")
-def engine():
-    from streamcast import Forecaster
-
-    with Forecaster.load() as forecaster:
-        yield forecaster
-
-
-async def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.1):
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(interval_s)
-
-
-async def forecast_ids(redis, keys: Keys, symbol: str) -> list[str]:
-    entries = await redis.xrange(keys.forecasts(symbol))
-    return [eid.decode() for eid, _ in entries]
-
-
-async def tick_ids_by_symbol(redis, keys: Keys) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for eid, fields in await redis.xrange(keys.ticks):
-        out.setdefault(fields[b"symbol"].decode(), []).append(eid.decode())
-    return out
-
-
-def registry_value(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+from .helpers import (
+    forecast_ids,
+    keep_ticks,
+    sample,
+    tick_ids_by_symbol,
+    wait_for,
+    xlen_at_least,
+)
 
 
 async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
-    redis_client, engine, shared_data
+    redis_client, shipped_engine, shared_data
 ):
     keys = Keys("sp")
     series = load_series(shared_data / "sp500.csv")
     names = symbol_names("SPX", 3)
-    # the ticks stream is the truth checked below: a group that never reads keeps it whole
-    await redis_client.xgroup_create(keys.ticks, "witness", id="0", mkstream=True)
+    await keep_ticks(redis_client, keys)  # the ticks stream is the truth checked below
     await replay(redis_client, keys, fan_out(series, 3), names, rate=None)
     metrics = Metrics(CollectorRegistry())
     config = DaemonConfig(batch_max_size=1024, path_refresh_s=0.0)
-    async with Daemon(redis_client, engine, metrics, keys=keys, config=config):
+    async with Daemon(redis_client, shipped_engine, metrics, keys=keys, config=config):
         eligible = 3 * (len(series) - 49)
 
         async def done():
-            return registry_value(metrics, "streamcast_ticks_total", outcome="forecast") >= eligible
+            return sample(metrics, "streamcast_ticks_total", outcome="forecast") >= eligible
 
         await wait_for(done, timeout_s=120)
     ticks = await tick_ids_by_symbol(redis_client, keys)
@@ -80,23 +50,16 @@ async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
         assert len(last["path"]) == 50 and np.isfinite(last["path"]).all()
         nexts = [decode_forecast(f)["next"] for _, f in entries]
         assert np.isfinite(nexts).all()
-        assert last["model"] == engine.version
-    assert registry_value(metrics, "streamcast_ticks_total", outcome="filling") == 3 * 49
+        assert last["model"] == shipped_engine.version
+    assert sample(metrics, "streamcast_ticks_total", outcome="filling") == 3 * 49
     # online skill: every 1-step forecast but each symbol's last has met its truth
-    version = engine.version
-    scored = registry_value(
-        metrics, "streamcast_forecast_scored_total", horizon="1", version=version
-    )
+    version = shipped_engine.version
+    scored = sample(metrics, "streamcast_forecast_scored_total", horizon="1", version=version)
     assert scored == eligible - 3
-    assert registry_value(
-        metrics, "streamcast_forecast_scored_total", horizon="50", version=version
-    )
-    daemon_skill = metrics.registry.get_sample_value(
-        "streamcast_skill", {"horizon": "1", "version": version}
-    )
-    assert daemon_skill is not None and np.isfinite(daemon_skill)
+    assert sample(metrics, "streamcast_forecast_scored_total", horizon="50", version=version)
+    assert np.isfinite(sample(metrics, "streamcast_skill", horizon="1", version=version))
     for stage in ("ingest", "wait", "compute", "publish"):
-        assert registry_value(metrics, "streamcast_stage_seconds_count", stage=stage) > 0
+        assert sample(metrics, "streamcast_stage_seconds_count", stage=stage) > 0
     assert await redis_client.xpending(keys.ticks, keys.group(0, 1)) == {
         "pending": 0,
         "min": None,
@@ -123,7 +86,7 @@ MALFORMED = [
 
 
 async def test_malformed_entries_become_dead_letters_and_valid_ticks_are_forecast(
-    redis_client, engine
+    redis_client, shipped_engine
 ):
     keys = Keys("bad")
     prices = 100 + np.cumsum(np.random.default_rng(3).normal(0, 0.5, 120))
@@ -141,7 +104,7 @@ async def test_malformed_entries_become_dead_letters_and_valid_ticks_are_forecas
         )
     metrics = Metrics(CollectorRegistry())
     async with Daemon(
-        redis_client, engine, metrics, keys=keys, config=DaemonConfig(batch_max_size=16)
+        redis_client, shipped_engine, metrics, keys=keys, config=DaemonConfig(batch_max_size=16)
     ):
 
         async def done():
@@ -159,31 +122,31 @@ async def test_malformed_entries_become_dead_letters_and_valid_ticks_are_forecas
     assert letters[3][1][b"field:price"] == b"twelve"
     assert await forecast_ids(redis_client, keys, "M0") == valid_ids[49:]
     for _, reason in MALFORMED:
-        assert registry_value(metrics, "streamcast_dead_letters_total", reason=reason) >= 1
+        assert sample(metrics, "streamcast_dead_letters_total", reason=reason) >= 1
 
 
-async def test_restart_rebuilds_windows_from_history_and_forecasts_at_once(redis_client, engine):
+async def test_restart_rebuilds_windows_from_history_and_forecasts_at_once(
+    redis_client, shipped_engine
+):
     keys = Keys("restart")
     prices = 50 + np.arange(60, dtype=float)
     for price in prices:
         await redis_client.xadd(keys.ticks, {"symbol": "R", "price": repr(float(price))})
-    async with Daemon(redis_client, engine, Metrics(CollectorRegistry()), keys=keys):
-        await wait_for(lambda: _len_at_least(redis_client, keys.forecasts("R"), 11))
+    async with Daemon(redis_client, shipped_engine, Metrics(CollectorRegistry()), keys=keys):
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("R"), 11))
     # a new daemon: its first new tick is forecast without waiting for 50 more
     new_id = (await redis_client.xadd(keys.ticks, {"symbol": "R", "price": "111.0"})).decode()
     metrics = Metrics(CollectorRegistry())
-    async with Daemon(redis_client, engine, metrics, keys=keys):
-        await wait_for(lambda: _len_at_least(redis_client, keys.forecasts("R"), 12))
+    async with Daemon(redis_client, shipped_engine, metrics, keys=keys):
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("R"), 12))
     ids = await forecast_ids(redis_client, keys, "R")
     assert ids[-1] == new_id and len(ids) == 12
-    assert registry_value(metrics, "streamcast_ticks_total", outcome="filling") == 0
+    assert sample(metrics, "streamcast_ticks_total", outcome="filling") == 0
 
 
-async def _len_at_least(redis, key: str, n: int) -> bool:
-    return await redis.xlen(key) >= n
-
-
-async def test_shards_split_symbols_and_together_forecast_each_tick_once(redis_client, engine):
+async def test_shards_split_symbols_and_together_forecast_each_tick_once(
+    redis_client, shipped_engine
+):
     keys = Keys("shard")
     names = [f"S{k}" for k in range(6)]
     paths = 100 + np.cumsum(np.random.default_rng(5).normal(0, 0.3, (6, 60)), axis=1)
@@ -192,7 +155,7 @@ async def test_shards_split_symbols_and_together_forecast_each_tick_once(redis_c
     daemons = [
         Daemon(
             redis_client,
-            engine,
+            shipped_engine,
             Metrics(CollectorRegistry()),
             keys=keys,
             config=DaemonConfig(shard_index=i, shard_count=2, consumer=f"replica-{i}"),
@@ -219,7 +182,7 @@ async def test_shards_split_symbols_and_together_forecast_each_tick_once(redis_c
         assert sorted(d.windows.symbols()) == sorted(n for n, o in owners.items() if o == i)
 
 
-async def test_entries_left_pending_by_a_dead_consumer_are_reclaimed(redis_client, engine):
+async def test_entries_left_pending_by_a_dead_consumer_are_reclaimed(redis_client, shipped_engine):
     keys = Keys("claim")
     group = keys.group(0, 1)
     await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
@@ -231,7 +194,9 @@ async def test_entries_left_pending_by_a_dead_consumer_are_reclaimed(redis_clien
     await redis_client.xreadgroup(group, "dead-replica", {keys.ticks: ">"}, count=100)
     assert (await redis_client.xpending(keys.ticks, group))["pending"] == 55
     config = DaemonConfig(claim_idle_ms=200, claim_interval_s=0.5)
-    async with Daemon(redis_client, engine, Metrics(CollectorRegistry()), keys=keys, config=config):
-        await wait_for(lambda: _len_at_least(redis_client, keys.forecasts("C"), 6), timeout_s=30)
+    async with Daemon(
+        redis_client, shipped_engine, Metrics(CollectorRegistry()), keys=keys, config=config
+    ):
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("C"), 6), timeout_s=30)
     assert await forecast_ids(redis_client, keys, "C") == ids[49:]
     assert (await redis_client.xpending(keys.ticks, group))["pending"] == 0

@@ -124,11 +124,10 @@ def test_one_caller_thread_at_a_time_is_safe_from_many_threads(tiny_model):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_load_the_shipped_model_and_forecast_finite_prices():
-    with Forecaster.load() as forecaster:
-        assert forecaster.normalise and forecaster.seq_len == 50
-        assert forecaster.version == forecaster.info.version
-        path = forecaster.rollout(random_prices(2), steps=50)
+def test_load_the_shipped_model_and_forecast_finite_prices(shipped_engine):
+    assert shipped_engine.normalise and shipped_engine.seq_len == 50
+    assert shipped_engine.version == shipped_engine.info.version
+    path = shipped_engine.rollout(random_prices(2), steps=50)
     assert path.shape == (2, 50) and np.isfinite(path).all() and (path > 0).all()
 
 

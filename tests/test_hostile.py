@@ -21,29 +21,7 @@ from streamcast.keys import Keys, shard_of
 from streamcast.metrics import Metrics
 from streamcast.wire import REASONS, TickLimits, decode_forecast, encode_tick
 
-
-@pytest.fixture(scope="module")
-def engine():
-    from streamcast import Forecaster
-
-    with Forecaster.load() as forecaster:
-        yield forecaster
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    value = metrics.registry.get_sample_value(name, labels)
-    assert value is not None, f"{name}{labels} is not exported"
-    return value
-
-
-async def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout_s} s"
-        await asyncio.sleep(0.05)
+from .helpers import sample, wait_for, xlen_at_least
 
 
 class Feed:
@@ -96,12 +74,12 @@ def daemon_for(redis, engine, keys: Keys, **config) -> Daemon:
 
 @pytest.mark.parametrize("how", ["xgroup_destroy", "del_stream"])
 async def test_group_or_stream_deleted_mid_feed_is_recreated_and_nothing_lost_or_doubled(
-    redis_client, engine, how
+    redis_client, shipped_engine, how
 ):
     keys = Keys(f"gone-{how}")
     feed = Feed(redis_client, keys, ["G0", "G1"])
     # bad entries too: their dead letters must not be written twice after the recreation
-    daemon = daemon_for(redis_client, engine, keys, batch_max_wait_ms=0)
+    daemon = daemon_for(redis_client, shipped_engine, keys, batch_max_wait_ms=0)
     async with daemon:
         await feed.send(80)
         await redis_client.xadd(keys.ticks, {"symbol": "G0", "price": "oops"})
@@ -120,10 +98,12 @@ async def test_group_or_stream_deleted_mid_feed_is_recreated_and_nothing_lost_or
     assert await redis_client.xlen(keys.dead) == 1, "a dead letter was written twice"
 
 
-async def test_flushdb_mid_feed_daemon_goes_on_and_forecasts_new_ticks(redis_client, engine):
+async def test_flushdb_mid_feed_daemon_goes_on_and_forecasts_new_ticks(
+    redis_client, shipped_engine
+):
     keys = Keys("flush")
     feed = Feed(redis_client, keys, ["F0"])
-    daemon = daemon_for(redis_client, engine, keys, batch_max_wait_ms=0)
+    daemon = daemon_for(redis_client, shipped_engine, keys, batch_max_wait_ms=0)
     async with daemon:
         await feed.send(60)
         await wait_for(feed.all_forecast)
@@ -135,14 +115,16 @@ async def test_flushdb_mid_feed_daemon_goes_on_and_forecasts_new_ticks(redis_cli
     await feed.check_exactly_once()
 
 
-async def test_redis_at_maxmemory_backs_off_not_ready_then_loses_nothing(redis_client, engine):
+async def test_redis_at_maxmemory_backs_off_not_ready_then_loses_nothing(
+    redis_client, shipped_engine
+):
     keys = Keys("oom")
     feed = Feed(redis_client, keys, ["M0", "M1"])
     await feed.send(200)
     await redis_client.config_set("maxmemory-policy", "noeviction")
     used = (await redis_client.info("memory"))["used_memory"]
     await redis_client.config_set("maxmemory", str(used + 64 * 1024))
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, shipped_engine, keys)
     try:
         async with daemon:
 
@@ -161,18 +143,18 @@ async def test_redis_at_maxmemory_backs_off_not_ready_then_loses_nothing(redis_c
     await feed.check_exactly_once()
 
 
-async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_client, engine):
+async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_client, shipped_engine):
     keys = Keys("wrongtype")
     feed = Feed(redis_client, keys, ["W0", "W1"])
     await redis_client.set(keys.forecasts("W0"), "not a stream")  # an operator's mistake
-    daemon = daemon_for(redis_client, engine, keys, batch_max_wait_ms=0)
+    daemon = daemon_for(redis_client, shipped_engine, keys, batch_max_wait_ms=0)
     async with daemon:
         await feed.send(49)
         # then one tick each, each in a batch of its own, all within a second: every failed
         # batch's letters must be written, not only the last one's
         for n in range(1, 12):
             await feed.send(1)
-            await wait_for(lambda n=n: _xlen_at_least(redis_client, keys.forecasts("W1"), n))
+            await wait_for(lambda n=n: xlen_at_least(redis_client, keys.forecasts("W1"), n))
 
         async def letters_written():
             return await redis_client.xlen(keys.dead) >= 11
@@ -192,7 +174,7 @@ async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_clien
 
 
 async def test_ticks_trimmed_bounded_over_a_long_replay_with_three_shards_nothing_lost(
-    redis_client, engine
+    redis_client, shipped_engine
 ):
     keys = Keys("trim")
     names = [f"T{i}" for i in range(9)]
@@ -201,7 +183,7 @@ async def test_ticks_trimmed_bounded_over_a_long_replay_with_three_shards_nothin
     daemons = [
         daemon_for(
             redis_client,
-            engine,
+            shipped_engine,
             keys,
             shard_index=i,
             shard_count=3,
@@ -238,7 +220,9 @@ async def _xlen_below(redis, key: str, bound: int) -> bool:
     return await redis.xlen(key) < bound
 
 
-async def test_trim_never_removes_what_a_slow_group_has_not_acknowledged(redis_client, engine):
+async def test_trim_never_removes_what_a_slow_group_has_not_acknowledged(
+    redis_client, shipped_engine
+):
     keys = Keys("trimslow")
     feed = Feed(redis_client, keys, ["S0"])
     # another consumer group (someone's audit reader) read 30 entries and acknowledged 10
@@ -247,7 +231,7 @@ async def test_trim_never_removes_what_a_slow_group_has_not_acknowledged(redis_c
     read = await redis_client.xreadgroup("audit", "a", {keys.ticks: ">"}, count=30)
     got = [e[0] for e in read[0][1]]
     await redis_client.xack(keys.ticks, "audit", *got[:10])
-    daemon = daemon_for(redis_client, engine, keys, ticks_trim_interval_s=0.2)
+    daemon = daemon_for(redis_client, shipped_engine, keys, ticks_trim_interval_s=0.2)
     async with daemon:
         await wait_for(feed.all_forecast)
         rounds = daemon.trim_rounds
@@ -261,7 +245,9 @@ async def test_trim_never_removes_what_a_slow_group_has_not_acknowledged(redis_c
 # -- (4) one symbol's bad history never fails a batch ---------------------------------------------
 
 
-async def test_bad_price_in_history_is_skipped_and_other_symbols_forecast(redis_client, engine):
+async def test_bad_price_in_history_is_skipped_and_other_symbols_forecast(
+    redis_client, shipped_engine
+):
     keys = Keys("badhist")
     # history written raw, as an old import or a hand-made XADD could: a 0 and a 1e-320 in it
     for i in range(60):
@@ -269,7 +255,7 @@ async def test_bad_price_in_history_is_skipped_and_other_symbols_forecast(redis_
         await redis_client.xadd(keys.history("H0"), {"price": price}, id=f"0-{i + 1}")
     await redis_client.sadd(keys.symbols, "H0")
     feed = Feed(redis_client, keys, ["H0", "H1"])
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
         await feed.send(60)
 
@@ -319,14 +305,14 @@ class _NaNEngine:
 
 
 async def test_non_finite_output_is_withheld_with_a_reason_and_skill_stays_finite(
-    redis_client, engine
+    redis_client, shipped_engine
 ):
     keys = Keys("nan")
     feed = Feed(redis_client, keys, ["N0", "N1"])
     feed.price["N1"] = 5000.0
     daemon = Daemon(
         redis_client,
-        _NaNEngine(engine),
+        _NaNEngine(shipped_engine),
         Metrics(CollectorRegistry()),
         keys=keys,
         config=DaemonConfig(path_refresh_s=0.0),
@@ -357,10 +343,10 @@ async def test_non_finite_output_is_withheld_with_a_reason_and_skill_stays_finit
     assert np.isfinite(squared)
 
 
-async def test_absurd_prices_are_dead_letters_at_the_edge(redis_client, engine):
+async def test_absurd_prices_are_dead_letters_at_the_edge(redis_client, shipped_engine):
     keys = Keys("absurd")
     limits = TickLimits(price_min=1e-6, price_max=1e9)
-    daemon = daemon_for(redis_client, engine, keys, limits=limits)
+    daemon = daemon_for(redis_client, shipped_engine, keys, limits=limits)
     for price in (
         "1e-320",
         "1e300",
@@ -373,7 +359,7 @@ async def test_absurd_prices_are_dead_letters_at_the_edge(redis_client, engine):
     ):
         await redis_client.xadd(keys.ticks, {"symbol": "A", "price": price})
     async with daemon:
-        await wait_for(lambda: _xlen_at_least(redis_client, keys.dead, 8))
+        await wait_for(lambda: xlen_at_least(redis_client, keys.dead, 8))
     reasons = [f[b"reason"].decode() for _, f in await redis_client.xrange(keys.dead)]
     assert reasons == [
         "price_out_of_range",
@@ -387,14 +373,10 @@ async def test_absurd_prices_are_dead_letters_at_the_edge(redis_client, engine):
     ]
 
 
-async def _xlen_at_least(redis, key: str, n: int) -> bool:
-    return await redis.xlen(key) >= n
-
-
 # -- (8) one wrong timestamp never locks a symbol out ---------------------------------------------
 
 
-async def test_a_far_future_ts_is_a_dead_letter_and_changes_no_state(redis_client, engine):
+async def test_a_far_future_ts_is_a_dead_letter_and_changes_no_state(redis_client, shipped_engine):
     keys = Keys("future")
     now_ms = int(time.time() * 1000)
     await redis_client.xadd(keys.ticks, {"symbol": "Z", "price": "10", "ts": str(now_ms + 10**9)})
@@ -403,24 +385,26 @@ async def test_a_far_future_ts_is_a_dead_letter_and_changes_no_state(redis_clien
         await redis_client.xadd(
             keys.ticks, {"symbol": "Z", "price": repr(10.0 + i / 10), "ts": str(now_ms + i)}
         )
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
-        await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("Z"), 11))
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("Z"), 11))
     letters = await redis_client.xrange(keys.dead)
     assert [f[b"reason"] for _, f in letters] == [b"bad_ts", b"bad_ts"]
     assert b"ahead of its arrival" in letters[0][1][b"detail"]
     assert await redis_client.xlen(keys.forecasts("Z")) == 11, "a later tick was locked out"
 
 
-async def test_a_far_future_ts_already_in_history_does_not_lock_the_symbol(redis_client, engine):
+async def test_a_far_future_ts_already_in_history_does_not_lock_the_symbol(
+    redis_client, shipped_engine
+):
     keys = Keys("futurehist")
     now_ms = int(time.time() * 1000)
     await redis_client.xadd(keys.history("Y"), {"price": "10", "ts": str(now_ms * 1000)}, id="1-0")
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, shipped_engine, keys)
     for i in range(60):
         await redis_client.xadd(keys.ticks, {"symbol": "Y", "price": "10.5", "ts": str(now_ms + i)})
     async with daemon:
-        await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("Y"), 12))
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("Y"), 12))
     assert await redis_client.xlen(keys.dead) == 0
 
 
@@ -428,7 +412,7 @@ async def test_a_far_future_ts_already_in_history_does_not_lock_the_symbol(redis
 
 
 async def test_huge_entries_are_read_a_few_at_a_time_and_dead_letters_stay_small(
-    redis_client, engine
+    redis_client, shipped_engine
 ):
     keys = Keys("huge")
     blob = b"x" * 1_000_000
@@ -436,9 +420,9 @@ async def test_huge_entries_are_read_a_few_at_a_time_and_dead_letters_stay_small
     for i in range(40):
         pipe.xadd(keys.ticks, {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
     await pipe.execute()
-    daemon = daemon_for(redis_client, engine, keys, read_max_bytes=4_000_000)
+    daemon = daemon_for(redis_client, shipped_engine, keys, read_max_bytes=4_000_000)
     async with daemon:
-        await wait_for(lambda: _xlen_at_least(redis_client, keys.dead, 40))
+        await wait_for(lambda: xlen_at_least(redis_client, keys.dead, 40))
         assert daemon._read_count <= 4, "reads did not shrink to the byte budget"
     letters = await redis_client.xrange(keys.dead)
     assert {f[b"reason"] for _, f in letters} == {b"oversized"}
@@ -453,12 +437,12 @@ async def test_huge_entries_are_read_a_few_at_a_time_and_dead_letters_stay_small
 
 
 async def test_idle_and_excess_symbols_are_forgotten_and_come_back_from_history(
-    redis_client, engine, caplog
+    redis_client, shipped_engine, caplog
 ):
     keys = Keys("evict")
     names = [f"E{i}" for i in range(5)]
     feed = Feed(redis_client, keys, names)
-    daemon = daemon_for(redis_client, engine, keys, symbols_max=3, batch_max_wait_ms=0)
+    daemon = daemon_for(redis_client, shipped_engine, keys, symbols_max=3, batch_max_wait_ms=0)
     async with daemon:
         await feed.send(55)
         await wait_for(feed.all_forecast)
@@ -471,10 +455,10 @@ async def test_idle_and_excess_symbols_are_forgotten_and_come_back_from_history(
     assert sample(daemon.metrics, "streamcast_symbols_evicted_total", why="cap") >= 2
 
 
-async def test_path_age_does_not_grow_for_a_symbol_that_stopped(redis_client, engine):
+async def test_path_age_does_not_grow_for_a_symbol_that_stopped(redis_client, shipped_engine):
     keys = Keys("pathage")
     feed = Feed(redis_client, keys, ["P0"])
-    daemon = daemon_for(redis_client, engine, keys, path_refresh_s=0.0)
+    daemon = daemon_for(redis_client, shipped_engine, keys, path_refresh_s=0.0)
     async with daemon:
         await feed.send(60)
         await wait_for(feed.all_forecast)
@@ -482,17 +466,17 @@ async def test_path_age_does_not_grow_for_a_symbol_that_stopped(redis_client, en
         assert sample(daemon.metrics, "streamcast_path_age_max_seconds") == 0.0
 
 
-async def test_redelivered_ticks_are_logged_as_duplicates(redis_client, engine, caplog):
+async def test_redelivered_ticks_are_logged_as_duplicates(redis_client, shipped_engine, caplog):
     keys = Keys("dups")
     feed = Feed(redis_client, keys, ["D0"])
     await feed.send(60)
-    async with daemon_for(redis_client, engine, keys):
+    async with daemon_for(redis_client, shipped_engine, keys):
         await wait_for(feed.all_forecast)
     # the group lost (as after a restore from an old snapshot): redelivered from the start
     await redis_client.xgroup_destroy(keys.ticks, keys.group(0, 1))
     await redis_client.delete(keys.acked(keys.group(0, 1)))
     caplog.set_level("INFO", logger="streamcast.daemon")
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
         await wait_for(lambda: asyncio.sleep(0, daemon.stats.duplicates == 60))
     assert any("already holds it" in r.getMessage() for r in caplog.records)
@@ -518,12 +502,12 @@ def test_counters_with_known_labels_are_exported_from_the_start():
 
 
 async def test_a_replica_that_loses_its_lease_stops_and_the_standby_forecasts_exactly_once(
-    redis_client, engine
+    redis_client, shipped_engine
 ):
     keys = Keys("leaselost")
     feed = Feed(redis_client, keys, ["L0", "L1"])
-    first = daemon_for(redis_client, engine, keys, consumer="a", lease_ttl_s=1.5)
-    second = daemon_for(redis_client, engine, keys, consumer="b", lease_ttl_s=1.5)
+    first = daemon_for(redis_client, shipped_engine, keys, consumer="a", lease_ttl_s=1.5)
+    second = daemon_for(redis_client, shipped_engine, keys, consumer="b", lease_ttl_s=1.5)
     await first.start()
     await wait_for(lambda: asyncio.sleep(0, first.ready), what="the first ready")
     await second.start()
@@ -546,13 +530,13 @@ async def test_a_replica_that_loses_its_lease_stops_and_the_standby_forecasts_ex
     await feed.check_exactly_once()
 
 
-async def test_trim_waits_for_a_shard_group_that_is_missing(redis_client, engine):
+async def test_trim_waits_for_a_shard_group_that_is_missing(redis_client, shipped_engine):
     keys = Keys("trimmissing")
     feed = Feed(redis_client, keys, ["M0"])
     await feed.send(120)
     # shard 0 of 2 runs; shard 1's replica has not started yet: its group does not exist
     daemon = daemon_for(
-        redis_client, engine, keys, shard_index=0, shard_count=2, ticks_trim_interval_s=0.2
+        redis_client, shipped_engine, keys, shard_index=0, shard_count=2, ticks_trim_interval_s=0.2
     )
     async with daemon:
         await wait_for(lambda: asyncio.sleep(0, daemon.stats.batches >= 1))
@@ -560,7 +544,9 @@ async def test_trim_waits_for_a_shard_group_that_is_missing(redis_client, engine
     assert await redis_client.xlen(keys.ticks) == 120, "trimmed what shard 1 has not read"
 
 
-async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(redis_client, engine):
+async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(
+    redis_client, shipped_engine
+):
     keys = Keys("pendingonce")
     group = keys.group(0, 1)
     await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
@@ -568,9 +554,9 @@ async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(re
         fields = {"symbol": "P", "price": "x"} if i == 150 else encode_tick("P", 100.0 + i)
         await redis_client.xadd(keys.ticks, fields)
     await redis_client.xreadgroup(group, "a", {keys.ticks: ">"}, count=1000)
-    daemon = daemon_for(redis_client, engine, keys, consumer="a", batch_max_size=64)
+    daemon = daemon_for(redis_client, shipped_engine, keys, consumer="a", batch_max_size=64)
     async with daemon:
-        await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("P"), 250))
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("P"), 250))
 
         async def nothing_pending() -> bool:
             return (await redis_client.xpending(keys.ticks, group))["pending"] == 0
@@ -580,11 +566,13 @@ async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(re
     assert daemon.stats.duplicates == 0
 
 
-async def test_a_history_key_of_the_wrong_type_does_not_stop_the_shard(redis_client, engine):
+async def test_a_history_key_of_the_wrong_type_does_not_stop_the_shard(
+    redis_client, shipped_engine
+):
     keys = Keys("wronghist")
     await redis_client.set(keys.history("X0"), "junk")
     feed = Feed(redis_client, keys, ["X0", "X1"])
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
         await feed.send(60)
 
@@ -596,48 +584,52 @@ async def test_a_history_key_of_the_wrong_type_does_not_stop_the_shard(redis_cli
 
 
 async def test_a_history_ts_of_thousands_of_digits_and_a_bad_lease_value_do_not_crash(
-    redis_client, engine
+    redis_client, shipped_engine
 ):
     keys = Keys("oddvalues")
     await redis_client.xadd(keys.history("O0"), {"price": "10", "ts": "9" * 5000}, id="1-0")
     feed = Feed(redis_client, keys, ["O0"])
     await feed.send(60)
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
-        await wait_for(lambda: _xlen_at_least(redis_client, keys.forecasts("O0"), 11))
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("O0"), 11))
         assert not daemon._tasks[0].done()
     # a lease value that is not UTF-8: another holder, shown, not a crash
     await redis_client.set(keys.lease(daemon.group), b"\xff\xfe", px=1500)
-    again = daemon_for(redis_client, engine, keys, consumer="other")
+    again = daemon_for(redis_client, shipped_engine, keys, consumer="other")
     async with again:
         await wait_for(lambda: asyncio.sleep(0, again.standby))
         await wait_for(lambda: asyncio.sleep(0, again.ready), what="taking over after the TTL")
         assert not again._tasks[0].done()
 
 
-async def test_a_stray_later_forecast_entry_makes_dead_letters_not_silence(redis_client, engine):
+async def test_a_stray_later_forecast_entry_makes_dead_letters_not_silence(
+    redis_client, shipped_engine
+):
     keys = Keys("stray")
     await redis_client.xadd(keys.forecasts("Q0"), {"x": "1"}, id="99999999999999-0")
     feed = Feed(redis_client, keys, ["Q0"])
     await feed.send(60)
-    async with daemon_for(redis_client, engine, keys):
-        await wait_for(lambda: _xlen_at_least(redis_client, keys.dead, 11))
+    async with daemon_for(redis_client, shipped_engine, keys):
+        await wait_for(lambda: xlen_at_least(redis_client, keys.dead, 11))
     letters = await redis_client.xrange(keys.dead)
     assert [f[b"tick_id"].decode() for _, f in letters] == feed.ids["Q0"][49:]
     assert {f[b"reason"] for _, f in letters} == {b"publish_failed"}
 
 
-async def test_a_far_future_acknowledged_mark_does_not_skip_later_ticks(redis_client, engine):
+async def test_a_far_future_acknowledged_mark_does_not_skip_later_ticks(
+    redis_client, shipped_engine
+):
     keys = Keys("futuremark")
     feed = Feed(redis_client, keys, ["F0"])
-    async with daemon_for(redis_client, engine, keys) as first:
+    async with daemon_for(redis_client, shipped_engine, keys) as first:
         await feed.send(55)
         await wait_for(feed.all_forecast)
     # while no replica runs: a hand-made mark far ahead of anything the stream has had, and the
     # group destroyed. Recreated there, the group would skip every tick for centuries
     await redis_client.set(keys.acked(first.group), "99999999999999-0")
     await redis_client.xgroup_destroy(keys.ticks, first.group)
-    daemon = daemon_for(redis_client, engine, keys)
+    daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
         await wait_for(lambda: asyncio.sleep(0, daemon.ready))
         await feed.send(10, pause_s=0.01)

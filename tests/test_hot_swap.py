@@ -20,6 +20,8 @@ from streamcast.replay import fan_out, replay, symbol_names
 from streamcast.retrain import RetrainConfig, Retrainer
 from streamcast.wire import decode_forecast, id_key
 
+from .helpers import keep_ticks, sample, tick_ids_by_symbol, wait_for
+
 DEFAULT_VERSION = ModelInfo.read(DEFAULT_MODEL_DIR / "model.json").version
 BATCH = 256
 
@@ -32,6 +34,7 @@ def load_warm(path):
 
 async def serving_daemon(redis, keys, registry, metrics, config, retrainer=None) -> Daemon:
     """A daemon on the shipped model that follows the registry (and retrains, if given)."""
+    # its own engine, not the shared shipped_engine: a swap re-weights or replaces and closes it
     engine = await asyncio.to_thread(load_warm, DEFAULT_MODEL_DIR)
     return Daemon(
         redis,
@@ -46,24 +49,11 @@ async def serving_daemon(redis, keys, registry, metrics, config, retrainer=None)
     )
 
 
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def wait_for(predicate, timeout_s: float = 120.0):
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(0.1)
-
-
 async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
     redis_client, shared_data, tmp_path
 ):
     keys = Keys("swap")
-    # the ticks stream is the truth checked below: a group that never reads keeps it whole
-    await redis_client.xgroup_create(keys.ticks, "witness", id="0", mkstream=True)
+    await keep_ticks(redis_client, keys)  # the ticks stream is the truth checked below
     names = symbol_names("SPX", 3)
     paths = fan_out(load_series(shared_data / "sp500.csv")[:2600], 3)
     registry = Registry(redis_client, keys, tmp_path / "cache")
@@ -84,7 +74,7 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
         async def forecasts_at_least(n: int) -> bool:
             return sample(metrics, forecast, outcome="forecast") >= n
 
-        await wait_for(lambda: forecasts_at_least(3 * (1200 - 49)))
+        await wait_for(lambda: forecasts_at_least(3 * (1200 - 49)), timeout_s=120)
         assert (await registry.current()).version == DEFAULT_VERSION  # type: ignore[union-attr]
         feed_after = (await redis_client.xrevrange(keys.ticks, count=1))[0][0].decode()
         # ticks keep coming while the candidate trains, is promoted, loaded and swapped in (the
@@ -102,10 +92,10 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
         async def swapped() -> bool:
             return sample(metrics, "streamcast_model_swaps_total") == 1
 
-        await wait_for(swapped)
+        await wait_for(swapped, timeout_s=120)
         assert daemon.engine.version == result.candidate
         at_swap = sample(metrics, forecast, outcome="forecast")
-        await wait_for(lambda: forecasts_at_least(at_swap + 90))  # the feed went on
+        await wait_for(lambda: forecasts_at_least(at_swap + 90), timeout_s=120)  # the feed went on
         assert not feed.done(), "the feed ended before the swap"
         stop_feed.set()
         await feed
@@ -115,12 +105,11 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
         assert age is not None and 0 <= age < 60, "time since the last promotion"
         await replay(redis_client, keys, paths[:, 2400:], names, rate=None)
         total = await redis_client.xlen(keys.ticks)
-        await wait_for(lambda: forecasts_at_least(total - 3 * 49))
+        await wait_for(lambda: forecasts_at_least(total - 3 * 49), timeout_s=120)
     assert sample(metrics, "streamcast_model_info", version=result.candidate) == 1
-    assert sample(metrics, "streamcast_model_info", version=DEFAULT_VERSION) == 0
-    ticks: dict[str, list[str]] = {}
-    for eid, fields in await redis_client.xrange(keys.ticks):
-        ticks.setdefault(fields[b"symbol"].decode(), []).append(eid.decode())
+    # the swap clears the old version's series
+    assert sample(metrics, "streamcast_model_info", version=DEFAULT_VERSION, absent=0.0) == 0
+    ticks = await tick_ids_by_symbol(redis_client, keys)
     for name in names:
         entries = await redis_client.xrange(keys.forecasts(name))
         assert [e[0].decode() for e in entries] == ticks[name][49:], f"{name}: lost or doubled"
@@ -158,13 +147,13 @@ async def test_corrupt_or_mismatched_versions_are_refused_and_a_killed_trainer_c
     daemon = await serving_daemon(redis_client, keys, registry, metrics, config, retrainer)
     prices = 100 + np.cumsum(np.random.default_rng(8).normal(0, 0.3, (2, 400)), axis=1)
     async with daemon:
-        await wait_for(lambda: _current_is(registry, DEFAULT_VERSION))
+        await wait_for(lambda: _current_is(registry, DEFAULT_VERSION), timeout_s=120)
         # a model with another window length
         short = build_model(dataclasses.replace(ModelConfig.from_sizes([1, 4, 1]), seq_len=20))
         mismatched = save_model(short, tmp_path / "short", normalise=True)
         await registry.register(tmp_path / "short")
         await registry.promote(mismatched.version, reason="test: mismatch")
-        await wait_for(lambda: _failures(metrics, "mismatch"))
+        await wait_for(lambda: _failures(metrics, "mismatch"), timeout_s=120)
         # a version whose bytes in Redis were damaged after registration
         corrupt = save_model(tiny_model, tmp_path / "tiny", normalise=True)
         await registry.register(tmp_path / "tiny")
@@ -172,14 +161,14 @@ async def test_corrupt_or_mismatched_versions_are_refused_and_a_killed_trainer_c
         blob[-10] ^= 0xFF
         await redis_client.hset(keys.model(corrupt.version), "keras", bytes(blob))
         await registry.promote(corrupt.version, reason="test: corrupt")
-        await wait_for(lambda: _failures(metrics, "invalid"))
+        await wait_for(lambda: _failures(metrics, "invalid"), timeout_s=120)
         # a version whose sidecar names another one (the serving one's bytes under a new key,
         # written raw): refused once, not loaded again at every model check
         entry = await redis_client.hgetall(keys.model(DEFAULT_VERSION))
         await redis_client.hset(keys.model("renamed-1"), mapping=entry)
         await redis_client.zadd(keys.models, {"renamed-1": 1})
         await registry.promote("renamed-1", reason="test: a sidecar naming another version")
-        await wait_for(lambda: _failures(metrics, "invalid", at_least=2))
+        await wait_for(lambda: _failures(metrics, "invalid", at_least=2), timeout_s=120)
         await asyncio.sleep(2.0)  # four model checks
         assert sample(metrics, "streamcast_model_load_failures_total", reason="invalid") == 2
         # ticks flow; the trainer started every 150 ticks is killed each time
@@ -188,8 +177,8 @@ async def test_corrupt_or_mismatched_versions_are_refused_and_a_killed_trainer_c
         async def all_forecast() -> bool:
             return sample(metrics, "streamcast_ticks_total", outcome="forecast") >= 2 * 351
 
-        await wait_for(all_forecast)
-        await wait_for(lambda: _retrains(metrics, "failed"))
+        await wait_for(all_forecast, timeout_s=120)
+        await wait_for(lambda: _retrains(metrics, "failed"), timeout_s=120)
         assert daemon.engine.version == DEFAULT_VERSION
     assert sample(metrics, "streamcast_model_swaps_total") == 0
     for name in ("K0", "K1"):

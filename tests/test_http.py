@@ -14,6 +14,8 @@ from streamcast.http import HttpServer
 from streamcast.keys import Keys
 from streamcast.live import LivePage
 
+from .helpers import wait_for
+
 
 def make_server(redis_client, **guards) -> HttpServer:
     """The daemon's HTTP server, live page included (on the test's redis-server)."""
@@ -43,13 +45,6 @@ async def status_of(port: int, request: bytes) -> int:
 async def healthz(port: int) -> int:
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as r:
         return r.status
-
-
-async def wait_for(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 OVERSIZED = [
@@ -87,7 +82,7 @@ async def test_slow_request_heads_are_closed_after_the_header_timeout(redis_clie
                 writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: a")
             sockets.append((reader, writer))
         assert server.connections is not None
-        await wait_for(lambda: server.connections.open == 200)
+        await wait_for(lambda: server.connections.open == 200, timeout_s=5)
         assert await healthz(server.port) == 200  # the server still answers meanwhile
         try:
             # each read ends at EOF: the server closed the connection without an answer
@@ -99,7 +94,7 @@ async def test_slow_request_heads_are_closed_after_the_header_timeout(redis_clie
         assert answers == [b""] * 200
         assert 0.9 <= elapsed < 5, elapsed
         assert server.connections.head_timeouts == 200
-        await wait_for(lambda: server.connections.open == 0)
+        await wait_for(lambda: server.connections.open == 0, timeout_s=5)
         assert await healthz(server.port) == 200
 
 
@@ -128,7 +123,7 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(redis_client):
         assert server.connections is not None
         held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(5)]
         try:
-            await wait_for(lambda: server.connections.open == 5)
+            await wait_for(lambda: server.connections.open == 5, timeout_s=5)
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             answer = await asyncio.wait_for(reader.read(), 5)
             writer.close()
@@ -138,7 +133,7 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(redis_client):
         finally:
             for _, w in held:
                 w.close()
-        await wait_for(lambda: server.connections.open == 0)
+        await wait_for(lambda: server.connections.open == 0, timeout_s=5)
         assert await healthz(server.port) == 200
 
 
