@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 from results import Report  # noqa: E402  (bench/results.py)
 
+from streamcast.connect import make_redis  # noqa: E402
 from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
-from streamcast.service import make_redis  # noqa: E402
-from streamcast.wire import encode_tick  # noqa: E402
+from streamcast.wire import Tick  # noqa: E402
 
 
 def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
@@ -124,7 +124,7 @@ async def offer_load(
                 s = (sent + k) % symbols
                 t = (sent + k) // symbols
                 pipe.xadd(
-                    keys.ticks, encode_tick(names[s], float(feed[s, t % feed.shape[1]]), ts=now_ms)
+                    keys.ticks, Tick.encode(names[s], float(feed[s, t % feed.shape[1]]), ts=now_ms)
                 )
             await pipe.execute()
             sent += due
@@ -283,7 +283,7 @@ async def measure_capacity(
         pipe = redis.pipeline(transaction=False)
         for k in range(first, min(ticks, first + 5000)):
             s, t = k % len(names), width - 1 - (k // len(names)) % 200
-            pipe.xadd(keys.ticks, encode_tick(names[s], float(feed[s, t])))
+            pipe.xadd(keys.ticks, Tick.encode(names[s], float(feed[s, t])))
         await pipe.execute()
     while await forecasts_count(redis, keys, names) < done + ticks:
         await asyncio.sleep(0.2)

@@ -39,12 +39,12 @@ import daemon as bench  # noqa: E402  (bench/daemon.py: redis, serve, load helpe
 import numpy as np  # noqa: E402
 from results import Report  # noqa: E402  (bench/results.py)
 
+from streamcast.connect import make_redis  # noqa: E402
 from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
 from streamcast.model import DEFAULT_MODEL_DIR  # noqa: E402
 from streamcast.registry import Registry  # noqa: E402
-from streamcast.service import make_redis  # noqa: E402
-from streamcast.wire import encode_tick, id_key  # noqa: E402
+from streamcast.wire import Tick, id_key  # noqa: E402
 
 PREFIX = "hostile"
 
@@ -106,7 +106,7 @@ class Producer:
         while batch:
             pipe = self.redis.pipeline(transaction=False)
             for s, t in batch:
-                pipe.xadd(self.keys.ticks, encode_tick(self.names[s], float(self.feed[s, t])))
+                pipe.xadd(self.keys.ticks, Tick.encode(self.names[s], float(self.feed[s, t])))
             replies = await pipe.execute(raise_on_error=False)
             again = []
             for (s, t), reply in zip(batch, replies, strict=True):

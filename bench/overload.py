@@ -31,9 +31,9 @@ import daemon as bench  # noqa: E402  (bench/daemon.py: redis, load, collection 
 import numpy as np  # noqa: E402
 from results import Report  # noqa: E402  (bench/results.py)
 
+from streamcast.connect import make_redis  # noqa: E402
 from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
-from streamcast.service import make_redis  # noqa: E402
 
 
 def produce(

@@ -434,7 +434,7 @@ def _with_redis(settings: Any, work: Callable[[Any], Any]) -> Any:
     """Run ``await work(redis)`` with a checked connection from the settings, then close it."""
     import asyncio
 
-    from streamcast.service import make_redis
+    from streamcast.connect import make_redis
 
     async def run() -> Any:
         redis = make_redis(settings.redis_url, settings.redis_timeout_s)
@@ -641,7 +641,7 @@ def _retrain(args: argparse.Namespace) -> int:
     from streamcast.keys import Keys
     from streamcast.registry import Registry
     from streamcast.retrain import Retrainer
-    from streamcast.service import retrain_config
+    from streamcast.settings import retrain_config
     from streamcast.wire import TickLimits
 
     settings = _settings()

@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from streamcast.connect import make_redis
 from streamcast.keys import Keys
 from streamcast.replay import replay, symbol_names, synthetic_feed, watch
-from streamcast.service import load_engine, make_redis, serve
+from streamcast.service import load_engine, serve
 from streamcast.settings import ENV_PREFIX, load_settings
 
 log = logging.getLogger(__name__)

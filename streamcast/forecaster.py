@@ -262,7 +262,8 @@ class Forecaster:
 
 
 class StagedWeights:
-    """A new version's weights, ready to be written into a running engine's compiled programs."""
+    """A new version's weights, ready to be written into a running engine's compiled programs
+    (:class:`streamcast.engine.Staged`)."""
 
     def __init__(self, engine: Forecaster, arrays: list[np.ndarray], model: Any, info: ModelInfo):
         self.engine = engine
@@ -270,16 +271,14 @@ class StagedWeights:
         self.model = model
         self.info = info
         self.version = info.version
-        self.seq_len = info.seq_len
 
-    def apply(self) -> Forecaster:
-        """Overwrite the engine's weights (between two calls); return the engine."""
+    def apply(self) -> None:
+        """Overwrite the engine's weights (between two calls)."""
         engine = self.engine
         with engine._lock:
             for variable, array in zip(engine._weights, self.arrays, strict=True):
                 variable.assign(array)
             engine.model, engine.info, engine.version = self.model, self.info, self.version
-        return engine
 
 
 def _network(model: keras.Model) -> tuple[Callable[[Any], Any], list[Any], tuple[Any, ...] | None]:

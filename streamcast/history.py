@@ -31,6 +31,7 @@ from streamcast.wire import (
     TickLimits,
     check_price,
     parse_price,
+    text,
 )
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,9 @@ class HistoryError(ValueError):
     """A history import or read that cannot go ahead; the text says why."""
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 async def symbols(redis: Redis, keys: Keys) -> list[str]:
     """Every symbol that has history, sorted."""
-    return sorted(_text(m) for m in await redis.smembers(keys.symbols))
+    return sorted(text(m) for m in await redis.smembers(keys.symbols))
 
 
 async def read_series(
@@ -70,7 +67,7 @@ async def read_series(
         prices = np.fromiter((_price(f) for _, f in entries), np.float64, len(entries))
         chunks.append(prices)
         got += len(entries)
-        upper = "(" + _text(entries[-1][0])
+        upper = "(" + text(entries[-1][0])
         if len(entries) < page:
             break
     if not chunks:

@@ -27,6 +27,8 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from streamcast.wire import text
+
 log = logging.getLogger(__name__)
 
 
@@ -73,9 +75,7 @@ def holder_is_dead(token: str, *, host: str | None = None) -> bool:
 
 
 def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None if value is None else text(value)
 
 
 class Lease:

@@ -31,7 +31,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from streamcast.keys import Keys
-from streamcast.wire import SYMBOL_RE, decode_forecast, parse_stream_reply
+from streamcast.wire import SYMBOL_RE, Forecast, parse_stream_reply, text
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class LivePage:
             members = await self.redis.smembers(self.keys.symbols)
         except (redis_errors.RedisError, OSError):
             raise web.HTTPServiceUnavailable(text="redis unavailable") from None
-        names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        names = sorted(text(m) for m in members)
         return web.json_response({"symbols": names[: self.max_symbols]})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
@@ -165,13 +165,13 @@ class LivePage:
         self, response: web.StreamResponse, entry_id: Any, fields: Any
     ) -> None:
         try:
-            forecast = decode_forecast(fields)
-        except (ValueError, TypeError) as exc:  # json's errors are ValueErrors
+            forecast = Forecast.decode(fields).as_dict()
+        except (ValueError, TypeError, KeyError) as exc:  # json's errors are ValueErrors
             if not self._warned_bad_entry:  # once: a bad producer must not flood the log
                 self._warned_bad_entry = True
                 log.warning("live page: skipping a forecast entry that does not parse: %r", exc)
             return
-        forecast["id"] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        forecast["id"] = text(entry_id)
         await _send(response, "forecast", forecast)
 
     async def _send_skill(self, response: web.StreamResponse) -> None:

@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from streamcast.keys import Keys
 from streamcast.model import MODEL_FILE, SIDECAR_FILE, ModelError, ModelInfo, sha256_file
+from streamcast.wire import text
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,6 @@ def check_version(version: object) -> str:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "streamcast" / "models"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -131,10 +128,10 @@ class Registry:
         sidecar, stored = reply
         if sidecar is None and stored is None:
             return
-        if stored is not None and _text(stored) != digest:
+        if stored is not None and text(stored) != digest:
             raise ModelError(
                 f"model version {version} is already registered with other bytes (sha256 "
-                f"{_text(stored)[:12]}…, this file {digest[:12]}…); a version never changes: "
+                f"{text(stored)[:12]}…, this file {digest[:12]}…); a version never changes: "
                 "save the model again to get a new version"
             )
         if sidecar is not None:
@@ -158,7 +155,7 @@ class Registry:
         raw = await self.redis.hgetall(self.keys.model_current)
         if not raw:
             return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
         return Current(
             version=fields["version"],
             promoted_at=float(fields.get("promoted_at", 0.0)),
@@ -177,7 +174,7 @@ class Registry:
         rows: Any = await self.redis.zrange(self.keys.models, 0, -1, withscores=True)
         out = []
         for member, score in rows:
-            version = _text(member)
+            version = text(member)
             try:
                 check_version(version)
                 raw = await self.redis.hget(self.keys.model(version), "sidecar")
@@ -198,7 +195,7 @@ class Registry:
         raw: Any = await self.redis.lrange(self.keys.model_promotions, 0, -1)
         out: list[str] = []
         for member in raw:
-            version = _text(member)
+            version = text(member)
             if (current is not None and version == current.version) or version in out:
                 continue
             try:
@@ -214,7 +211,7 @@ class Registry:
         """The newest registry events, newest first."""
         entries: Any = await self.redis.xrevrange(self.keys.model_log, count=count)
         return [
-            {"id": _text(eid), **{_text(k): _text(v) for k, v in fields.items()}}
+            {"id": text(eid), **{text(k): text(v) for k, v in fields.items()}}
             for eid, fields in entries
         ]
 
@@ -245,7 +242,7 @@ class Registry:
             raise ModelError(f"no model version {version!r} in the registry")
         info = _parse_sidecar(version, sidecar)
         actual = hashlib.sha256(blob).hexdigest()
-        if actual != info.sha256 or (digest is not None and _text(digest) != actual):
+        if actual != info.sha256 or (digest is not None and text(digest) != actual):
             raise ModelError(
                 f"model {version} in the registry is corrupt: its bytes hash to {actual[:12]}…, "
                 f"the sidecar says {info.sha256[:12]}…"
@@ -294,7 +291,7 @@ class Registry:
 
     async def rollback(self, reason: str = "rollback") -> str:
         """Make the previously promoted version current again; return it."""
-        promotions = [_text(v) for v in await self.redis.lrange(self.keys.model_promotions, 0, 1)]
+        promotions = [text(v) for v in await self.redis.lrange(self.keys.model_promotions, 0, 1)]
         if len(promotions) < 2:
             raise ModelError("nothing to roll back to: fewer than two versions were ever promoted")
         current, previous = promotions
@@ -321,7 +318,7 @@ class Registry:
         async with self.redis.pipeline(transaction=True) as pipe:
             await pipe.watch(keys.model_current, keys.model_promotions)
             raw = await pipe.hget(keys.model_current, "version")
-            now = _text(raw) if raw is not None else None
+            now = text(raw) if raw is not None else None
             if expect is not False and now != expect:
                 await pipe.reset()
                 raise PromotionConflict(

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from streamcast.data import synthetic_prices
 from streamcast.keys import Keys
-from streamcast.wire import decode_forecast, encode_tick, parse_stream_reply
+from streamcast.wire import Forecast, Tick, parse_stream_reply
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ async def replay(
             pipe = redis.pipeline(transaction=False)
             for t in range(rows.shape[1]):
                 for s in range(symbols):
-                    fields: dict[Any, Any] = encode_tick(names[s], float(rows[s, t]), ts=now_ms)
+                    fields: dict[Any, Any] = Tick.encode(names[s], float(rows[s, t]), ts=now_ms)
                     pipe.xadd(keys.ticks, fields)
             await pipe.execute()
             sent += rows.size
@@ -127,13 +127,13 @@ async def replay(
 
 
 def format_forecast(entry_id: str, fields: dict[Any, Any], now_ms: int) -> str:
-    f = decode_forecast(fields)
+    f = Forecast.decode(fields)
     tick_ms = int(entry_id.split("-")[0])
-    path = f.get("path")
-    end = f"{path[-1]:.4f} (+{len(path)})" if path else "-"
+    end = f"{f.path[-1]:.4f} (+{len(f.path)})" if f.path else "-"
+    nxt = f"{f.next:<12.4f}" if f.next is not None else f"{'-':<12}"
     return (
-        f"{f['symbol']:<12} {entry_id:<18} price {f['price']:<12.4f} next {f['next']:<12.4f} "
-        f"path end {end:<22} model {f['model']}  latency {now_ms - tick_ms} ms"
+        f"{f.tick.symbol:<12} {entry_id:<18} price {f.tick.price:<12.4f} next {nxt} "
+        f"path end {end:<22} model {f.model}  latency {now_ms - tick_ms} ms"
     )
 
 

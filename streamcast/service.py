@@ -8,10 +8,13 @@ at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,97 +22,24 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
-from streamcast.daemon import Daemon, DaemonConfig
+from streamcast.connect import make_redis
+from streamcast.daemon import Daemon
+from streamcast.engine import Engine
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
-from streamcast.lease import consumer_token
 from streamcast.live import LivePage
 from streamcast.metrics import Metrics
 from streamcast.model import ModelError
 from streamcast.registry import Registry
-from streamcast.retrain import RetrainConfig, Retrainer
-from streamcast.settings import Settings
-from streamcast.wire import TickLimits
+from streamcast.retrain import Retrainer
+from streamcast.settings import Settings, build, daemon_config, retrain_config
 
 log = logging.getLogger(__name__)
 
 
 class ServeError(RuntimeError):
     """The daemon cannot start as configured (the text says which setting and why)."""
-
-
-def make_redis(url: str, timeout_s: float = 5.0, *, retries: int = 3, **kwargs: Any) -> Redis:
-    """A client with the protocol pinned (redis-py 8 changed its default) and retry/backoff
-    (``retries=0``: none, for the publish transaction, which must not run twice)."""
-    return Redis.from_url(
-        url,
-        protocol=2,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),
-        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
-        health_check_interval=30,
-        **kwargs,
-    )
-
-
-def daemon_config(settings: Settings) -> DaemonConfig:
-    return DaemonConfig(
-        shard_index=settings.shard_index,
-        shard_count=settings.shard_count,
-        # unique per process: two processes with one name would share (and split) its entries
-        consumer=consumer_token(settings.consumer),
-        batch_max_size=settings.batch_max_size,
-        batch_max_wait_ms=settings.batch_max_wait_ms,
-        path_steps=settings.path_steps,
-        path_refresh_s=settings.path_refresh_s,
-        paths_per_batch_max=settings.paths_per_batch_max,
-        history_maxlen=settings.history_maxlen,
-        forecasts_maxlen=settings.forecasts_maxlen,
-        dead_maxlen=settings.dead_maxlen,
-        claim_idle_ms=settings.claim_idle_ms,
-        claim_interval_s=settings.claim_interval_s,
-        model_check_s=settings.model_check_s,
-        retrain_interval_s=settings.retrain_interval_s,
-        retrain_after_ticks=settings.retrain_after_ticks,
-        skill_horizons=tuple(int(h) for h in settings.skill_horizons.split(",")),
-        skill_window=settings.skill_window,
-        skill_symbols=tuple(s for s in settings.skill_symbols.split(",") if s),
-        limits=TickLimits(
-            price_min=settings.price_min,
-            price_max=settings.price_max,
-            ts_max_ahead_ms=settings.ts_max_ahead_ms,
-        ),
-        read_max_bytes=settings.read_max_bytes,
-        lease_ttl_s=settings.lease_ttl_s,
-        ticks_trim_interval_s=settings.ticks_trim_interval_s,
-        symbols_max=settings.symbols_max,
-        symbol_idle_s=settings.symbol_idle_s,
-    )
-
-
-def retrain_config(settings: Settings, **overrides: Any) -> RetrainConfig:
-    symbols = tuple(s for s in settings.retrain_symbols.split(",") if s)
-    config = RetrainConfig(
-        symbols=symbols,
-        max_points=settings.retrain_max_points,
-        holdout_fraction=settings.retrain_holdout_fraction,
-        margin=settings.retrain_margin,
-        epochs=settings.retrain_epochs,
-        batch_size=settings.retrain_batch_size,
-        residual=settings.retrain_residual,
-        min_windows=settings.retrain_min_windows,
-        time_limit_s=settings.retrain_time_limit_s,
-        threads=settings.retrain_threads,
-        limits=TickLimits(price_min=settings.price_min, price_max=settings.price_max),
-    )
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(config, name, value)
-    return config
 
 
 def load_engine(settings: Settings, path: Path | None = None) -> Any:
@@ -208,16 +138,148 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
+@dataclass
+class _Wiring:
+    """What one ``serve`` opens: the clients and the registries, closed together."""
+
+    settings: Settings
+    redis: Redis
+    publisher: Redis  # the publish transaction's client: it never retries by itself
+    keys: Keys
+    models: Registry
+    prometheus: CollectorRegistry
+    metrics: Metrics
+    daemon: Daemon | None = None
+
+    @classmethod
+    def open(cls, settings: Settings) -> _Wiring:
+        redis = build(make_redis, settings, "redis_")
+        keys = build(Keys, settings, "key_")
+        prometheus = CollectorRegistry()
+        return cls(
+            settings,
+            redis,
+            build(make_redis, settings, "redis_", retries=0),
+            keys,
+            Registry(redis, keys, settings.model_cache_dir),
+            prometheus,
+            Metrics(prometheus),
+        )
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.publisher.aclose()
+
+    def http_server(self) -> HttpServer:
+        def daemon_ready() -> bool:
+            return self.daemon is not None and self.daemon.ready
+
+        def heartbeat() -> float:
+            return self.daemon.heartbeat if self.daemon is not None else time.monotonic()
+
+        def skill() -> dict[str, Any]:
+            return self.daemon.skill.snapshot() if self.daemon is not None else {}
+
+        return build(
+            HttpServer,
+            self.settings,
+            "http_",
+            registry=self.prometheus,
+            ready=daemon_ready,
+            heartbeat=heartbeat,
+            redis_ping=self.redis.ping,
+            page=LivePage(self.redis, self.keys, skill=skill),
+        )
+
+    def make_daemon(self, engine: Engine, refused: str | None) -> Daemon:
+        settings = self.settings
+        retrainer = Retrainer(
+            self.redis,
+            self.keys,
+            self.models,
+            retrain_config(settings),
+            metrics=self.metrics,
+            initial_model=settings.model_path,
+        )
+        self.daemon = Daemon(
+            self.redis,
+            engine,
+            self.metrics,
+            keys=self.keys,
+            config=daemon_config(settings),
+            registry=self.models,
+            loader=partial(load_engine, settings),
+            initial_model=settings.model_path,
+            retrainer=retrainer,
+            refused=refused,
+            publisher=self.publisher,
+        )
+        return self.daemon
+
+
 async def serve(
     settings: Settings,
     *,
     install_signals: bool = True,
-    engine: Any = None,
+    engine: Engine | None = None,
     stop: asyncio.Event | None = None,
 ) -> int:
     """Run the daemon and its HTTP server until a signal (or ``stop``); return the exit status."""
-    loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    log.info("redis %s, key prefix %r", settings.redis_url_redacted, settings.key_prefix)
+    wiring = _Wiring.open(settings)
+    try:
+        with _signals(stop, install_signals):
+            http = wiring.http_server()
+            await _bind(http, settings)
+            try:
+                refused: str | None = None
+                if engine is None:
+                    engine, refused = await start_engine(wiring.models, settings, wiring.metrics)
+                return await _run(wiring.make_daemon(engine, refused), stop)
+            finally:
+                await http.stop()
+    finally:
+        await wiring.close()
+        serving = wiring.daemon.engine if wiring.daemon is not None else engine
+        if serving is not None:
+            serving.close()
+
+
+async def _bind(http: HttpServer, settings: Settings) -> None:
+    """Bind first: a port in use or a host that does not resolve is one line, not a traceback
+    after seconds of compiling."""
+    try:
+        await http.start()
+    except OSError as exc:
+        raise ServeError(
+            f"cannot serve HTTP on {settings.http_host}:{settings.http_port} "
+            f"(STREAMCAST_HTTP_HOST/_PORT): {exc.strerror or exc}"
+        ) from None
+
+
+async def _run(daemon: Daemon, stop: asyncio.Event) -> int:
+    """Run the daemon until ``stop``; 1 if its consume loop ended by itself."""
+    status = 0
+    await daemon.start()
+    consume = asyncio.ensure_future(daemon.wait_stopped())
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({consume, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if consume in done and not stop.is_set():
+        log.error("the consume loop ended unexpectedly")
+        status = 1
+    stopped.cancel()
+    await daemon.stop()
+    return status
+
+
+@contextlib.contextmanager
+def _signals(stop: asyncio.Event, install: bool) -> Iterator[None]:
+    """The first SIGTERM/SIGINT sets ``stop``; a second SIGINT exits at once."""
+    if not install:
+        yield
+        return
+    loop = asyncio.get_running_loop()
     interrupts = 0
 
     def on_signal(signum: int) -> None:
@@ -229,90 +291,10 @@ async def serve(
         log.info("%s: stopping (finishing the batch in flight)", signal.Signals(signum).name)
         stop.set()
 
-    if install_signals:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
-
-    log.info("redis %s, key prefix %r", settings.redis_url_redacted, settings.key_prefix)
-    redis = make_redis(settings.redis_url, settings.redis_timeout_s)
-    publisher = make_redis(settings.redis_url, settings.redis_timeout_s, retries=0)
-    keys = Keys(settings.key_prefix)
-    models = Registry(redis, keys, settings.model_cache_dir)
-    prometheus = CollectorRegistry()
-    metrics = Metrics(prometheus)
-    daemon: Daemon | None = None
-    http = HttpServer(
-        prometheus,
-        host=settings.http_host,
-        port=settings.http_port,
-        ready=lambda: daemon is not None and daemon.ready,
-        heartbeat=lambda: daemon.heartbeat if daemon is not None else time.monotonic(),
-        redis_ping=redis.ping,
-        page=LivePage(redis, keys, skill=lambda: daemon.skill.snapshot() if daemon else {}),
-        header_timeout_s=settings.http_header_timeout_s,
-        keepalive_timeout_s=settings.http_keepalive_timeout_s,
-        max_connections=settings.http_max_connections,
-    )
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
-        # bind first: a port in use or a host that does not resolve is one line, not a
-        # traceback after seconds of compiling
-        await http.start()
-    except OSError as exc:
-        await redis.aclose()
-        await publisher.aclose()
-        raise ServeError(
-            f"cannot serve HTTP on {settings.http_host}:{settings.http_port} "
-            f"(STREAMCAST_HTTP_HOST/_PORT): {exc.strerror or exc}"
-        ) from None
-    refused: str | None = None
-    try:
-        if engine is None:
-            engine, refused = await start_engine(models, settings, metrics)
-    except BaseException:
-        await http.stop()
-        await redis.aclose()
-        await publisher.aclose()
-        raise
-    retrainer = Retrainer(
-        redis,
-        keys,
-        models,
-        retrain_config(settings),
-        metrics=metrics,
-        initial_model=settings.model_path,
-    )
-    daemon = Daemon(
-        redis,
-        engine,
-        metrics,
-        keys=keys,
-        config=daemon_config(settings),
-        registry=models,
-        loader=partial(load_engine, settings),
-        initial_model=settings.model_path,
-        retrainer=retrainer,
-        refused=refused,
-        publisher=publisher,
-    )
-    status = 0
-    try:
-        await daemon.start()
-        consume = asyncio.ensure_future(daemon.wait_stopped())
-        stopped = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({consume, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if consume in done and not stop.is_set():
-            log.error("the consume loop ended unexpectedly")
-            status = 1
-        stopped.cancel()
-        await daemon.stop(settings.shutdown_timeout_s)
+        yield
     finally:
-        await http.stop()
-        await redis.aclose()
-        await publisher.aclose()
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
-        if install_signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
-    return status
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -1,20 +1,76 @@
-"""Settings from the environment (``STREAMCAST_*``) and ``.env``, for the daemon and the CLI."""
+"""Settings from the environment (``STREAMCAST_*``) and ``.env``, and the one path from them to
+the objects they configure.
+
+Each setting of a part is named after that part's own parameter, with the part's prefix:
+``STREAMCAST_BATCH_MAX_SIZE`` is ``DaemonConfig.batch_max_size``, ``STREAMCAST_RETRAIN_MARGIN``
+is ``RetrainConfig.margin``, ``STREAMCAST_HTTP_MAX_CONNECTIONS`` is ``HttpServer``'s
+``max_connections``. Defaults are declared once, by the part (read here with :func:`default`),
+and :func:`build` makes a part from the settings by matching its parameters' names, as arq builds
+its worker. A test fails if a default is written here again (tests/test_settings.py).
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streamcast.connect import make_redis
+from streamcast.daemon.config import DaemonConfig
+from streamcast.http import HttpServer
+from streamcast.keys import Keys
+from streamcast.lease import consumer_token
 from streamcast.model import DEFAULT_MODEL_DIR
+from streamcast.retrain import RetrainConfig
+from streamcast.wire import TickLimits
 
 ENV_PREFIX = "STREAMCAST_"
 
 
 class SettingsError(ValueError):
     """Invalid settings; the text names each variable and what it allows."""
+
+
+T = TypeVar("T")
+
+
+def default(part: Callable[..., Any], name: str) -> Any:
+    """The default ``part`` (a class or a function) declares for its parameter ``name``."""
+    value = inspect.signature(part).parameters[name].default
+    if value is inspect.Parameter.empty:
+        raise TypeError(f"{part.__qualname__}({name}) has no default")
+    return value
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(s for s in value.split(",") if s)
+
+
+def _listed(values: tuple[Any, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+# where each setting goes: (part, prefix); a setting named prefix + parameter is that parameter
+PARTS: tuple[tuple[Callable[..., Any], str], ...] = (
+    (DaemonConfig, ""),
+    (TickLimits, ""),
+    (RetrainConfig, "retrain_"),
+    (HttpServer, "http_"),
+    (Keys, "key_"),
+    (make_redis, "redis_"),
+)
+# settings whose text becomes another type in the part
+CONVERT: dict[str, Callable[[Any], Any]] = {
+    "skill_horizons": lambda text: tuple(int(h) for h in text.split(",")),
+    "skill_symbols": _names,
+    "retrain_symbols": _names,
+}
+_D, _R, _L = DaemonConfig, RetrainConfig, TickLimits
 
 
 class Settings(BaseSettings):
@@ -27,88 +83,118 @@ class Settings(BaseSettings):
         description="redis:// or rediss:// (TLS) URL; carries the password when there is one",
     )
     # braces allowed: a hash tag ({sc0}) keeps a shard's keys in one Redis Cluster slot
-    key_prefix: str = Field("streamcast", pattern=r"^[A-Za-z0-9._:{}-]{1,64}$")
+    key_prefix: str = Field(default(Keys, "prefix"), pattern=r"^[A-Za-z0-9._:{}-]{1,64}$")
     model_path: Path = Field(DEFAULT_MODEL_DIR, description="a saved model directory")
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     http_header_timeout_s: float = Field(
-        10.0, gt=0, le=600, description="a request head must arrive within this (slow clients)"
+        default(HttpServer, "header_timeout_s"),
+        gt=0,
+        le=600,
+        description="a request head must arrive within this (slow clients)",
     )
-    http_keepalive_timeout_s: float = Field(75.0, gt=0, le=3600)
-    http_max_connections: int = Field(1000, ge=1, le=100_000)
-    shard_index: int = Field(0, ge=0)
-    shard_count: int = Field(1, ge=1, le=1024)
+    http_keepalive_timeout_s: float = Field(
+        default(HttpServer, "keepalive_timeout_s"), gt=0, le=3600
+    )
+    http_max_connections: int = Field(default(HttpServer, "max_connections"), ge=1, le=100_000)
+    shard_index: int = Field(default(_D, "shard_index"), ge=0)
+    shard_count: int = Field(default(_D, "shard_count"), ge=1, le=1024)
     consumer_name: str = Field("", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
-    batch_max_size: int = Field(512, ge=1, le=65536)
-    batch_max_wait_ms: int = Field(20, ge=0, le=10_000)
-    path_steps: int = Field(50, ge=1, le=1000)
+    batch_max_size: int = Field(default(_D, "batch_max_size"), ge=1, le=65536)
+    batch_max_wait_ms: int = Field(default(_D, "batch_max_wait_ms"), ge=0, le=10_000)
+    path_steps: int = Field(default(_D, "path_steps"), ge=1, le=1000)
     path_refresh_s: float = Field(
-        1.0,
+        default(_D, "path_refresh_s"),
         ge=0,
         le=3600,
         description="least time between two paths of one symbol (0: every batch)",
     )
-    paths_per_batch_max: int = Field(16, ge=1, le=65536)
-    history_maxlen: int = Field(10_000, ge=50, le=100_000_000)
-    forecasts_maxlen: int = Field(10_000, ge=10, le=100_000_000)
-    dead_maxlen: int = Field(100_000, ge=10, le=100_000_000)
+    paths_per_batch_max: int = Field(default(_D, "paths_per_batch_max"), ge=1, le=65536)
+    history_maxlen: int = Field(default(_D, "history_maxlen"), ge=50, le=100_000_000)
+    forecasts_maxlen: int = Field(default(_D, "forecasts_maxlen"), ge=10, le=100_000_000)
+    dead_maxlen: int = Field(default(_D, "dead_maxlen"), ge=10, le=100_000_000)
     # -- the edge: what a tick may be (streamcast.wire.TickLimits) -----------------------
     price_min: float = Field(
-        1e-6, gt=0, description="smallest price a normalised model accepts (and > 0)"
+        default(_L, "price_min"),
+        gt=0,
+        description="smallest price a normalised model accepts (and > 0)",
     )
-    price_max: float = Field(1e9, gt=0, description="largest price (absolute value)")
+    price_max: float = Field(
+        default(_L, "price_max"), gt=0, description="largest price (absolute value)"
+    )
     ts_max_ahead_ms: int = Field(
-        300_000, ge=0, description="how far a tick's ts may be ahead of its arrival in Redis"
+        default(_L, "ts_max_ahead_ms"),
+        ge=0,
+        description="how far a tick's ts may be ahead of its arrival in Redis",
     )
     read_max_bytes: int = Field(
-        16 * 1024 * 1024,
+        default(_D, "read_max_bytes"),
         ge=65_536,
         description="about the most one read of the ticks stream pulls in (entries shrink it)",
     )
     # -- one live consumer per shard, housekeeping -----------------------------------------
     lease_ttl_s: float = Field(
-        10.0, ge=1, le=300, description="a dead replica's shard is taken over after this long"
+        default(_D, "lease_ttl_s"),
+        ge=1,
+        le=300,
+        description="a dead replica's shard is taken over after this long",
     )
     ticks_trim_interval_s: float = Field(
-        10.0, ge=0, description="trim ticks every group has acknowledged this often (0: never)"
+        default(_D, "ticks_trim_interval_s"),
+        ge=0,
+        description="trim ticks every group has acknowledged this often (0: never)",
     )
-    symbols_max: int = Field(100_000, ge=1, description="symbols a replica keeps windows for")
+    symbols_max: int = Field(
+        default(_D, "symbols_max"), ge=1, description="symbols a replica keeps windows for"
+    )
     symbol_idle_s: float = Field(
-        86_400.0,
+        default(_D, "symbol_idle_s"),
         ge=0,
         description="forget a symbol's window after this long without a tick (0: never)",
     )
-    claim_idle_ms: int = Field(30_000, ge=100)
-    claim_interval_s: float = Field(10.0, gt=0)
-    shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
-    redis_timeout_s: float = Field(5.0, gt=0, le=120)
+    claim_idle_ms: int = Field(default(_D, "claim_idle_ms"), ge=100)
+    claim_interval_s: float = Field(default(_D, "claim_interval_s"), gt=0)
+    shutdown_timeout_s: float = Field(default(_D, "shutdown_timeout_s"), gt=0, le=600)
+    redis_timeout_s: float = Field(default(make_redis, "timeout_s"), gt=0, le=120)
     engine_workers: int = Field(0, ge=0, le=256, description="0: one per CPU core")
     skill_horizons: str = Field(
-        "1,10,50", pattern=r"^\d{1,4}(,\d{1,4})*$", description="horizons scored online"
+        _listed(default(_D, "skill_horizons")),
+        pattern=r"^\d{1,4}(,\d{1,4})*$",
+        description="horizons scored online",
     )
-    skill_window: int = Field(2000, ge=10, le=1_000_000)
+    skill_window: int = Field(default(_D, "skill_window"), ge=10, le=1_000_000)
     skill_symbols: str = Field(
-        "", pattern=r"^[A-Za-z0-9._:,-]*$", description="symbols with their own skill series"
+        _listed(default(_D, "skill_symbols")),
+        pattern=r"^[A-Za-z0-9._:,-]*$",
+        description="symbols with their own skill series",
     )
     # -- the model lifecycle ---------------------------------------------------------------
     model_cache_dir: Path | None = Field(
         None, description="file cache of registry versions (default ~/.cache/streamcast/models)"
     )
-    model_check_s: float = Field(30.0, gt=0, le=3600)
-    retrain_interval_s: float = Field(3600.0, ge=0, description="0: no timed retrain")
-    retrain_after_ticks: int = Field(0, ge=0, description="0: no retrain by tick count")
-    retrain_symbols: str = Field(
-        "", pattern=r"^[A-Za-z0-9._:,-]*$", description="comma list (default: all)"
+    model_check_s: float = Field(default(_D, "model_check_s"), gt=0, le=3600)
+    retrain_interval_s: float = Field(
+        default(_D, "retrain_interval_s"), ge=0, description="0: no timed retrain"
     )
-    retrain_max_points: int = Field(5_000, ge=102, le=10_000_000)
-    retrain_holdout_fraction: float = Field(0.1, gt=0, lt=1)
-    retrain_margin: float = Field(0.01, ge=0, lt=1)
-    retrain_epochs: int = Field(2, ge=1, le=1000)
-    retrain_batch_size: int = Field(32, ge=1, le=65536)
-    retrain_residual: bool | None = None
-    retrain_min_windows: int = Field(200, ge=1)
-    retrain_time_limit_s: float = Field(900.0, gt=0, le=86_400)
-    retrain_threads: int = Field(1, ge=0, le=256, description="0: TensorFlow's default")
+    retrain_after_ticks: int = Field(
+        default(_D, "retrain_after_ticks"), ge=0, description="0: no retrain by tick count"
+    )
+    retrain_symbols: str = Field(
+        _listed(default(_R, "symbols")),
+        pattern=r"^[A-Za-z0-9._:,-]*$",
+        description="comma list (default: all)",
+    )
+    retrain_max_points: int = Field(default(_R, "max_points"), ge=102, le=10_000_000)
+    retrain_holdout_fraction: float = Field(default(_R, "holdout_fraction"), gt=0, lt=1)
+    retrain_margin: float = Field(default(_R, "margin"), ge=0, lt=1)
+    retrain_epochs: int = Field(default(_R, "epochs"), ge=1, le=1000)
+    retrain_batch_size: int = Field(default(_R, "batch_size"), ge=1, le=65536)
+    retrain_residual: bool | None = Field(default(_R, "residual"))
+    retrain_min_windows: int = Field(default(_R, "min_windows"), ge=1)
+    retrain_time_limit_s: float = Field(default(_R, "time_limit_s"), gt=0, le=86_400)
+    retrain_threads: int = Field(
+        default(_R, "threads"), ge=0, le=256, description="0: TensorFlow's default"
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -153,6 +239,32 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def build(part: Callable[..., T], settings: Settings, prefix: str = "", **given: Any) -> T:
+    """``part`` made from the settings named ``prefix`` + each of its parameters (converted
+    where :data:`CONVERT` says), and ``given`` values."""
+    values = dict(given)
+    for name in inspect.signature(part).parameters:
+        key = prefix + name
+        if name not in values and key in Settings.model_fields:
+            value = getattr(settings, key)
+            values[name] = CONVERT[key](value) if key in CONVERT else value
+    return part(**values)
+
+
+def daemon_config(settings: Settings) -> DaemonConfig:
+    # the consumer name is unique per process: two processes with one name would share (and
+    # split) its entries
+    consumer = consumer_token(settings.consumer)
+    return build(DaemonConfig, settings, consumer=consumer, limits=build(TickLimits, settings))
+
+
+def retrain_config(settings: Settings, **overrides: Any) -> RetrainConfig:
+    """The retrain's config; ``overrides`` that are not None win (the CLI's flags)."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    given.setdefault("limits", build(TickLimits, settings))
+    return build(RetrainConfig, settings, "retrain_", **given)
 
 
 def load_settings(**overrides: object) -> Settings:

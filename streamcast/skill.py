@@ -19,15 +19,12 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from streamcast.metrics import Metrics
 from streamcast.scoring import RollingErrors, relative_errors
-
-if TYPE_CHECKING:
-    from streamcast.daemon import Batch
+from streamcast.wire import Forecast, Tick
 
 DEFAULT_HORIZONS = (1, 10, 50)
 
@@ -69,18 +66,16 @@ class SkillTracker:
 
     # -- feeding -----------------------------------------------------------------------------
 
-    def record(self, batch: Batch) -> None:
-        """Score pending forecasts against the batch's ticks, then remember its new forecasts."""
-        ready = {tick.id: i for i, tick in enumerate(batch.ready)}
-        path_of = {i: batch.paths[k] for k, i in enumerate(batch.due)}
-        version = batch.version
-        for tick in batch.accepted:
+    def record(self, ticks: Iterable[Tick], forecasts: Iterable[Forecast]) -> None:
+        """Score pending forecasts against ``ticks`` (in stream order), then remember the new
+        ``forecasts`` made from them."""
+        made = {f.tick.id: f for f in forecasts}
+        for tick in ticks:
             self.observe(tick.symbol, tick.price)
-            i = ready.get(tick.id)
-            if i is not None:
-                self.forecast(
-                    tick.symbol, tick.price, float(batch.next_prices[i]), path_of.get(i), version
-                )
+            f = made.get(tick.id)
+            if f is not None:
+                nxt = float("nan") if f.next is None else f.next
+                self.forecast(tick.symbol, tick.price, nxt, f.path, f.model)
 
     def observe(self, symbol: str, price: float) -> None:
         """A new tick of ``symbol``: the truth for its pending forecasts."""
@@ -107,7 +102,7 @@ class SkillTracker:
         symbol: str,
         price: float,
         next_value: float,
-        path: np.ndarray | None,
+        path: Sequence[float] | None,
         version: str,
     ) -> None:
         """A forecast published from a window ending at ``price``."""

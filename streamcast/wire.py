@@ -1,6 +1,7 @@
-"""The wire contract: tick decoding and validation, forecast encoding, stream reply parsing.
+"""The wire contract: its types (Tick, Forecast, DeadLetter, HistoryEntry), each owning its
+encoding, tick validation, and stream reply parsing.
 
-Pure functions over bytes and strings: no Redis, no TensorFlow. Every way a producer can get a
+Pure code over bytes and strings: no Redis, no TensorFlow. Every way a producer can get a
 tick wrong maps to one short, stable reason code that goes to the dead-letter stream.
 """
 
@@ -73,13 +74,53 @@ DEFAULT_LIMITS = TickLimits()
 
 @dataclass(frozen=True, slots=True)
 class Tick:
+    """One price of one symbol, as read from the ticks stream."""
+
     id: str  # the stream entry id, "ms-seq"
     symbol: str
     price: float
     ts: int | None  # event time, epoch milliseconds
 
+    @staticmethod
+    def encode(symbol: str, price: float, ts: int | None = None) -> dict[str, str]:
+        """Fields a producer XADDs to the ticks stream (what ``streamcast replay`` sends)."""
+        fields = {"symbol": symbol, "price": repr(float(price))}
+        if ts is not None:
+            fields["ts"] = str(int(ts))
+        return fields
 
-def _text(fields: Mapping[Any, Any], name: str) -> str | None:
+    @classmethod
+    def decode(
+        cls,
+        entry_id: str,
+        fields: Mapping[Any, Any],
+        *,
+        positive: bool | None = None,
+        limits: TickLimits = DEFAULT_LIMITS,
+    ) -> Tick:
+        """Validate one stream entry's fields (bytes or str keys); raise :class:`TickError`.
+
+        ``positive`` (default: ``limits.positive``) refuses prices <= 0 (a normalised model
+        divides by the window's first price). Unknown fields are ignored, as the contract says,
+        unless the entry is oversized.
+        """
+        _check_size(fields)
+        symbol = _field(fields, "symbol")
+        if symbol is None or symbol == "":
+            raise TickError("missing_symbol", "no symbol field")
+        if not SYMBOL_RE.fullmatch(symbol):
+            raise TickError("bad_symbol", f"{symbol[:80]!r} is not 1-64 of A-Z a-z 0-9 . _ : -")
+        price_text = _field(fields, "price")
+        if price_text is None or price_text == "":
+            raise TickError("missing_price", "no price field")
+        price = parse_price(
+            price_text, positive=limits.positive if positive is None else positive, limits=limits
+        )
+        ts = _event_time(entry_id, _field(fields, "ts"), limits)
+        return cls(id=entry_id, symbol=symbol, price=price, ts=ts)
+
+
+def _field(fields: Mapping[Any, Any], name: str) -> str | None:
     raw = fields.get(name.encode(), fields.get(name))
     if raw is None:
         return None
@@ -91,50 +132,30 @@ def _text(fields: Mapping[Any, Any], name: str) -> str | None:
     return str(raw)
 
 
-def decode_tick(
-    entry_id: str,
-    fields: Mapping[Any, Any],
-    *,
-    positive: bool | None = None,
-    limits: TickLimits = DEFAULT_LIMITS,
-) -> Tick:
-    """Validate one stream entry's fields (bytes or str keys) into a :class:`Tick`.
-
-    ``positive`` (default: ``limits.positive``) refuses prices <= 0 (a normalised model divides
-    by the window's first price). Unknown fields are ignored, as the contract says, unless the
-    entry is oversized.
-    """
+def _check_size(fields: Mapping[Any, Any]) -> None:
     if len(fields) > MAX_FIELDS:
         raise TickError("oversized", f"{len(fields)} fields, at most {MAX_FIELDS}")
     for key, value in fields.items():
         size = len(key) + (len(value) if isinstance(value, bytes | str) else 0)
         if size > MAX_FIELD_BYTES:
             raise TickError("oversized", f"a field of {size} bytes, at most {MAX_FIELD_BYTES}")
-    symbol = _text(fields, "symbol")
-    if symbol is None or symbol == "":
-        raise TickError("missing_symbol", "no symbol field")
-    if not SYMBOL_RE.fullmatch(symbol):
-        raise TickError("bad_symbol", f"{symbol[:80]!r} is not 1-64 of A-Z a-z 0-9 . _ : -")
-    price_text = _text(fields, "price")
-    if price_text is None or price_text == "":
-        raise TickError("missing_price", "no price field")
-    price = parse_price(
-        price_text, positive=limits.positive if positive is None else positive, limits=limits
-    )
-    ts_text = _text(fields, "ts")
-    ts: int | None = None
-    if ts_text is not None and ts_text != "":
-        if len(ts_text) > MAX_TS_CHARS or not ts_text.isascii() or not ts_text.isdigit():
-            raise TickError("bad_ts", f"{ts_text[:40]!r} is not epoch milliseconds")
-        ts = int(ts_text)
-        arrived_ms = id_key(entry_id)[0]
-        if ts - arrived_ms > limits.ts_max_ahead_ms:
-            raise TickError(
-                "bad_ts",
-                f"ts {ts} is {(ts - arrived_ms) / 1000:.0f} s ahead of its arrival "
-                f"(at most {limits.ts_max_ahead_ms / 1000:.0f} s): not epoch milliseconds?",
-            )
-    return Tick(id=entry_id, symbol=symbol, price=price, ts=ts)
+
+
+def _event_time(entry_id: str, ts_text: str | None, limits: TickLimits) -> int | None:
+    """A tick's ``ts``: epoch milliseconds, not too far ahead of its arrival (the entry id)."""
+    if ts_text is None or ts_text == "":
+        return None
+    if len(ts_text) > MAX_TS_CHARS or not ts_text.isascii() or not ts_text.isdigit():
+        raise TickError("bad_ts", f"{ts_text[:40]!r} is not epoch milliseconds")
+    ts = int(ts_text)
+    arrived_ms = id_key(entry_id)[0]
+    if ts - arrived_ms > limits.ts_max_ahead_ms:
+        raise TickError(
+            "bad_ts",
+            f"ts {ts} is {(ts - arrived_ms) / 1000:.0f} s ahead of its arrival "
+            f"(at most {limits.ts_max_ahead_ms / 1000:.0f} s): not epoch milliseconds?",
+        )
+    return ts
 
 
 def parse_price(
@@ -180,87 +201,167 @@ def check_price(
     return price
 
 
-def encode_tick(symbol: str, price: float, ts: int | None = None) -> dict[str, str]:
-    """Fields for XADD to the ticks stream (what ``streamcast replay`` sends)."""
-    fields = {"symbol": symbol, "price": repr(float(price))}
-    if ts is not None:
-        fields["ts"] = str(int(ts))
-    return fields
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """What the daemon publishes for one tick: the next price and, when due, a multi-step path.
 
-
-def encode_forecast(
-    tick: Tick,
-    next_price: float | None,
-    path: Sequence[float] | None,
-    model: str,
-    now_ms: int,
-    *,
-    reason: str | None = None,
-) -> dict[str, str]:
-    """Fields of one forecast entry (its id is the tick's id, set by the caller).
-
-    ``next_price`` None: the model's output was not finite, so the entry has no ``next`` and a
-    ``reason`` saying why (likewise a path that is not finite is left out); a forecast never
-    carries NaN or infinity.
+    ``next`` and ``path`` are None when not computed or withheld: a forecast never carries NaN or
+    infinity, and ``reason`` then says why. Its entry id in the forecasts stream is the tick's id.
     """
-    fields = {
-        "tick_id": tick.id,
-        "symbol": tick.symbol,
-        "price": repr(tick.price),
-        "model": model,
-        "ts": str(now_ms),
-    }
-    if next_price is not None and math.isfinite(next_price):
-        fields["next"] = repr(float(next_price))
-    if tick.ts is not None:
-        fields["tick_ts"] = str(tick.ts)
-    if path is not None:
-        fields["path"] = json.dumps([round(float(v), 10) for v in path], allow_nan=False)
-    if reason:
-        fields["reason"] = reason
-    return fields
+
+    tick: Tick
+    model: str  # the version that computed it
+    next: float | None = None
+    path: tuple[float, ...] | None = None
+    reason: str | None = None
+    published_ms: int | None = None  # set when read back (the entry's ``ts`` field)
+
+    @classmethod
+    def of(
+        cls, tick: Tick, model: str, next_price: float, path: Sequence[float] | None = None
+    ) -> Forecast:
+        """A forecast from the engine's raw output, withholding what is not finite."""
+        reasons = []
+        nxt: float | None = float(next_price)
+        if not math.isfinite(next_price):
+            nxt = None
+            reasons.append("next is not finite")
+        values = None if path is None else tuple(path)  # floats (an array's tolist())
+        if values is not None and not all(math.isfinite(v) for v in values):
+            values = None
+            reasons.append("path is not finite")
+        return cls(tick, model, nxt, values, "; ".join(reasons) or None)
+
+    @property
+    def path_withheld(self) -> bool:
+        return self.reason is not None and "path" in self.reason
+
+    def encode(self, now_ms: int) -> dict[str, str]:
+        """Fields of the forecast's entry (the caller sets its id: the tick's)."""
+        tick = self.tick
+        fields = {
+            "tick_id": tick.id,
+            "symbol": tick.symbol,
+            "price": repr(tick.price),
+            "model": self.model,
+            "ts": str(now_ms),
+        }
+        if self.next is not None:
+            fields["next"] = repr(self.next)
+        if tick.ts is not None:
+            fields["tick_ts"] = str(tick.ts)
+        if self.path is not None:
+            fields["path"] = json.dumps([round(v, 10) for v in self.path], allow_nan=False)
+        if self.reason:
+            fields["reason"] = self.reason
+        return fields
+
+    @classmethod
+    def decode(cls, fields: Mapping[Any, Any]) -> Forecast:
+        """A forecast entry read back (bytes or str keys)."""
+        f = {text(k): text(v) for k, v in fields.items()}
+        tick_ts = f.get("tick_ts")
+        tick = Tick(f["tick_id"], f["symbol"], float(f["price"]), int(tick_ts) if tick_ts else None)
+        path = f.get("path")
+        return cls(
+            tick,
+            f.get("model", ""),
+            float(f["next"]) if "next" in f else None,
+            tuple(json.loads(path)) if path else None,
+            f.get("reason"),
+            int(f["ts"]) if "ts" in f else None,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The entry's fields as JSON-ready values (what the live page and ``watch`` show)."""
+        out: dict[str, Any] = {
+            "tick_id": self.tick.id,
+            "symbol": self.tick.symbol,
+            "price": self.tick.price,
+            "model": self.model,
+        }
+        optional = {
+            "ts": self.published_ms,
+            "next": self.next,
+            "tick_ts": self.tick.ts,
+            "path": None if self.path is None else list(self.path),
+            "reason": self.reason,
+        }
+        out.update((k, v) for k, v in optional.items() if v is not None)
+        return out
 
 
-def encode_dead_letter(
-    entry_id: str, reason: str, detail: str, original: Mapping[Any, Any]
-) -> dict[Any, Any]:
-    """Fields of one dead letter: the reason, the detail, the tick's id and the original fields,
-    each cut to ``DEAD_FIELD_BYTES`` (its full size in ``size:{name}``), at most ``DEAD_FIELDS`` of
-    them (``fields`` then says how many there were): a hostile entry cannot grow the dead
-    stream by more than a few kilobytes."""
-    letter: dict[Any, Any] = {
-        b"reason": reason.encode(),
-        b"detail": detail.encode("utf-8", "replace")[:512],
-        b"tick_id": entry_id.encode(),
-    }
-    for n, (key, value) in enumerate(original.items()):
-        if n == DEAD_FIELDS:
-            letter[b"fields"] = str(len(original)).encode()
-            break
-        name = (key if isinstance(key, bytes) else str(key).encode())[:DEAD_NAME_BYTES]
-        data = value if isinstance(value, bytes) else str(value).encode()
-        letter[b"field:" + name] = data[:DEAD_FIELD_BYTES]
-        if len(data) > DEAD_FIELD_BYTES:
-            letter[b"size:" + name] = str(len(data)).encode()
-    return letter
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry that was not forecast, with one of :data:`REASONS` and the detail of why."""
+
+    tick_id: str
+    reason: str
+    detail: str
+    original: Mapping[Any, Any]  # the entry's fields as read
+
+    def encode(self) -> dict[Any, Any]:
+        """Fields of the dead letter: the reason, the detail, the tick's id and the original
+        fields, each cut to ``DEAD_FIELD_BYTES`` (its full size in ``size:{name}``), at most
+        ``DEAD_FIELDS`` of them (``fields`` then says how many there were): a hostile entry
+        cannot grow the dead stream by more than a few kilobytes."""
+        letter: dict[Any, Any] = {
+            b"reason": self.reason.encode(),
+            b"detail": self.detail.encode("utf-8", "replace")[:512],
+            b"tick_id": self.tick_id.encode(),
+        }
+        original = self.original
+        for n, (key, value) in enumerate(original.items()):
+            if n == DEAD_FIELDS:
+                letter[b"fields"] = str(len(original)).encode()
+                break
+            name = (key if isinstance(key, bytes) else str(key).encode())[:DEAD_NAME_BYTES]
+            data = value if isinstance(value, bytes) else str(value).encode()
+            letter[b"field:" + name] = data[:DEAD_FIELD_BYTES]
+            if len(data) > DEAD_FIELD_BYTES:
+                letter[b"size:" + name] = str(len(data)).encode()
+        return letter
 
 
-def decode_forecast(fields: Mapping[Any, Any]) -> dict[str, Any]:
-    """A forecast entry's fields as Python values (``path`` parsed, numbers as floats)."""
-    text = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in fields.items()
-    }
-    out: dict[str, Any] = dict(text)
-    for key in ("price", "next"):
-        if key in out:
-            out[key] = float(out[key])
-    for key in ("ts", "tick_ts"):
-        if key in out:
-            out[key] = int(out[key])
-    if "path" in out:
-        out["path"] = json.loads(out["path"])
-    return out
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """An accepted tick as kept in its symbol's history stream (the id is the tick's)."""
+
+    id: str
+    price: float
+    ts: int | None
+
+    @classmethod
+    def of(cls, tick: Tick) -> HistoryEntry:
+        return cls(tick.id, tick.price, tick.ts)
+
+    def encode(self) -> dict[str, str]:
+        fields = {"price": repr(self.price)}
+        if self.ts is not None:
+            fields["ts"] = str(self.ts)
+        return fields
+
+    @classmethod
+    def decode(
+        cls, entry_id: Any, fields: Mapping[Any, Any], limits: TickLimits, now_ms: int
+    ) -> HistoryEntry:
+        """An entry read back, by the edge's rules (raise ValueError): an imported or
+        hand-written bad price must never reach a window. A bad event time is dropped."""
+        entry_id = text(entry_id)
+        arrived_ms = id_key(entry_id)[0]
+        if arrived_ms > now_ms + limits.ts_max_ahead_ms:
+            raise ValueError("an id in the future")  # would make every live tick 'seen'
+        price = parse_price(text(fields.get(b"price", fields.get("price", b""))), limits=limits)
+        raw = fields.get(b"ts", fields.get("ts"))
+        ts = int(raw) if raw and len(raw) <= MAX_TS_CHARS and raw.isdigit() else None
+        if ts is not None and ts - arrived_ms > limits.ts_max_ahead_ms:
+            ts = None  # a bad event time is not the symbol's clock
+        return cls(entry_id, price, ts)
+
+
+def text(value: Any) -> str:
+    """A Redis reply value as text (replies are bytes; a client may decode them already)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def parse_stream_reply(reply: Any) -> list[tuple[str, str, dict[Any, Any]]]:
@@ -274,7 +375,7 @@ def parse_stream_reply(reply: Any) -> list[tuple[str, str, dict[Any, Any]]]:
     pairs = reply.items() if isinstance(reply, Mapping) else reply
     out = []
     for stream, entries in pairs:
-        name = stream.decode() if isinstance(stream, bytes) else str(stream)
+        name = text(stream)
         if (
             entries
             and isinstance(entries[0], list | tuple)
@@ -283,8 +384,7 @@ def parse_stream_reply(reply: Any) -> list[tuple[str, str, dict[Any, Any]]]:
         ):
             entries = entries[0]
         for entry_id, fields in entries:
-            eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-            out.append((name, eid, dict(fields) if fields else {}))
+            out.append((name, text(entry_id), dict(fields) if fields else {}))
     return out
 
 

@@ -71,7 +71,7 @@ def redis_server(tmp_path):
 
 @pytest.fixture
 async def redis_client(redis_server):
-    from streamcast.service import make_redis
+    from streamcast.connect import make_redis
 
     client = make_redis(redis_server.url)
     yield client

@@ -10,7 +10,7 @@ from streamcast.data import load_series
 from streamcast.keys import Keys, shard_of
 from streamcast.metrics import Metrics
 from streamcast.replay import fan_out, replay, symbol_names
-from streamcast.wire import decode_forecast
+from streamcast.wire import Forecast
 
 from .helpers import (
     forecast_ids,
@@ -46,11 +46,11 @@ async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
         assert ids == ticks[name][49:], (
             f"{name}: forecasts are not exactly the ticks from the 50th on"
         )
-        last = decode_forecast(entries[-1][1])
-        assert len(last["path"]) == 50 and np.isfinite(last["path"]).all()
-        nexts = [decode_forecast(f)["next"] for _, f in entries]
+        last = Forecast.decode(entries[-1][1])
+        assert last.path is not None and len(last.path) == 50 and np.isfinite(last.path).all()
+        nexts = [Forecast.decode(f).next for _, f in entries]
         assert np.isfinite(nexts).all()
-        assert last["model"] == shipped_engine.version
+        assert last.model == shipped_engine.version
     assert sample(metrics, "streamcast_ticks_total", outcome="filling") == 3 * 49
     # online skill: every 1-step forecast but each symbol's last has met its truth
     version = shipped_engine.version

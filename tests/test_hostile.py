@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streamcast.daemon import Daemon, DaemonConfig, _rows_apart
+from streamcast.daemon import Daemon, DaemonConfig
+from streamcast.daemon.compute import rows_apart
 from streamcast.keys import Keys, shard_of
 from streamcast.metrics import Metrics
-from streamcast.wire import REASONS, TickLimits, decode_forecast, encode_tick
+from streamcast.wire import REASONS, Forecast, Tick, TickLimits
 
 from .helpers import sample, wait_for, xlen_at_least
 
@@ -39,7 +40,7 @@ class Feed:
             pipe = self.redis.pipeline(transaction=False)
             for name in names:
                 self.price[name] *= float(np.exp(self.rng.normal(0, 0.005)))
-                pipe.xadd(self.keys.ticks, encode_tick(name, self.price[name]))
+                pipe.xadd(self.keys.ticks, Tick.encode(name, self.price[name]))
             for name, eid in zip(names, await pipe.execute(), strict=True):
                 self.ids[name].append(eid.decode())
             if pause_s:
@@ -267,7 +268,7 @@ async def test_bad_price_in_history_is_skipped_and_other_symbols_forecast(
 
         await wait_for(both, what="both symbols forecast")
     assert sample(daemon.metrics, "streamcast_history_skipped_total") == 2
-    nexts = [decode_forecast(f)["next"] for _, f in await redis_client.xrange(keys.forecasts("H0"))]
+    nexts = [Forecast.decode(f).next for _, f in await redis_client.xrange(keys.forecasts("H0"))]
     assert np.isfinite(nexts).all()
 
 
@@ -278,7 +279,7 @@ def test_an_engine_failure_on_one_window_fails_only_that_row():
         return windows[:, -1] * 2
 
     windows = np.array([[1.0, 2.0], [0.0, 3.0], [4.0, 5.0]])
-    out, failed = _rows_apart(compute, windows, ())
+    out, failed = rows_apart(compute, windows, ())
     assert out[0] == 4.0 and out[2] == 10.0 and np.isnan(out[1])
     assert list(failed) == [1] and "first price > 0" in failed[1]
 
@@ -320,14 +321,18 @@ async def test_non_finite_output_is_withheld_with_a_reason_and_skill_stays_finit
     async with daemon:
         await feed.send(120)
         await wait_for(feed.all_forecast)
-    wild = [decode_forecast(f) for _, f in await redis_client.xrange(keys.forecasts("N1"))]
+    wild = [
+        Forecast.decode(f).as_dict() for _, f in await redis_client.xrange(keys.forecasts("N1"))
+    ]
     assert all("next" not in f and "path" not in f for f in wild)
     assert all(
         f["reason"] == "next is not finite; path is not finite"
         or f["reason"] == "next is not finite"
         for f in wild
     )
-    calm = [decode_forecast(f) for _, f in await redis_client.xrange(keys.forecasts("N0"))]
+    calm = [
+        Forecast.decode(f).as_dict() for _, f in await redis_client.xrange(keys.forecasts("N0"))
+    ]
     assert all(np.isfinite(f["next"]) and "reason" not in f for f in calm)
     assert sample(daemon.metrics, "streamcast_forecasts_withheld_total", kind="next") == len(wild)
     snapshot = daemon.skill.snapshot()
@@ -423,7 +428,7 @@ async def test_huge_entries_are_read_a_few_at_a_time_and_dead_letters_stay_small
     daemon = daemon_for(redis_client, shipped_engine, keys, read_max_bytes=4_000_000)
     async with daemon:
         await wait_for(lambda: xlen_at_least(redis_client, keys.dead, 40))
-        assert daemon._read_count <= 4, "reads did not shrink to the byte budget"
+        assert daemon.source._read_count <= 4, "reads did not shrink to the byte budget"
     letters = await redis_client.xrange(keys.dead)
     assert {f[b"reason"] for _, f in letters} == {b"oversized"}
     for _, fields in letters:
@@ -551,7 +556,7 @@ async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(
     group = keys.group(0, 1)
     await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
     for i in range(300):  # a malformed entry among many, all read by a replica that then died
-        fields = {"symbol": "P", "price": "x"} if i == 150 else encode_tick("P", 100.0 + i)
+        fields = {"symbol": "P", "price": "x"} if i == 150 else Tick.encode("P", 100.0 + i)
         await redis_client.xadd(keys.ticks, fields)
     await redis_client.xreadgroup(group, "a", {keys.ticks: ">"}, count=1000)
     daemon = daemon_for(redis_client, shipped_engine, keys, consumer="a", batch_max_size=64)
@@ -640,7 +645,7 @@ async def test_a_far_future_acknowledged_mark_does_not_skip_later_ticks(
 async def test_stopping_survives_a_task_that_swallowed_its_cancellation():
     """A cancellation racing a timeout inside a client call can be turned into TimeoutError and
     handled by a retry loop; stop() used to await such a task forever (found as a hang)."""
-    from streamcast.daemon import _cancelled
+    from streamcast.daemon.loop import cancelled
 
     swallowed = asyncio.Event()
 
@@ -656,5 +661,5 @@ async def test_stopping_survives_a_task_that_swallowed_its_cancellation():
     task = asyncio.create_task(retry_loop())
     await asyncio.sleep(0)
     task.cancel()
-    await asyncio.wait_for(_cancelled([task]), timeout=10)
+    await asyncio.wait_for(cancelled([task]), timeout=10)
     assert swallowed.is_set() and task.cancelled()

@@ -18,7 +18,7 @@ from streamcast.model import DEFAULT_MODEL_DIR, ModelConfig, ModelInfo, build_mo
 from streamcast.registry import Registry
 from streamcast.replay import fan_out, replay, symbol_names
 from streamcast.retrain import RetrainConfig, Retrainer
-from streamcast.wire import decode_forecast, id_key
+from streamcast.wire import Forecast, id_key
 
 from .helpers import keep_ticks, sample, tick_ids_by_symbol, wait_for
 
@@ -113,7 +113,7 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
     for name in names:
         entries = await redis_client.xrange(keys.forecasts(name))
         assert [e[0].decode() for e in entries] == ticks[name][49:], f"{name}: lost or doubled"
-        versions = [decode_forecast(f)["model"] for _, f in entries]
+        versions = [Forecast.decode(f).model for _, f in entries]
         first_new = versions.index(result.candidate)
         assert set(versions[:first_new]) == {DEFAULT_VERSION}
         assert set(versions[first_new:]) == {result.candidate}, "one swap, never back"
@@ -184,7 +184,7 @@ async def test_corrupt_or_mismatched_versions_are_refused_and_a_killed_trainer_c
     for name in ("K0", "K1"):
         entries = await redis_client.xrange(keys.forecasts(name))
         assert len(entries) == 351
-        assert {decode_forecast(f)["model"] for _, f in entries} == {DEFAULT_VERSION}
+        assert {Forecast.decode(f).model for _, f in entries} == {DEFAULT_VERSION}
 
 
 async def _current_is(registry: Registry, version: str) -> bool:

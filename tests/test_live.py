@@ -24,7 +24,7 @@ from streamcast.http import HttpServer
 from streamcast.keys import Keys
 from streamcast.live import LivePage
 from streamcast.replay import replay, synthetic_feed
-from streamcast.wire import Tick, encode_forecast
+from streamcast.wire import Forecast, Tick
 
 from .helpers import spawn_daemon, wait_for, wait_ready
 
@@ -34,7 +34,7 @@ SCREENSHOT_ENV = "STREAMCAST_LIVE_SCREENSHOT"  # also save the screenshot here (
 async def put_forecast(redis, keys: Keys, symbol: str, price: float, path=None) -> str:
     """A tick and its forecast, as the daemon publishes them; the forecast's id."""
     tick_id = (await redis.xadd(keys.ticks, {"symbol": symbol, "price": repr(price)})).decode()
-    fields = encode_forecast(Tick(tick_id, symbol, price, None), price * 1.01, path, "v1", 0)
+    fields = Forecast.of(Tick(tick_id, symbol, price, None), "v1", price * 1.01, path).encode(0)
     await redis.xadd(keys.forecasts(symbol), fields, id=tick_id)
     await redis.sadd(keys.symbols, symbol)
     return tick_id
@@ -162,7 +162,7 @@ async def test_events_carry_forecasts_without_next_or_non_finite_and_skip_unpars
     tick = Tick("1-1", "N0", 100.0, None)
     await redis_client.sadd(keys.symbols, "N0")
     # what the daemon publishes when the model's output is not finite: no next, a reason
-    no_next = encode_forecast(tick, None, None, "v1", 0, reason="model output not finite")
+    no_next = Forecast(tick, "v1", reason="model output not finite").encode(0)
     await redis_client.xadd(stream, no_next, id="1-1")
     base_fields = {"tick_id": "0-0", "symbol": "N0", "price": "100.0", "model": "v1", "ts": "0"}
     non_finite = {**base_fields, "next": "nan", "path": "[NaN, 101.5, Infinity]"}

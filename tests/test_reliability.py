@@ -22,15 +22,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 
+from streamcast.connect import make_redis
 from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.data import load_series
 from streamcast.demo import free_port
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.replay import fan_out, replay
-from streamcast.service import make_redis
 from streamcast.settings import Settings, SettingsError, load_settings
-from streamcast.wire import TickError, decode_tick, encode_tick
+from streamcast.wire import Tick, TickError
 
 from .helpers import (
     check_exactly_once,
@@ -176,7 +176,7 @@ async def feed_through_outages(
             for s, name in enumerate(names):
                 while True:
                     try:
-                        eid = await client.xadd(keys.ticks, encode_tick(name, float(paths[s, t])))
+                        eid = await client.xadd(keys.ticks, Tick.encode(name, float(paths[s, t])))
                         break
                     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
                         retries += 1
@@ -340,7 +340,7 @@ def expected_letter(entry_id: str, reason: str, fields: dict) -> dict[bytes, byt
         str(k).encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()
     }
     with pytest.raises(TickError) as refused:
-        decode_tick(entry_id, raw)
+        Tick.decode(entry_id, raw)
     assert refused.value.reason == reason  # the case is bad in the way it claims
     letter = {
         b"reason": reason.encode(),
@@ -373,7 +373,7 @@ async def test_ten_thousand_malformed_entries_interleaved_with_valid_ticks(
     for position in range(10_000 + 1200):
         if v < len(valid_at) and position == valid_at[v]:
             symbol, price = next(valid_iter)
-            pipe.xadd(keys.ticks, encode_tick(symbol, price))
+            pipe.xadd(keys.ticks, Tick.encode(symbol, price))
             valid_symbol_at[position] = symbol
             v += 1
         else:

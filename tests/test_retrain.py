@@ -213,7 +213,7 @@ def running(pid: int) -> bool:
 async def test_redis_gone_mid_retrain_kills_the_trainer_and_fails_cleanly(
     redis_server, deployment, tmp_path
 ):
-    from streamcast.service import make_redis
+    from streamcast.connect import make_redis
 
     keys, _ = deployment
     marker = tmp_path / "trainer.pid"
@@ -248,8 +248,7 @@ async def test_redis_gone_mid_retrain_kills_the_trainer_and_fails_cleanly(
 
 
 def test_retrain_config_defaults_are_what_the_service_runs_with(monkeypatch):
-    from streamcast.service import retrain_config
-    from streamcast.settings import Settings
+    from streamcast.settings import Settings, retrain_config
 
     for name in list(os.environ):
         if name.startswith("STREAMCAST_"):

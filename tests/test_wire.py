@@ -7,23 +7,23 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from streamcast.wire import (
+    DEAD_FIELD_BYTES,
     DEFAULT_LIMITS,
     PRICE_RE,
     REASONS,
     SYMBOL_RE,
+    DeadLetter,
+    Forecast,
+    HistoryEntry,
     Tick,
     TickError,
-    decode_forecast,
-    decode_tick,
-    encode_forecast,
-    encode_tick,
     id_key,
     parse_stream_reply,
 )
 
 
 def test_valid_tick_from_bytes_fields():
-    tick = decode_tick(
+    tick = Tick.decode(
         "1700000000000-1",
         {b"symbol": b"AAPL", b"price": b"101.25", b"ts": b"1700000000000", b"x": b"y"},
     )
@@ -31,7 +31,7 @@ def test_valid_tick_from_bytes_fields():
 
 
 def test_valid_tick_without_ts_from_str_fields():
-    assert decode_tick("1-0", {"symbol": "BRK.B:US-x_1", "price": "3"}).ts is None
+    assert Tick.decode("1-0", {"symbol": "BRK.B:US-x_1", "price": "3"}).ts is None
 
 
 @pytest.mark.parametrize(
@@ -56,13 +56,13 @@ def test_valid_tick_without_ts_from_str_fields():
 )
 def test_each_contract_breach_has_its_reason(fields, reason):
     with pytest.raises(TickError) as info:
-        decode_tick("1-0", fields)
+        Tick.decode("1-0", fields)
     assert info.value.reason == reason
     assert reason in REASONS
 
 
 def test_zero_price_is_allowed_for_a_raw_value_model():
-    assert decode_tick("1-0", {b"symbol": b"S", b"price": b"-0.5"}, positive=False).price == -0.5
+    assert Tick.decode("1-0", {b"symbol": b"S", b"price": b"-0.5"}, positive=False).price == -0.5
 
 
 CONTRACT_KEYS = ["symbol", "price", "ts", b"symbol", b"price", b"ts"]
@@ -82,7 +82,7 @@ CONTRACT_KEYS = ["symbol", "price", "ts", b"symbol", b"price", b"ts"]
 )
 def test_decoder_never_fails_other_than_with_a_tick_error(fields):
     try:
-        tick = decode_tick("1-0", fields)
+        tick = Tick.decode("1-0", fields)
     except TickError as exc:
         assert exc.reason in REASONS
     else:
@@ -150,8 +150,8 @@ def valid_ticks(draw):
 @given(valid_ticks())
 def test_valid_ticks_round_trip(case):
     entry_id, fields, tick = case
-    assert decode_tick(entry_id, fields) == tick
-    again = decode_tick(entry_id, encode_tick(tick.symbol, tick.price, tick.ts))
+    assert Tick.decode(entry_id, fields) == tick
+    again = Tick.decode(entry_id, Tick.encode(tick.symbol, tick.price, tick.ts))
     assert again == tick
 
 
@@ -260,17 +260,19 @@ def test_each_mutation_of_a_valid_tick_is_refused_with_its_reason(case, data):
     entry_id, fields, _ = case
     for what, broken, reason in mutations(data.draw, entry_id, fields):
         with pytest.raises(TickError) as refused:
-            decode_tick(entry_id, broken)
+            Tick.decode(entry_id, broken)
         assert refused.value.reason == reason, (what, broken, refused.value)
         assert reason in REASONS
 
 
 def test_forecast_encoding_round_trip():
     tick = Tick(id="7-3", symbol="S", price=10.0, ts=5)
-    fields = encode_forecast(tick, 10.5, [10.5, 11.0], model="v1", now_ms=9)
+    forecast = Forecast.of(tick, "v1", 10.5, [10.5, 11.0])
+    fields = forecast.encode(now_ms=9)
     assert json.loads(fields["path"]) == [10.5, 11.0]
-    back = decode_forecast({k.encode(): v.encode() for k, v in fields.items()})
-    assert back == {
+    back = Forecast.decode({k.encode(): v.encode() for k, v in fields.items()})
+    assert back == Forecast(tick, "v1", 10.5, (10.5, 11.0), published_ms=9)
+    assert back.as_dict() == {
         "tick_id": "7-3",
         "symbol": "S",
         "price": 10.0,
@@ -280,7 +282,37 @@ def test_forecast_encoding_round_trip():
         "tick_ts": 5,
         "path": [10.5, 11.0],
     }
-    assert "path" not in encode_forecast(tick, 10.5, None, model="v1", now_ms=9)
+    assert "path" not in Forecast.of(tick, "v1", 10.5).encode(now_ms=9)
+
+
+def test_forecast_withholds_what_is_not_finite_and_says_why():
+    tick = Tick(id="7-3", symbol="S", price=10.0, ts=None)
+    forecast = Forecast.of(tick, "v1", float("nan"), [1.0, float("inf")])
+    assert (forecast.next, forecast.path) == (None, None)
+    assert forecast.reason == "next is not finite; path is not finite"
+    assert forecast.path_withheld
+    fields = forecast.encode(now_ms=1)
+    assert "next" not in fields and "path" not in fields and fields["reason"] == forecast.reason
+
+
+def test_history_entry_round_trip_and_edge_rules():
+    tick = Tick(id="1000-0", symbol="S", price=12.5, ts=990)
+    entry = HistoryEntry.of(tick)
+    fields = {k.encode(): v.encode() for k, v in entry.encode().items()}
+    assert HistoryEntry.decode(b"1000-0", fields, DEFAULT_LIMITS, now_ms=2000) == entry
+    with pytest.raises(ValueError, match="future"):
+        HistoryEntry.decode("9999999-0", fields, DEFAULT_LIMITS, now_ms=2000)
+    with pytest.raises(TickError):
+        HistoryEntry.decode("1000-0", {b"price": b"nan"}, DEFAULT_LIMITS, now_ms=2000)
+    far = {b"price": b"1", b"ts": str(10**12).encode()}
+    assert HistoryEntry.decode("1000-0", far, DEFAULT_LIMITS, now_ms=2000).ts is None
+
+
+def test_dead_letter_encoding_keeps_reason_and_cuts_fields():
+    letter = DeadLetter("5-0", "bad_price", "x", {b"price": b"y" * 1000, b"symbol": b"S"})
+    fields = letter.encode()
+    assert fields[b"reason"] == b"bad_price" and fields[b"tick_id"] == b"5-0"
+    assert len(fields[b"field:price"]) == DEAD_FIELD_BYTES and fields[b"size:price"] == b"1000"
 
 
 def test_parse_stream_reply_resp2_and_resp3():

@@ -1,0 +1,96 @@
+"""The engine's part of a batch, off the event loop: 1-step forecasts and the due paths."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+import numpy as np
+
+from streamcast.daemon.batch import Batch
+from streamcast.engine import Engine
+from streamcast.metrics import Metrics
+from streamcast.wire import DeadLetter, Forecast
+
+log = logging.getLogger(__name__)
+
+
+async def compute(
+    batch: Batch,
+    engine: Engine,
+    *,
+    steps: int,
+    executor: Executor | None,
+    metrics: Metrics,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Fill ``batch.forecasts``; a window the engine fails on makes its tick an
+    ``unforecastable`` dead letter, and only that one."""
+    if not batch.ready:
+        return
+    windows = np.stack(batch.windows)
+    path_windows = windows[batch.due] if batch.due else None
+
+    def run() -> tuple[np.ndarray, np.ndarray, dict[int, str], dict[int, str]]:
+        nxt, failed = rows_apart(engine.predict_next, windows, ())
+        if path_windows is None:
+            return nxt, np.empty((0, steps)), failed, {}
+        paths, path_failed = rows_apart(lambda w: engine.rollout(w, steps), path_windows, (steps,))
+        return nxt, paths, failed, path_failed
+
+    started = time.perf_counter()
+    batch.version = engine.version
+    batch.compute_started = clock()
+    loop = asyncio.get_running_loop()
+    next_prices, paths, failed, path_failed = await loop.run_in_executor(executor, run)
+    batch.computed_at = clock()
+    for k in path_failed:
+        paths[k] = np.nan  # published without its path, with the reason
+    _forecasts(batch, next_prices, paths, failed)
+    seconds = time.perf_counter() - started
+    metrics.engine_seconds.observe(seconds)
+    metrics.stage_seconds.labels("wait").observe(max(0.0, batch.compute_started - batch.read_at))
+    metrics.stage_seconds.labels("compute").observe(seconds)
+
+
+def _forecasts(
+    batch: Batch, next_prices: np.ndarray, paths: np.ndarray, failed: dict[int, str]
+) -> None:
+    path_of = {i: k for k, i in enumerate(batch.due)}
+    for i, tick in enumerate(batch.ready):
+        why = failed.get(i)
+        if why is not None:
+            batch.dead.append(DeadLetter(tick.id, "unforecastable", why, {"symbol": tick.symbol}))
+            continue
+        k = path_of.get(i)
+        path = None if k is None else paths[k].tolist()
+        batch.forecasts.append(Forecast.of(tick, batch.version, next_prices[i], path))
+
+
+def rows_apart(
+    compute: Callable[[np.ndarray], np.ndarray], windows: np.ndarray, row_shape: tuple[int, ...]
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Run ``compute`` on the batch; if it raises, row by row, so one symbol's bad window fails
+    only its own forecast (NaN, with the reason by row index), never the batch."""
+    try:
+        return compute(windows), {}
+    except Exception:
+        pass
+    out = np.full((len(windows), *row_shape), np.nan)
+    failed: dict[int, str] = {}
+    for i in range(len(windows)):
+        try:
+            out[i] = np.asarray(compute(windows[i : i + 1]))[0]
+        except Exception as exc:
+            failed[i] = f"{type(exc).__name__}: {exc}"
+    if failed:
+        log.error(
+            "the engine failed on %d of %d windows (first: %s); their ticks are dead letters",
+            len(failed),
+            len(windows),
+            next(iter(failed.values())),
+        )
+    return out, failed

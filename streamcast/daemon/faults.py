@@ -1,0 +1,30 @@
+"""How the daemon tells Redis outages, Redis refusals and a lost lease apart."""
+
+from __future__ import annotations
+
+from redis import exceptions as redis_errors
+
+# the connection is down or slow: back off and rebuild, nothing is wrong with the data
+REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+class LeaseLost(Exception):
+    """Another process holds this shard now: publish nothing more, stand by."""
+
+
+_REFUSAL_CLASSES = (
+    # redis-py turns these replies into classes and drops the code from the message
+    (redis_errors.OutOfMemoryError, "OOM"),
+    (redis_errors.ReadOnlyError, "READONLY"),
+    (redis_errors.ExecAbortError, "EXECABORT"),
+    (redis_errors.NoScriptError, "NOSCRIPT"),
+)
+
+
+def refusal(exc: Exception) -> str:
+    """The error code of Redis's reply (OOM, READONLY, NOGROUP, WRONGTYPE, ...), else ERR."""
+    for cls, code in _REFUSAL_CLASSES:
+        if isinstance(exc, cls):
+            return code
+    word = str(exc).split(" ", 1)[0]
+    return word if word.isupper() and word.isalpha() and len(word) <= 16 else "ERR"

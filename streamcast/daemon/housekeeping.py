@@ -1,0 +1,73 @@
+"""Beside the consume loop, once a second: the heartbeat, the stream's lag, reclaiming entries of
+dead consumers, and the gauges (skill, model age, path age, readiness, symbols)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from redis import exceptions as redis_errors
+
+from streamcast.daemon.config import DaemonConfig
+from streamcast.daemon.faults import REDIS_DOWN
+from streamcast.daemon.plan import Planner
+from streamcast.daemon.source import TickSource
+from streamcast.metrics import Metrics
+from streamcast.skill import SkillTracker
+
+log = logging.getLogger(__name__)
+
+
+class Housekeeping:
+    def __init__(
+        self,
+        source: TickSource,
+        planner: Planner,
+        skill: SkillTracker,
+        config: DaemonConfig,
+        metrics: Metrics,
+        *,
+        ready: Callable[[], bool],
+        promoted_at: Callable[[], float | None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.source = source
+        self.planner = planner
+        self.skill = skill
+        self.config = config
+        self.metrics = metrics
+        self.ready = ready
+        self.promoted_at = promoted_at
+        self.clock = clock
+        self.heartbeat = 0.0  # monotonic time of the last round: /healthz goes stale without it
+
+    async def run_forever(self) -> None:
+        last_claim = 0.0
+        while True:
+            self.heartbeat = time.monotonic()
+            try:
+                if time.monotonic() - last_claim >= self.config.claim_interval_s and self.ready():
+                    last_claim = time.monotonic()
+                    await self.source.reclaim()
+                await self.source.measure_lag()
+            except REDIS_DOWN:
+                pass
+            except redis_errors.ResponseError as exc:
+                log.debug("housekeeping: %s", exc)
+            except Exception:
+                # keep the heartbeat and metrics going, but make the fault visible
+                log.exception("housekeeping failed")
+            self.gauges()
+            await asyncio.sleep(1.0)
+
+    def gauges(self) -> None:
+        m = self.metrics
+        self.skill.publish()
+        promoted_at = self.promoted_at()
+        if promoted_at is not None:
+            m.model_age.set(max(0.0, time.time() - promoted_at))
+        m.path_age.set(self.planner.path_age(self.clock()))
+        m.ready.set(1 if self.ready() else 0)
+        m.symbols.set(len(self.planner.windows))

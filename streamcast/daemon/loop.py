@@ -1,0 +1,384 @@
+"""The daemon: wires the tick source, the plan, the engine, the sink and the model watcher into
+one consume loop, and runs housekeeping beside it.
+
+The consume loop handles a batch at a time, so every tick of a symbol is handled in stream order;
+it reads, plans and computes batch k+1 while batch k is being published. Between two batches it
+swaps in a new model version when the watcher has one ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from streamcast.daemon.batch import Batch, Stats
+from streamcast.daemon.compute import compute
+from streamcast.daemon.config import DaemonConfig
+from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, refusal
+from streamcast.daemon.housekeeping import Housekeeping
+from streamcast.daemon.leasing import LeaseKeeper
+from streamcast.daemon.models import ModelWatcher, RetrainSchedule
+from streamcast.daemon.plan import Planner
+from streamcast.daemon.sink import ForecastSink
+from streamcast.daemon.source import TickSource
+from streamcast.daemon.trim import Trimmer
+from streamcast.engine import Engine
+from streamcast.keys import Keys
+from streamcast.logs import RateLimitedLog
+from streamcast.metrics import Metrics
+from streamcast.skill import SkillTracker
+from streamcast.windows import Windows
+
+if TYPE_CHECKING:
+    from streamcast.registry import Registry
+    from streamcast.retrain import Retrainer
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """The forecasting service for one shard. ``async with Daemon(...)`` starts and stops it.
+
+    ``registry`` and ``loader`` (a version's directory -> a warmed engine) turn on the model
+    watcher; ``retrainer`` the retrain schedule; ``publisher`` is the client of the publish
+    transaction (one that never retries by itself; default ``redis``).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        keys: Keys | None = None,
+        config: DaemonConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        registry: Registry | None = None,
+        loader: Callable[[Path], Engine] | None = None,
+        initial_model: Path | None = None,
+        retrainer: Retrainer | None = None,
+        refused: str | None = None,
+        publisher: Redis | None = None,
+    ) -> None:
+        self.redis = redis
+        self.engine = engine
+        self.metrics = metrics
+        self.keys = keys = keys or Keys()
+        self.config = cfg = config or DaemonConfig()
+        self.clock = clock
+        self.group = keys.group(cfg.shard_index, cfg.shard_count)
+        self.stats = Stats()
+        self.source = TickSource(redis, keys, self.group, cfg, metrics, clock)
+        self.planner = Planner(redis, keys, cfg, metrics, self.stats, engine, clock)
+        self.sink = ForecastSink(
+            publisher or redis, redis, keys, self.group, cfg, metrics, self.stats, clock
+        )
+        self.keeper = LeaseKeeper(redis, keys, self.group, cfg, metrics)
+        self.lease = self.keeper.lease  # the key in Redis
+        self.trimmer = Trimmer(redis, keys, cfg.shard_count, metrics)
+        self.skill = SkillTracker(
+            metrics, horizons=cfg.skill_horizons, window=cfg.skill_window, symbols=cfg.skill_symbols
+        )
+        self.models: ModelWatcher | None = None
+        if registry is not None and loader is not None:
+            self.models = ModelWatcher(registry, keys, loader, cfg, metrics, lambda: self.engine)
+            self.models.initial_model, self.models.refused = initial_model, refused
+        self.retrain: RetrainSchedule | None = None
+        if retrainer is not None:
+            self.retrain = RetrainSchedule(retrainer, self.stats, cfg, lambda: self.redis_ok)
+        self.housekeeping = Housekeeping(
+            self.source,
+            self.planner,
+            self.skill,
+            cfg,
+            metrics,
+            ready=lambda: self.ready,
+            promoted_at=lambda: self.models.promoted_at if self.models else None,
+            clock=clock,
+        )
+        self.redis_ok = False
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._started = False
+        self._say = RateLimitedLog(log)
+
+    # -- what the service and the tests look at ---------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.redis_ok and self._started and not self.standby and not self._stopping.is_set()
+
+    @property
+    def standby(self) -> bool:
+        """Another live process consumes this shard; this one waits to take over."""
+        return self.keeper.standby
+
+    @property
+    def windows(self) -> Windows:
+        return self.planner.windows
+
+    @property
+    def heartbeat(self) -> float:
+        return self.housekeeping.heartbeat
+
+    @property
+    def trim_rounds(self) -> int:
+        return self.trimmer.rounds
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.metrics.model_info.labels(self.engine.version).set(1)
+        jobs = {
+            "consume": self._consume_forever(),
+            "housekeeping": self.housekeeping.run_forever(),
+            "lease": self.keeper.keep_forever(),
+        }
+        if self.config.ticks_trim_interval_s > 0:
+            jobs["trim"] = self.trimmer.run_forever(
+                self.config.ticks_trim_interval_s, lambda: self.redis_ok
+            )
+        if self.models is not None:
+            jobs["models"] = self.models.watch_forever()
+        if self.retrain is not None and self.retrain.enabled:
+            jobs["retrain"] = self.retrain.run_forever()
+        self._tasks = [asyncio.create_task(job, name=name) for name, job in jobs.items()]
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop reading, finish the batch in flight (publish and ack) within ``timeout_s``
+        (default ``shutdown_timeout_s``), then stop; idempotent."""
+        if not self._started:
+            return
+        if timeout_s is None:
+            timeout_s = self.config.shutdown_timeout_s
+        self._stopping.set()
+        consume, *others = self._tasks
+        lease_task = next((t for t in others if t.get_name() == "lease"), None)
+        for task in others:
+            if task is not lease_task:  # renewing goes on while the batch in flight drains
+                task.cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(consume), timeout_s)
+        except TimeoutError:
+            log.warning(
+                "shutdown timeout (%.1f s): abandoning the batch in flight; it will be redelivered",
+                timeout_s,
+            )
+            consume.cancel()
+        if lease_task is not None:
+            lease_task.cancel()
+        await cancelled(self._tasks)
+        self._tasks = []
+        await self.keeper.release()  # a standby takes over at once instead of after the TTL
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        if self.models is not None:
+            self.models.close()
+        self.skill.publish()
+        self._started = False
+        s = self.stats
+        log.info(
+            "stopped: %d batches, %d forecasts, %d paths, %d dead letters, %d duplicates skipped",
+            s.batches,
+            s.forecasts,
+            s.paths,
+            s.dead,
+            s.duplicates,
+        )
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_stopped(self) -> None:
+        if self._tasks:
+            await asyncio.gather(self._tasks[0], return_exceptions=True)
+
+    # -- the consume loop -------------------------------------------------------------------------
+
+    async def _consume_forever(self) -> None:
+        try:
+            await self._consume()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # not a Redis outage and not bad input (both handled below): a bug, so say so loudly
+            log.exception("the consume loop failed")
+            raise
+
+    async def _consume(self) -> None:
+        self._backoff = 0.1
+        self._set_up = False
+        self._in_flight: Batch | None = None  # computed, not yet published
+        while True:
+            try:
+                if not await self._step():
+                    return
+            except LeaseLost:
+                # unacknowledged batches are read again by whoever holds the lease next
+                self._in_flight, self._set_up = None, False
+                self.keeper.drop()
+                await self._pause(0.1)
+            except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
+                self._in_flight = None  # unacknowledged: it will be read again from pending
+                self._set_up = False  # the batch may not have landed: rebuild windows
+                self._backoff = await self._redis_failed(exc, self._backoff)
+                if self._stopping.is_set():
+                    return
+
+    async def _step(self) -> bool:
+        """One turn of the loop: read, plan and compute a batch while the previous one is
+        published; False when the loop is done (stopped)."""
+        if self._stopping.is_set():
+            await self._flush()
+            return False
+        if self.models is not None and self.models.incoming is not None:
+            self._swap()  # between batches: none is being computed
+        if not self._set_up and not await self._setup():
+            return False  # stopped while standing by
+        if self.source.rereads_in_flight:
+            await self._flush()
+        self.keeper.check()
+        entries = await self.source.read(block=self._in_flight is None)
+        self.redis_ok = True
+        self._backoff = 0.1
+        if not entries:
+            await self._flush()
+            return True
+        await self.planner.restore(entries)
+        batch = self.planner.prepare(entries, self.source.read_at)
+        computing = asyncio.ensure_future(
+            compute(
+                batch,
+                self.engine,
+                steps=self.config.path_steps,
+                executor=self._executor,
+                metrics=self.metrics,
+                clock=self.clock,
+            )
+        )
+        try:
+            await self._flush()
+        except BaseException:
+            await asyncio.wait([computing])
+            raise
+        await computing
+        self._in_flight = batch
+        # the batch in flight's ticks are in its symbols' windows but not yet in their history:
+        # those symbols stay; any other comes back from history when it ticks
+        self._evict(protect={t.symbol for t in batch.accepted})
+        return True
+
+    async def _setup(self) -> bool:
+        """Hold the shard's lease (standing by while another process does), make sure the group
+        exists, take over what earlier consumers left pending; False if stopped meanwhile."""
+        if not await self.keeper.hold(self._stopping):
+            return False
+        await self.source.setup(self.sink.acked_high)
+        # windows are rebuilt from history as their symbols' ticks arrive: after a failed batch
+        # they are never trusted
+        self.planner.reset()
+        self._set_up = True
+        log.info(
+            "consuming %s as %s in group %s", self.keys.ticks, self.source.consumer, self.group
+        )
+        return True
+
+    async def _flush(self) -> None:
+        """Publish the batch in flight, if any."""
+        batch, self._in_flight = self._in_flight, None
+        if batch is not None:
+            await self._publish(batch)
+
+    async def _publish(self, batch: Batch) -> None:
+        # forecasts, history, dead letters and the ack land together or not at all, even if
+        # we are cancelled mid-way: a crash before EXEC redelivers, never loses
+        self.keeper.check()
+        await asyncio.shield(self.sink.write(batch))
+        self.skill.record(batch.accepted, batch.forecasts)
+        self.metrics.queue_depth.set(0)
+        self.metrics.symbols.set(len(self.planner.windows))
+
+    async def _redis_failed(self, exc: Exception, backoff: float) -> float:
+        """Say what Redis did, wait, and return the next backoff."""
+        self.redis_ok = False
+        if isinstance(exc, redis_errors.ResponseError):
+            reason = refusal(exc)
+            if reason == "NOGROUP":
+                self.redis_ok = True
+                self._say(
+                    logging.WARNING,
+                    "nogroup",
+                    "consumer group %s on %s is gone (%s); recreating it",
+                    self.group,
+                    self.keys.ticks,
+                    str(exc)[:120],
+                )
+                await self._pause(0.1)  # a loop of DELs cannot spin us
+                return backoff
+            self.metrics.redis_refusals.labels(reason).inc()
+            log.warning(
+                "redis refused a command (%s); not ready, retrying in %.1f s",
+                str(exc)[:160],
+                backoff,
+            )
+        else:
+            self.metrics.redis_errors.inc()
+            log.warning("redis unavailable (%s); retrying in %.1f s", type(exc).__name__, backoff)
+        await self._pause(backoff)
+        return min(backoff * 2, 5.0)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _swap(self) -> None:
+        assert self.models is not None
+        self.engine = self.models.swap(self.engine)
+        self.planner.model_changed(self.engine.normalise)
+
+    def _evict(self, protect: set[str]) -> None:
+        gone = self.planner.evict(self.clock(), protect)
+        for symbols in gone.values():
+            if symbols:
+                self.skill.forget(symbols)
+
+
+async def cancelled(tasks: list[asyncio.Task[None]], rounds: int = 20) -> None:
+    """Wait for cancelled tasks to end, cancelling again those that did not.
+
+    A cancellation can be swallowed when it races a timeout inside a client call (asyncio's
+    wait_for and timeout turn it into TimeoutError, which a retry loop then handles): awaiting
+    such a task once more would wait forever, and the process would never stop.
+    """
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(rounds):
+        if not pending:
+            break
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a task that failed was logged where it failed
+    if pending:
+        log.error("tasks that would not stop: %s", ", ".join(t.get_name() for t in pending))

@@ -1,0 +1,233 @@
+"""The batch plan: validate entries, keep the symbols' windows, choose which windows get a path.
+
+The windows are this replica's state. They are rebuilt from the symbols' history streams as
+their ticks arrive (after a start, a failed batch or an eviction), never trusted after a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from streamcast.daemon.batch import Batch, Stats
+from streamcast.daemon.config import DaemonConfig
+from streamcast.engine import Engine
+from streamcast.keys import Keys, shard_of
+from streamcast.logs import RateLimitedLog
+from streamcast.metrics import Metrics
+from streamcast.windows import Windows
+from streamcast.wire import SYMBOL_RE, DeadLetter, HistoryEntry, Tick, TickError, id_key, text
+
+log = logging.getLogger(__name__)
+
+RESTORE_CHUNK = 200  # symbols whose history one pipeline reads
+
+
+class Planner:
+    """Turns read entries into a :class:`Batch`: ticks to forecast, paths due, dead letters."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        config: DaemonConfig,
+        metrics: Metrics,
+        stats: Stats,
+        engine: Engine,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.config = config
+        self.metrics = metrics
+        self.stats = stats
+        self.clock = clock
+        self.windows = Windows(engine.seq_len)
+        self.last_path: dict[str, float] = {}
+        self.limits = replace(config.limits, positive=engine.normalise)
+        self._say = RateLimitedLog(log)
+        self._idle_checked = 0.0
+        self._ingest = metrics.stage_seconds.labels("ingest")
+
+    def reset(self) -> None:
+        """Forget every window: after a failed batch they are never trusted."""
+        self.windows = Windows(self.windows.seq_len)
+        self.last_path.clear()
+
+    def model_changed(self, normalise: bool) -> None:
+        self.limits = replace(self.limits, positive=normalise)
+
+    # -- windows from history --------------------------------------------------------------------
+
+    async def restore(self, entries: Iterable[tuple[str, str, dict[Any, Any]]]) -> None:
+        """Rebuild from history the window of each symbol in ``entries`` not yet held."""
+        ordered = sorted(self._new_symbols(entries))
+        seq_len = self.windows.seq_len
+        for start in range(0, len(ordered), RESTORE_CHUNK):
+            chunk = ordered[start : start + RESTORE_CHUNK]
+            pipe = self.redis.pipeline(transaction=False)
+            for symbol in chunk:
+                # twice the window: entries that break the rules are skipped, the rest fill it
+                pipe.xrevrange(self.keys.history(symbol), count=2 * seq_len)
+            replies = await pipe.execute(raise_on_error=False)
+            now = self.clock()
+            for symbol, history in zip(chunk, replies, strict=True):
+                if isinstance(history, redis_errors.ResponseError):
+                    # e.g. WRONGTYPE: someone wrote another kind of key there. The symbol fills
+                    # its window from live ticks; the shard goes on
+                    self.metrics.history_skipped.inc()
+                    self._say(
+                        logging.WARNING,
+                        "history-unreadable",
+                        "history of %s cannot be read (%s): its window fills from live ticks",
+                        symbol,
+                        str(history)[:120],
+                    )
+                    history = []
+                rows = [(e.id, e.price, e.ts) for e in self._valid_history(symbol, history)]
+                self.windows.restore(symbol, rows, now)
+
+    def _new_symbols(self, entries: Iterable[tuple[str, str, dict[Any, Any]]]) -> set[str]:
+        cfg = self.config
+        symbols = set()
+        for _, _, fields in entries:
+            raw = fields.get(b"symbol")
+            if isinstance(raw, bytes) and len(raw) <= 64:
+                symbol = raw.decode("utf-8", "replace")
+                if (
+                    symbol not in self.windows
+                    and SYMBOL_RE.fullmatch(symbol)
+                    and shard_of(symbol, cfg.shard_count) == cfg.shard_index
+                ):
+                    symbols.add(symbol)
+        return symbols
+
+    def _valid_history(self, symbol: str, entries: Any) -> list[HistoryEntry]:
+        """History entries, oldest first, by the edge's rules: an imported or hand-written bad
+        price never reaches a window (it would fail the engine for the whole batch)."""
+        rows: list[HistoryEntry] = []
+        bad: list[str] = []
+        now_ms = int(self.clock() * 1000)
+        for entry_id, fields in reversed(entries):
+            try:
+                rows.append(HistoryEntry.decode(entry_id, fields, self.limits, now_ms))
+            except (KeyError, ValueError) as exc:
+                bad.append(f"{text(entry_id)}: {exc}")
+        if bad:
+            self.metrics.history_skipped.inc(len(bad))
+            self._say(
+                logging.WARNING,
+                "history-bad",
+                "history of %s: skipped %d entries that break the edge's rules (first: %s)",
+                symbol,
+                len(bad),
+                bad[0],
+            )
+        return rows
+
+    # -- the plan --------------------------------------------------------------------------------
+
+    def prepare(self, entries: list[tuple[str, str, dict[Any, Any]]], read_at: float) -> Batch:
+        """Validate entries, push prices into windows, and choose which windows get a path."""
+        batch = Batch(read_at=read_at or self.clock())
+        now = self.clock()
+        for _, entry_id, fields in entries:
+            batch.ack_ids.append(entry_id)
+            if fields:  # empty: deleted from the stream while pending
+                self._take(batch, entry_id, fields, now)
+        self._choose_paths(batch, now)
+        self.metrics.queue_depth.set(len(entries))
+        return batch
+
+    def _take(self, batch: Batch, entry_id: str, fields: dict[Any, Any], now: float) -> None:
+        try:
+            tick = Tick.decode(entry_id, fields, limits=self.limits)
+        except TickError as exc:
+            batch.dead.append(DeadLetter(entry_id, exc.reason, exc.detail, fields))
+            return
+        if shard_of(tick.symbol, self.config.shard_count) != self.config.shard_index:
+            self.metrics.ticks.labels("foreign").inc()
+            return
+        if self.windows.seen(tick.symbol, entry_id):
+            self.stats.duplicates += 1
+            self.metrics.ticks.labels("duplicate").inc()
+            self._say(
+                logging.INFO,
+                "duplicate",
+                "skipped tick %s of %s: its symbol's window already holds it or a later "
+                "tick (redelivered after a restart or a recovery)",
+                entry_id,
+                tick.symbol,
+            )
+            return
+        last_ts = self.windows.get(tick.symbol).last_ts
+        if tick.ts is not None and last_ts is not None and tick.ts < last_ts:
+            detail = f"ts {tick.ts} is before the symbol's last {last_ts}"
+            batch.dead.append(DeadLetter(entry_id, "out_of_order", detail, fields))
+            return
+        window = self.windows.push(tick.symbol, entry_id, tick.price, tick.ts, now)
+        batch.accepted.append(tick)
+        self._ingest.observe(max(0.0, batch.read_at - id_key(entry_id)[0] / 1000))
+        if window is not None:
+            batch.ready.append(tick)
+            batch.windows.append(window)
+        else:
+            self.metrics.ticks.labels("filling").inc()
+
+    def _choose_paths(self, batch: Batch, now: float) -> None:
+        """Paths only for the newest window of a symbol in the batch (older ones are coalesced
+        into it), for symbols whose path is due, stalest first, at most paths_per_batch_max."""
+        cfg = self.config
+        newest = {tick.symbol: i for i, tick in enumerate(batch.ready)}
+        due = [
+            i for s, i in newest.items() if now - self.last_path.get(s, 0.0) >= cfg.path_refresh_s
+        ]
+        due.sort(key=lambda i: self.last_path.get(batch.ready[i].symbol, 0.0))
+        batch.due = due[: cfg.paths_per_batch_max]
+        for i in batch.due:
+            self.last_path[batch.ready[i].symbol] = now
+
+    # -- forgetting ------------------------------------------------------------------------------
+
+    def evict(self, now: float, protect: set[str]) -> dict[str, list[str]]:
+        """Forget symbols idle past ``symbol_idle_s`` and the least recently ticked beyond
+        ``symbols_max`` (never one in ``protect``); {why: symbols}. A forgotten symbol's window
+        is rebuilt from history at its next tick."""
+        cfg = self.config
+        idle: list[str] = []
+        if cfg.symbol_idle_s > 0 and now - self._idle_checked >= 1.0:
+            self._idle_checked = now
+            idle = self.windows.evict_idle(now - cfg.symbol_idle_s, protect)
+        over = self.windows.evict_over(cfg.symbols_max, protect)
+        gone = {"idle": idle, "cap": over}
+        for why, symbols in gone.items():
+            if not symbols:
+                continue
+            for symbol in symbols:
+                self.last_path.pop(symbol, None)
+            self.metrics.symbols_evicted.labels(why).inc(len(symbols))
+            self._say(
+                logging.INFO,
+                f"evict-{why}",
+                "forgot %d symbols (%s), e.g. %s; their windows come back from history at their "
+                "next tick",
+                len(symbols),
+                "idle" if why == "idle" else f"more than {cfg.symbols_max}",
+                symbols[0],
+            )
+        return gone
+
+    def path_age(self, now: float) -> float:
+        """Age of the stalest path among symbols that ticked since their path was computed (a
+        symbol that stopped ticking has a path of its newest window: not stale)."""
+        stale = 0.0
+        for symbol, at in self.last_path.items():
+            if self.windows.touched(symbol) > at:
+                stale = max(stale, now - at)
+        return stale
