@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from streamcast import __version__
 from streamcast.data import DataError
+from streamcast.version import __version__
 
 if TYPE_CHECKING:
     import numpy as np
@@ -541,9 +541,10 @@ def _check(args: argparse.Namespace) -> int:
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")[:300]
         print(f"not ok: {url} answered {exc.code}: {body}", file=sys.stderr)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        print(f"not ok: {url}: {reason}", file=sys.stderr)
+    except urllib.error.URLError as exc:
+        print(f"not ok: {url}: {exc.reason}", file=sys.stderr)
+    except OSError as exc:
+        print(f"not ok: {url}: {exc}", file=sys.stderr)
     return 1
 
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from streamcast import __version__
 from streamcast.data import SEQ_LEN
 from streamcast.scoring import skill
+from streamcast.version import __version__
 
 if TYPE_CHECKING:
     import keras

@@ -80,3 +80,98 @@ def test_windows_fill_roll_and_detect_replays():
     assert windows.seen("A", "3-0") and windows.seen("A", "4-0") and not windows.seen("A", "4-1")
     assert not windows.seen("B", "1-0")
     assert windows.get("A").last_ts == 5
+
+
+# -- one path from settings to the parts, defaults declared once --------------------------------
+
+
+def mapped_settings() -> dict[str, tuple[object, str]]:
+    """{setting: (part, parameter)} for every setting that configures a part's parameter."""
+    import inspect
+
+    from streamcast.settings import PARTS, Settings
+
+    out: dict[str, tuple[object, str]] = {}
+    for part, prefix in PARTS:
+        for name in inspect.signature(part).parameters:
+            if prefix + name in Settings.model_fields:
+                out[prefix + name] = (part, name)
+    return out
+
+
+def test_every_setting_with_a_part_takes_that_parts_default():
+    import inspect
+
+    from streamcast.settings import CONVERT, Settings
+
+    mapped = mapped_settings()
+    assert {"batch_max_size", "retrain_margin", "price_min", "http_max_connections"} <= set(mapped)
+    for setting, (part, name) in mapped.items():
+        declared = inspect.signature(part).parameters[name].default  # type: ignore[arg-type]
+        if declared is inspect.Parameter.empty:
+            continue  # the part needs it given (the URL, the port): the setting owns it
+        value = Settings.model_fields[setting].default
+        value = CONVERT[setting](value) if setting in CONVERT else value
+        assert value == declared, f"{setting}: {value!r} in settings, {declared!r} in the part"
+
+
+def literal_defaults(source: str) -> set[str]:
+    """Settings fields of ``source`` whose default is written as a literal value."""
+    import ast
+
+    tree = ast.parse(source)
+    found = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ClassDef) and node.name == "Settings"):
+            continue
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                continue
+            value = item.value
+            if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "Field":
+                value = value.args[0] if value.args else None
+            # a call reads the default from somewhere; a name is a constant declared elsewhere
+            if value is None or isinstance(value, ast.Name):
+                continue
+            if not any(isinstance(n, ast.Call) for n in ast.walk(value)):
+                found.add(item.target.id)
+    return found
+
+
+def test_no_default_of_a_part_is_declared_again_in_settings():
+    """A default written in settings.py for a setting whose part declares one would be a second
+    declaration: the two drift apart (they did: retrain margin 0.01 vs 0.0, retrain interval
+    3600 vs 0). Settings read it from the part with ``default(part, name)``."""
+    import inspect
+    from pathlib import Path
+
+    import streamcast.settings as settings_module
+
+    owned = {
+        setting
+        for setting, (part, name) in mapped_settings().items()
+        if inspect.signature(part).parameters[name].default is not inspect.Parameter.empty  # type: ignore[arg-type]
+    }
+    source = Path(settings_module.__file__).read_text()
+    assert owned & literal_defaults(source) == set()
+    # the check itself: a literal default is found, one read from the part is not
+    sample = (
+        "class Settings:\n"
+        "    batch_max_size: int = Field(512, ge=1)\n"
+        "    retrain_margin: float = 0.01\n"
+        "    path_steps: int = Field(default(_D, 'path_steps'), ge=1)\n"
+    )
+    assert literal_defaults(sample) == {"batch_max_size", "retrain_margin"}
+
+
+def test_default_settings_build_the_parts_defaults():
+    from streamcast.daemon import DaemonConfig
+    from streamcast.retrain import RetrainConfig
+    from streamcast.settings import Settings, daemon_config, retrain_config
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    built = daemon_config(settings)
+    assert built.consumer.startswith("replica-0:")  # unique per process
+    assert built == DaemonConfig(consumer=built.consumer)
+    assert retrain_config(settings) == RetrainConfig()
+    assert retrain_config(settings, epochs=7, margin=None).epochs == 7

@@ -34,3 +34,9 @@ class Stats:
     dead: int = 0
     duplicates: int = 0
     accepted: int = 0  # ticks appended to history (the retrain schedule counts them)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.batches} batches, {self.forecasts} forecasts, {self.paths} paths, "
+            f"{self.dead} dead letters, {self.duplicates} duplicates skipped"
+        )

@@ -166,22 +166,7 @@ class Daemon:
         if timeout_s is None:
             timeout_s = self.config.shutdown_timeout_s
         self._stopping.set()
-        consume, *others = self._tasks
-        lease_task = next((t for t in others if t.get_name() == "lease"), None)
-        for task in others:
-            if task is not lease_task:  # renewing goes on while the batch in flight drains
-                task.cancel()
-        try:
-            await asyncio.wait_for(asyncio.shield(consume), timeout_s)
-        except TimeoutError:
-            log.warning(
-                "shutdown timeout (%.1f s): abandoning the batch in flight; it will be redelivered",
-                timeout_s,
-            )
-            consume.cancel()
-        if lease_task is not None:
-            lease_task.cancel()
-        await cancelled(self._tasks)
+        await drain(self._tasks, timeout_s)
         self._tasks = []
         await self.keeper.release()  # a standby takes over at once instead of after the TTL
         if self._executor is not None:
@@ -191,15 +176,7 @@ class Daemon:
             self.models.close()
         self.skill.publish()
         self._started = False
-        s = self.stats
-        log.info(
-            "stopped: %d batches, %d forecasts, %d paths, %d dead letters, %d duplicates skipped",
-            s.batches,
-            s.forecasts,
-            s.paths,
-            s.dead,
-            s.duplicates,
-        )
+        log.info("stopped: %s", self.stats)
 
     async def __aenter__(self) -> Daemon:
         await self.start()
@@ -361,6 +338,27 @@ class Daemon:
         for symbols in gone.values():
             if symbols:
                 self.skill.forget(symbols)
+
+
+async def drain(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+    """Stop the daemon's tasks: the first (the consume loop) finishes the batch in flight within
+    ``timeout_s`` while the lease is still renewed; the others are cancelled at once."""
+    consume, *others = tasks
+    lease_task = next((t for t in others if t.get_name() == "lease"), None)
+    for task in others:
+        if task is not lease_task:  # renewing goes on while the batch in flight drains
+            task.cancel()
+    try:
+        await asyncio.wait_for(asyncio.shield(consume), timeout_s)
+    except TimeoutError:
+        log.warning(
+            "shutdown timeout (%.1f s): abandoning the batch in flight; it will be redelivered",
+            timeout_s,
+        )
+        consume.cancel()
+    if lease_task is not None:
+        lease_task.cancel()
+    await cancelled(tasks)
 
 
 async def cancelled(tasks: list[asyncio.Task[None]], rounds: int = 20) -> None:
