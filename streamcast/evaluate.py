@@ -12,21 +12,14 @@ change", at or below 0 it does not, however good a plot looks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from streamcast.engine import Engine
 from streamcast.scoring import model_and_naive_mse, mse_by_step, scores, skill
 
 MODES = ("point", "full", "multiple")
-
-
-class Predictor(Protocol):
-    seq_len: int
-
-    def predict_next(self, prices: np.ndarray) -> np.ndarray: ...
-
-    def rollout(self, prices: np.ndarray, steps: int = 50) -> np.ndarray: ...
 
 
 @dataclass
@@ -41,7 +34,7 @@ class Evaluation:
 
 
 def evaluate(
-    predictor: Predictor, test_windows: np.ndarray, mode: str, horizon: int = 50
+    predictor: Engine, test_windows: np.ndarray, mode: str, horizon: int = 50
 ) -> Evaluation:
     """Run one mode over ordered test windows (N, seq_len + 1) in price space and score it."""
     if mode not in MODES:
@@ -88,7 +81,7 @@ def evaluate(
     return Evaluation(mode=mode, truth=truth, starts=starts, paths=paths, metrics=metrics)
 
 
-def holdout_mse(predictor: Predictor, windows: np.ndarray, relative: bool) -> tuple[float, float]:
+def holdout_mse(predictor: Engine, windows: np.ndarray, relative: bool) -> tuple[float, float]:
     """(model, naive) 1-step MSE over windows (N, seq_len + 1), the last value the truth.
 
     ``relative`` divides each error by the last observed price (see

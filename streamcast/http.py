@@ -46,7 +46,7 @@ class HttpServer:
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        prometheus: CollectorRegistry,
         *,
         host: str,
         port: int,
@@ -63,7 +63,7 @@ class HttpServer:
             raise ValueError("header_timeout_s and keepalive_timeout_s must be > 0")
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
-        self.registry = registry
+        self.prometheus = prometheus
         self.host = host
         self.port = port
         self._ready = ready
@@ -153,7 +153,7 @@ class HttpServer:
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        body = generate_latest(self.prometheus)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

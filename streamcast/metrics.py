@@ -1,4 +1,4 @@
-"""Prometheus metrics of the daemon, on a registry passed in (tests build a private one)."""
+"""Prometheus metrics of the daemon, in a collector registry passed in (tests build a private one)."""
 
 from __future__ import annotations
 
@@ -29,107 +29,111 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 class Metrics:
     """Every metric the daemon exports, named ``streamcast_*``."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+    def __init__(self, prometheus: CollectorRegistry) -> None:
+        self.prometheus = prometheus
         self.ticks = Counter(
             "streamcast_ticks",
             "Ticks read, by outcome: forecast, filling (window not full yet), dead, duplicate "
             "(already forecast before a restart), foreign (another shard's symbol)",
             ["outcome"],
-            registry=registry,
+            registry=prometheus,
         )
         self.dead_letters = Counter(
             "streamcast_dead_letters",
             "Ticks sent to the dead-letter stream, by reason",
             ["reason"],
-            registry=registry,
+            registry=prometheus,
         )
         self.forecasts = Counter(
             "streamcast_forecasts",
             "Forecasts published, by kind (next, path)",
             ["kind"],
-            registry=registry,
+            registry=prometheus,
         )
         self.latency = Histogram(
             "streamcast_tick_to_forecast_seconds",
             "From the tick's arrival in Redis (its stream id) to its forecast being published",
             buckets=LATENCY_BUCKETS,
-            registry=registry,
+            registry=prometheus,
         )
         self.batch_size = Histogram(
             "streamcast_batch_size",
             "Ticks per batch read and published together",
             buckets=BATCH_BUCKETS,
-            registry=registry,
+            registry=prometheus,
         )
         self.engine_seconds = Histogram(
             "streamcast_engine_seconds",
             "Time in the forecasting engine per batch",
             buckets=LATENCY_BUCKETS,
-            registry=registry,
+            registry=prometheus,
         )
         self.queue_depth = Gauge(
-            "streamcast_queue_depth", "Ticks read but not yet published", registry=registry
+            "streamcast_queue_depth", "Ticks read but not yet published", registry=prometheus
         )
         self.stream_lag = Gauge(
             "streamcast_stream_lag",
             "Entries in the ticks stream not yet read by this shard's group",
-            registry=registry,
+            registry=prometheus,
         )
         self.path_age = Gauge(
             "streamcast_path_age_max_seconds",
             "Age of the stalest 50-step path among symbols with a full window",
-            registry=registry,
+            registry=prometheus,
         )
         self.symbols = Gauge(
-            "streamcast_symbols", "Symbols with a window on this replica", registry=registry
+            "streamcast_symbols", "Symbols with a window on this replica", registry=prometheus
         )
         self.redis_errors = Counter(
-            "streamcast_redis_errors", "Redis calls that failed and were retried", registry=registry
+            "streamcast_redis_errors",
+            "Redis calls that failed and were retried",
+            registry=prometheus,
         )
         self.model_info = Gauge(
             "streamcast_model_info",
             "The model version serving (value 1)",
             ["version"],
-            registry=registry,
+            registry=prometheus,
         )
-        self.ready = Gauge("streamcast_ready", "1 when /readyz would answer 200", registry=registry)
+        self.ready = Gauge(
+            "streamcast_ready", "1 when /readyz would answer 200", registry=prometheus
+        )
         # -- the model lifecycle ---------------------------------------------------------------
         self.model_swaps = Counter(
             "streamcast_model_swaps",
             "Model versions loaded, warmed and swapped in while serving",
-            registry=registry,
+            registry=prometheus,
         )
         self.model_load_failures = Counter(
             "streamcast_model_load_failures",
             "Promoted versions this replica refused or failed to load (it kept serving), by reason",
             ["reason"],
-            registry=registry,
+            registry=prometheus,
         )
         self.model_age = Gauge(
             "streamcast_model_age_seconds",
             "Time since the current version was promoted in the registry",
-            registry=registry,
+            registry=prometheus,
         )
         self.retrains = Counter(
             "streamcast_retrains",
             "Retrains this replica started, by result: promoted, rejected, failed, skipped "
             "(another replica held the lock, or too little history)",
             ["result"],
-            registry=registry,
+            registry=prometheus,
         )
         self.retrain_seconds = Histogram(
             "streamcast_retrain_seconds",
             "Duration of a retrain: history read, training child, scoring, promotion",
             buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600),
-            registry=registry,
+            registry=prometheus,
         )
         self.retrain_holdout_mse = Gauge(
             "streamcast_retrain_holdout_mse",
             "Held-out 1-step MSE (relative to the last price for normalised models) in the last "
             "retrain, by model: candidate, current, naive",
             ["model"],
-            registry=registry,
+            registry=prometheus,
         )
         # -- online skill (streamcast.skill) ---------------------------------------------------
         scored_labels = ["horizon", "version", "forecaster"]
@@ -138,44 +142,44 @@ class Metrics:
             "Sum of squared relative errors of scored forecasts (forecaster: model or naive); "
             "rate() over rate(streamcast_forecast_scored_total) is the MSE over any window",
             scored_labels,
-            registry=registry,
+            registry=prometheus,
         )
         self.absolute_error = Counter(
             "streamcast_forecast_absolute_error",
             "Sum of absolute relative errors of scored forecasts (forecaster: model or naive)",
             scored_labels,
-            registry=registry,
+            registry=prometheus,
         )
         self.scored = Counter(
             "streamcast_forecast_scored",
             "Forecasts scored against the tick that is their truth, by horizon and version",
             ["horizon", "version"],
-            registry=registry,
+            registry=prometheus,
         )
         self.rolling_mse = Gauge(
             "streamcast_forecast_rolling_mse",
             "MSE (relative to the origin price) over the last scored forecasts",
             scored_labels,
-            registry=registry,
+            registry=prometheus,
         )
         self.rolling_mae = Gauge(
             "streamcast_forecast_rolling_mae",
             "MAE (relative to the origin price) over the last scored forecasts",
             scored_labels,
-            registry=registry,
+            registry=prometheus,
         )
         self.skill = Gauge(
             "streamcast_skill",
             "1 - MSE_model / MSE_naive over the last scored forecasts, by horizon and version "
             "(above 0: better than no change)",
             ["horizon", "version"],
-            registry=registry,
+            registry=prometheus,
         )
         self.symbol_skill = Gauge(
             "streamcast_symbol_skill",
             "Skill of the symbols listed in STREAMCAST_SKILL_SYMBOLS (others are not labelled)",
             ["symbol", "horizon"],
-            registry=registry,
+            registry=prometheus,
         )
         # -- per-stage latency ----------------------------------------------------------------
         self.stage_seconds = Histogram(
@@ -185,61 +189,61 @@ class Metrics:
             "(per batch), publish (compute end until written, per batch)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
-            registry=registry,
+            registry=prometheus,
         )
         self.event_latency = Histogram(
             "streamcast_event_to_forecast_seconds",
             "From the tick's event time (its ts field, when it has one) to its forecast published",
             buckets=LATENCY_BUCKETS,
-            registry=registry,
+            registry=prometheus,
         )
         # -- hostile input and operators -------------------------------------------------------
         self.standby = Gauge(
             "streamcast_standby",
             "1 while another live process consumes this shard (same settings): this one waits",
-            registry=registry,
+            registry=prometheus,
         )
         self.recoveries = Counter(
             "streamcast_recoveries",
             "Recoveries: group_recreated (the group or stream was deleted), lease_lost (another "
             "process took this shard), start_fallback (the current model would not load at start)",
             ["what"],
-            registry=registry,
+            registry=prometheus,
         )
         self.redis_refusals = Counter(
             "streamcast_redis_refusals",
             "Commands Redis refused (OOM at maxmemory, READONLY replica, ...): backed off, retried",
             ["reason"],
-            registry=registry,
+            registry=prometheus,
         )
         self.write_errors = Counter(
             "streamcast_write_errors",
             "Commands of the publish transaction Redis refused, by what was written and why "
             "(duplicate_id: already there)",
             ["what", "reason"],
-            registry=registry,
+            registry=prometheus,
         )
         self.forecasts_withheld = Counter(
             "streamcast_forecasts_withheld",
             "Forecast values not published because the model's output was not finite, by kind",
             ["kind"],
-            registry=registry,
+            registry=prometheus,
         )
         self.history_skipped = Counter(
             "streamcast_history_skipped",
             "History entries breaking the edge's rules, skipped when rebuilding windows",
-            registry=registry,
+            registry=prometheus,
         )
         self.ticks_trimmed = Counter(
             "streamcast_ticks_trimmed",
             "Entries trimmed from the ticks stream after every group acknowledged them",
-            registry=registry,
+            registry=prometheus,
         )
         self.symbols_evicted = Counter(
             "streamcast_symbols_evicted",
             "Symbols forgotten (idle past STREAMCAST_SYMBOL_IDLE_S, or beyond _SYMBOLS_MAX)",
             ["why"],
-            registry=registry,
+            registry=prometheus,
         )
         self._zero_known_labels()
 

@@ -299,7 +299,7 @@ class Registry:
         await self._set_current(previous, reason, current, "rollback", push=False, event={})
         return previous
 
-    async def record(self, event: dict[str, Any]) -> None:
+    async def add_event(self, event: dict[str, Any]) -> None:
         """Append an event (a retrain outcome, say) to the registry's log."""
         fields: dict[Any, Any] = {k: _field(v) for k, v in event.items() if v is not None}
         await self.redis.xadd(self.keys.model_log, fields, maxlen=LOG_MAXLEN, approximate=True)

@@ -365,7 +365,7 @@ class Retrainer:
         if result.outcome == "skipped":
             return
         try:
-            await self.registry.record(result.event())
+            await self.registry.add_event(result.event())
         except REDIS_DOWN:
             log.warning("could not record the retrain outcome in the registry (redis down)")
 

@@ -184,7 +184,7 @@ class _Wiring:
             HttpServer,
             self.settings,
             "http_",
-            registry=self.prometheus,
+            prometheus=self.prometheus,
             ready=daemon_ready,
             heartbeat=heartbeat,
             redis_ping=self.redis.ping,

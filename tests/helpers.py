@@ -80,7 +80,7 @@ def sample(metrics: Metrics, name: str, *, absent: float | None = None, **labels
     Args:
         absent: the value read when the sample is not exported; None fails naming the sample.
     """
-    value = metrics.registry.get_sample_value(name, labels)
+    value = metrics.prometheus.get_sample_value(name, labels)
     if value is None:
         assert absent is not None, f"{name}{labels} is not exported"
         return absent

@@ -42,7 +42,7 @@ def tool(name: str) -> str:
 def exported_series() -> set[str]:
     """Every sample name the daemon's metrics can expose."""
     names = set()
-    for family in Metrics(CollectorRegistry()).registry.collect():
+    for family in Metrics(CollectorRegistry()).prometheus.collect():
         for suffix in SUFFIXES[family.type]:
             names.add(family.name + suffix)
     return names

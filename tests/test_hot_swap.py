@@ -101,7 +101,7 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
         await feed
         feed_last = (await redis_client.xrevrange(keys.ticks, count=1))[0][0].decode()
         await asyncio.sleep(1.1)  # one housekeeping round
-        age = metrics.registry.get_sample_value("streamcast_model_age_seconds")
+        age = metrics.prometheus.get_sample_value("streamcast_model_age_seconds")
         assert age is not None and 0 <= age < 60, "time since the last promotion"
         await replay(redis_client, keys, paths[:, 2400:], names, rate=None)
         total = await redis_client.xlen(keys.ticks)

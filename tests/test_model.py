@@ -201,10 +201,9 @@ def test_shipped_default_model_loads_and_is_documented():
     assert model.input_shape == (None, 50, 1)
 
 
-def test_shipped_default_model_beats_naive_on_the_demos_feed_as_on_its_test_windows():
+def test_shipped_default_model_beats_naive_on_the_demos_feed_as_on_its_test_windows(shipped_engine):
     """The README's claim: the default model, trained on seed 0, is scored on the demo's feed
     (the same generator, another seed), which it never saw, and keeps its stored skill."""
-    from streamcast import Forecaster
     from streamcast.data import make_windows
     from streamcast.demo import FEED_SEED, demo_feed
     from streamcast.evaluate import evaluate
@@ -213,8 +212,7 @@ def test_shipped_default_model_beats_naive_on_the_demos_feed_as_on_its_test_wind
     assert f"seed={FEED_SEED}" not in info.data["source"], "the demo's feed is the training data"
     feed = demo_feed(8)  # the demo's default of 8 symbols
     windows = np.concatenate([make_windows(series)[::10] for series in feed])  # every 10th
-    with Forecaster.load() as engine:
-        point = evaluate(engine, windows, "point").metrics
+    point = evaluate(shipped_engine, windows, "point").metrics
     assert point["model"]["n"] == len(windows) > 3000
     stored = info.metrics["skill"]
     assert point["skill"] > 0, "no better than the naive forecast on the demo's feed"

@@ -21,6 +21,8 @@ from streamcast.registry import Registry
 from streamcast.retrain import RetrainConfig, Retrainer, TrainerJob
 from streamcast.wire import TickLimits
 
+from .helpers import sample
+
 DEFAULT_VERSION = ModelInfo.read(DEFAULT_MODEL_DIR / "model.json").version
 
 # A stand-in trainer: copies the current model as the "candidate" and reports the given scores.
@@ -39,10 +41,6 @@ scores = json.loads(sys.argv[1])
 
 def fake_trainer(**scores: float) -> list[str]:
     return [sys.executable, "-c", FAKE_TRAINER, json.dumps(scores)]
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture

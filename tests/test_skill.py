@@ -9,9 +9,7 @@ from prometheus_client import CollectorRegistry
 from streamcast.metrics import Metrics
 from streamcast.skill import SkillTracker
 
-
-def value(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)
+from .helpers import sample
 
 
 def test_one_step_forecast_is_scored_against_the_next_tick_with_the_naive_one():
@@ -21,14 +19,14 @@ def test_one_step_forecast_is_scored_against_the_next_tick_with_the_naive_one():
     tracker.observe("A", 102.0)  # model off by 1 %, naive (100) by 2 %
     tracker.observe("A", 103.0)  # nothing pending: not scored
     tracker.publish()
-    assert value(metrics, "streamcast_forecast_scored_total", horizon="1", version="v1") == 1
-    assert value(
+    assert sample(metrics, "streamcast_forecast_scored_total", horizon="1", version="v1") == 1
+    assert sample(
         metrics, "streamcast_forecast_rolling_mse", horizon="1", version="v1", forecaster="model"
     ) == pytest.approx(1e-4)
-    assert value(
+    assert sample(
         metrics, "streamcast_forecast_rolling_mse", horizon="1", version="v1", forecaster="naive"
     ) == pytest.approx(4e-4)
-    assert value(metrics, "streamcast_skill", horizon="1", version="v1") == pytest.approx(0.75)
+    assert sample(metrics, "streamcast_skill", horizon="1", version="v1") == pytest.approx(0.75)
     assert tracker.skill("v1", 1) == pytest.approx(0.75)
 
 
@@ -40,8 +38,10 @@ def test_path_horizons_are_scored_when_their_tick_arrives():
     truth = 100.0 + 2 * np.arange(1, 51)  # truth: +2 per step
     for k, price in enumerate(truth, start=1):
         tracker.observe("A", float(price))
-        scored_10 = value(metrics, "streamcast_forecast_scored_total", horizon="10", version="v1")
-        assert (scored_10 or 0) == (1 if k >= 10 else 0)
+        scored_10 = sample(
+            metrics, "streamcast_forecast_scored_total", horizon="10", version="v1", absent=0.0
+        )
+        assert scored_10 == (1 if k >= 10 else 0)
     snap = tracker.snapshot()["v1"]
     # at step 10: model 110 vs truth 120, naive 100: errors -0.1 and -0.2 of the origin
     assert snap[10]["mse"] == pytest.approx(0.01) and snap[10]["naive_mse"] == pytest.approx(0.04)
@@ -57,9 +57,12 @@ def test_versions_are_kept_apart_and_old_ones_dropped_from_the_metrics():
         tracker.forecast("A", 100.0, 100.0 + n, None, version)
         tracker.observe("A", 100.0 + 2 * n + 1)
         tracker.publish()
-    assert value(metrics, "streamcast_skill", horizon="1", version="v1") is None
-    assert value(metrics, "streamcast_forecast_scored_total", horizon="1", version="v1") is None
-    assert value(metrics, "streamcast_skill", horizon="1", version="v3") is not None
+    assert sample(metrics, "streamcast_skill", horizon="1", version="v1", absent=-1.0) == -1.0
+    assert (
+        sample(metrics, "streamcast_forecast_scored_total", horizon="1", version="v1", absent=-1.0)
+        == -1.0
+    )
+    assert sample(metrics, "streamcast_skill", horizon="1", version="v3", absent=-1.0) != -1.0
     assert set(tracker.snapshot()) == {"v2", "v3"}
 
 
@@ -70,8 +73,10 @@ def test_only_listed_symbols_get_a_labelled_series():
         tracker.forecast(symbol, 100.0, 101.0, None, "v1")
         tracker.observe(symbol, 102.0)
     tracker.publish()
-    assert value(metrics, "streamcast_symbol_skill", symbol="A", horizon="1") == pytest.approx(0.75)
-    assert value(metrics, "streamcast_symbol_skill", symbol="B", horizon="1") is None
+    assert sample(metrics, "streamcast_symbol_skill", symbol="A", horizon="1") == pytest.approx(
+        0.75
+    )
+    assert sample(metrics, "streamcast_symbol_skill", symbol="B", horizon="1", absent=-1.0) == -1.0
 
 
 def test_the_rolling_window_keeps_the_newest_scores():
