@@ -131,3 +131,28 @@ def test_no_getattr_probing_for_optional_methods():
             if probing:
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {ast.unparse(node)}")
     assert found == []
+
+
+def test_the_architecture_page_names_every_module_and_no_other():
+    """docs/ARCHITECTURE.md is the map: its file tree lists every module of the package, and
+    every module it lists exists."""
+    page = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text()
+    tree = page.split("```")[1]
+    listed = set()
+    folder = ""
+    for line in tree.splitlines():
+        names = [w.rstrip(",") for w in line.split() if w.rstrip(",").endswith((".py", "/"))]
+        for name in names:
+            if name.endswith("/") and line.startswith("  ") and not line.startswith("    "):
+                folder = name if name == "daemon/" else ""
+            elif name.endswith(".py"):
+                indented = line.startswith("    ")
+                listed.add((folder if indented else "") + name)
+    modules = {
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"
+    }
+    modules.discard("version.py")  # the version string
+    modules.discard("logs.py")  # a logging helper
+    modules.discard("__main__.py")
+    assert modules - listed == set(), "modules missing from docs/ARCHITECTURE.md"
+    assert listed - modules == set(), "docs/ARCHITECTURE.md lists modules that do not exist"

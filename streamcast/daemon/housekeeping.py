@@ -13,7 +13,7 @@ from redis import exceptions as redis_errors
 from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN
 from streamcast.daemon.plan import Planner
-from streamcast.daemon.source import TickSource
+from streamcast.daemon.source import Source
 from streamcast.metrics import Metrics
 from streamcast.skill import SkillTracker
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Housekeeping:
     def __init__(
         self,
-        source: TickSource,
+        source: Source,
         planner: Planner,
         skill: SkillTracker,
         config: DaemonConfig,

@@ -28,8 +28,8 @@ from streamcast.daemon.housekeeping import Housekeeping
 from streamcast.daemon.leasing import LeaseKeeper
 from streamcast.daemon.models import ModelWatcher, RetrainSchedule
 from streamcast.daemon.plan import Planner
-from streamcast.daemon.sink import ForecastSink
-from streamcast.daemon.source import TickSource
+from streamcast.daemon.sink import ForecastSink, Sink
+from streamcast.daemon.source import Source, TickSource
 from streamcast.daemon.trim import Trimmer
 from streamcast.engine import Engine
 from streamcast.keys import Keys
@@ -77,9 +77,9 @@ class Daemon:
         self.clock = clock
         self.group = keys.group(cfg.shard_index, cfg.shard_count)
         self.stats = Stats()
-        self.source = TickSource(redis, keys, self.group, cfg, metrics, clock)
+        self.source: Source = TickSource(redis, keys, self.group, cfg, metrics, clock)
         self.planner = Planner(redis, keys, cfg, metrics, self.stats, engine, clock)
-        self.sink = ForecastSink(
+        self.sink: Sink = ForecastSink(
             publisher or redis, redis, keys, self.group, cfg, metrics, self.stats, clock
         )
         self.keeper = LeaseKeeper(redis, keys, self.group, cfg, metrics)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -29,8 +29,16 @@ log = logging.getLogger(__name__)
 Op = tuple[str, str, str]  # (what, entry id, key) of each queued command
 
 
+class Sink(Protocol):
+    """What the consume loop calls on the place forecasts go."""
+
+    acked_high: tuple[int, int]  # the newest tick id acknowledged by this process
+
+    async def write(self, batch: Batch) -> None: ...
+
+
 class ForecastSink:
-    """Writes batches for one consumer group.
+    """Writes batches for one consumer group (a :class:`Sink`).
 
     ``publisher`` runs the transaction and must not retry by itself: a retried EXEC whose reply
     was lost would write its dead letters twice. ``redis`` (retrying) does the follow-ups.

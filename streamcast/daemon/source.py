@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -27,8 +27,26 @@ log = logging.getLogger(__name__)
 Entries = list[tuple[str, str, dict[Any, Any]]]  # (stream, entry id, fields)
 
 
+class Source(Protocol):
+    """What the consume loop and housekeeping call on a source of ticks."""
+
+    consumer: str  # this process's name in the group
+    read_at: float  # wall-clock time of the last read
+
+    @property
+    def rereads_in_flight(self) -> bool: ...
+
+    async def setup(self, acked_high: tuple[int, int]) -> None: ...
+
+    async def read(self, block: bool = True) -> Entries: ...
+
+    async def reclaim(self) -> None: ...
+
+    async def measure_lag(self) -> None: ...
+
+
 class TickSource:
-    """Reads the ticks stream as ``consumer`` of ``group``."""
+    """Reads the ticks stream as ``consumer`` of ``group`` (a :class:`Source`)."""
 
     def __init__(
         self,
