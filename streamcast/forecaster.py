@@ -11,9 +11,12 @@ Two measured choices (docs/BENCHMARKS.md):
   with the 1/2 folded into the weights, so one ``tanh`` over all four gates replaces three
   sigmoids and a tanh. Any other architecture runs through the Keras model itself, still compiled.
 * XLA on the CPU runs one computation on one core. On the CPU the batch is therefore cut into
-  chunks that run as separate compiled calls on a thread pool, one per core; on a GPU the whole
-  batch is one call. Chunk and small-batch shapes are rounded up to powers of two, so varying
-  batch sizes reuse a handful of compiled programs instead of compiling for every size.
+  chunks that run as separate compiled calls on a thread pool, one per core (``batching=
+  "chunked"``); on a GPU the whole batch is one call (``"one_call"``: chunks of up to 4096 rows,
+  one worker). ``"auto"`` picks one_call when TensorFlow lists a GPU; forcing ``"one_call"`` runs
+  that branch on the CPU too, which is how the tests check it without a GPU. Chunk and
+  small-batch shapes are rounded up to powers of two, so varying batch sizes reuse a handful of
+  compiled programs instead of compiling for every size.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -38,6 +41,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_CHUNK = 64
+DEFAULT_GPU_CHUNK = 4096
+
+# how a batch runs: "chunked" (per-core chunks on a thread pool), "one_call" (one compiled call
+# of up to DEFAULT_GPU_CHUNK rows), "auto" (one_call when TensorFlow lists a GPU, else chunked)
+Batching = Literal["auto", "one_call", "chunked"]
+BATCHINGS: tuple[str, ...] = get_args(Batching)
 
 
 class _PerBucketTracing(logging.Filter):
@@ -45,9 +54,6 @@ class _PerBucketTracing(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "triggered tf.function retracing" not in record.getMessage()
-
-
-DEFAULT_GPU_CHUNK = 4096
 
 
 def _cpu_count() -> int:
@@ -69,8 +75,11 @@ class Forecaster:
         normalise: whether the model was trained on windows normalised to their first value.
         residual: whether the network predicts the change from the window's last value.
         version: the model version carried by every forecast.
-        chunk_size: rows per compiled call (default 64 on the CPU, 4096 on a GPU).
-        workers: compiled calls run at once (default: the CPU cores; 1 on a GPU).
+        chunk_size: rows per compiled call (default 64 chunked, 4096 in one call).
+        workers: compiled calls run at once (default: the CPU cores chunked; 1 in one call).
+        batching: "chunked" (per-core chunks on a thread pool, the CPU's way), "one_call" (the
+            whole batch in one compiled call, the GPU's way; on the CPU too when forced) or
+            "auto" (one_call when TensorFlow lists a GPU, else chunked).
     """
 
     def __init__(
@@ -83,9 +92,12 @@ class Forecaster:
         info: ModelInfo | None = None,
         chunk_size: int | None = None,
         workers: int | None = None,
+        batching: Batching = "auto",
     ) -> None:
         import tensorflow as tf
 
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, got {batching!r}")
         tf_log = logging.getLogger("tensorflow")
         if not any(isinstance(f, _PerBucketTracing) for f in tf_log.filters):
             tf_log.addFilter(_PerBucketTracing())
@@ -100,11 +112,12 @@ class Forecaster:
         self.info = info
         gpus = tf.config.list_logical_devices("GPU")
         self.device = gpus[0].name if gpus else "/CPU:0"
-        on_gpu = bool(gpus)
+        one_call = bool(gpus) if batching == "auto" else batching == "one_call"
+        self.batching: Batching = "one_call" if one_call else "chunked"
         self.chunk_size = _next_pow2(
-            chunk_size or (DEFAULT_GPU_CHUNK if on_gpu else DEFAULT_CPU_CHUNK)
+            chunk_size or (DEFAULT_GPU_CHUNK if one_call else DEFAULT_CPU_CHUNK)
         )
-        self.workers = max(1, workers or (1 if on_gpu else _cpu_count()))
+        self.workers = max(1, workers or (1 if one_call else _cpu_count()))
         self._net, self._weights, self._structure = _network(model)
         self.fast_path = self._structure is not None
         self._programs: dict[tuple[int, int], Any] = {}

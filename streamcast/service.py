@@ -47,16 +47,19 @@ def load_engine(settings: Settings, path: Path | None = None) -> Any:
     from streamcast.forecaster import Forecaster
 
     path = path or settings.model_path
-    engine = Forecaster.load(path, workers=settings.engine_workers or None)
+    engine = Forecaster.load(
+        path, workers=settings.engine_workers or None, batching=settings.engine_batching
+    )
     started = time.perf_counter()
     # every bucket a batch or its chunks can round to, for 1-step forecasts and for paths:
     # a compile in the middle of serving would stall every tick behind it for seconds
     sizes = engine.bucket_sizes(settings.batch_max_size)
     engine.warmup(batch_sizes=sizes, steps=(1, settings.path_steps))
     log.info(
-        "model %s on %s (chunk %d x %d workers), %d programs compiled in %.1f s",
+        "model %s on %s (%s, chunk %d x %d workers), %d programs compiled in %.1f s",
         engine.version,
         engine.device,
+        engine.batching,
         engine.chunk_size,
         engine.workers,
         len(engine.compiled_shapes),

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamcast.connect import make_redis
 from streamcast.daemon.config import DaemonConfig
+from streamcast.forecaster import Batching, Forecaster
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
 from streamcast.lease import consumer_token
@@ -157,6 +158,12 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default(_D, "shutdown_timeout_s"), gt=0, le=600)
     redis_timeout_s: float = Field(default(make_redis, "timeout_s"), gt=0, le=120)
     engine_workers: int = Field(0, ge=0, le=256, description="0: one per CPU core")
+    # the engine is not in PARTS (its workers=None, one per core, is the 0 above): load_engine
+    # passes these two to Forecaster.load
+    engine_batching: Batching = Field(
+        default(Forecaster, "batching"),
+        description="auto: one_call on a GPU, else chunked (per-core chunks)",
+    )
     skill_horizons: str = Field(
         _listed(default(_D, "skill_horizons")),
         pattern=r"^\d{1,4}(,\d{1,4})*$",

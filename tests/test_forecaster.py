@@ -209,3 +209,39 @@ def test_a_same_architecture_version_is_swapped_in_by_weights_without_a_compile(
         assert engine.compiled_shapes == programs, "no new program was compiled"
         np.testing.assert_allclose(after, reference.rollout(prices, steps=3), rtol=1e-6)
         assert not np.allclose(after, before)
+
+
+def test_the_one_call_branch_forecasts_as_the_chunked_branch_does(shipped_engine):
+    """A GPU runs a batch as one compiled call; forced on the CPU, that branch gives the chunked
+    branch's forecasts (to 1e-6 relative), so the branch a GPU takes is tested without one."""
+    forced = "one_call" if shipped_engine.batching == "chunked" else "chunked"
+    engines = {shipped_engine.batching: shipped_engine}
+    prices = random_prices(200, seed=21)
+    with Forecaster(
+        shipped_engine.model,
+        normalise=shipped_engine.normalise,
+        residual=shipped_engine.residual,
+        version=shipped_engine.version,
+        batching=forced,
+    ) as other:
+        engines[forced] = other
+        one_call, chunked = engines["one_call"], engines["chunked"]
+        assert (one_call.chunk_size, one_call.workers) == (4096, 1)
+        assert chunked.chunk_size == 64
+        nexts = {name: engine.predict_next(prices) for name, engine in engines.items()}
+        paths = {name: engine.rollout(prices, steps=50) for name, engine in engines.items()}
+        # 200 rows: one call of 256 (padded) rows, against chunks of at most 64 rows
+        assert {(256, 1), (256, 50)} <= set(one_call.compiled_shapes)
+        assert max(rows for rows, _ in chunked.compiled_shapes) <= 64
+    # measured on the 2-core machine: 1.2e-8 apart at step 1, 8.3e-7 at step 50 (float32 sums in
+    # another order, grown over the rollout)
+    np.testing.assert_allclose(nexts["one_call"], nexts["chunked"], rtol=1e-6)
+    np.testing.assert_allclose(paths["one_call"], paths["chunked"], rtol=1e-6)
+    np.testing.assert_allclose(paths["one_call"][:, 0], nexts["chunked"], rtol=1e-6)
+    # forecasts that differ by row and step, not a constant both branches would agree on
+    assert np.ptp(nexts["one_call"]) > 1.0 and np.ptp(paths["one_call"][0]) > 0
+
+
+def test_an_unknown_batching_is_refused_naming_the_choices(tiny_model):
+    with pytest.raises(ValueError, match="batching must be one of auto, one_call, chunked"):
+        Forecaster(tiny_model, normalise=True, batching="gpu")  # type: ignore[arg-type]

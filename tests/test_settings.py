@@ -32,6 +32,10 @@ def test_defaults_and_environment(monkeypatch):
         ),
         ({"STREAMCAST_KEY_PREFIX": "a b"}, "STREAMCAST_KEY_PREFIX: String should match pattern"),
         (
+            {"STREAMCAST_ENGINE_BATCHING": "gpu"},
+            "STREAMCAST_ENGINE_BATCHING: Input should be 'auto', 'one_call' or 'chunked'",
+        ),
+        (
             {"STREAMCAST_SHARD_INDEX": "3", "STREAMCAST_SHARD_COUNT": "3"},
             "STREAMCAST_SHARD_INDEX=3 must be below STREAMCAST_SHARD_COUNT=3",
         ),
@@ -175,3 +179,20 @@ def test_default_settings_build_the_parts_defaults():
     assert built == DaemonConfig(consumer=built.consumer)
     assert retrain_config(settings) == RetrainConfig()
     assert retrain_config(settings, epochs=7, margin=None).epochs == 7
+
+
+def test_engine_batching_defaults_to_the_engines_and_reaches_it(monkeypatch):
+    """STREAMCAST_ENGINE_BATCHING is passed to the engine serve loads (Forecaster is not in
+    PARTS, its workers default being None where the setting's is 0: checked by hand here)."""
+    from streamcast.forecaster import Forecaster
+    from streamcast.service import load_engine
+    from streamcast.settings import Settings, default
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.engine_batching == default(Forecaster, "batching") == "auto"
+    assert settings.engine_workers == 0 and default(Forecaster, "workers") is None
+    monkeypatch.setenv("STREAMCAST_ENGINE_BATCHING", "one_call")
+    monkeypatch.setenv("STREAMCAST_BATCH_MAX_SIZE", "2")  # two buckets to warm up, not ten
+    with load_engine(load_settings(_env_file=None)) as engine:
+        assert (engine.batching, engine.chunk_size, engine.workers) == ("one_call", 4096, 1)
+        assert engine.compiled_shapes == [(1, 1), (1, 50), (2, 1), (2, 50)]
