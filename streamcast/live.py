@@ -4,8 +4,15 @@
 * ``GET /api/symbols``: the symbols with history, sorted (at most ``max_symbols``).
 * ``GET /events?symbols=A,B``: ``text/event-stream``. First the recent forecasts of each symbol
   (``forecast`` events, oldest first), then each new one as it is published (a blocking XREAD
-  from the forecast streams), and a ``skill`` event every ``skill_every_s`` with the replica's
-  online skill by version and horizon.
+  from the forecast streams), and every ``skill_every_s`` a ``skill`` event with the replica's
+  online skill by version and horizon and a ``status`` event with the header's numbers
+  (``{"redis": true, ...}`` from the ``status`` callable: throughput, lag, p99 latency, model;
+  ``{"redis": false}`` while Redis cannot be read).
+
+The page draws a price scale and a time axis per chart and each symbol's 1-step skill over the
+forecasts it shows (app.js). :class:`MetricsStatus` computes the header's numbers from a
+Prometheus registry, by the names the daemon exports (README, "Metrics"): this module touches
+no daemon object, and serve passes it in.
 
 Symbols in a request must match the wire contract's symbol pattern (anything else is a 400), so
 nothing a browser sends reaches Redis but a validated stream key; at most ``max_clients`` event
@@ -22,11 +29,15 @@ import contextlib
 import json
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
@@ -49,6 +60,7 @@ class LivePage:
         keys: Keys,
         *,
         skill: Callable[[], dict[str, Any]] | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
         max_symbols: int = 12,
         history: int = 200,
         max_clients: int = 20,
@@ -58,6 +70,7 @@ class LivePage:
         self.redis = redis
         self.keys = keys
         self.skill = skill
+        self.status = status
         self.max_symbols = max_symbols
         self.history = history
         self.max_clients = max_clients
@@ -141,9 +154,9 @@ class LivePage:
             for entry_id, fields in reversed(entries):
                 await self._send_forecast(response, entry_id, fields)
             cursors[key] = entries[0][0] if entries else "0"
-        await self._send_skill(response)
+        await self._send_summary(response)
         loop = asyncio.get_running_loop()
-        next_skill = loop.time() + self.skill_every_s
+        next_summary = loop.time() + self.skill_every_s
         # aiohttp does not cancel a handler whose client left: look each poll, or an abandoned
         # stream would poll Redis (and hold a place under max_clients) forever
         while not self.closing.is_set() and _connected(request):
@@ -157,9 +170,9 @@ class LivePage:
             for stream, entry_id, fields in parse_stream_reply(reply):
                 cursors[stream] = entry_id
                 await self._send_forecast(response, entry_id, fields)
-            if loop.time() >= next_skill:
-                next_skill = loop.time() + self.skill_every_s
-                await self._send_skill(response)
+            if loop.time() >= next_summary:
+                next_summary = loop.time() + self.skill_every_s
+                await self._send_summary(response)
 
     async def _send_forecast(
         self, response: web.StreamResponse, entry_id: Any, fields: Any
@@ -174,9 +187,12 @@ class LivePage:
         forecast["id"] = text(entry_id)
         await _send(response, "forecast", forecast)
 
-    async def _send_skill(self, response: web.StreamResponse) -> None:
+    async def _send_summary(self, response: web.StreamResponse) -> None:
+        """The skill by version, then the header's numbers (Redis answered: it is up)."""
         if self.skill is not None:
             await _send(response, "skill", self.skill())
+        if self.status is not None:
+            await _send(response, "status", {"redis": True, **self.status()})
 
 
 def _connected(request: web.BaseRequest) -> bool:
@@ -199,3 +215,99 @@ async def _send(response: web.StreamResponse, kind: str, data: Any) -> None:
     """One server-sent event; raises ConnectionResetError once the page has gone."""
     payload = json.dumps(_clean(data), separators=(",", ":"))
     await response.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+
+
+# -- the header's numbers, from the metrics the daemon exports -----------------------------------
+
+FORECASTS = "streamcast_forecasts"  # counter, by kind: one "next" per forecast tick
+LATENCY = "streamcast_tick_to_forecast_seconds"  # histogram
+LAG = "streamcast_stream_lag"  # gauge: ticks not yet read by the shard's group
+MODEL = "streamcast_model_info"  # gauge, 1 for the version serving
+
+
+@dataclass(frozen=True)
+class _Reading:
+    forecasts: float
+    latency: tuple[tuple[float, float], ...]  # (upper bound, cumulative count), ascending
+    lag: float | None
+    model: str | None
+
+
+class MetricsStatus:
+    """The live page header's numbers, read from a Prometheus registry at each call.
+
+    ``throughput_per_s`` (forecasts published per second) and ``p99_latency_ms`` (tick to
+    forecast, interpolated within the histogram's buckets as Prometheus's ``histogram_quantile``
+    does) are over the last ``window_s`` (since the first reading, until that long has passed);
+    ``lag`` is the ticks the shard's group has not read; ``model`` the version serving. A number
+    with nothing to say yet (no forecast in the window, no model loaded) is None.
+    """
+
+    def __init__(
+        self,
+        prometheus: CollectorRegistry,
+        *,
+        window_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.prometheus = prometheus
+        self.window_s = window_s
+        self.clock = clock
+        # bounded: each open page reads every couple of seconds
+        self._readings: deque[tuple[float, _Reading]] = deque(maxlen=256)
+        self._readings.append((clock(), self._read()))
+
+    def __call__(self) -> dict[str, Any]:
+        now, new = self.clock(), self._read()
+        self._readings.append((now, new))
+        # keep one reading at least window_s old: the window's start
+        while len(self._readings) > 2 and now - self._readings[1][0] >= self.window_s:
+            self._readings.popleft()
+        then, old = self._readings[0]
+        elapsed = now - then
+        counts = [
+            (bound, count - before)
+            for (bound, count), (_, before) in zip(new.latency, old.latency, strict=False)
+        ]
+        p99 = bucket_quantile(0.99, counts) if len(new.latency) == len(old.latency) else None
+        return {
+            "throughput_per_s": (new.forecasts - old.forecasts) / elapsed if elapsed > 0 else None,
+            "p99_latency_ms": None if p99 is None else p99 * 1000.0,
+            "lag": new.lag,
+            "model": new.model,
+            "window_s": elapsed,
+        }
+
+    def _read(self) -> _Reading:
+        forecasts, lag, model = 0.0, None, None
+        latency: list[tuple[float, float]] = []
+        for family in self.prometheus.collect():
+            for s in family.samples:
+                if s.name == FORECASTS + "_total" and s.labels.get("kind") == "next":
+                    forecasts = s.value
+                elif s.name == LATENCY + "_bucket":
+                    latency.append((float(s.labels["le"]), s.value))
+                elif s.name == LAG:
+                    lag = s.value
+                elif s.name == MODEL and s.value == 1:
+                    model = s.labels.get("version")
+        return _Reading(forecasts, tuple(sorted(latency)), lag, model)
+
+
+def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The ``q`` quantile of a histogram given as (upper bound, cumulative count), ascending and
+    ending with +Inf; linear within a bucket, as Prometheus's ``histogram_quantile``. None
+    without observations; the highest finite bound when the quantile lies beyond it."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower

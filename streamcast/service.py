@@ -28,7 +28,7 @@ from streamcast.daemon import Daemon
 from streamcast.engine import Engine
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
-from streamcast.live import LivePage
+from streamcast.live import LivePage, MetricsStatus
 from streamcast.metrics import Metrics
 from streamcast.model import ModelError
 from streamcast.registry import Registry
@@ -191,7 +191,9 @@ class _Wiring:
             ready=daemon_ready,
             heartbeat=heartbeat,
             redis_ping=self.redis.ping,
-            page=LivePage(self.redis, self.keys, skill=skill),
+            page=LivePage(
+                self.redis, self.keys, skill=skill, status=MetricsStatus(self.prometheus)
+            ),
         )
 
     def make_daemon(self, engine: Engine, refused: str | None) -> Daemon:

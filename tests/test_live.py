@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import time
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 
@@ -22,13 +23,16 @@ from redis import exceptions as redis_errors
 from streamcast.demo import free_port
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
-from streamcast.live import LivePage
+from streamcast.live import LivePage, MetricsStatus, bucket_quantile
+from streamcast.metrics import Metrics
 from streamcast.replay import replay, synthetic_feed
 from streamcast.wire import Forecast, Tick
 
-from .helpers import spawn_daemon, wait_for, wait_ready
+from .helpers import http_get, spawn_daemon, wait_for, wait_ready
 
 SCREENSHOT_ENV = "STREAMCAST_LIVE_SCREENSHOT"  # also save the screenshot here (the README's)
+# what the page_server's status callable says: the header's numbers
+STATUS = {"throughput_per_s": 12.5, "p99_latency_ms": 48.0, "lag": 3.0, "model": "v1"}
 
 
 async def put_forecast(redis, keys: Keys, symbol: str, price: float, path=None) -> str:
@@ -43,7 +47,12 @@ async def put_forecast(redis, keys: Keys, symbol: str, price: float, path=None) 
 @pytest.fixture
 async def page_server(redis_client):
     keys = Keys("live")
-    page = LivePage(redis_client, keys, skill=lambda: {"v1": {1: {"skill": 0.5, "n": 3}}})
+    page = LivePage(
+        redis_client,
+        keys,
+        skill=lambda: {"v1": {1: {"skill": 0.5, "n": 3}}},
+        status=lambda: dict(STATUS),
+    )
     server = HttpServer(
         CollectorRegistry(),
         host="127.0.0.1",
@@ -79,7 +88,9 @@ async def test_page_and_assets_are_served_by_the_daemon_with_nothing_external(pa
         assert b"import" not in response  # no source file's text
 
 
-async def test_events_stream_recent_and_new_forecasts_then_skill(page_server, redis_client):
+async def test_events_stream_recent_and_new_forecasts_then_skill_and_status(
+    page_server, redis_client
+):
     base, keys = page_server
     first = await put_forecast(redis_client, keys, "L0", 100.0, path=[101.0, 102.0])
     async with aiohttp.ClientSession() as http:
@@ -100,13 +111,14 @@ async def test_events_stream_recent_and_new_forecasts_then_skill(page_server, re
                         if len(events) >= n:
                             return
 
-            await asyncio.wait_for(read_events(2), 10)
-            second = await put_forecast(redis_client, keys, "L0", 101.0)
             await asyncio.wait_for(read_events(3), 10)
+            second = await put_forecast(redis_client, keys, "L0", 101.0)
+            await asyncio.wait_for(read_events(4), 10)
     assert events[0][0] == "forecast" and events[0][1]["id"] == first
     assert events[0][1]["path"] == [101.0, 102.0] and events[0][1]["next"] == pytest.approx(101.0)
     assert events[1] == ("skill", {"v1": {"1": {"skill": 0.5, "n": 3}}})
-    assert events[2][0] == "forecast" and events[2][1]["id"] == second
+    assert events[2] == ("status", {"redis": True, **STATUS})
+    assert events[3][0] == "forecast" and events[3][1]["id"] == second
 
 
 async def read_sse(response: aiohttp.ClientResponse, events: list, until) -> None:
@@ -213,6 +225,56 @@ async def test_events_with_redis_down_say_so_and_end_without_an_error_log(caplog
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+# -- the header's numbers ------------------------------------------------------------------------
+
+
+def test_metrics_status_reads_the_header_numbers_over_a_sliding_window():
+    metrics = Metrics(CollectorRegistry())
+    now = [100.0]
+    status = MetricsStatus(metrics.prometheus, window_s=10.0, clock=lambda: now[0])
+    # nothing happened yet: no rate over no time, no latency, no model loaded
+    assert status() == {
+        "throughput_per_s": None,
+        "p99_latency_ms": None,
+        "lag": 0.0,
+        "model": None,
+        "window_s": 0.0,
+    }
+    metrics.forecasts.labels("next").inc(50)
+    metrics.forecasts.labels("path").inc(7)  # paths ride on forecasts: not counted again
+    for _ in range(100):
+        metrics.latency.observe(0.03)  # in the bucket (0.025, 0.05]
+    metrics.stream_lag.set(7)
+    metrics.model_info.labels("v9").set(1)
+    now[0] = 105.0
+    got = status()
+    assert got["throughput_per_s"] == pytest.approx(10.0) and got["window_s"] == 5.0
+    # rank 99 of 100, all in (25 ms, 50 ms]: 25 + 25 * 99/100, as histogram_quantile says
+    assert got["p99_latency_ms"] == pytest.approx(49.75)
+    assert (got["lag"], got["model"]) == (7.0, "v9")
+    # 11 s later the window starts at the reading of 105 s: the first 50 forecasts are out of it
+    metrics.forecasts.labels("next").inc(22)
+    for _ in range(10):
+        metrics.latency.observe(0.18)  # (150 ms, 200 ms]
+    metrics.model_info.clear()  # a hot swap, as the model watcher does it
+    metrics.model_info.labels("v10").set(1)
+    now[0] = 116.0
+    got = status()
+    assert got["throughput_per_s"] == pytest.approx(2.0) and got["window_s"] == 11.0
+    assert got["p99_latency_ms"] == pytest.approx(150 + 50 * 9.9 / 10)
+    assert got["model"] == "v10"
+
+
+def test_bucket_quantile_interpolates_like_prometheus():
+    inf = float("inf")
+    assert bucket_quantile(0.99, []) is None
+    assert bucket_quantile(0.99, [(1.0, 0.0), (inf, 0.0)]) is None
+    assert bucket_quantile(0.5, [(1.0, 10.0), (inf, 10.0)]) == pytest.approx(0.5)  # from 0
+    assert bucket_quantile(0.5, [(1.0, 0.0), (2.0, 4.0), (inf, 4.0)]) == pytest.approx(1.5)
+    # beyond the highest finite bound: that bound (nothing finer is known)
+    assert bucket_quantile(0.99, [(1.0, 1.0), (2.0, 1.0), (inf, 10.0)]) == 2.0
+
+
 # -- the page's script, in node with a stub DOM (no browser needed) -------------------------------
 
 PAGE_SCRIPT_HARNESS = r"""
@@ -220,15 +282,18 @@ const fs = require("fs");
 const vm = require("vm");
 const errors = [];
 const points = [];
+const texts = [];
 const ctx = {
   clearRect() {}, beginPath() {}, stroke() {},
   moveTo(x, y) { points.push([x, y]); }, lineTo(x, y) { points.push([x, y]); },
+  fillText(text, x, y) { texts.push(text); points.push([x, y]); },
 };
 const element = () => ({
   textContent: "", children: [], clientWidth: 300, clientHeight: 100, width: 0, height: 0,
   append(...xs) { this.children.push(...xs); }, getContext() { return ctx; },
 });
-const elements = { charts: element(), skill: element(), status: element() };
+const elements = {};
+for (const id of ["charts", "skill", "status", "throughput", "lag", "p99", "model"]) elements[id] = element();
 const sources = [];
 class EventSource {
   constructor(url) { this.url = url; this.listeners = {}; sources.push(this); }
@@ -254,13 +319,14 @@ for (const [kind, data] of input) {
 }
 const captions = elements.charts.children.map((figure) => figure.children[0].textContent);
 console.log(JSON.stringify({
-  errors, captions, skill: elements.skill.textContent, state: sandbox.window.streamcast,
+  errors, captions, skill: elements.skill.textContent, state: sandbox.window.streamcast, texts,
+  header: ["status", "throughput", "lag", "p99", "model"].map((id) => elements[id].textContent),
   points: points.length, finite: points.every(([x, y]) => Number.isFinite(x) && Number.isFinite(y)),
 }));
 """
 
 
-def test_the_page_script_skips_a_forecast_without_next_or_path(tmp_path):
+def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_without_next(tmp_path):
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
@@ -277,9 +343,12 @@ def test_the_page_script_skips_a_forecast_without_next_or_path(tmp_path):
                       "model": "v1", "id": "3-0"}),
         ("skill", {"v1": {"1": {"skill": None, "n": 0}, "5": {"n": 2}, "10": None}}),
         ("forecast", {"symbol": "A", "price": 103.0, "next": 104.0, "model": "v1", "id": "4-0"}),
+        ("status", {"redis": True, "throughput_per_s": 12.345, "p99_latency_ms": 48.4, "lag": 3.0,
+                    "model": "v1"}),
     ]  # fmt: skip
     done = subprocess.run(
         [node, str(harness), str(app)],
+        env={**os.environ, "TZ": "UTC"},
         input=json.dumps(events),
         capture_output=True,
         text=True,
@@ -289,8 +358,19 @@ def test_the_page_script_skips_a_forecast_without_next_or_path(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["errors"] == []
-    assert result["state"] == {"events": 5, "forecasts": 4, "skill": events[3][1]}
-    assert result["captions"] == ["A  price 103.00  next 104.00  model v1"]
+    state = result["state"]
+    assert (state["events"], state["forecasts"], state["skill"]) == (6, 4, events[3][1])
+    assert state["status"] == events[5][1]
+    assert result["header"] == ["live", "12.3 forecasts/s", "3 ticks", "48 ms", "v1"]
+    # only 100 -> 101 was forecast and then seen (the other forecasts had no next): the model
+    # was exact where no change was off by 1 %, so its skill is 1
+    assert state["symbolSkill"] == {"A": {"skill": 1.0, "n": 1}}
+    assert result["captions"] == ["A  price 103.00  next 104.00  skill h1 +1.000 (n=1)  model v1"]
+    # prices 100..104 in steps of 1; the newest tick's time (tick ids 1..4 ms after the epoch,
+    # UTC) and the end of the newest path, 2 ticks ahead
+    assert state["axes"] == {"A": {"price": ["100", "101", "102", "103", "104"],
+                                  "time": ["00:00:00", "+2 ticks"]}}  # fmt: skip
+    assert set(state["axes"]["A"]["price"] + state["axes"]["A"]["time"]) <= set(result["texts"])
     assert result["skill"].endswith("v1: h1 - (n=0)  h5 - (n=2)  h10 - (n=0)")
     assert result["points"] > 0 and result["finite"]
 
@@ -378,6 +458,88 @@ class DevTools:
         return result["result"].get("value")
 
 
+# what the page shows in its header, with the status event it drew it from, and one real chart
+HEADER_PROBE = """({
+  sent: window.streamcast.status,
+  shown: ['status', 'throughput', 'lag', 'p99', 'model'].map(
+    (id) => document.getElementById(id).textContent),
+  axes: window.streamcast.axes['SYN.2'],
+  skill: window.streamcast.symbolSkill['SYN.2'],
+})"""
+
+# a chart of known ticks: 150 prices 100.0, 100.1, ... one second apart from 12:00:00 UTC, each
+# forecast 0.05 up where the next price is 0.1 up (so the model's error is half the naive's,
+# and its skill 1 - 0.5^2 = 0.75), and a 50-step path from 115.0 to 119.9 at the newest
+KNOWN_CHART = """(() => {
+  const t0 = Date.UTC(2026, 10, 29, 12, 0, 0);
+  for (let i = 0; i < 150; i++) {
+    const price = 100 + 0.1 * i;
+    const f = {symbol: 'AX', price, next: price + 0.05, model: 'vX', tick_ts: t0 + 1000 * i,
+               tick_id: '1-' + i};
+    if (i === 149) f.path = Array.from({length: 50}, (_, k) => 115 + 0.1 * k);
+    onForecast(f);
+  }
+  return new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done({
+    axes: window.streamcast.axes.AX,
+    skill: window.streamcast.symbolSkill.AX,
+    caption: [...document.querySelectorAll('figcaption')].map((e) => e.textContent)
+      .find((text) => text.startsWith('AX ')),
+  }))));
+})()"""
+
+
+def served_version(http_port: int) -> str:
+    """The model version the daemon says it serves (streamcast_model_info on /metrics)."""
+    _, body = http_get(http_port, "/metrics")
+    found = re.findall(r'^streamcast_model_info\{version="([^"]+)"\} 1\.0$', body, re.M)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def check_header(header: dict, serving: str) -> None:
+    """The header shows the daemon's last status event: this replica's numbers."""
+    sent, (status, throughput, lag, p99, model) = header["sent"], header["shown"]
+    assert sent["redis"] is True and status == "live"
+    assert sent["model"] == serving and model == serving
+    # the feed runs at 30 ticks/s: forecasts flow, each within the daemon's latency
+    assert sent["throughput_per_s"] > 1 and 0 < sent["p99_latency_ms"] < 10_000
+    assert re.fullmatch(r"\d+\.\d forecasts/s", throughput), throughput
+    assert float(throughput.split()[0]) == pytest.approx(sent["throughput_per_s"], abs=0.051)
+    assert re.fullmatch(r"\d+ ms", p99) and int(p99.split()[0]) == pytest.approx(
+        sent["p99_latency_ms"], abs=0.51
+    )
+    ticks = round(sent["lag"])
+    assert ticks >= 0 and lag == (f"{ticks} ticks" if ticks != 1 else "1 tick")
+    # a real chart: a price scale of round numbers, ascending, and today's times (UTC) of ticks
+    # sent during this test; its skill is over the forecasts it shows
+    prices = [float(p) for p in header["axes"]["price"]]
+    assert len(prices) >= 2 and prices == sorted(prices)
+    times = [t for t in header["axes"]["time"] if t != "+50 ticks"]  # the path's end aside
+    assert times and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in times), header["axes"]
+    assert times == sorted(set(times)) or times[0] > times[-1]  # ascending (but for midnight)
+    newest = datetime.strptime(times[-1], "%H:%M:%S").time()
+    now = datetime.now(UTC)
+    age_s = (now.hour * 3600 + now.minute * 60 + now.second) - (
+        newest.hour * 3600 + newest.minute * 60 + newest.second
+    )
+    assert 0 <= age_s % 86400 < 120, (times, now)
+    assert header["skill"]["n"] >= 10 and isinstance(header["skill"]["skill"], float)
+
+
+def check_known_chart(known: dict) -> None:
+    assert "exceptionDetails" not in known, known
+    chart = known["result"]["value"]
+    assert chart["axes"] == {
+        # 100 .. 119.9 (the path's end) in steps of 5
+        "price": ["100", "105", "110", "115"],
+        # positions 0 and 67 (the next label, at 133, would crowd the newest), the newest (149),
+        # then the path's end
+        "time": ["12:00:00", "12:01:07", "12:02:29", "+50 ticks"],
+    }
+    assert chart["skill"]["n"] == 149 and chart["skill"]["skill"] == pytest.approx(0.75)
+    assert chart["caption"] == "AX  price 114.90  next 114.95  skill h1 +0.750 (n=149)  model vX"
+
+
 @pytest.mark.slow
 async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tmp_path):
     browser = shutil.which("chromium")
@@ -431,6 +593,8 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
                 tools = DevTools(ws)
                 for domain in ("Runtime", "Log", "Page"):
                     await tools.call(f"{domain}.enable")
+                # the time axis shows local times: UTC here, whatever the machine's zone
+                await tools.call("Emulation.setTimezoneOverride", timezoneId="UTC")
                 await tools.call("Page.navigate", url=f"http://127.0.0.1:{http_port}/")
                 deadline = time.monotonic() + 60
                 while not (
@@ -445,6 +609,9 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
                     await asyncio.sleep(0.5)
                 while await tools.value("window.streamcast.skill") is None:
                     assert time.monotonic() < deadline, "no skill event reached the page"
+                    await asyncio.sleep(0.5)
+                while await tools.value("window.streamcast.status") is None:
+                    assert time.monotonic() < deadline, "no status event reached the page"
                     await asyncio.sleep(0.5)
                 await asyncio.sleep(3)  # a few more updates drawn, then the picture
                 charts = await tools.value("document.querySelectorAll('canvas').length")
@@ -466,6 +633,13 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
                     awaitPromise=True,
                     returnByValue=True,
                 )
+                header = await tools.value(HEADER_PROBE)
+                known = await tools.call(
+                    "Runtime.evaluate",
+                    expression=KNOWN_CHART,
+                    awaitPromise=True,
+                    returnByValue=True,
+                )
                 tools.reader.cancel()
         png = base64.b64decode(shot["data"])
         (tmp_path / "live.png").write_bytes(png)
@@ -474,6 +648,8 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
         assert charts == 3 and status == "live"
         assert "exceptionDetails" not in injected and injected["result"]["value"] is True, injected
+        check_header(header, serving=served_version(http_port))
+        check_known_chart(known)
         assert tools.errors == [], tools.errors
     finally:
         if producer is not None:

@@ -1,9 +1,14 @@
-// streamcast live page: one chart per symbol from the /events server-sent event stream.
+// streamcast live page: one chart per symbol from the /events server-sent event stream, each with
+// a price scale, a time axis and the symbol's 1-step skill; the header shows the replica's
+// throughput, lag, p99 latency and model version (the server's `status` events). No libraries.
 "use strict";
 
 const KEEP = 200; // points per chart
-const charts = new Map(); // symbol -> {prices, nexts, path, origin, canvas, caption, model}
-window.streamcast = { events: 0, forecasts: 0, skill: null };
+const AHEAD = 50; // room to the right of the last price for the newest path
+const charts = new Map(); // symbol -> {symbol, prices, nexts, times, scored, path, pathAt, ...}
+// what the page shows, for a reader (and the tests): counts, the last skill and status events,
+// each chart's axis labels and each symbol's skill
+window.streamcast = { events: 0, forecasts: 0, skill: null, status: null, axes: {}, symbolSkill: {} };
 
 function chart(symbol) {
   let c = charts.get(symbol);
@@ -14,7 +19,7 @@ function chart(symbol) {
   const canvas = document.createElement("canvas");
   figure.append(caption, canvas);
   document.getElementById("charts").append(figure);
-  c = { prices: [], nexts: [], path: null, pathAt: 0, canvas, caption, model: "" };
+  c = { symbol, prices: [], nexts: [], times: [], scored: [], path: null, pathAt: 0, canvas, caption, model: "" };
   charts.set(symbol, c);
   return c;
 }
@@ -23,37 +28,118 @@ function chart(symbol) {
 // model output was not finite comes without `next` (with a `reason`) and often without `path`.
 const finite = (v) => (Number.isFinite(v) ? v : null);
 const fmt = (v, digits) => (Number.isFinite(v) ? v.toFixed(digits) : "-");
+const signed = (v) => (Number.isFinite(v) ? (v >= 0 ? "+" : "") + v.toFixed(3) : "-");
+
+// When the price was observed: the tick's event time (ts) when it had one, else its arrival in
+// Redis (the milliseconds of its stream id).
+function tickTime(f) {
+  if (Number.isFinite(f.tick_ts)) return f.tick_ts;
+  const ms = parseInt(String(f.tick_id || f.id || "").split("-")[0], 10);
+  return Number.isFinite(ms) ? ms : null;
+}
+
+// The previous point's 1-step forecast meets its truth, this price: squared errors relative to
+// the origin price for the model and for the naive forecast (no change), as the daemon scores.
+function score(c, price) {
+  const k = c.prices.length - 1;
+  if (k < 0 || price === null || c.prices[k] === null || c.nexts[k] === null) return;
+  const origin = c.prices[k];
+  const scale = Math.abs(origin) + (origin === 0 ? 1 : 0);
+  const model = (c.nexts[k] - price) / scale, naive = (origin - price) / scale;
+  c.scored.push([model * model, naive * naive]);
+  if (c.scored.length > KEEP) c.scored.shift();
+}
+
+// 1 - MSE model / MSE naive over the forecasts on the chart (null while naive's MSE is 0).
+function symbolSkill(c) {
+  let model = 0, naive = 0;
+  for (const [m, n] of c.scored) { model += m; naive += n; }
+  return { skill: naive > 0 ? 1 - model / naive : null, n: c.scored.length };
+}
 
 function onForecast(f) {
   if (!f || typeof f.symbol !== "string") return;
   const c = chart(f.symbol);
-  c.prices.push(finite(f.price));
+  const price = finite(f.price);
+  score(c, price);
+  c.prices.push(price);
   c.nexts.push(finite(f.next)); // the forecast of the value after this price
-  if (c.prices.length > KEEP) { c.prices.shift(); c.nexts.shift(); }
+  c.times.push(tickTime(f));
+  if (c.prices.length > KEEP) { c.prices.shift(); c.nexts.shift(); c.times.shift(); }
   if (Array.isArray(f.path)) { c.path = f.path.map(finite); c.pathAt = c.prices.length - 1; }
   else if (c.path) { c.pathAt = Math.max(0, c.pathAt - (c.prices.length >= KEEP ? 1 : 0)); }
   c.model = typeof f.model === "string" ? f.model : "";
+  const s = (window.streamcast.symbolSkill[f.symbol] = symbolSkill(c));
   const next = fmt(f.next, 2) + (f.reason ? ` (${f.reason})` : "");
-  c.caption.textContent = `${f.symbol}  price ${fmt(f.price, 2)}  next ${next}  model ${c.model}`;
+  c.caption.textContent =
+    `${f.symbol}  price ${fmt(f.price, 2)}  next ${next}  skill h1 ${signed(s.skill)} (n=${s.n})  model ${c.model}`;
   c.dirty = true;
+}
+
+// Round prices for the scale: steps of 1, 2 or 5 times a power of ten, about `count` of them.
+function priceTicks(lo, hi, count) {
+  const raw = (hi - lo) / count;
+  const e = Math.floor(Math.log10(raw));
+  const m = [1, 2, 5, 10].find((k) => k * 10 ** e >= raw * (1 - 1e-9));
+  const step = m * 10 ** e;
+  const digits = Math.max(0, -(m === 10 ? e + 1 : e));
+  const labels = [];
+  for (let k = Math.ceil(lo / step - 1e-9); k <= Math.floor(hi / step + 1e-9); k++) {
+    labels.push({ value: k * step, text: (k * step).toFixed(digits) });
+  }
+  return labels;
+}
+
+function timeText(ms, spanMs) {
+  const d = new Date(ms);
+  const two = (n) => String(n).padStart(2, "0");
+  if (spanMs > 86400000) return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())}`;
+  return `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
+}
+
+// The times of the newest price and of positions 0, KEEP/3 and 2 KEEP/3 at least LABEL_GAP
+// before it, and where the newest path ends (its steps are ticks, not seconds).
+const LABEL_GAP = 45; // chart positions between two time labels (about 60 px at 420 px)
+function timeTicks(c) {
+  const n = c.prices.length;
+  const known = c.times.filter(Number.isFinite);
+  const span = known.length ? Math.max(...known) - Math.min(...known) : 0;
+  const at = [0, Math.round(KEEP / 3), Math.round((2 * KEEP) / 3)].filter((i) => i <= n - 1 - LABEL_GAP);
+  const labels = [];
+  for (const i of n ? [...at, n - 1] : []) {
+    if (!Number.isFinite(c.times[i])) continue;
+    const text = timeText(c.times[i], span);
+    // a burst of ticks within one second would repeat its time: once is enough
+    if (labels.length && labels[labels.length - 1].text === text) continue;
+    labels.push({ index: i, text, align: i === 0 ? "left" : "center" });
+  }
+  if (c.path && c.path.length) {
+    labels.push({ index: c.pathAt + c.path.length, text: `+${c.path.length} ticks`, align: "right" });
+  }
+  return labels;
 }
 
 function draw(c) {
   const canvas = c.canvas;
-  const w = (canvas.width = canvas.clientWidth * devicePixelRatio);
-  const h = (canvas.height = canvas.clientHeight * devicePixelRatio);
+  const dpr = devicePixelRatio;
+  const w = (canvas.width = canvas.clientWidth * dpr);
+  const h = (canvas.height = canvas.clientHeight * dpr);
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, w, h);
-  const pathLen = c.path ? c.path.length : 0;
-  const span = KEEP + 50;
   const values = c.prices.concat(c.nexts, c.path || []).filter(Number.isFinite);
   if (values.length < 2) return;
   let lo = Math.min(...values), hi = Math.max(...values);
   if (hi === lo) { hi += 1; lo -= 1; }
-  const x = (i) => (i / (span - 1)) * (w - 8) + 4;
-  const y = (v) => h - 6 - ((v - lo) / (hi - lo)) * (h - 12);
+  // the plot area: the price scale to its right, the time axis below
+  const left = 4 * dpr, right = w - 64 * dpr, top = 8 * dpr, bottom = h - 20 * dpr;
+  const x = (i) => left + (i / (KEEP + AHEAD - 1)) * (right - left);
+  const y = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
+  const prices = priceTicks(lo, hi, 5);
+  const times = timeTicks(c);
+  c.axes = window.streamcast.axes[c.symbol] = { price: prices.map((t) => t.text), time: times.map((t) => t.text) };
+  axes(ctx, { left, right, bottom, dpr, x, y }, prices, times);
   const line = (points, color, width) => {
-    ctx.strokeStyle = color; ctx.lineWidth = width * devicePixelRatio; ctx.beginPath();
+    ctx.strokeStyle = color; ctx.lineWidth = width * dpr; ctx.beginPath();
     let gap = true; // a missing value breaks the line rather than dropping it to the axis
     for (const [i, v] of points) {
       if (v === null) { gap = true; continue; }
@@ -64,7 +150,29 @@ function draw(c) {
   };
   line(c.prices.map((v, i) => [i, v]), "#e8e8e8", 1.5);
   line(c.nexts.map((v, i) => [i + 1, v]), "#4fc3f7", 1);
-  if (pathLen) line(c.path.map((v, k) => [c.pathAt + 1 + k, v]), "#ffb74d", 1.5);
+  if (c.path && c.path.length) line(c.path.map((v, k) => [c.pathAt + 1 + k, v]), "#ffb74d", 1.5);
+}
+
+// Grid lines and labels: prices right of the plot, times under it.
+function axes(ctx, area, prices, times) {
+  const { left, right, bottom, dpr, x, y } = area;
+  ctx.font = `${11 * dpr}px system-ui, sans-serif`;
+  ctx.lineWidth = dpr;
+  ctx.strokeStyle = "#2a3138";
+  ctx.fillStyle = "#9aa";
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "left";
+  for (const t of prices) {
+    ctx.beginPath(); ctx.moveTo(left, y(t.value)); ctx.lineTo(right, y(t.value)); ctx.stroke();
+    ctx.fillText(t.text, right + 6 * dpr, y(t.value));
+  }
+  ctx.beginPath(); ctx.moveTo(left, bottom); ctx.lineTo(right, bottom); ctx.stroke();
+  ctx.textBaseline = "top";
+  times.forEach((t) => {
+    ctx.textAlign = t.align;
+    ctx.beginPath(); ctx.moveTo(x(t.index), bottom); ctx.lineTo(x(t.index), bottom + 3 * dpr); ctx.stroke();
+    ctx.fillText(t.text, x(t.index), bottom + 5 * dpr);
+  });
 }
 
 function frame() {
@@ -77,12 +185,26 @@ function showSkill(skill) {
   const parts = [];
   for (const [version, horizons] of Object.entries(skill)) {
     const hs = Object.entries(horizons)
-      .map(([hz, s]) => `h${hz} ${s && Number.isFinite(s.skill) ? (s.skill >= 0 ? "+" : "") + s.skill.toFixed(3) : "-"} (n=${s ? s.n : 0})`)
+      .map(([hz, s]) => `h${hz} ${signed(s && s.skill)} (n=${s ? s.n : 0})`)
       .join("  ");
     parts.push(`${version}: ${hs}`);
   }
   document.getElementById("skill").textContent =
     parts.length ? "skill (1 - MSE model / MSE naive): " + parts.join("   |   ") : "skill: waiting for forecasts to meet their ticks";
+}
+
+// The header: the replica's numbers over the last seconds, "-" where there is nothing to say yet.
+function showStatus(s) {
+  const status = document.getElementById("status");
+  if (!s.redis) { status.textContent = "redis unavailable, retrying"; return; }
+  status.textContent = "live";
+  window.streamcast.status = s;
+  const set = (id, text) => { document.getElementById(id).textContent = text; };
+  set("throughput", Number.isFinite(s.throughput_per_s) ? `${s.throughput_per_s.toFixed(1)} forecasts/s` : "-");
+  const lag = Number.isFinite(s.lag) ? Math.round(s.lag) : null;
+  set("lag", lag === null ? "-" : `${lag} tick${lag === 1 ? "" : "s"}`);
+  set("p99", Number.isFinite(s.p99_latency_ms) ? `${Math.round(s.p99_latency_ms)} ms` : "-");
+  set("model", typeof s.model === "string" && s.model ? s.model : "-");
 }
 
 async function start() {
@@ -97,7 +219,7 @@ async function start() {
   const events = new EventSource("/events?symbols=" + encodeURIComponent(symbols));
   events.addEventListener("forecast", (e) => { window.streamcast.events++; window.streamcast.forecasts++; onForecast(JSON.parse(e.data)); });
   events.addEventListener("skill", (e) => { window.streamcast.events++; showSkill(JSON.parse(e.data)); });
-  events.addEventListener("status", (e) => { status.textContent = JSON.parse(e.data).redis ? "live" : "redis unavailable, retrying"; });
+  events.addEventListener("status", (e) => { window.streamcast.events++; showStatus(JSON.parse(e.data)); });
   events.onopen = () => { status.textContent = "live"; };
   events.onerror = () => { status.textContent = "reconnecting…"; };
 }
