@@ -7,8 +7,10 @@ const KEEP = 200; // points per chart
 const AHEAD = 50; // room to the right of the last price for the newest path
 const charts = new Map(); // symbol -> {symbol, prices, nexts, times, scored, path, pathAt, ...}
 // what the page shows, for a reader (and the tests): counts, the last skill and status events,
-// each chart's axis labels and each symbol's skill
-window.streamcast = { events: 0, forecasts: 0, skill: null, status: null, axes: {}, symbolSkill: {} };
+// each chart's axis labels and each symbol's skill (by symbol, in objects without a prototype:
+// a symbol may be named __proto__)
+const bySymbol = () => Object.create(null);
+window.streamcast = { events: 0, forecasts: 0, skill: null, status: null, axes: bySymbol(), symbolSkill: bySymbol() };
 
 function chart(symbol) {
   let c = charts.get(symbol);
