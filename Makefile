@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SHARED ?= ../shared/data
 
-.PHONY: install test lint demo experiment bench bench-daemon bench-retrain bench-overload bench-hostile model experiments clean
+.PHONY: install tools test lint demo experiment bench bench-daemon bench-retrain bench-overload bench-hostile model experiments clean
 
 install: $(VENV)/.installed
 
@@ -13,8 +13,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The README's test command; .ci/run calls it too.
-test: install
+# System tools the tests use (redis-server, prometheus, chromium, docker-compose, docker.io,
+# debootstrap, nodejs, python3-venv): whatever is missing is installed with apt-get when root;
+# otherwise one message says what is missing and which tests will fail or be skipped.
+tools:
+	@VENV=$(VENV) bash .ci/install-tools
+
+# The README's test command (.ci/run calls it too): the tools, the venv, the whole suite.
+test: tools install
 	$(PY) -m pytest
 
 lint: install
