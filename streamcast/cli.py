@@ -264,7 +264,13 @@ def run_evaluation(
     _quiet_tensorflow()
     from streamcast.evaluate import evaluate
     from streamcast.forecaster import Forecaster
-    from streamcast.plots import plot_evaluation
+
+    try:
+        from streamcast.plots import plot_evaluation
+    except ModuleNotFoundError as exc:  # the `plots` extra, which the image leaves out
+        if exc.name != "matplotlib":
+            raise
+        raise UserError("the figures need matplotlib: pip install 'streamcast[plots]'") from None
 
     with Forecaster.load(model_dir) as forecaster:
         if forecaster.normalise and (series <= 0).any():

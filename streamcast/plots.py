@@ -1,8 +1,14 @@
-"""The tutorial's figures, written to PNG files (never ``plt.show()``)."""
+"""The tutorial's figures, written to PNG files (never ``plt.show()``).
+
+matplotlib is the ``plots`` extra: importing this module without it raises ModuleNotFoundError,
+which the CLI reports as the extra to install. The daemon and the image never import it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import matplotlib
 
 from streamcast.evaluate import Evaluation
 
@@ -15,8 +21,6 @@ TITLES = {
 
 def plot_evaluation(evaluation: Evaluation, path: str | Path, title: str = "") -> Path:
     """Draw the true series and the forecasts (paths from their own start points) to ``path``."""
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -161,7 +161,9 @@ def test_dockerfile_caches_dependencies_runs_as_non_root_and_checks_health():
     assert deps < source, "dependencies must be installed before the source is copied"
     assert image_user(text) == (10001, 10001)
     assert 'CMD ["streamcast", "check", "--ready"]' in text and "HEALTHCHECK" in text
-    assert "ARG VARIANT=cpu" in text and '".[gpu]"' in text
+    assert "ARG VARIANT=cpu" in text and 'requirements.py "$VARIANT"' in text
+    # a virtual environment: the same steps on the official image and on Debian's python3
+    assert 'python3 -m venv "$VIRTUAL_ENV"' in text and "PATH=/opt/streamcast/bin:$PATH" in text
 
 
 def _number(text: str | None) -> int:
