@@ -1,4 +1,5 @@
-"""Simulated feeds: replay a CSV (or the synthetic series) as ticks, and tail forecasts."""
+"""Simulated feeds: replay a CSV (or the synthetic series) as ticks, evenly paced; and tail
+forecasts."""
 
 from __future__ import annotations
 
@@ -79,6 +80,37 @@ class Progress:
             self.stream.flush()
 
 
+class _Feed:
+    """The ticks of ``paths`` in the order they are sent (time steps, symbols interleaved), pass
+    after pass with ``loop``: each pass scaled to continue from the last price, so no jumps."""
+
+    def __init__(self, paths: np.ndarray, loop: bool) -> None:
+        self.paths = paths
+        self.loop = loop
+        self.scale = np.ones(paths.shape[0])
+        self.position = 0  # the next tick within the pass
+        self.sent = 0
+        self.done = paths.size == 0
+
+    def take(self, count: int) -> list[tuple[int, float]]:
+        """Up to ``count`` next ticks as (symbol index, price), ending at the end of a pass."""
+        symbols = self.paths.shape[0]
+        end = min(self.position + count, self.paths.size)
+        ticks = []
+        for i in range(self.position, end):
+            t, s = divmod(i, symbols)
+            ticks.append((s, float(self.paths[s, t] * self.scale[s])))
+        self.sent += end - self.position
+        self.position = end
+        if end == self.paths.size:
+            if self.loop:
+                self.scale = self.scale * self.paths[:, -1] / self.paths[:, 0]
+                self.position = 0
+            else:
+                self.done = True
+        return ticks
+
+
 async def replay(
     redis: Redis,
     keys: Keys,
@@ -91,39 +123,37 @@ async def replay(
     progress: Progress | None = None,
     stop: asyncio.Event | None = None,
     clock: Callable[[], float] = time.time,
+    slice_s: float = 0.01,
 ) -> int:
     """XADD paths[:, t] for every t (symbols interleaved) at ``rate`` ticks/s (None: no pacing).
 
-    Returns the ticks sent. With ``loop`` it starts over at the end, scaling each pass to
-    continue from the last price so the feed has no jumps.
+    Paced, the ticks go out evenly, as a feed does, not in bursts: every ``slice_s`` (or at each
+    tick's own time, when ticks are further apart) the ticks due by then are sent, counted from a
+    monotonic start so that rounding never drifts. Unpaced, they go in pipelines of ``chunk``.
+    Returns the ticks sent. With ``loop`` it starts over at the end, scaling each pass to continue
+    from the last price so the feed has no jumps; ``stop`` ends it within a slice.
     """
-    symbols, length = paths.shape
-    total = symbols * length
-    sent = 0
+    feed = _Feed(paths, loop)
     started = time.monotonic()
-    scale = np.ones(symbols)
-    while True:
-        for t0 in range(0, length, max(1, chunk // symbols)):
-            if stop is not None and stop.is_set():
-                return sent
-            rows = paths[:, t0 : t0 + max(1, chunk // symbols)] * scale[:, None]
+    while not feed.done and (stop is None or not stop.is_set()):
+        # tick n is due at n / rate; unpaced, a chunk at a time
+        due = int((time.monotonic() - started) * rate) + 1 if rate else feed.sent + chunk
+        while feed.sent < due and not feed.done:
+            ticks = feed.take(min(due - feed.sent, chunk))
             now_ms = int(clock() * 1000)
             pipe = redis.pipeline(transaction=False)
-            for t in range(rows.shape[1]):
-                for s in range(symbols):
-                    fields: dict[Any, Any] = Tick.encode(names[s], float(rows[s, t]), ts=now_ms)
-                    pipe.xadd(keys.ticks, fields)
+            for s, price in ticks:
+                fields: dict[Any, Any] = Tick.encode(names[s], price, ts=now_ms)
+                pipe.xadd(keys.ticks, fields)
             await pipe.execute()
-            sent += rows.size
-            if progress is not None:
-                progress.update(sent if loop else min(sent, total))
-            if rate:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-        if not loop:
-            return sent
-        scale = scale * paths[:, -1] / paths[:, 0]
+        if progress is not None:
+            progress.update(feed.sent)
+        if rate and not feed.done:
+            # the next tick's time, but not sooner than a slice from now: a fast feed goes out
+            # a slice's ticks at a time; a short sleep, so ``stop`` is seen at a slow rate too
+            wake = max(started + feed.sent / rate, time.monotonic() + slice_s)
+            await asyncio.sleep(min(wake - time.monotonic(), 0.25))
+    return feed.sent
 
 
 def format_forecast(entry_id: str, fields: dict[Any, Any], now_ms: int) -> str:
