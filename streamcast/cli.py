@@ -382,7 +382,13 @@ def _add_replay(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--points", type=_positive_int, default=5000, help="points per synthetic series")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=float, default=100.0, metavar="TICKS_PER_S")
+    pace.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        metavar="TICKS_PER_S",
+        help="sent evenly, each tick at its own time (default: 100)",
+    )
     pace.add_argument("--as-fast-as-possible", action="store_true")
     p.add_argument("--loop", action="store_true", help="start over at the end, until Ctrl+C")
     p.add_argument("--seed", type=int, default=0)
@@ -479,14 +485,17 @@ def _watch(args: argparse.Namespace) -> int:
     from streamcast.replay import watch
 
     settings = _settings()
+    keys = Keys(settings.key_prefix)
 
     async def run(redis: Any) -> int:
         return await watch(
             redis,
-            Keys(settings.key_prefix),
+            keys,
             args.symbols,
             limit=args.limit,
             start="0" if args.from_start else "$",
+            # the lag in the table's header: of the shard furthest behind
+            groups=[keys.group(i, settings.shard_count) for i in range(settings.shard_count)],
         )
 
     _with_redis(settings, run)

@@ -1,21 +1,25 @@
-"""Simulated feeds: replay a CSV (or the synthetic series) as ticks, evenly paced; and tail
-forecasts."""
+"""Simulated feeds: replay a CSV (or the synthetic series) as ticks, evenly paced; and watch
+forecasts, as lines or as a live table redrawn in place on a terminal."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import numpy as np
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from streamcast.data import synthetic_prices
 from streamcast.keys import Keys
-from streamcast.wire import Forecast, Tick, parse_stream_reply
+from streamcast.wire import Forecast, Tick, parse_stream_reply, text
 
 log = logging.getLogger(__name__)
 
@@ -167,28 +171,254 @@ def format_forecast(entry_id: str, fields: dict[Any, Any], now_ms: int) -> str:
     )
 
 
+# -- the live table: one row per symbol, redrawn in place on a terminal -------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One symbol's row in the live table: its newest forecast, and how its previous one did."""
+
+    symbol: str
+    price: float
+    next: float | None
+    error: float | None  # this price less the symbol's previous 1-step forecast
+    path_end: float | None  # the newest path's last step (not every forecast carries a path)
+    path_steps: int
+    latency_ms: int  # from the tick's arrival in Redis (its id) to the forecast's being read
+    model: str
+
+
+_HEADER = (
+    f"{'symbol':<12} {'price':>12} {'next':>12} {'last error':>11} {'path end':>20} "
+    f"{'latency':>10}  model"
+)
+
+
+def render_table(
+    rows: Iterable[Row],
+    *,
+    forecasts: int,
+    per_s: float | None,
+    lag: int | None,
+    title: Sequence[str] = (),
+    notes: Sequence[str] = (),
+) -> str:
+    """The live table's text: ``title``, a line of totals, a row per symbol (sorted), ``notes``.
+
+    Args:
+        forecasts: forecasts read so far.
+        per_s: forecasts a second over the last few seconds (None: not known yet).
+        lag: ticks not forecast yet (None: not known).
+    """
+    rate = "-" if per_s is None else f"{per_s:.1f} forecasts/s"
+    behind = "-" if lag is None else f"{lag} ticks"
+    lines = [*title, f"forecasts {forecasts}  throughput {rate}  lag {behind}", "", _HEADER]
+    for row in sorted(rows, key=lambda r: r.symbol):
+        path = "-" if row.path_end is None else f"{row.path_end:.4f} (+{row.path_steps})"
+        lines.append(
+            f"{row.symbol:<12} {row.price:>12.4f} {_number(row.next):>12} "
+            f"{_number(row.error, '+'):>11} {path:>20} {row.latency_ms:>7} ms  {row.model}"
+        )
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, sign: str = "") -> str:
+    return "-" if value is None else f"{value:{sign}.4f}"
+
+
+class Board:
+    """The live table's state: the newest row of each symbol, and the forecasts' recent rate."""
+
+    def __init__(self, window_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rows: dict[str, Row] = {}
+        self.forecasts = 0
+        self.window_s = window_s
+        self._clock = clock
+        self._started = clock()
+        self._arrivals: deque[float] = deque()
+
+    def add(self, entry_id: str, fields: dict[Any, Any], now_ms: int) -> None:
+        f = Forecast.decode(fields)
+        before = self.rows.get(f.tick.symbol)
+        error = None
+        if before is not None and before.next is not None:
+            error = f.tick.price - before.next
+        path_end, steps = (f.path[-1], len(f.path)) if f.path else (None, 0)
+        if path_end is None and before is not None:
+            path_end, steps = before.path_end, before.path_steps
+        self.rows[f.tick.symbol] = Row(
+            f.tick.symbol,
+            f.tick.price,
+            f.next,
+            error,
+            path_end,
+            steps,
+            now_ms - int(entry_id.split("-")[0]),
+            f.model,
+        )
+        self.forecasts += 1
+        self._arrivals.append(self._clock())
+
+    def per_s(self) -> float | None:
+        """Forecasts a second over the last ``window_s`` (None in the first second)."""
+        now = self._clock()
+        while self._arrivals and self._arrivals[0] < now - self.window_s:
+            self._arrivals.popleft()
+        span = min(self.window_s, now - self._started)
+        return len(self._arrivals) / span if span >= 1.0 else None
+
+
+async def ticks_behind(redis: Redis, keys: Keys, groups: Sequence[str]) -> int | None:
+    """Ticks not forecast yet by the one of ``groups`` furthest behind: those not delivered to
+    it (XINFO GROUPS lag, else entries added less entries read) and those delivered but not yet
+    acknowledged; None when no group exists yet or Redis cannot say."""
+    if not groups:
+        return None
+    try:
+        infos = await redis.xinfo_groups(keys.ticks)
+    except ResponseError:
+        return None  # no ticks stream yet
+    added: int | None = None
+    behind = []
+    for info in infos:
+        if text(info["name"]) not in groups:
+            continue
+        lag = info.get("lag")
+        if lag is None:
+            read = info.get("entries-read")
+            if read is None:
+                continue
+            if added is None:
+                added = int((await redis.xinfo_stream(keys.ticks))["entries-added"])
+            lag = added - int(read)
+        behind.append(int(lag) + int(info["pending"]))
+    return max(behind) if behind else None
+
+
+class Screen:
+    """Redraws text in place on a terminal (ANSI: cursor home, each line cleared to its end, the
+    rest of the screen cleared), cut to the terminal's size so that nothing wraps or scrolls."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._cleared = False
+
+    def draw(self, body: str) -> None:
+        columns, rows = shutil.get_terminal_size()
+        lines = [line[: columns - 1] for line in body.splitlines()[: rows - 1]]
+        start = "\x1b[H" if self._cleared else "\x1b[H\x1b[2J"
+        self._cleared = True
+        self.out.write(start + "".join(f"{line}\x1b[K\n" for line in lines) + "\x1b[J")
+        self.out.flush()
+
+
+class LogTail(logging.Handler):
+    """Keeps the newest log lines for the live table's foot: on a screen redrawn in place, lines
+    logged below it would be wiped at the next redraw. Errors are kept whole (with their
+    tracebacks) to be shown once the table is done."""
+
+    def __init__(self, size: int = 4) -> None:
+        super().__init__()
+        self.lines: deque[str] = deque(maxlen=size)
+        self.errors: deque[str] = deque(maxlen=10)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.lines.append(message.splitlines()[0] if message else "")
+        if record.levelno >= logging.ERROR:
+            self.errors.append(message)
+
+
+# -- watch: each forecast as it arrives --------------------------------------------------------
+
+
+class _Tail:
+    """Reads the forecast streams of ``symbols``, each read going on from where the last ended."""
+
+    def __init__(self, redis: Redis, keys: Keys, symbols: Sequence[str], start: str) -> None:
+        self.redis = redis
+        self.cursors: dict[Any, Any] = {keys.forecasts(s): start for s in symbols}
+
+    async def read(self) -> list[tuple[str, dict[Any, Any]]]:
+        reply = await self.redis.xread(self.cursors, block=500, count=100)
+        entries = []
+        for stream, entry_id, fields in parse_stream_reply(reply):
+            self.cursors[stream] = entry_id
+            entries.append((entry_id, fields))
+        return entries
+
+
+def _done(stop: asyncio.Event | None, seen: int, limit: int | None) -> bool:
+    return (stop is not None and stop.is_set()) or (limit is not None and seen >= limit)
+
+
 async def watch(
     redis: Redis,
     keys: Keys,
     symbols: Sequence[str],
     *,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     stop: asyncio.Event | None = None,
     limit: int | None = None,
     start: str = "$",
+    table: bool | None = None,
+    groups: Sequence[str] = (),
+    title: Sequence[str] = (),
+    notes: Callable[[], Sequence[str]] = tuple,
 ) -> int:
-    """Print each forecast of ``symbols`` as it arrives; return how many were printed."""
-    cursors: dict[Any, Any] = {keys.forecasts(s): start for s in symbols}
-    printed = 0
-    while stop is None or not stop.is_set():
-        reply = await redis.xread(cursors, block=500, count=100)
+    """Show each forecast of ``symbols`` on ``out`` (stdout) as it arrives; return how many.
+
+    A line each, or (``table``; by default when ``out`` is a terminal) a live table redrawn in
+    place at most every half second, with ``title`` above it, the throughput and the lag of the
+    daemon's ``groups`` in its header, and the lines ``notes()`` returns below it.
+    """
+    out = sys.stdout if out is None else out  # at the call: a test may have replaced it
+    tail = _Tail(redis, keys, symbols, start)
+    if not (out.isatty() if table is None else table):
+        return await _print_lines(tail, out, stop, limit)
+    board, screen = Board(), Screen(out)
+
+    async def draw() -> None:
+        lag = await ticks_behind(redis, keys, groups)
+        body = render_table(
+            board.rows.values(),
+            forecasts=board.forecasts,
+            per_s=board.per_s(),
+            lag=lag,
+            title=title,
+            notes=notes(),
+        )
+        screen.draw(body)
+
+    drawn = time.monotonic()
+    await draw()
+    while not _done(stop, board.forecasts, limit):
+        entries = await tail.read()
         now_ms = int(time.time() * 1000)
-        for stream, entry_id, fields in parse_stream_reply(reply):
-            cursors[stream] = entry_id
+        for entry_id, fields in entries[: None if limit is None else limit - board.forecasts]:
+            board.add(entry_id, fields, now_ms)
+        if time.monotonic() - drawn >= 0.5:
+            drawn = time.monotonic()
+            await draw()
+    await draw()
+    return board.forecasts
+
+
+async def _print_lines(
+    tail: _Tail, out: TextIO, stop: asyncio.Event | None, limit: int | None
+) -> int:
+    printed = 0
+    while not _done(stop, printed, limit):
+        entries = await tail.read()
+        now_ms = int(time.time() * 1000)
+        for entry_id, fields in entries[: None if limit is None else limit - printed]:
             out.write(format_forecast(entry_id, fields, now_ms) + "\n")
             printed += 1
-            if limit is not None and printed >= limit:
-                out.flush()
-                return printed
         out.flush()
     return printed

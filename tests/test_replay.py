@@ -1,14 +1,27 @@
-"""The simulated feed: even pacing against a real redis-server."""
+"""The simulated feed and the watch: even pacing against a real redis-server, the live table as
+text, and plain lines when the output is not a terminal."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 
 import numpy as np
 import pytest
 
 from streamcast.keys import Keys
-from streamcast.replay import replay
+from streamcast.replay import (
+    Board,
+    LogTail,
+    Row,
+    Screen,
+    render_table,
+    replay,
+    ticks_behind,
+    watch,
+)
+from streamcast.wire import Forecast, Tick
 
 from .helpers import wait_for
 
@@ -77,3 +90,144 @@ async def test_an_unpaced_replay_sends_every_tick_in_chunks(redis_client):
     paths = np.arange(1, 1201, dtype=float).reshape(2, 600)
     assert await replay(redis_client, keys, paths, ["X", "Y"], rate=None, chunk=500) == 1200
     assert await redis_client.xlen(keys.ticks) == 1200
+
+
+# -- the live table ----------------------------------------------------------------------------
+
+ROWS = [
+    Row("SYN.1", 98.5, None, None, None, 0, 7, "v2"),
+    Row("SYN.0", 101.25, 101.3125, -0.0625, 103.5, 50, 12, "v1"),
+]
+
+
+def test_the_table_has_a_header_of_totals_and_a_row_per_symbol_in_order():
+    text = render_table(
+        ROWS, forecasts=1234, per_s=39.75, lag=3, title=["demo: here"], notes=["a log line"]
+    )
+    assert text.splitlines() == [
+        "demo: here",
+        "forecasts 1234  throughput 39.8 forecasts/s  lag 3 ticks",
+        "",
+        "symbol              price         next  last error             path end    latency  model",
+        "SYN.0            101.2500     101.3125     -0.0625       103.5000 (+50)      12 ms  v1",
+        "SYN.1             98.5000            -           -                    -       7 ms  v2",
+        "",
+        "a log line",
+    ]
+
+
+def test_the_table_says_what_it_does_not_know_yet():
+    text = render_table([], forecasts=0, per_s=None, lag=None)
+    assert text.splitlines()[0] == "forecasts 0  throughput -  lag -"
+
+
+def forecast_fields(symbol: str, price: float, nxt: float | None, path=None) -> dict:
+    forecast = Forecast(Tick("1000-0", symbol, price, None), "v1", nxt, path)
+    return forecast.encode(now_ms=1000)
+
+
+def test_the_board_scores_each_forecast_against_the_next_price_and_keeps_the_last_path():
+    now = [0.0]
+    board = Board(window_s=5.0, clock=lambda: now[0])
+    board.add("1000-0", forecast_fields("A", 100.0, 101.0, path=(102.0, 103.0)), now_ms=1040)
+    assert board.rows["A"] == Row("A", 100.0, 101.0, None, 103.0, 2, 40, "v1")
+    board.add("1100-0", forecast_fields("A", 100.5, 100.25), now_ms=1110)
+    # this price less the previous 1-step forecast; a forecast without a path keeps the last
+    assert board.rows["A"] == Row("A", 100.5, 100.25, -0.5, 103.0, 2, 10, "v1")
+    assert board.forecasts == 2
+
+
+def test_the_board_rate_is_over_the_last_seconds():
+    now = [0.0]
+    board = Board(window_s=5.0, clock=lambda: now[0])
+    assert board.per_s() is None  # nothing to say in the first second
+    for t in range(100):  # 10 a second for 10 s
+        now[0] = t / 10
+        board.add(f"{t}-0", forecast_fields("A", 100.0, 100.0), now_ms=t)
+    now[0] = 10.0
+    assert board.per_s() == pytest.approx(10.0, abs=0.2)
+    now[0] = 12.5  # nothing new for 2.5 s: half the window empty
+    assert board.per_s() == pytest.approx(5.0, abs=0.2)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_screen_redraws_in_place_cut_to_the_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10")
+    monkeypatch.setenv("LINES", "3")
+    out = _Terminal()
+    screen = Screen(out)
+    screen.draw("first line, long\nsecond\nthird\n")
+    screen.draw("again\n")
+    # cleared once, then home; each line cleared to its end; no line wraps, none scrolls
+    assert out.getvalue() == (
+        "\x1b[H\x1b[2J" + "first lin\x1b[K\n" + "second\x1b[K\n" + "\x1b[J"
+        "\x1b[H" + "again\x1b[K\n" + "\x1b[J"
+    )
+
+
+def test_the_log_tail_keeps_the_newest_lines_and_errors_whole():
+    logger = logging.getLogger("test_replay.tail")
+    logger.propagate = False
+    tail = LogTail(size=2)
+    logger.addHandler(tail)
+    try:
+        for i in range(3):
+            logger.warning("line %d", i)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("it failed")
+    finally:
+        logger.removeHandler(tail)
+    assert list(tail.lines) == ["line 2", "it failed"]
+    assert len(tail.errors) == 1 and "ValueError: boom" in tail.errors[0]
+
+
+# -- watch: lines off a terminal, the table on one ---------------------------------------------
+
+
+async def publish(redis, keys: Keys, symbol: str, price: float, nxt: float) -> None:
+    fields = forecast_fields(symbol, price, nxt)
+    await redis.xadd(keys.forecasts(symbol), fields)
+
+
+async def test_watch_writes_plain_lines_when_the_output_is_not_a_terminal(redis_client):
+    keys = Keys("lines")
+    for i in range(3):
+        await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i)
+    out = io.StringIO()
+    assert await watch(redis_client, keys, ["A"], out=out, start="0", limit=3) == 3
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "\x1b" not in out.getvalue()
+    assert (
+        lines[2].startswith("A ") and "price 102.0000" in lines[2] and "next 105.0000" in lines[2]
+    )
+
+
+async def test_watch_draws_the_table_on_a_terminal_with_the_groups_lag(redis_client):
+    keys = Keys("table")
+    group = keys.group(0, 1)
+    await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
+    for _ in range(5):
+        await redis_client.xadd(keys.ticks, {"symbol": "A", "price": "1"})
+    await redis_client.xreadgroup(group, "c", {keys.ticks: ">"}, count=2)  # 2 read, not acked
+    for i in range(3):
+        await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i)
+    out = _Terminal()
+    assert await watch(redis_client, keys, ["A"], out=out, start="0", limit=3, groups=[group]) == 3
+    last = out.getvalue().rsplit("\x1b[H", 1)[1]
+    assert "forecasts 3  " in last and "lag 5 ticks" in last  # 3 not delivered + 2 pending
+    assert "A                102.0000     105.0000     -1.0000" in last
+
+
+async def test_ticks_behind_is_none_until_the_group_exists(redis_client):
+    keys = Keys("behind")
+    assert await ticks_behind(redis_client, keys, [keys.group(0, 1)]) is None
+    await redis_client.xadd(keys.ticks, {"symbol": "A", "price": "1"})
+    assert await ticks_behind(redis_client, keys, [keys.group(0, 1)]) is None
+    await redis_client.xgroup_create(keys.ticks, keys.group(0, 1), id="0")
+    assert await ticks_behind(redis_client, keys, [keys.group(0, 1)]) == 1
