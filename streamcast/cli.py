@@ -10,12 +10,13 @@ and argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +27,11 @@ if TYPE_CHECKING:
     import numpy as np
 
     from streamcast.model import ModelConfig
+    from streamcast.replay import LogTail
 
 log = logging.getLogger("streamcast")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class UserError(Exception):
@@ -523,9 +527,41 @@ def _demo(args: argparse.Namespace) -> int:
     from streamcast.demo import run_demo
 
     _quiet_tensorflow()
-    return asyncio.run(
-        run_demo(symbols=args.symbols, rate=args.rate, port=args.port, seconds=args.seconds)
-    )
+    # a live table on a terminal; with -v, everything as lines (debug logging is the point)
+    table = sys.stdout.isatty() and not args.verbose
+    with _logs_under_table(table and sys.stderr.isatty()) as tail:
+        demo = run_demo(
+            symbols=args.symbols,
+            rate=args.rate,
+            port=args.port,
+            seconds=args.seconds,
+            table=table,
+            notes=lambda: list(tail.lines) if tail is not None else [],
+        )
+        return asyncio.run(demo)
+
+
+@contextlib.contextmanager
+def _logs_under_table(active: bool) -> Iterator[LogTail | None]:
+    """While the live table is on the terminal, log lines go under it (the newest few), not
+    across it: lines written below a table redrawn in place would be wiped at the next frame.
+    Errors are written out whole (tracebacks too) once the table is done."""
+    if not active:
+        yield None
+        return
+    from streamcast.replay import LogTail
+
+    root = logging.getLogger()
+    kept = root.handlers[:]
+    tail = LogTail()
+    tail.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.handlers = [tail]
+    try:
+        yield tail
+    finally:
+        root.handlers = kept
+        for message in tail.errors:
+            print(message, file=sys.stderr)
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
@@ -809,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     func: Callable[[argparse.Namespace], int] = args.func
     from streamcast.model import ModelError

@@ -2,7 +2,12 @@
 
 Without ``STREAMCAST_REDIS_URL`` it starts fakeredis's TCP server (so ``redis-cli`` and
 ``streamcast watch`` can connect to it), replays a synthetic multi-symbol feed into it, runs the
-daemon and its HTTP endpoints, and prints live forecasts until Ctrl+C.
+daemon and its HTTP endpoints, and shows live forecasts until Ctrl+C: a table redrawn in place
+on a terminal, a line each otherwise.
+
+It stops in order, each step bounded: the service drains and stops; the feed and the watch end
+(cancelled, again if need be, when they do not); their client closes; the embedded server stops
+last, once no client of this process is left on it.
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from streamcast.connect import make_redis
+from streamcast.engine import Engine
 from streamcast.keys import Keys
 from streamcast.replay import replay, symbol_names, synthetic_feed, watch
 from streamcast.service import load_engine, serve
-from streamcast.settings import ENV_PREFIX, load_settings
+from streamcast.settings import ENV_PREFIX, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,8 @@ log = logging.getLogger(__name__)
 # feed it has never seen (tests/test_model.py scores it there)
 FEED_SEED = 1
 FEED_POINTS = 5000
+# the feed and the watch look at their stop event every slice or read (well under a second)
+PARTS_GRACE_S = 5.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,47 +69,115 @@ def demo_feed(symbols: int) -> np.ndarray:
 
 
 async def run_demo(
-    *, symbols: int = 8, rate: float = 40.0, port: int = 0, seconds: float | None = None
+    *,
+    symbols: int = 8,
+    rate: float = 40.0,
+    port: int = 0,
+    seconds: float | None = None,
+    table: bool | None = None,
+    notes: Callable[[], Sequence[str]] = tuple,
 ) -> int:
+    """Run the demo until a signal (or ``seconds``); return the service's exit status.
+
+    Args:
+        table: a live table redrawn in place (default: when stdout is a terminal), else a line
+            per forecast.
+        notes: the lines to show under the table (the command line passes the newest log lines).
+    """
     with contextlib.ExitStack() as stack:
-        if os.environ.get(f"{ENV_PREFIX}REDIS_URL"):
-            settings = load_settings()
-            print(f"demo: using redis at {settings.redis_url_redacted}")
-        else:
-            url = stack.enter_context(embedded_redis(port))
-            # the embedded server has no Lua (the retrain lock's renewal): no timed retrain here
-            settings = load_settings(redis_url=url, retrain_interval_s=0)
-            port = urlsplit(url).port or 0
-            print(
-                f"demo: embedded redis at {url} (try: redis-cli -p {port} xlen {settings.key_prefix}:ticks)"
-            )
-        keys = Keys(settings.key_prefix)
+        settings, banner = _settings(stack, port)
         names = symbol_names("SYN", symbols)
-        print(
+        banner.append(
             f"demo: live page http://{settings.http_host}:{settings.http_port}/ (and /metrics); "
             f"in another terminal: STREAMCAST_REDIS_URL={settings.redis_url_redacted} "
             f"streamcast watch {names[0]}"
         )
-        print(
-            "demo: loading and compiling the model (a few seconds), then forecasts stream below; Ctrl+C stops"
-        )
-        stop = asyncio.Event()
-        feed = demo_feed(symbols)
+        for line in banner:
+            print(line)
+        print("demo: loading and compiling the model (a few seconds); Ctrl+C stops")
+        sys.stdout.flush()
         engine = await asyncio.get_running_loop().run_in_executor(None, load_engine, settings)
-        redis = make_redis(settings.redis_url, settings.redis_timeout_s)
-        try:
-            service = asyncio.create_task(serve(settings, stop=stop, engine=engine))
-            producer = asyncio.create_task(
-                replay(redis, keys, feed, names, rate=rate, loop=True, stop=stop)
-            )
-            printer = asyncio.create_task(watch(redis, keys, names, out=sys.stdout, stop=stop))
-            if seconds is not None:
-                asyncio.get_running_loop().call_later(seconds, stop.set)
-            status = await service
-            stop.set()
-            for task in (producer, printer):
-                with contextlib.suppress(Exception):
-                    await task
-        finally:
-            await redis.aclose()
-        return status
+        show = sys.stdout.isatty() if table is None else table
+        title = [*banner, "demo: Ctrl+C stops"]
+        return await _run(
+            settings,
+            engine,
+            names,
+            rate=rate,
+            seconds=seconds,
+            table=show,
+            title=title,
+            notes=notes,
+        )
+
+
+def _settings(stack: contextlib.ExitStack, port: int) -> tuple[Settings, list[str]]:
+    """The demo's settings (an embedded Redis unless STREAMCAST_REDIS_URL is set) and the
+    lines that say where things are."""
+    if os.environ.get(f"{ENV_PREFIX}REDIS_URL"):
+        settings = load_settings()
+        return settings, [f"demo: using redis at {settings.redis_url_redacted}"]
+    url = stack.enter_context(embedded_redis(port))
+    # the embedded server has no Lua (the retrain lock's renewal): no timed retrain here
+    settings = load_settings(redis_url=url, retrain_interval_s=0)
+    port = urlsplit(url).port or 0
+    ticks = f"{settings.key_prefix}:ticks"
+    return settings, [f"demo: embedded redis at {url} (try: redis-cli -p {port} xlen {ticks})"]
+
+
+async def _run(
+    settings: Settings,
+    engine: Engine,
+    names: Sequence[str],
+    *,
+    rate: float,
+    seconds: float | None,
+    table: bool,
+    title: Sequence[str],
+    notes: Callable[[], Sequence[str]],
+) -> int:
+    """The service, the feed and the watch, until the service stops; then the feed and the
+    watch, then their client: whatever way this ends (a signal, ``seconds``, an error, a
+    cancellation), nothing of this process is left talking to the embedded server."""
+    keys = Keys(settings.key_prefix)
+    stop = asyncio.Event()  # the service's: a signal, or ``seconds``
+    shown = asyncio.Event()  # the watch's: set once the service is done, for a last frame
+    redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+    loop = asyncio.get_running_loop()
+    timer = loop.call_later(seconds, stop.set) if seconds is not None else None
+    group = keys.group(settings.shard_index, settings.shard_count)
+    feed = replay(redis, keys, demo_feed(len(names)), names, rate=rate, loop=True, stop=stop)
+    shows = watch(
+        redis, keys, names, stop=shown, table=table, groups=[group], title=title, notes=notes
+    )
+    parts = [asyncio.create_task(feed, name="replay"), asyncio.create_task(shows, name="watch")]
+    try:
+        return await serve(settings, stop=stop, engine=engine)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        stop.set()
+        shown.set()
+        await _ended(parts, PARTS_GRACE_S)
+        await redis.aclose()
+
+
+async def _ended(tasks: Sequence[asyncio.Task[int]], grace_s: float, rounds: int = 20) -> None:
+    """Wait ``grace_s`` for ``tasks`` to end by themselves, then cancel them until they do.
+
+    A cancellation can be swallowed when it races a client's timeout inside redis-py (it turns
+    into a TimeoutError, which the client's retry handles): a task cancelled once and then
+    awaited could keep its caller waiting for ever, so it is cancelled again each half second.
+    """
+    _, pending = await asyncio.wait(tasks, timeout=grace_s)
+    for _ in range(rounds):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.warning("demo: the %s task failed: %r", task.get_name(), task.exception())
+    if pending:
+        log.error("demo: tasks that would not stop: %s", ", ".join(t.get_name() for t in pending))
