@@ -38,11 +38,34 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, no traceback, exit status 2."""
 
 
-def _quiet_tensorflow() -> None:
-    # TensorFlow's C++ logging prints CUDA probing noise on machines without a GPU; our own log
-    # says which device runs. A user who sets the variable keeps their choice.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def _tensorflow_logging(verbose: bool) -> None:
+    """Before anything imports TensorFlow: its C++ log level, everything with ``-v``.
+
+    Without ``-v`` TensorFlow's own lines (oneDNN, CUDA probing on machines without a GPU) are
+    noise: our log says which device runs. A user who sets the variable keeps their choice.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow, its start-up lines silenced unless TF_CPP_MIN_LOG_LEVEL is 0 (``-v``).
+
+    TensorFlow writes them to file descriptor 2 before its log level applies (they come before
+    absl::InitializeLog), so only pointing that descriptor elsewhere for the import stops them.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _positive_int(text: str) -> int:
@@ -843,6 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _tensorflow_logging(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format=LOG_FORMAT,

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -85,3 +87,27 @@ async def stopped_by_signal(port: int, signum: int) -> None:
     await wait_for(ready, 120, what="the demo's daemon ready", interval_s=0.2)
     os.kill(os.getpid(), signum)
     assert await asyncio.wait_for(demo, STOP_BOUND_S) == 0
+
+
+def test_tensorflow_starts_quietly_unless_verbose():
+    """The command line's way to import TensorFlow: its C++ start-up lines (oneDNN, CUDA
+    probing) are not shown; with -v they are, as TensorFlow writes them."""
+    code = (
+        "import os, sys\n"
+        "from streamcast import cli\n"
+        "cli._tensorflow_logging(verbose='-v' in sys.argv)\n"
+        "cli._quiet_tensorflow()\n"
+        "import tensorflow\n"  # as every command that needs it does next
+        "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
+    def start(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", code, *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    quiet, verbose = start(), start("-v")
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "3"
+    assert quiet.stderr == ""
+    assert verbose.returncode == 0 and verbose.stdout.strip() == "0"
+    assert verbose.stderr.strip(), "TensorFlow printed nothing: nothing was silenced either"
