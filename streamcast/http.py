@@ -23,6 +23,7 @@ from aiohttp.http import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from streamcast.logs import RateLimitedLog
+from streamcast.tasks import within
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 result = self._redis_ping()
                 if asyncio.iscoroutine(result):
-                    result = await asyncio.wait_for(result, 1.0)
+                    result = await within(result, 1.0)  # None: no reply in time
                 checks["redis"] = bool(result)
         ok = all(checks.values())
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)

@@ -34,6 +34,7 @@ from streamcast.model import ModelError
 from streamcast.registry import Registry
 from streamcast.retrain import Retrainer
 from streamcast.settings import Settings, build, daemon_config, retrain_config
+from streamcast.tasks import within
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,11 @@ async def initial_model_path(models: Registry, settings: Settings) -> Path:
     """The registry's current version (registering the configured model if there is none yet);
     the configured model when Redis cannot be reached now (the watcher catches up later)."""
     try:
-        version = await asyncio.wait_for(
+        version = await within(
             models.ensure_current(settings.model_path), settings.redis_timeout_s * 2
         )
+        if version is None:
+            raise TimeoutError("no reply in time")
         return await models.fetch(version)
     except (redis_errors.RedisError, OSError, TimeoutError) as exc:
         log.warning(
@@ -264,17 +267,21 @@ async def _bind(http: HttpServer, settings: Settings) -> None:
 
 
 async def _run(daemon: Daemon, stop: asyncio.Event) -> int:
-    """Run the daemon until ``stop``; 1 if its consume loop ended by itself."""
+    """Run the daemon until ``stop``; 1 if its consume loop ended by itself. The daemon is
+    stopped however this ends (a cancelled serve too: its clients are closed next)."""
     status = 0
     await daemon.start()
     consume = asyncio.ensure_future(daemon.wait_stopped())
     stopped = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({consume, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if consume in done and not stop.is_set():
-        log.error("the consume loop ended unexpectedly")
-        status = 1
-    stopped.cancel()
-    await daemon.stop()
+    try:
+        done, _ = await asyncio.wait({consume, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if consume in done and not stop.is_set():
+            log.error("the consume loop ended unexpectedly")
+            status = 1
+    finally:
+        stopped.cancel()
+        await daemon.stop()  # drains the batch in flight: `consume` must not be cancelled first
+        consume.cancel()
     return status
 
 

@@ -645,7 +645,7 @@ async def test_a_far_future_acknowledged_mark_does_not_skip_later_ticks(
 async def test_stopping_survives_a_task_that_swallowed_its_cancellation():
     """A cancellation racing a timeout inside a client call can be turned into TimeoutError and
     handled by a retry loop; stop() used to await such a task forever (found as a hang)."""
-    from streamcast.daemon.loop import cancelled
+    from streamcast.tasks import cancelled
 
     swallowed = asyncio.Event()
 
@@ -663,3 +663,32 @@ async def test_stopping_survives_a_task_that_swallowed_its_cancellation():
     task.cancel()
     await asyncio.wait_for(cancelled([task]), timeout=10)
     assert swallowed.is_set() and task.cancelled()
+
+
+async def test_stop_is_bounded_when_releasing_the_lease_gets_no_reply(redis_client, shipped_engine):
+    """Releasing the lease at stop waits for Redis; when no reply ever comes and the call
+    swallows its cancellation (a reply racing the client's own timeout), stop() used to wait for
+    ever inside ``asyncio.wait_for``: no 'stopped' line, the process idle in select (the demo's
+    hang). Now every wait of the stop path is bounded."""
+    keys = Keys("stuckrelease")
+    daemon = daemon_for(redis_client, shipped_engine, keys)
+    await daemon.start()
+    await wait_for(lambda: daemon.ready, what="the daemon ready")
+    calls = 0
+
+    async def never_replies() -> None:
+        nonlocal calls
+        calls += 1
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if calls > 2:  # the third cancellation is taken, as a client would after retries
+                    raise
+                calls += 1
+
+    daemon.lease.release = never_replies  # type: ignore[method-assign]
+    started = time.monotonic()
+    await asyncio.wait_for(daemon.stop(), timeout=30)
+    assert time.monotonic() - started < 15
+    assert calls == 3 and not daemon.keeper.held

@@ -21,6 +21,7 @@ from streamcast.daemon.faults import REDIS_DOWN, LeaseLost
 from streamcast.keys import Keys
 from streamcast.lease import Lease
 from streamcast.metrics import Metrics
+from streamcast.tasks import within
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ class LeaseKeeper:
         """Give the lease up (at stop): a standby takes over at once, not after the TTL."""
         if self.held:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.lease.release(), 2.0)
+                # bounded even if the call swallows its cancellation (a reply that never comes)
+                await within(self.lease.release(), 2.0)
             self.held = False
 
     async def _renew(self) -> None:

@@ -36,6 +36,7 @@ from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.skill import SkillTracker
+from streamcast.tasks import cancelled
 from streamcast.windows import Windows
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
+        self._writing: asyncio.Future[None] | None = None  # the publish in flight
         self._started = False
         self._say = RateLimitedLog(log)
 
@@ -168,6 +170,9 @@ class Daemon:
         self._stopping.set()
         await drain(self._tasks, timeout_s)
         self._tasks = []
+        if self._writing is not None and not self._writing.done():
+            self._writing.cancel()  # abandoned with its batch: its clients are closed next
+            await cancelled([self._writing], rounds=4)
         await self.keeper.release()  # a standby takes over at once instead of after the TTL
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -289,7 +294,8 @@ class Daemon:
         # forecasts, history, dead letters and the ack land together or not at all, even if
         # we are cancelled mid-way: a crash before EXEC redelivers, never loses
         self.keeper.check()
-        await asyncio.shield(self.sink.write(batch))
+        self._writing = asyncio.ensure_future(self.sink.write(batch))
+        await asyncio.shield(self._writing)
         self.skill.record(batch.accepted, batch.forecasts)
         self.metrics.queue_depth.set(0)
         self.metrics.symbols.set(len(self.planner.windows))
@@ -359,24 +365,3 @@ async def drain(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
     if lease_task is not None:
         lease_task.cancel()
     await cancelled(tasks)
-
-
-async def cancelled(tasks: list[asyncio.Task[None]], rounds: int = 20) -> None:
-    """Wait for cancelled tasks to end, cancelling again those that did not.
-
-    A cancellation can be swallowed when it races a timeout inside a client call (asyncio's
-    wait_for and timeout turn it into TimeoutError, which a retry loop then handles): awaiting
-    such a task once more would wait forever, and the process would never stop.
-    """
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(rounds):
-        if not pending:
-            break
-        _, pending = await asyncio.wait(pending, timeout=0.5)
-        for task in pending:
-            task.cancel()
-    for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: a task that failed was logged where it failed
-    if pending:
-        log.error("tasks that would not stop: %s", ", ".join(t.get_name() for t in pending))
