@@ -11,12 +11,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # the shared helpers assert too: rewritten, their failures show the values compared
 pytest.register_assert_rewrite("tests.helpers")
 
-from .helpers import start_redis_server  # noqa: E402  (after the rewrite is registered)
-
 # imported now, not first at the end of the run by its plugin's summary: on CPython 3.11.7 a
 # RecursionError caught earlier in the run (hostile nested input) can make that late import's
 # ast.parse fail with "AST constructor recursion depth mismatch" (CPython gh-106905)
 import hypothesis  # noqa: E402, F401
+
+from .helpers import start_redis_server  # noqa: E402  (after the rewrite is registered)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
