@@ -200,3 +200,45 @@ async def test_entries_left_pending_by_a_dead_consumer_are_reclaimed(redis_clien
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("C"), 6), timeout_s=30)
     assert await forecast_ids(redis_client, keys, "C") == ids[49:]
     assert (await redis_client.xpending(keys.ticks, group))["pending"] == 0
+
+
+def test_the_sink_counts_the_paths_of_forecasts_made_not_of_windows_due():
+    """A due window the engine failed on has no forecast and no path: it is a dead letter, not a
+    path (it used to be counted as one)."""
+    from streamcast.daemon.batch import Batch, Stats
+    from streamcast.daemon.sink import ForecastSink
+    from streamcast.wire import DeadLetter, Tick
+
+    ticks = [Tick(f"{i}-0", "S", 100.0, None) for i in (1, 2, 3)]
+    batch = Batch(ready=ticks, due=[0, 1, 2])
+    batch.forecasts = [
+        Forecast.of(ticks[0], "v", 101.0, [101.0, 102.0]),
+        Forecast.of(ticks[1], "v", 101.0, [101.0, float("nan")]),  # withheld
+    ]
+    batch.dead = [DeadLetter("3-0", "unforecastable", "boom", {"symbol": "S"})]
+    metrics, stats = Metrics(CollectorRegistry()), Stats()
+    sink = ForecastSink(None, None, Keys("t"), "g", DaemonConfig(), metrics, stats)  # type: ignore[arg-type]
+    sink._count(batch)
+    assert (stats.paths, stats.forecasts, stats.dead) == (2, 2, 1)
+    assert sample(metrics, "streamcast_forecasts_total", kind="path") == 1
+    assert sample(metrics, "streamcast_forecasts_withheld_total", kind="path") == 1
+
+
+async def test_stop_after_the_consume_loop_failed_still_releases_the_lease(
+    redis_client, shipped_engine
+):
+    """A bug that ends the consume loop is logged there; stop() must still stop the other tasks
+    and release the lease (it used to re-raise the failure half-way and leave the lease held)."""
+    keys = Keys("crashed")
+    daemon = Daemon(redis_client, shipped_engine, Metrics(CollectorRegistry()), keys=keys)
+    await daemon.start()
+    await wait_for(lambda: daemon.ready, what="the daemon ready")
+
+    async def bug() -> bool:
+        raise RuntimeError("a bug in the loop")
+
+    daemon._step = bug  # type: ignore[method-assign]
+    await wait_for(lambda: daemon._tasks[0].done(), what="the consume loop ended")
+    await daemon.stop()
+    assert await redis_client.get(keys.lease(daemon.group)) is None
+    assert not daemon._tasks and not daemon.keeper.held

@@ -362,6 +362,8 @@ async def drain(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
             timeout_s,
         )
         consume.cancel()
+    except Exception:
+        pass  # the consume loop failed (logged there, a bug): stop the rest all the same
     if lease_task is not None:
         lease_task.cancel()
     await cancelled(tasks)

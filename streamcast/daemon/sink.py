@@ -110,16 +110,18 @@ class ForecastSink:
             "next": sum(f.next is None for f in forecasts),
             "path": sum(f.path_withheld for f in forecasts),
         }
+        # paths of forecasts made, not of due windows: a tick the engine failed on has none
+        paths = sum(f.path is not None for f in forecasts) + withheld["path"]
         self.stats.batches += 1
         self.stats.forecasts += len(forecasts)
-        self.stats.paths += len(batch.due)
+        self.stats.paths += paths
         self.stats.dead += len(batch.dead)
         self.stats.accepted += len(batch.accepted)
         m.batch_size.observe(len(batch.ack_ids))
         m.ticks.labels("forecast").inc(len(forecasts))
         m.ticks.labels("dead").inc(len(batch.dead))
         m.forecasts.labels("next").inc(len(forecasts) - withheld["next"])
-        m.forecasts.labels("path").inc(len(batch.due) - withheld["path"])
+        m.forecasts.labels("path").inc(paths - withheld["path"])
         for kind, n in withheld.items():
             if n:
                 m.forecasts_withheld.labels(kind).inc(n)
