@@ -56,9 +56,10 @@ FREE_TEXT = {"model_path", "model_cache_dir", "http_host"}
 
 def wrong_value(name: str) -> tuple[str, str]:
     """A value of the wrong type for setting ``name``, and the rule its refusal must state."""
-    kinds = set(typing.get_args(Settings.model_fields[name].annotation)) or {
-        Settings.model_fields[name].annotation
-    }
+    annotation = Settings.model_fields[name].annotation
+    if typing.get_origin(annotation) is typing.Literal:  # a choice: the refusal lists them
+        return "bad value", "Input should be " + repr(typing.get_args(annotation)[0])
+    kinds = set(typing.get_args(annotation)) or {annotation}
     if bool in kinds:
         return "perhaps", "valid boolean"
     if int in kinds:
