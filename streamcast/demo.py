@@ -30,6 +30,7 @@ from streamcast.keys import Keys
 from streamcast.replay import replay, symbol_names, synthetic_feed, watch
 from streamcast.service import load_engine, serve
 from streamcast.settings import ENV_PREFIX, Settings, load_settings
+from streamcast.tasks import cancelled
 
 log = logging.getLogger(__name__)
 
@@ -162,22 +163,13 @@ async def _run(
         await redis.aclose()
 
 
-async def _ended(tasks: Sequence[asyncio.Task[int]], grace_s: float, rounds: int = 20) -> None:
-    """Wait ``grace_s`` for ``tasks`` to end by themselves, then cancel them until they do.
-
-    A cancellation can be swallowed when it races a client's timeout inside redis-py (it turns
-    into a TimeoutError, which the client's retry handles): a task cancelled once and then
-    awaited could keep its caller waiting for ever, so it is cancelled again each half second.
-    """
+async def _ended(tasks: Sequence[asyncio.Task[int]], grace_s: float) -> None:
+    """Wait ``grace_s`` for ``tasks`` to end by themselves, then cancel them until they do
+    (``tasks.cancelled``: a cancellation swallowed inside redis-py is repeated, boundedly)."""
     _, pending = await asyncio.wait(tasks, timeout=grace_s)
-    for _ in range(rounds):
-        if not pending:
-            break
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in pending:
+        task.cancel()
+    await cancelled(list(pending))
     for task in tasks:
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.warning("demo: the %s task failed: %r", task.get_name(), task.exception())
-    if pending:
-        log.error("demo: tasks that would not stop: %s", ", ".join(t.get_name() for t in pending))
