@@ -1,25 +1,89 @@
-"""The Redis client every part of streamcast uses."""
+"""The Redis client every part of streamcast uses: one server, or any node of a Redis Cluster.
+
+``make_redis`` returns a ``redis.asyncio.Redis`` for one server and a
+``redis.asyncio.cluster.RedisCluster`` (which follows MOVED and ASK) when the URL names a node of
+a cluster. Both speak the same commands; what differs is that a command or transaction may touch
+keys of one slot only, which streamcast's key layout (streamcast.keys) guarantees for every write
+it makes. Code that must read several partitions at once asks :func:`is_cluster`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, cast
 
+import redis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+log = logging.getLogger(__name__)
 
-def make_redis(url: str, timeout_s: float = 5.0, *, retries: int = 3, **kwargs: Any) -> Redis:
+
+def make_redis(
+    url: str,
+    timeout_s: float = 5.0,
+    *,
+    retries: int = 3,
+    cluster: bool | None = None,
+    **kwargs: Any,
+) -> Redis:
     """A client with the protocol pinned (redis-py 8 changed its default) and retry/backoff
-    (``retries=0``: none, for the publish transaction, which must not run twice)."""
-    return Redis.from_url(
-        url,
-        protocol=2,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),
-        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
-        health_check_interval=30,
+    (``retries=0``: none, for the publish transaction, which must not run twice).
+
+    ``cluster``: None asks the server (``INFO cluster``) whether it is a cluster node; a server
+    that cannot be reached is taken for a single server, so name it (``cluster=True``,
+    ``STREAMCAST_REDIS_CLUSTER=true``) where a cluster may be down when a process starts.
+    """
+    if cluster is None:
+        cluster = cluster_enabled(url, timeout_s)
+    options: dict[str, Any] = {
+        "protocol": 2,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),
+        "retry_on_error": [redis_errors.ConnectionError, redis_errors.TimeoutError],
+        "health_check_interval": 30,
         **kwargs,
+    }
+    if cluster:
+        url = _without_db(url)  # a cluster has database 0 only
+        # typed as Redis: the cluster client has the same command methods (a structural twin)
+        return cast(Redis, RedisCluster.from_url(url, **options))
+    return Redis.from_url(url, **options)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def cluster_enabled(url: str, timeout_s: float = 5.0) -> bool:
+    """Whether the server at ``url`` is a Redis Cluster node (False if it cannot be reached)."""
+    wait_s = min(timeout_s, 2.0)
+    probe = redis.Redis.from_url(
+        _without_db(url), socket_timeout=wait_s, socket_connect_timeout=wait_s
     )
+    try:
+        info = probe.info("cluster")
+        return bool(int(info.get("cluster_enabled", 0) or 0))
+    except redis_errors.ResponseError:
+        return False  # a server that does not know INFO cluster is not one
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        log.warning(
+            "could not ask %s whether it is a cluster node (%s): taking it for a single "
+            "server; set STREAMCAST_REDIS_CLUSTER=true for a cluster",
+            url.split("@")[-1],
+            type(exc).__name__,
+        )
+        return False
+    finally:
+        probe.close()
+
+
+def _without_db(url: str) -> str:
+    head, sep, query = url.partition("?")
+    scheme, rest = head.split("://", 1)
+    host, _, _ = rest.partition("/")
+    return f"{scheme}://{host}" + (sep + query if sep else "")

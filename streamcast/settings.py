@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamcast.connect import make_redis
-from streamcast.daemon.config import DaemonConfig
+from streamcast.daemon.config import Assignment, DaemonConfig
 from streamcast.forecaster import Batching, Forecaster
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
@@ -83,8 +83,25 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description="redis:// or rediss:// (TLS) URL; carries the password when there is one",
     )
-    # braces allowed: a hash tag ({sc0}) keeps a shard's keys in one Redis Cluster slot
-    key_prefix: str = Field(default(Keys, "prefix"), pattern=r"^[A-Za-z0-9._:{}-]{1,64}$")
+    redis_cluster: bool | None = Field(
+        default(make_redis, "cluster"),
+        description="the URL names a Redis Cluster node (unset: ask the server)",
+    )
+    # no braces: each partition's keys carry their own hash tag ({p3}), which a tag in the
+    # prefix would override (every key in one slot)
+    key_prefix: str = Field(default(Keys, "prefix"), pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    partitions: int = Field(
+        default(Keys, "partitions"),
+        ge=1,
+        le=4096,
+        description="partition streams of ticks; fixed per deployment (docs: how to change it)",
+    )
+    assignment: Assignment = Field(
+        default(_D, "assignment"),
+        description="lease: replicas share the partitions by lease and rebalance; static: "
+        "replica STREAMCAST_SHARD_INDEX of STREAMCAST_SHARD_COUNT owns the partitions p with "
+        "p % count == index (a StatefulSet's ordinal)",
+    )
     model_path: Path = Field(DEFAULT_MODEL_DIR, description="a saved model directory")
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
@@ -225,7 +242,17 @@ class Settings(BaseSettings):
                 f"STREAMCAST_SHARD_INDEX={self.shard_index} must be below "
                 f"STREAMCAST_SHARD_COUNT={self.shard_count}"
             )
+        if self.assignment == "static" and self.shard_count > self.partitions:
+            raise ValueError(
+                f"STREAMCAST_SHARD_COUNT={self.shard_count} replicas cannot share "
+                f"STREAMCAST_PARTITIONS={self.partitions} partitions statically: some would own "
+                "none (raise the partitions, or use STREAMCAST_ASSIGNMENT=lease)"
+            )
         return self
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.key_prefix, self.partitions)
 
     @property
     def consumer(self) -> str:

@@ -285,3 +285,80 @@ async def check_exactly_once(redis, keys: Keys, names) -> None:
     for name in names:
         forecast = await forecast_ids(redis, keys, name)
         assert forecast == ticks[name][49:], f"{name}: lost or doubled forecasts"
+
+
+# -- a local Redis Cluster -------------------------------------------------------------------------
+
+
+@dataclass
+class RedisClusterNodes:
+    """Three masters on free ports (``start_redis_cluster``); ``url`` names the first."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        """``redis-cli --cluster ARGS`` against the first node (reshard, rebalance, check)."""
+        done = subprocess.run(
+            ["redis-cli", "--cluster", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+        return done.stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.process.terminate()
+        for node in self.nodes:
+            try:
+                node.process.wait(10)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+
+
+def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterNodes:
+    """``masters`` redis-servers with ``--cluster-enabled yes``, joined by ``redis-cli --cluster
+    create``; returns once every slot is served (``cluster_state:ok`` on every node)."""
+    nodes = []
+    for i in range(masters):
+        node_dir = directory / f"node-{i}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        nodes.append(
+            start_redis_server(
+                node_dir,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "5000",
+            )
+        )
+    cluster = RedisClusterNodes(nodes)
+    addresses = [f"127.0.0.1:{n.port}" for n in nodes]
+    try:
+        cluster.cli("create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [
+                subprocess.run(
+                    ["redis-cli", "-p", str(n.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
+                for n in nodes
+            ]
+            if all("cluster_state:ok" in s for s in states):
+                return cluster
+            time.sleep(0.1)
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.stop()
+    pytest.fail("the Redis Cluster did not come up (cluster_state:ok) within 30 s")

@@ -7,14 +7,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from streamcast.wire import TickLimits
 
 
+Assignment = Literal["lease", "static"]
+
+
 @dataclass
 class DaemonConfig:
-    shard_index: int = 0
-    shard_count: int = 1
+    assignment: Assignment = "lease"  # how replicas share the partitions (or "static")
+    shard_index: int = 0  # static assignment: this replica's ordinal ...
+    shard_count: int = 1  # ... of this many; it owns the partitions p with p % count == index
     consumer: str = "replica-0"  # the base of the consumer name (each process adds its own part)
     batch_max_size: int = 512
     batch_max_wait_ms: int = 20
@@ -35,7 +40,7 @@ class DaemonConfig:
     skill_symbols: tuple[str, ...] = ()  # symbols that get a labelled skill series of their own
     limits: TickLimits = field(default_factory=TickLimits)  # the edge: price range, ts ahead
     read_max_bytes: int = 16 * 1024 * 1024  # about the most one read pulls in
-    lease_ttl_s: float = 10.0  # one live consumer per group; a dead one's lease lapses after this
+    lease_ttl_s: float = 10.0  # one live consumer per partition; a dead one's lapses after this
     ticks_trim_interval_s: float = 10.0  # trim what every group has acknowledged (0: never)
     symbols_max: int = 100_000  # windows kept; the least recently ticked go first
     symbol_idle_s: float = 86_400.0  # forget a symbol after this long without a tick (0: never)
