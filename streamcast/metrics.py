@@ -8,7 +8,7 @@ from streamcast.wire import REASONS
 
 # label values known in advance: each series exists at 0 from the start, so a dashboard panel
 # shows 0 rather than "No data" and increase() sees the first event
-TICK_OUTCOMES = ("forecast", "filling", "dead", "duplicate", "foreign")
+TICK_OUTCOMES = ("forecast", "filling", "dead", "duplicate")
 FORECAST_KINDS = ("next", "path")
 STAGES = ("ingest", "wait", "compute", "publish")
 RETRAIN_RESULTS = ("promoted", "rejected", "failed", "skipped")
@@ -34,7 +34,7 @@ class Metrics:
         self.ticks = Counter(
             "streamcast_ticks",
             "Ticks read, by outcome: forecast, filling (window not full yet), dead, duplicate "
-            "(already forecast before a restart), foreign (another shard's symbol)",
+            "(already forecast before a restart)",
             ["outcome"],
             registry=prometheus,
         )
@@ -73,7 +73,40 @@ class Metrics:
         )
         self.stream_lag = Gauge(
             "streamcast_stream_lag",
-            "Entries in the ticks stream not yet read by this shard's group",
+            "Entries of the partitions this replica owns not yet read by the group",
+            registry=prometheus,
+        )
+        self.partition_lag = Gauge(
+            "streamcast_partition_lag",
+            "Entries of a partition stream not yet read by the group (partitions owned here)",
+            ["partition"],
+            registry=prometheus,
+        )
+        self.partitions_owned = Gauge(
+            "streamcast_partitions_owned",
+            "Partitions this replica holds the lease of and consumes",
+            registry=prometheus,
+        )
+        self.partition_owned = Gauge(
+            "streamcast_partition_owned",
+            "1 for each partition this replica consumes (0 once it gave it up)",
+            ["partition"],
+            registry=prometheus,
+        )
+        self.partitions_share = Gauge(
+            "streamcast_partitions_share",
+            "The partitions this replica should own: its fair share of the live replicas",
+            registry=prometheus,
+        )
+        self.members = Gauge(
+            "streamcast_members",
+            "Live replicas of the deployment, as this replica sees them",
+            registry=prometheus,
+        )
+        self.rebalances = Counter(
+            "streamcast_partition_moves",
+            "Partitions taken (acquired, incl. a dead replica's) or given up (released, lost)",
+            ["how"],
             registry=prometheus,
         )
         self.path_age = Gauge(
@@ -200,7 +233,7 @@ class Metrics:
         # -- hostile input and operators -------------------------------------------------------
         self.standby = Gauge(
             "streamcast_standby",
-            "1 while another live process consumes this shard (same settings): this one waits",
+            "1 while this replica owns no partition (others hold them all): it waits to take one",
             registry=prometheus,
         )
         self.recoveries = Counter(
@@ -258,6 +291,7 @@ class Metrics:
             (self.redis_refusals, REFUSALS),
             (self.forecasts_withheld, FORECAST_KINDS),
             (self.symbols_evicted, ("idle", "cap")),
+            (self.rebalances, ("acquired", "released", "lost")),
         ):
             for value in values:
                 counter.labels(value)

@@ -44,6 +44,10 @@ class Windows:
         window = self._windows.get(symbol)
         return window.touched if window is not None else 0.0
 
+    def forget(self, symbols: Iterable[str]) -> None:
+        for symbol in symbols:
+            self._windows.pop(symbol, None)
+
     def evict_idle(self, before: float, protect: Container[str] = ()) -> list[str]:
         """Forget the symbols not touched since ``before`` (except ``protect``); return them."""
         gone: list[str] = []

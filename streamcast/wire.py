@@ -35,6 +35,7 @@ REASONS = (
     "oversized",
     "bad_encoding",
     "out_of_order",
+    "wrong_partition",  # written to another partition's stream than its symbol's
     "unforecastable",  # the engine failed on the tick's window (the detail says how)
     "publish_failed",  # Redis refused to store the tick's forecast (the detail says why)
 )

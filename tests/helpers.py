@@ -221,9 +221,11 @@ def feed(symbols: int = 4, points: int = 400) -> np.ndarray:
 
 
 async def keep_ticks(redis, keys: Keys) -> None:
-    """A consumer group that never reads: the daemon trims only what every group has
-    acknowledged, so the ticks stream stays whole as the truth the checks compare against."""
-    await redis.xgroup_create(keys.ticks, WITNESS, id="0", mkstream=True)
+    """A consumer group that never reads, on every partition stream: the daemon trims only what
+    every group has acknowledged, so the streams stay whole as the truth the checks compare
+    against."""
+    for ticks in keys.all_ticks():
+        await redis.xgroup_create(ticks, WITNESS, id="0", mkstream=True)
 
 
 async def xlen_at_least(redis, key: str, n: int) -> bool:
@@ -254,14 +256,25 @@ async def wait_settled(redis, keys: Keys, timeout_s: float = 60) -> None:
 
     deadline = time.monotonic() + timeout_s
     while True:
-        newest = await redis.xrevrange(keys.ticks, count=1)
-        groups = [g for g in await redis.xinfo_groups(keys.ticks) if text(g["name"]) != WITNESS]
-        waiting = [
-            (text(g["name"]), g["pending"], text(g["last-delivered-id"]))
-            for g in groups
-            if g["pending"] or not newest or text(g["last-delivered-id"]) != text(newest[0][0])
-        ]
-        if groups and not waiting:
+        waiting, seen = [], 0
+        for ticks in keys.all_ticks():
+            newest = await redis.xrevrange(ticks, count=1)
+            if not newest:
+                continue  # no tick was sent to this partition
+            try:
+                found = await redis.xinfo_groups(ticks)
+            except Exception:
+                found = []
+            groups = [g for g in found if text(g["name"]) != WITNESS]
+            seen += len(groups)
+            waiting += [
+                (ticks, text(g["name"]), g["pending"], text(g["last-delivered-id"]))
+                for g in groups
+                if g["pending"] or text(g["last-delivered-id"]) != text(newest[0][0])
+            ]
+            if not groups:
+                waiting.append((ticks, "no group", 0, ""))
+        if seen and not waiting:
             return
         assert time.monotonic() < deadline, f"groups not settled: {waiting}"
         await asyncio.sleep(0.1)
@@ -270,8 +283,9 @@ async def wait_settled(redis, keys: Keys, timeout_s: float = 60) -> None:
 async def tick_ids_by_symbol(redis, keys: Keys) -> dict[str, list[str]]:
     """The ids in the ticks stream, by symbol."""
     out: dict[str, list[str]] = {}
-    for eid, fields in await redis.xrange(keys.ticks):
-        out.setdefault(fields[b"symbol"].decode(), []).append(eid.decode())
+    for ticks in keys.all_ticks():
+        for eid, fields in await redis.xrange(ticks):
+            out.setdefault(fields[b"symbol"].decode(), []).append(eid.decode())
     return out
 
 

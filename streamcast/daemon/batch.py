@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,9 +11,17 @@ from streamcast.wire import DeadLetter, Forecast, Tick
 
 
 @dataclass
-class Batch:
-    ack_ids: list[str] = field(default_factory=list)  # every entry read: acknowledged together
+class Part:
+    """One partition's share of a batch: its entries are acknowledged, and its dead letters
+    written, in that partition's transaction."""
+
+    ack_ids: list[str] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    parts: dict[int, Part] = field(default_factory=dict)  # by partition
     accepted: list[Tick] = field(default_factory=list)  # appended to history
     ready: list[Tick] = field(default_factory=list)  # with a full window: forecast
     windows: list[np.ndarray] = field(default_factory=list)  # one per ready tick
@@ -22,6 +31,32 @@ class Batch:
     read_at: float = 0.0  # wall-clock times of the stages, for the per-stage latency
     compute_started: float = 0.0
     computed_at: float = 0.0
+
+    def part(self, partition: int) -> Part:
+        return self.parts.setdefault(partition, Part())
+
+    @property
+    def ack_ids(self) -> list[str]:
+        return [i for part in self.parts.values() for i in part.ack_ids]
+
+    @property
+    def dead(self) -> list[DeadLetter]:
+        return [letter for part in self.parts.values() for letter in part.dead]
+
+    def drop(self, partitions: set[int], partition_of: Callable[[str], int]) -> None:
+        """Forget the share of ``partitions`` (lost after compute, before it was published): it
+        is neither published nor acknowledged here; whoever holds them now reads it again."""
+        if not partitions:
+            return
+        for p in partitions:
+            self.parts.pop(p, None)
+        self.accepted = [t for t in self.accepted if partition_of(t.symbol) not in partitions]
+        self.forecasts = [
+            f for f in self.forecasts if partition_of(f.tick.symbol) not in partitions
+        ]
+        # after compute: the windows and paths due were used; what is left is what is published
+        self.ready = [t for t in self.ready if partition_of(t.symbol) not in partitions]
+        self.windows, self.due = [], []
 
 
 @dataclass

@@ -11,7 +11,6 @@ from typing import Literal
 
 from streamcast.wire import TickLimits
 
-
 Assignment = Literal["lease", "static"]
 
 

@@ -1,5 +1,5 @@
-"""Beside the consume loop, once a second: the heartbeat, the stream's lag, reclaiming entries of
-dead consumers, and the gauges (skill, model age, path age, readiness, symbols)."""
+"""Beside the consume loop, once a second: the heartbeat, the owned partitions' lag, reclaiming
+entries of dead consumers, and the gauges (skill, model age, path age, readiness, symbols)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class Housekeeping:
         metrics: Metrics,
         *,
         ready: Callable[[], bool],
+        owned: Callable[[], list[int]],
         promoted_at: Callable[[], float | None],
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -39,6 +40,7 @@ class Housekeeping:
         self.config = config
         self.metrics = metrics
         self.ready = ready
+        self.owned = owned
         self.promoted_at = promoted_at
         self.clock = clock
         self.heartbeat = 0.0  # monotonic time of the last round: /healthz goes stale without it
@@ -50,8 +52,8 @@ class Housekeeping:
             try:
                 if time.monotonic() - last_claim >= self.config.claim_interval_s and self.ready():
                     last_claim = time.monotonic()
-                    await self.source.reclaim()
-                await self.source.measure_lag()
+                    await self.source.reclaim(self.owned())
+                await self.source.measure_lag(self.owned())
             except REDIS_DOWN:
                 pass
             except redis_errors.ResponseError as exc:

@@ -1,9 +1,10 @@
-"""The daemon: wires the tick source, the plan, the engine, the sink and the model watcher into
-one consume loop, and runs housekeeping beside it.
+"""The daemon: wires the tick source, the plan, the engine, the sink, the partitions' ownership
+and the model watcher into one consume loop, and runs housekeeping beside it.
 
 The consume loop handles a batch at a time, so every tick of a symbol is handled in stream order;
 it reads, plans and computes batch k+1 while batch k is being published. Between two batches it
-swaps in a new model version when the watcher has one ready.
+swaps in a new model version when the watcher has one ready, gives up partitions over its share
+(after publishing what it read of them) and sets up the partitions it took.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from streamcast.daemon.compute import compute
 from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, refusal
 from streamcast.daemon.housekeeping import Housekeeping
-from streamcast.daemon.leasing import LeaseKeeper
 from streamcast.daemon.models import ModelWatcher, RetrainSchedule
+from streamcast.daemon.ownership import Ownership
 from streamcast.daemon.plan import Planner
 from streamcast.daemon.sink import ForecastSink, Sink
 from streamcast.daemon.source import Source, TickSource
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 class Daemon:
-    """The forecasting service for one shard. ``async with Daemon(...)`` starts and stops it.
+    """One replica of the forecasting service. ``async with Daemon(...)`` starts and stops it.
 
     ``registry`` and ``loader`` (a version's directory -> a warmed engine) turn on the model
     watcher; ``retrainer`` the retrain schedule; ``publisher`` is the client of the publish
@@ -76,16 +77,15 @@ class Daemon:
         self.keys = keys = keys or Keys()
         self.config = cfg = config or DaemonConfig()
         self.clock = clock
-        self.group = keys.group(cfg.shard_index, cfg.shard_count)
+        self.group = keys.group
         self.stats = Stats()
-        self.source: Source = TickSource(redis, keys, self.group, cfg, metrics, clock)
+        self.source: Source = TickSource(redis, keys, cfg, metrics, clock)
         self.planner = Planner(redis, keys, cfg, metrics, self.stats, engine, clock)
         self.sink: Sink = ForecastSink(
-            publisher or redis, redis, keys, self.group, cfg, metrics, self.stats, clock
+            publisher or redis, redis, keys, cfg.consumer, cfg, metrics, self.stats, clock
         )
-        self.keeper = LeaseKeeper(redis, keys, self.group, cfg, metrics)
-        self.lease = self.keeper.lease  # the key in Redis
-        self.trimmer = Trimmer(redis, keys, cfg.shard_count, metrics)
+        self.ownership = Ownership(redis, keys, cfg, metrics, clock)
+        self.trimmer = Trimmer(redis, keys, metrics)
         self.skill = SkillTracker(
             metrics, horizons=cfg.skill_horizons, window=cfg.skill_window, symbols=cfg.skill_symbols
         )
@@ -103,6 +103,7 @@ class Daemon:
             cfg,
             metrics,
             ready=lambda: self.ready,
+            owned=self.ownership.readable,
             promoted_at=lambda: self.models.promoted_at if self.models else None,
             clock=clock,
         )
@@ -110,7 +111,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
-        self._writing: asyncio.Future[None] | None = None  # the publish in flight
+        self._writing: asyncio.Future[set[int]] | None = None  # the publish in flight
         self._started = False
         self._say = RateLimitedLog(log)
 
@@ -122,8 +123,8 @@ class Daemon:
 
     @property
     def standby(self) -> bool:
-        """Another live process consumes this shard; this one waits to take over."""
-        return self.keeper.standby
+        """Owning no partition (other replicas hold them all); this one waits to take one."""
+        return self.ownership.standby
 
     @property
     def windows(self) -> Windows:
@@ -148,11 +149,11 @@ class Daemon:
         jobs = {
             "consume": self._consume_forever(),
             "housekeeping": self.housekeeping.run_forever(),
-            "lease": self.keeper.keep_forever(),
+            "lease": self.ownership.keep_forever(),
         }
         if self.config.ticks_trim_interval_s > 0:
             jobs["trim"] = self.trimmer.run_forever(
-                self.config.ticks_trim_interval_s, lambda: self.redis_ok
+                self.config.ticks_trim_interval_s, lambda: self.redis_ok, self.ownership.readable
             )
         if self.models is not None:
             jobs["models"] = self.models.watch_forever()
@@ -173,7 +174,7 @@ class Daemon:
         if self._writing is not None and not self._writing.done():
             self._writing.cancel()  # abandoned with its batch: its clients are closed next
             await cancelled([self._writing], rounds=4)
-        await self.keeper.release()  # a standby takes over at once instead of after the TTL
+        await self.ownership.leave()  # the others take the partitions at once, not after the TTL
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -215,9 +216,8 @@ class Daemon:
                 if not await self._step():
                     return
             except LeaseLost:
-                # unacknowledged batches are read again by whoever holds the lease next
+                # unacknowledged batches are read again by whoever holds the leases next
                 self._in_flight, self._set_up = None, False
-                self.keeper.drop()
                 await self._pause(0.1)
             except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
                 self._in_flight = None  # unacknowledged: it will be read again from pending
@@ -234,19 +234,24 @@ class Daemon:
             return False
         if self.models is not None and self.models.incoming is not None:
             self._swap()  # between batches: none is being computed
-        if not self._set_up and not await self._setup():
-            return False  # stopped while standing by
+        if not self._set_up:
+            await self._setup()
+        await self._rebalance()
+        partitions = self.ownership.readable()
+        if not partitions:
+            await self._flush()
+            await self._standing_by()
+            return True
         if self.source.rereads_in_flight:
             await self._flush()
-        self.keeper.check()
-        entries = await self.source.read(block=self._in_flight is None)
+        entries = await self.source.read(partitions, block=self._in_flight is None)
         self.redis_ok = True
         self._backoff = 0.1
         if not entries:
             await self._flush()
             return True
         await self.planner.restore(entries)
-        batch = self.planner.prepare(entries, self.source.read_at)
+        batch = self.planner.prepare(entries, self.source.read_at, self.source.partition_of)
         computing = asyncio.ensure_future(
             compute(
                 batch,
@@ -269,20 +274,47 @@ class Daemon:
         self._evict(protect={t.symbol for t in batch.accepted})
         return True
 
-    async def _setup(self) -> bool:
-        """Hold the shard's lease (standing by while another process does), make sure the group
-        exists, take over what earlier consumers left pending; False if stopped meanwhile."""
-        if not await self.keeper.hold(self._stopping):
-            return False
-        await self.source.setup(self.sink.acked_high)
+    async def _setup(self) -> None:
+        """After a start or a failure: every held partition set up again, the windows rebuilt
+        from history."""
+        self.ownership.reset()
         # windows are rebuilt from history as their symbols' ticks arrive: after a failed batch
         # they are never trusted
         self.planner.reset()
         self._set_up = True
-        log.info(
-            "consuming %s as %s in group %s", self.keys.ticks, self.source.consumer, self.group
-        )
-        return True
+
+    async def _rebalance(self) -> None:
+        """At a batch boundary: publish, then give up the partitions over this replica's share
+        and forget the lost ones; set up the partitions taken."""
+        own = self.ownership
+        lost = own.take_lost()
+        giving = set(own.releasing)
+        if lost or giving:
+            await self._flush()  # the fence drops the share of a partition lost meanwhile
+            await own.release(giving | lost)  # a lost one is released only if still ours
+            self.source.forget(lost | giving)
+            self.planner.forget_partitions(lost | giving)
+        adopt = own.to_adopt()
+        if adopt:
+            await self.source.setup(adopt, self.sink.acked_high)
+            # another replica may have moved these on since this one last held them
+            self.planner.forget_partitions(adopt)
+            own.active |= adopt
+            own.changed.clear()
+            log.info(
+                "consuming partitions %s as %s (group %s)",
+                ",".join(str(p) for p in sorted(own.active)),
+                self.source.consumer,
+                self.group,
+            )
+
+    async def _standing_by(self) -> None:
+        """Own no partition: wait for the ownership rounds to take one (or for stop)."""
+        self.redis_ok = True
+        own = self.ownership
+        own.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(own.changed.wait(), own.round_s)
 
     async def _flush(self) -> None:
         """Publish the batch in flight, if any."""
@@ -293,9 +325,13 @@ class Daemon:
     async def _publish(self, batch: Batch) -> None:
         # forecasts, history, dead letters and the ack land together or not at all, even if
         # we are cancelled mid-way: a crash before EXEC redelivers, never loses
-        self.keeper.check()
+        # a partition whose local deadline passed (this replica stalled) may be another's now:
+        # its share is not published, and it is taken again only through a fresh lease
+        stale = {p for p in batch.parts if not self.ownership.valid(p)}
+        batch.drop(stale, self.keys.partition)
+        self.ownership.drop(stale)
         self._writing = asyncio.ensure_future(self.sink.write(batch))
-        await asyncio.shield(self._writing)
+        self.ownership.drop(await asyncio.shield(self._writing))  # the fence found them lost
         self.skill.record(batch.accepted, batch.forecasts)
         self.metrics.queue_depth.set(0)
         self.metrics.symbols.set(len(self.planner.windows))
@@ -310,9 +346,8 @@ class Daemon:
                 self._say(
                     logging.WARNING,
                     "nogroup",
-                    "consumer group %s on %s is gone (%s); recreating it",
+                    "consumer group %s on a partition stream is gone (%s); recreating it",
                     self.group,
-                    self.keys.ticks,
                     str(exc)[:120],
                 )
                 await self._pause(0.1)  # a loop of DELs cannot spin us

@@ -15,10 +15,10 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from streamcast.daemon.batch import Batch, Stats
+from streamcast.daemon.batch import Batch, Part, Stats
 from streamcast.daemon.config import DaemonConfig
 from streamcast.engine import Engine
-from streamcast.keys import Keys, shard_of
+from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.windows import Windows
@@ -60,6 +60,16 @@ class Planner:
         self.windows = Windows(self.windows.seq_len)
         self.last_path.clear()
 
+    def forget_partitions(self, partitions: set[int]) -> None:
+        """Forget the windows of ``partitions``' symbols: given up, lost, or just taken (another
+        replica moved them on meanwhile); they come back from history at their next tick."""
+        if not partitions:
+            return
+        gone = [s for s in self.windows.symbols() if self.keys.partition(s) in partitions]
+        self.windows.forget(gone)
+        for symbol in gone:
+            self.last_path.pop(symbol, None)
+
     def model_changed(self, normalise: bool) -> None:
         self.limits = replace(self.limits, positive=normalise)
 
@@ -94,16 +104,15 @@ class Planner:
                 self.windows.restore(symbol, rows, now)
 
     def _new_symbols(self, entries: Iterable[tuple[str, str, dict[Any, Any]]]) -> set[str]:
-        cfg = self.config
         symbols = set()
-        for _, _, fields in entries:
+        for stream, _, fields in entries:
             raw = fields.get(b"symbol")
             if isinstance(raw, bytes) and len(raw) <= 64:
                 symbol = raw.decode("utf-8", "replace")
                 if (
                     symbol not in self.windows
                     and SYMBOL_RE.fullmatch(symbol)
-                    and shard_of(symbol, cfg.shard_count) == cfg.shard_index
+                    and self.keys.ticks_for(symbol) == stream
                 ):
                     symbols.add(symbol)
         return symbols
@@ -133,26 +142,47 @@ class Planner:
 
     # -- the plan --------------------------------------------------------------------------------
 
-    def prepare(self, entries: list[tuple[str, str, dict[Any, Any]]], read_at: float) -> Batch:
-        """Validate entries, push prices into windows, and choose which windows get a path."""
+    def prepare(
+        self,
+        entries: list[tuple[str, str, dict[Any, Any]]],
+        read_at: float,
+        partition_of: Callable[[str], int],
+    ) -> Batch:
+        """Validate entries, push prices into windows, and choose which windows get a path;
+        ``partition_of`` names the partition of a stream."""
         batch = Batch(read_at=read_at or self.clock())
         now = self.clock()
-        for _, entry_id, fields in entries:
-            batch.ack_ids.append(entry_id)
+        for stream, entry_id, fields in entries:
+            part = batch.part(partition_of(stream))
+            part.ack_ids.append(entry_id)
             if fields:  # empty: deleted from the stream while pending
-                self._take(batch, entry_id, fields, now)
+                self._take(batch, part, partition_of(stream), entry_id, fields, now)
         self._choose_paths(batch, now)
         self.metrics.queue_depth.set(len(entries))
         return batch
 
-    def _take(self, batch: Batch, entry_id: str, fields: dict[Any, Any], now: float) -> None:
+    def _take(
+        self,
+        batch: Batch,
+        part: Part,
+        partition: int,
+        entry_id: str,
+        fields: dict[Any, Any],
+        now: float,
+    ) -> None:
         try:
             tick = Tick.decode(entry_id, fields, limits=self.limits)
         except TickError as exc:
-            batch.dead.append(DeadLetter(entry_id, exc.reason, exc.detail, fields))
+            part.dead.append(DeadLetter(entry_id, exc.reason, exc.detail, fields))
             return
-        if shard_of(tick.symbol, self.config.shard_count) != self.config.shard_index:
-            self.metrics.ticks.labels("foreign").inc()
+        if self.keys.partition(tick.symbol) != partition:
+            # a producer wrote it to another partition's stream: its forecast and history
+            # belong to a partition (a slot) this transaction does not write
+            detail = (
+                f"{tick.symbol} belongs to partition {self.keys.partition(tick.symbol)} "
+                f"({self.keys.ticks_for(tick.symbol)}), not {partition}"
+            )
+            part.dead.append(DeadLetter(entry_id, "wrong_partition", detail, fields))
             return
         if self.windows.seen(tick.symbol, entry_id):
             self.stats.duplicates += 1
@@ -169,7 +199,7 @@ class Planner:
         last_ts = self.windows.get(tick.symbol).last_ts
         if tick.ts is not None and last_ts is not None and tick.ts < last_ts:
             detail = f"ts {tick.ts} is before the symbol's last {last_ts}"
-            batch.dead.append(DeadLetter(entry_id, "out_of_order", detail, fields))
+            part.dead.append(DeadLetter(entry_id, "out_of_order", detail, fields))
             return
         window = self.windows.push(tick.symbol, entry_id, tick.price, tick.ts, now)
         batch.accepted.append(tick)

@@ -1,13 +1,19 @@
-"""The forecast sink: one MULTI/EXEC per batch with every write the batch makes, and the ack.
+"""The forecast sink: one MULTI/EXEC with every write a batch makes, and the ack, fenced by the
+partitions' leases.
 
-Forecasts (entry id = tick id), history, the symbol set, dead letters, the group's acknowledged
-mark and XACK land together or not at all: a crash before EXEC redelivers the batch, after it the
-batch is done. Every command Redis refused inside the transaction is counted and logged; a
-forecast that was not written becomes a ``publish_failed`` dead letter.
+Forecasts (entry id = tick id), history, the symbol sets, dead letters, the acknowledged marks and
+XACK land together or not at all: a crash before EXEC redelivers the batch, after it the batch is
+done. The transaction WATCHes the lease key of every partition it writes for and first checks
+that each still holds this replica's token: a partition whose lease another replica took (this
+one stalled) is dropped from the batch, unpublished and unacknowledged, and reported lost. On a
+Redis Cluster a transaction may touch one slot only, so each partition gets its own (every key of
+a partition shares its hash tag). Every command Redis refused inside the transaction is counted
+and logged; a forecast that was not written becomes a ``publish_failed`` dead letter.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -16,25 +22,27 @@ from typing import Any, Protocol
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from streamcast.connect import is_cluster
 from streamcast.daemon.batch import Batch, Stats
 from streamcast.daemon.config import DaemonConfig
-from streamcast.daemon.faults import REDIS_DOWN, refusal
+from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, refusal
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
-from streamcast.wire import DeadLetter, HistoryEntry, id_key
+from streamcast.wire import DeadLetter, HistoryEntry, id_key, text
 
 log = logging.getLogger(__name__)
 
 Op = tuple[str, str, str]  # (what, entry id, key) of each queued command
+FENCE_TRIES = 5  # a transaction aborted by a lease key's change (a renewal) is tried again
 
 
 class Sink(Protocol):
     """What the consume loop calls on the place forecasts go."""
 
-    acked_high: tuple[int, int]  # the newest tick id acknowledged by this process
+    acked_high: dict[int, tuple[int, int]]  # by partition: the newest tick id acknowledged here
 
-    async def write(self, batch: Batch) -> None: ...
+    async def write(self, batch: Batch) -> set[int]: ...
 
 
 class ForecastSink:
@@ -49,7 +57,7 @@ class ForecastSink:
         publisher: Redis,
         redis: Redis,
         keys: Keys,
-        group: str,
+        token: str,
         config: DaemonConfig,
         metrics: Metrics,
         stats: Stats,
@@ -58,51 +66,106 @@ class ForecastSink:
         self.publisher = publisher
         self.redis = redis
         self.keys = keys
-        self.group = group
+        self.token = token  # this replica's lease token: the fence
+        self.group = keys.group
         self.config = config
         self.metrics = metrics
         self.stats = stats
         self.clock = clock
-        self.acked_high: tuple[int, int] = (0, 0)  # the newest id this process acknowledged
+        self.cluster = is_cluster(publisher)
+        self.acked_high: dict[int, tuple[int, int]] = {}  # by partition, acknowledged here
         self._say = RateLimitedLog(log)
 
-    async def write(self, batch: Batch) -> None:
-        """Publish the batch and acknowledge its entries in one transaction; then count it."""
-        pipe = self.publisher.pipeline(transaction=True)
-        ops, high = self._queue(pipe, batch, int(self.clock() * 1000))
-        results = await pipe.execute(raise_on_error=False)
-        await self._errors(ops, results, batch)
-        if high is not None and high > self.acked_high:
-            self.acked_high = high
+    async def write(self, batch: Batch) -> set[int]:
+        """Publish the batch and acknowledge its entries, fenced by the partitions' leases; then
+        count what was published. Returns the partitions found lost (dropped from the batch)."""
+        partitions = sorted(batch.parts)
+        # one transaction on one server; one per partition (slot) on a cluster, side by side
+        groups = [[p] for p in partitions] if self.cluster else [partitions]
+        outcomes = await asyncio.gather(*(self._write(g, batch) for g in groups if g))
+        lost = set().union(*outcomes) if outcomes else set()
+        batch.drop(lost, self.keys.partition)
         self._count(batch)  # after the write: only what is durable is counted
+        return lost
 
-    def _queue(self, pipe: Any, batch: Batch, now_ms: int) -> tuple[list[Op], Any]:
+    async def _write(self, partitions: list[int], batch: Batch) -> set[int]:
+        """The transaction of ``partitions``' share of the batch; the partitions lost."""
+        lost: set[int] = set()
+        for _ in range(FENCE_TRIES):
+            live = [p for p in partitions if p not in lost]
+            if not live:
+                return lost
+            async with self.publisher.pipeline(transaction=True) as pipe:
+                leases = [self.keys.lease(p) for p in live]
+                await pipe.watch(*leases)
+                holders = await pipe.mget(leases)
+                lost |= {
+                    p
+                    for p, holder in zip(live, holders, strict=True)
+                    if holder is None or text(holder) != self.token
+                }
+                if lost & set(live):
+                    await pipe.unwatch()
+                    continue
+                pipe.multi()
+                ops, highs = self._queue(pipe, batch, set(live), int(self.clock() * 1000))
+                try:
+                    results = await pipe.execute(raise_on_error=False)
+                except redis_errors.WatchError:
+                    # a lease key changed between the check and EXEC: most often our own
+                    # renewal; look again
+                    self.metrics.write_errors.labels("fence", "watch_retry").inc()
+                    continue
+            await self._errors(ops, results, batch)
+            for p, high in highs.items():
+                if high > self.acked_high.get(p, (0, 0)):
+                    self.acked_high[p] = high
+            return lost
+        raise LeaseLost(f"the leases of partitions {live} kept changing under the publish")
+
+    def _queue(
+        self, pipe: Any, batch: Batch, partitions: set[int], now_ms: int
+    ) -> tuple[list[Op], dict[int, tuple[int, int]]]:
         cfg, keys = self.config, self.keys
         ops: list[Op] = []
+        mine = keys.partition
         for forecast in batch.forecasts:
             tick = forecast.tick
+            if mine(tick.symbol) not in partitions:
+                continue
             key = keys.forecasts(tick.symbol)
             fields = forecast.encode(now_ms)
             pipe.xadd(key, fields, id=tick.id, maxlen=cfg.forecasts_maxlen, approximate=True)
             ops.append(("forecast", tick.id, key))
+        symbols: dict[int, set[str]] = {}
         for tick in batch.accepted:
+            p = mine(tick.symbol)
+            if p not in partitions:
+                continue
             key = keys.history(tick.symbol)
             fields = HistoryEntry.of(tick).encode()
             pipe.xadd(key, fields, id=tick.id, maxlen=cfg.history_maxlen, approximate=True)
             ops.append(("history", tick.id, key))
-        if batch.accepted:
-            pipe.sadd(keys.symbols, *{t.symbol for t in batch.accepted})
-            ops.append(("symbols", "", keys.symbols))
-        for letter in batch.dead:
-            pipe.xadd(keys.dead, letter.encode(), maxlen=cfg.dead_maxlen, approximate=True)
-            ops.append(("dead", letter.tick_id, keys.dead))
-        high = max((id_key(i) for i in batch.ack_ids), default=None)
-        if high is not None and high > self.acked_high:
-            pipe.set(keys.acked(self.group), f"{high[0]}-{high[1]}")
-            ops.append(("acked", "", keys.acked(self.group)))
-        pipe.xack(keys.ticks, self.group, *batch.ack_ids)
-        ops.append(("ack", "", keys.ticks))
-        return ops, high
+            symbols.setdefault(p, set()).add(tick.symbol)
+        for p, names in symbols.items():
+            pipe.sadd(keys.symbols(p), *names)
+            ops.append(("symbols", "", keys.symbols(p)))
+        highs: dict[int, tuple[int, int]] = {}
+        for p in sorted(partitions):
+            part = batch.parts[p]
+            for letter in part.dead:
+                pipe.xadd(keys.dead(p), letter.encode(), maxlen=cfg.dead_maxlen, approximate=True)
+                ops.append(("dead", letter.tick_id, keys.dead(p)))
+            if not part.ack_ids:
+                continue
+            high = max(id_key(i) for i in part.ack_ids)
+            highs[p] = high
+            if high > self.acked_high.get(p, (0, 0)):
+                pipe.set(keys.acked(p), f"{high[0]}-{high[1]}")
+                ops.append(("acked", "", keys.acked(p)))
+            pipe.xack(keys.ticks(p), self.group, *part.ack_ids)
+            ops.append(("ack", "", keys.ticks(p)))
+        return ops, highs
 
     def _count(self, batch: Batch) -> None:
         m, forecasts = self.metrics, batch.forecasts
@@ -151,8 +214,8 @@ class ForecastSink:
         for (what, entry_id, key), result in zip(ops, results, strict=True):
             if not isinstance(result, Exception):
                 continue
-            text = str(result)
-            reason = "duplicate_id" if "equal or smaller" in text else refusal(result).lower()
+            said = str(result)
+            reason = "duplicate_id" if "equal or smaller" in said else refusal(result).lower()
             self.metrics.write_errors.labels(what, reason).inc()
             if reason == "duplicate_id":
                 if what == "forecast":
@@ -173,10 +236,10 @@ class ForecastSink:
                 what,
                 entry_id,
                 key,
-                text,
+                said,
             )
             if what == "forecast":
-                failed.append((entry_id, text))
+                failed.append((entry_id, said))
         failed += await self._never_written(duplicates)
         if failed:
             await self._publish_failed(failed, batch)
@@ -200,15 +263,19 @@ class ForecastSink:
     async def _publish_failed(self, failed: list[tuple[str, str]], batch: Batch) -> None:
         symbol_of = {t.id: t.symbol for t in batch.ready}
         pipe = self.redis.pipeline(transaction=False)
-        for entry_id, text in failed:
+        for entry_id, why in failed:
+            symbol = symbol_of.get(entry_id, "")
             letter = DeadLetter(
                 entry_id,
                 "publish_failed",
-                f"writing its forecast failed: {text[:200]}",
-                {"symbol": symbol_of.get(entry_id, "")},
+                f"writing its forecast failed: {why[:200]}",
+                {"symbol": symbol},
             )
             pipe.xadd(
-                self.keys.dead, letter.encode(), maxlen=self.config.dead_maxlen, approximate=True
+                self.keys.dead(self.keys.partition(symbol)),
+                letter.encode(),
+                maxlen=self.config.dead_maxlen,
+                approximate=True,
             )
         try:
             await pipe.execute(raise_on_error=False)

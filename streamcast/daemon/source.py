@@ -1,8 +1,10 @@
-"""The tick source: one consumer of the shard's group on the ticks stream.
+"""The tick source: this replica's consumer of the group on the partition streams it owns.
 
-It (re)creates the group, takes over what earlier consumers left pending, reads (its own pending
-entries first, from a cursor, then new ones), claims entries of dead consumers and measures the
-group's lag. Reads are sized so that one pulls in about ``read_max_bytes`` at most.
+For each partition it is given it (re)creates the group, takes over what earlier consumers left
+pending, reads (its own pending entries first, from a cursor, then new ones), claims entries of
+dead consumers and measures the group's lag. On one Redis server one XREADGROUP reads every
+partition; on a Redis Cluster (a command touches one slot) one pipelined read per partition.
+Reads are sized so that one pulls in about ``read_max_bytes`` at most.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Protocol
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from streamcast.connect import is_cluster
 from streamcast.daemon.config import DaemonConfig
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
@@ -25,6 +28,7 @@ from streamcast.wire import id_key, parse_stream_reply, text
 log = logging.getLogger(__name__)
 
 Entries = list[tuple[str, str, dict[Any, Any]]]  # (stream, entry id, fields)
+CLUSTER_POLL_MS = 5  # on a cluster, how long an empty sweep of the partitions waits
 
 
 class Source(Protocol):
@@ -36,49 +40,62 @@ class Source(Protocol):
     @property
     def rereads_in_flight(self) -> bool: ...
 
-    async def setup(self, acked_high: tuple[int, int]) -> None: ...
+    def partition_of(self, stream: str) -> int: ...
 
-    async def read(self, block: bool = True) -> Entries: ...
+    async def setup(self, partitions: set[int], acked_high: dict[int, tuple[int, int]]) -> None: ...
 
-    async def reclaim(self) -> None: ...
+    def forget(self, partitions: set[int]) -> None: ...
 
-    async def measure_lag(self) -> None: ...
+    async def read(self, partitions: list[int], block: bool = True) -> Entries: ...
+
+    async def reclaim(self, partitions: list[int]) -> None: ...
+
+    async def measure_lag(self, partitions: list[int]) -> None: ...
 
 
 class TickSource:
-    """Reads the ticks stream as ``consumer`` of ``group`` (a :class:`Source`)."""
+    """Reads the partition streams as ``consumer`` of the group (a :class:`Source`)."""
 
     def __init__(
         self,
         redis: Redis,
         keys: Keys,
-        group: str,
         config: DaemonConfig,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.group = group
+        self.group = keys.group
         self.config = config
         self.metrics = metrics
         self.clock = clock
         self.consumer = config.consumer
+        self.cluster = is_cluster(redis)
         self.read_at = 0.0  # wall-clock time of the last read: a batch's wait counts from it
-        self._read_pending = True
-        self._pending_from = "0"  # where the next read of our pending entries starts
+        self._partition = {keys.ticks(p): p for p in range(keys.partitions)}
+        self._pending_from: dict[int, str] = {}  # partitions whose own pending entries come first
         self._read_count = min(config.batch_max_size, 64)  # grows while entries are small
+
+    def partition_of(self, stream: str) -> int:
+        return self._partition[stream]
 
     # -- the group -----------------------------------------------------------------------------
 
-    async def setup(self, acked_high: tuple[int, int]) -> None:
-        """Make sure the group exists (after ``acked_high`` if it was destroyed) and take over
-        what earlier consumers left pending."""
-        start = await self._group_start(acked_high)
+    async def setup(self, partitions: set[int], acked_high: dict[int, tuple[int, int]]) -> None:
+        """Make sure the group exists on each partition stream (after its acknowledged mark if
+        it was destroyed) and take over what earlier consumers left pending there."""
+        for p in sorted(partitions):
+            await self._setup_one(p, acked_high.get(p, (0, 0)))
+            self._pending_from[p] = "0"
+
+    async def _setup_one(self, partition: int, acked_high: tuple[int, int]) -> None:
+        stream = self.keys.ticks(partition)
+        start = await self._group_start(partition, acked_high)
         try:
-            await self.redis.xgroup_create(self.keys.ticks, self.group, id=start, mkstream=True)
+            await self.redis.xgroup_create(stream, self.group, id=start, mkstream=True)
             if start == "0":
-                log.info("created consumer group %s on %s", self.group, self.keys.ticks)
+                log.info("created consumer group %s on %s", self.group, stream)
             else:
                 # destroyed (XGROUP DESTROY, DEL of the stream, FLUSHDB): resume after what was
                 # acknowledged, so nothing is read twice and nothing unacknowledged is skipped
@@ -87,68 +104,71 @@ class TickSource:
                     "consumer group %s on %s was gone: recreated it after %s, the newest tick "
                     "it had acknowledged",
                     self.group,
-                    self.keys.ticks,
+                    stream,
                     start,
                 )
         except redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await self._take_over_pending()
-        self.rewind()
+        await self._take_over_pending(partition)
 
-    def rewind(self) -> None:
-        """Read our pending entries again from the start (after a setup or a claim)."""
-        self._read_pending = True
-        self._pending_from = "0"
+    def forget(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self._pending_from.pop(p, None)
+
+    def rewind(self, partitions: list[int]) -> None:
+        """Read our pending entries of ``partitions`` again from the start (after a claim)."""
+        for p in partitions:
+            self._pending_from[p] = "0"
 
     @property
     def rereads_in_flight(self) -> bool:
-        """Whether the next read starts over our pending list, which holds the batch being
+        """Whether the next read starts over a pending list, which holds the batch being
         published: publish it first, or it is read (and dead-lettered) twice."""
-        return self._read_pending and self._pending_from == "0"
+        return "0" in self._pending_from.values()
 
-    async def _group_start(self, acked_high: tuple[int, int]) -> str:
+    async def _group_start(self, partition: int, acked_high: tuple[int, int]) -> str:
         """Where a (re)created group starts: after the newest acknowledged tick, else at 0; never
         past the newest entry the stream has had (a hand-made far-future mark skips nothing)."""
         high = acked_high
         with contextlib.suppress(ValueError, redis_errors.ResponseError):
-            stored = await self.redis.get(self.keys.acked(self.group))
+            stored = await self.redis.get(self.keys.acked(partition))
             if stored:
                 high = max(high, id_key(text(stored)))
         if high == (0, 0):
             return "0"
         with contextlib.suppress(ValueError, redis_errors.ResponseError):
-            info = await self.redis.xinfo_stream(self.keys.ticks)
+            info = await self.redis.xinfo_stream(self.keys.ticks(partition))
             newest = id_key(text(info.get("last-generated-id", b"0-0")))
             if newest != (0, 0):
                 high = min(high, newest)
         return f"{high[0]}-{high[1]}"
 
-    async def _take_over_pending(self) -> None:
-        """Claim, in id order, every entry earlier consumers of the group left unacknowledged,
-        then drop those consumers; we hold the lease, so none of them is alive."""
-        claimed = await self.claim(min_idle_ms=0)
+    async def _take_over_pending(self, partition: int) -> None:
+        """Claim, in id order, every entry earlier consumers of the group left unacknowledged
+        on the partition, then drop those consumers; we hold its lease, so none of them is
+        consuming it (a replica that lost it publishes nothing for it: the fence)."""
+        stream = self.keys.ticks(partition)
+        claimed = await self._claim(stream, min_idle_ms=0)
         # a consumer is dropped only when it has nothing pending and has been idle past any
         # lease it could still think it holds (DELCONSUMER drops what it has pending)
         quiet_ms = int(self.config.lease_ttl_s * 1000) + self.config.read_block_ms + 1000
-        for info in await self.redis.xinfo_consumers(self.keys.ticks, self.group):
+        for info in await self.redis.xinfo_consumers(stream, self.group):
             name = text(info.get("name", b""))
             pending = int(info.get("pending", 0) or 0)
             idle = int(info.get("idle", 0) or 0)
             if name != self.consumer and not pending and idle >= quiet_ms:
-                await self.redis.xgroup_delconsumer(self.keys.ticks, self.group, name)
+                await self.redis.xgroup_delconsumer(stream, self.group, name)
         if claimed:
-            log.info(
-                "took over %d entries earlier consumers of %s left pending", claimed, self.group
-            )
+            log.info("took over %d entries earlier consumers of %s left pending", claimed, stream)
 
-    async def claim(self, min_idle_ms: int) -> int:
+    async def _claim(self, stream: str, min_idle_ms: int) -> int:
         """XAUTOCLAIM entries idle past ``min_idle_ms`` into our pending list; how many."""
         start = "0-0"
         claimed = 0
         while True:
             reply = await self.redis.xautoclaim(
-                self.keys.ticks, self.group, self.consumer, min_idle_ms, start_id=start, count=1000
+                stream, self.group, self.consumer, min_idle_ms, start_id=start, count=1000
             )
             # [next start, claimed entries, deleted ids]; JUSTID would make redis-py drop the cursor
             start = text(reply[0])
@@ -157,50 +177,89 @@ class TickSource:
                 break
         return claimed
 
-    async def reclaim(self) -> None:
+    async def reclaim(self, partitions: list[int]) -> None:
         """Take over entries a dead consumer of the group left pending for ``claim_idle_ms``."""
-        if await self.claim(self.config.claim_idle_ms):
-            log.info("reclaimed entries left pending by another consumer")
-            self.rewind()
+        for p in partitions:
+            if await self._claim(self.keys.ticks(p), self.config.claim_idle_ms):
+                log.info("reclaimed entries of partition %d left pending by another consumer", p)
+                self.rewind([p])
 
-    async def measure_lag(self) -> None:
-        for group in await self.redis.xinfo_groups(self.keys.ticks):
-            if text(group.get("name", b"")) == self.group:
-                lag = group.get("lag")
-                if lag is not None:
-                    self.metrics.stream_lag.set(int(lag))
+    async def measure_lag(self, partitions: list[int]) -> None:
+        if not partitions:
+            self.metrics.stream_lag.set(0)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for p in partitions:
+            pipe.xinfo_groups(self.keys.ticks(p))
+        replies = await pipe.execute(raise_on_error=False)
+        total = 0
+        for p, groups in zip(partitions, replies, strict=True):
+            if isinstance(groups, Exception):
+                continue
+            for group in groups:
+                if text(group.get("name", b"")) == self.group and group.get("lag") is not None:
+                    lag = int(group["lag"])
+                    total += lag
+                    self.metrics.partition_lag.labels(str(p)).set(lag)
+        self.metrics.stream_lag.set(total)
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def read(self, block: bool = True) -> Entries:
-        """Our pending entries first, then new ones (waiting ``batch_max_wait_ms`` for a small
-        batch to fill when ``block``)."""
+    async def read(self, partitions: list[int], block: bool = True) -> Entries:
+        """Our pending entries of ``partitions`` first, then new ones (waiting
+        ``batch_max_wait_ms`` for a small batch to fill when ``block``)."""
         cfg = self.config
-        if self._read_pending:
+        pending = {p: c for p, c in self._pending_from.items() if p in partitions}
+        if pending:
             # our own pending entries, from a cursor: the batch read last is not acknowledged
             # yet while it is published, and must not be read (and dead-lettered) twice
-            entries = await self._read_group(self._pending_from, self._read_count)
+            entries = await self._read_group(
+                {self.keys.ticks(p): c for p, c in pending.items()}, self._read_count
+            )
             self.read_at = self.clock()
+            last: dict[int, str] = {}
+            for stream, entry_id, _ in entries:
+                last[self._partition[stream]] = entry_id
+            for p in pending:
+                if p in last:
+                    self._pending_from[p] = last[p]
+                else:
+                    del self._pending_from[p]  # read them all: new entries from here on
             if entries:
-                self._pending_from = entries[-1][1]
                 return entries
-            self._read_pending = False
+        streams = {self.keys.ticks(p): ">" for p in partitions}
         entries = await self._read_group(
-            ">", self._read_count, cfg.read_block_ms if block else None
+            streams, self._read_count, cfg.read_block_ms if block else None
         )
         self.read_at = self.clock()  # a batch's wait (the fill below, prepare) counts from here
         room = self._read_count - len(entries)
         if block and entries and room > 0 and cfg.batch_max_wait_ms > 0:
             # flush on size or deadline: give a small batch a moment to fill
             await asyncio.sleep(cfg.batch_max_wait_ms / 1000)
-            entries += await self._read_group(">", room)
+            entries += await self._read_group(streams, room)
         return entries
 
-    async def _read_group(self, start: str, count: int, block: int | None = None) -> Entries:
-        reply = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.keys.ticks: start}, count=count, block=block
-        )
-        return self._sized(parse_stream_reply(reply))
+    async def _read_group(
+        self, streams: dict[Any, Any], count: int, block: int | None = None
+    ) -> Entries:
+        """XREADGROUP of ``streams`` ({stream: start}), about ``count`` entries in all."""
+        each = max(1, -(-count // len(streams)))  # COUNT is per stream
+        if not self.cluster or len(streams) == 1:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, streams, count=each, block=block
+            )
+            return self._sized(parse_stream_reply(reply))
+        # a Redis Cluster: one command per partition (each its own slot), pipelined per node;
+        # an empty sweep waits a moment instead of blocking on one partition
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, start in streams.items():
+            pipe.xreadgroup(self.group, self.consumer, {stream: start}, count=each)
+        entries: Entries = []
+        for reply in await pipe.execute():
+            entries += parse_stream_reply(reply)
+        if not entries and block:
+            await asyncio.sleep(min(block, CLUSTER_POLL_MS) / 1000)
+        return self._sized(entries)
 
     def _sized(self, entries: Entries) -> Entries:
         """Size the next read so that it pulls in about ``read_max_bytes`` at most: a stream of

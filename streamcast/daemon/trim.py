@@ -1,4 +1,4 @@
-"""Trimming the ticks stream to what some consumer group still needs."""
+"""Trimming the partition streams this replica owns to what some consumer group still needs."""
 
 from __future__ import annotations
 
@@ -18,53 +18,50 @@ log = logging.getLogger(__name__)
 
 
 class Trimmer:
-    """Deletes the ticks every consumer group of the stream has acknowledged, and only those."""
+    """Deletes the ticks every consumer group of a partition stream has acknowledged, and only
+    those, on the partitions this replica owns."""
 
-    def __init__(self, redis: Redis, keys: Keys, shard_count: int, metrics: Metrics) -> None:
+    def __init__(self, redis: Redis, keys: Keys, metrics: Metrics) -> None:
         self.redis = redis
         self.keys = keys
-        self.shard_count = shard_count
         self.metrics = metrics
         self.rounds = 0  # times the trim ran (what it removed is in the metrics)
 
-    async def run_forever(self, interval_s: float, redis_ok: Callable[[], bool]) -> None:
+    async def run_forever(
+        self, interval_s: float, redis_ok: Callable[[], bool], owned: Callable[[], list[int]]
+    ) -> None:
         while True:
             await asyncio.sleep(interval_s)
             if not redis_ok():
                 continue
             try:
-                await self.trim()
+                for partition in owned():
+                    await self.trim(partition)
+                self.rounds += 1
             except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
-                log.debug("trimming the ticks stream: %s", exc)
+                log.debug("trimming the ticks streams: %s", exc)
 
-    async def trim(self) -> None:
+    async def trim(self, partition: int) -> None:
         """XTRIM MINID (approximate: never past the bound) to the oldest entry still pending in
-        some group, or the first after what some group has read. A shard group of this
-        deployment that is missing (not created yet, or destroyed and about to be recreated)
-        bounds it by its acknowledged mark, and stops it when it has none."""
-        self.rounds += 1
-        floor = await self._groups_floor()
-        for shard in range(self.shard_count):
-            name = self.keys.group(shard, self.shard_count)
-            if name in floor[1]:
-                continue
-            mark = await self.redis.get(self.keys.acked(name))
+        some group, or the first after what some group has read. If the forecasters' group is
+        missing (not created yet, or destroyed and about to be recreated) its acknowledged mark
+        bounds it, and it stops when there is none."""
+        ticks = self.keys.ticks(partition)
+        floor, present = await self._groups_floor(ticks)
+        if self.keys.group not in present:
+            mark = await self.redis.get(self.keys.acked(partition))
             if not mark:
                 return
             acked = id_key(text(mark))
-            floor = (_lower(floor[0], (acked[0], acked[1] + 1)), floor[1])
-        low = floor[0]
-        if low is None or low <= (0, 1):
+            floor = _lower(floor, (acked[0], acked[1] + 1))
+        if floor is None or floor <= (0, 1):
             return
-        trimmed = await self.redis.xtrim(
-            self.keys.ticks, minid=f"{low[0]}-{low[1]}", approximate=True
-        )
+        trimmed = await self.redis.xtrim(ticks, minid=f"{floor[0]}-{floor[1]}", approximate=True)
         if trimmed:
             self.metrics.ticks_trimmed.inc(int(trimmed))
 
-    async def _groups_floor(self) -> tuple[tuple[int, int] | None, set[str]]:
+    async def _groups_floor(self, ticks: str) -> tuple[tuple[int, int] | None, set[str]]:
         """The oldest id some present group still needs, and the names of the groups present."""
-        ticks = self.keys.ticks
         floor: tuple[int, int] | None = None
         present = set()
         for group in await self.redis.xinfo_groups(ticks):

@@ -1,0 +1,304 @@
+"""Which partitions this replica consumes: leases in Redis, renewed, shared fairly, fenced.
+
+Each partition has a lease key (``keys.lease(p)``, SET NX PX, streamcast.lease). Every round
+(about a second) a replica
+
+1. renews its membership in ``keys.members`` (a sorted set scored by expiry) and reads the live
+   members;
+2. renews every lease it holds; one it can no longer renew is *lost*;
+3. works out its share: with ``assignment="lease"``, P // n partitions, one more for the first
+   P % n members by name; with ``"static"``, the partitions p with p % shard_count ==
+   shard_index (a StatefulSet's ordinal);
+4. marks what it holds beyond its share *releasing* (the consume loop publishes the batch in
+   flight, then gives them up between two batches), or acquires free partitions up to it.
+
+A dead replica's leases lapse after ``lease_ttl_s`` and its membership with them: the others'
+shares grow and they take its partitions in their next round. A new member makes the others'
+shares shrink: they give up their extras and it takes them.
+
+A replica that stalled past its lease may have lost it unseen, so the loop reads only partitions
+whose *local deadline* has not passed, and the publish transaction WATCHes each partition's lease
+key and checks it still holds our token (the fence, streamcast.daemon.sink): a replica that lost
+a partition cannot publish for it, however long it was paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from streamcast.daemon.config import DaemonConfig
+from streamcast.daemon.faults import REDIS_DOWN
+from streamcast.keys import Keys
+from streamcast.lease import Lease
+from streamcast.metrics import Metrics
+from streamcast.tasks import within
+from streamcast.wire import text
+
+log = logging.getLogger(__name__)
+
+
+class Ownership:
+    """The partitions this replica holds (``held``), consumes (``active``), should give up
+    (``releasing``) and lost unseen (``lost``)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        config: DaemonConfig,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.token = config.consumer
+        self.ttl_s = config.lease_ttl_s
+        self.round_s = min(1.0, self.ttl_s / 3)
+        ttl_ms = int(self.ttl_s * 1000)
+        self.leases = [
+            Lease(redis, keys.lease(p), self.token, ttl_ms) for p in range(keys.partitions)
+        ]
+        self.held: dict[int, float] = {}  # partition -> monotonic deadline: surely ours until then
+        self.active: set[int] = set()  # set up by the consume loop and read
+        self.releasing: set[int] = set()
+        self.lost: set[int] = set()
+        self.share = 0
+        self.member_count = 0
+        self.changed = asyncio.Event()  # set when something for the consume loop to do happened
+        self._said_standby = -1e9
+        self._said_mismatch = -1e9
+        self.mismatch: str | None = None  # why this replica owns nothing, if it refuses to
+
+    # -- what the consume loop asks ---------------------------------------------------------------
+
+    @property
+    def standby(self) -> bool:
+        """Owning nothing: the others hold every partition (or none is reachable yet)."""
+        return not self.held
+
+    def valid(self, partition: int) -> bool:
+        return time.monotonic() <= self.held.get(partition, -1.0)
+
+    def readable(self) -> list[int]:
+        """The partitions set up and surely still ours: the next read's."""
+        return sorted(p for p in self.active if p not in self.releasing and self.valid(p))
+
+    def to_adopt(self) -> set[int]:
+        return set(self.held) - self.active - self.releasing
+
+    def take_lost(self) -> set[int]:
+        lost, self.lost = self.lost, set()
+        self.active -= lost
+        return lost
+
+    async def release(self, partitions: set[int]) -> None:
+        """Give ``partitions`` up (the batch in flight is published): another replica takes them
+        at once instead of after the lease's time to live."""
+        for p in sorted(partitions):
+            with contextlib.suppress(Exception):
+                # bounded even if the call swallows its cancellation (a reply that never comes)
+                await within(self.leases[p].release(), 2.0)
+            self._forget(p)
+            self.metrics.rebalances.labels("released").inc()
+        if partitions:
+            log.info("gave up partitions %s (over this replica's share)", _listed(partitions))
+        self._gauges()
+
+    def drop(self, partitions: set[int]) -> None:
+        """Partitions found lost, or maybe lost (past their local deadline), when publishing:
+        consumed no more; the loop releases them (if still ours) and forgets their windows."""
+        for p in partitions:
+            if p in self.held:
+                self._forget(p)
+                self.lost.add(p)
+                self.metrics.rebalances.labels("lost").inc()
+                self.metrics.recoveries.labels("lease_lost").inc()
+                log.error(
+                    "partition %d may be another replica's now (its lease is not ours, or this "
+                    "replica stalled past it): its batch share is not published; whoever holds "
+                    "it reads that again",
+                    p,
+                )
+        if partitions:
+            self.changed.set()
+
+    def reset(self) -> None:
+        """After a Redis failure every partition is set up again (held ones stay held)."""
+        self.active.clear()
+
+    # -- the rounds ---------------------------------------------------------------------------------
+
+    async def keep_forever(self) -> None:
+        while True:
+            try:
+                await self.round()
+            except (*REDIS_DOWN, redis_errors.RedisError) as exc:
+                log.debug("partition round: %s", exc)  # the consume loop reports the outage
+            except Exception:
+                log.exception("the partition round failed")
+            await asyncio.sleep(self.round_s)
+
+    async def round(self) -> None:
+        if not await self._same_partitions():
+            return
+        members = await self._members()
+        await self._renew()
+        self.share = self._share(members)
+        if self.config.assignment == "lease" and len(self.held) > self.share:
+            extra = sorted(set(self.held) - self.releasing, reverse=True)
+            give = extra[: len(self.held) - len(self.releasing) - self.share]
+            if give:
+                self.releasing |= set(give)
+                self.changed.set()
+        elif len(self.held) < self.share:
+            await self._acquire(members)
+        self._gauges()
+
+    async def _same_partitions(self) -> bool:
+        """Record the deployment's partition count (the first replica does), or refuse another
+        one: two counts would send one symbol's ticks to two partitions. A replica with another
+        count owns nothing and says so."""
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hsetnx(keys.meta, "partitions", keys.partitions)
+        pipe.hget(keys.meta, "partitions")
+        _, stored = await pipe.execute()
+        self.mismatch = None
+        if stored is not None and text(stored) != str(keys.partitions):
+            self.mismatch = (
+                f"STREAMCAST_PARTITIONS={keys.partitions}, but this deployment (prefix "
+                f"{keys.prefix!r}) has {text(stored)!r} partitions ({keys.meta}): the count is "
+                "fixed per deployment (deploy/README.md says how to change it); owning nothing"
+            )
+            if time.monotonic() - self._said_mismatch >= 60.0:
+                self._said_mismatch = time.monotonic()
+                log.error("%s", self.mismatch)
+            self.drop(set(self.held))
+            self._gauges()
+            return False
+        return True
+
+    async def leave(self) -> None:
+        """At stop: leave the members and give every partition up (the batch is published)."""
+        with contextlib.suppress(Exception):
+            await within(self.redis.zrem(self.keys.members, self.token), 2.0)
+        await self.release(set(self.held))
+
+    # -- inside a round -----------------------------------------------------------------------------
+
+    async def _members(self) -> list[str]:
+        now_ms = int(self.clock() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.members, {self.token: now_ms + int(self.ttl_s * 1000)})
+        pipe.zremrangebyscore(self.keys.members, "-inf", now_ms - 1)
+        pipe.zrangebyscore(self.keys.members, now_ms, "+inf")
+        *_, names = await pipe.execute()
+        members = sorted({n.decode() if isinstance(n, bytes) else str(n) for n in names})
+        self.member_count = len(members)
+        return members
+
+    def _share(self, members: list[str]) -> int:
+        partitions = self.keys.partitions
+        if self.config.assignment == "static":
+            return len(self._wanted_static())
+        count = max(1, len(members))
+        rank = members.index(self.token) if self.token in members else count - 1
+        return partitions // count + (1 if rank < partitions % count else 0)
+
+    def _wanted_static(self) -> list[int]:
+        cfg = self.config
+        return [p for p in range(self.keys.partitions) if p % cfg.shard_count == cfg.shard_index]
+
+    async def _renew(self) -> None:
+        held = sorted(self.held)
+        asked = time.monotonic()
+        kept = await asyncio.gather(*(self.leases[p].renew() for p in held), return_exceptions=True)
+        for p, ok in zip(held, kept, strict=True):
+            if p not in self.held:
+                continue  # given up meanwhile
+            if isinstance(ok, BaseException):
+                continue  # an outage: the local deadline runs out if it lasts
+            if ok:
+                self.held[p] = asked + self._valid_s()
+                continue
+            self._forget(p)
+            self.lost.add(p)
+            self.changed.set()
+            self.metrics.rebalances.labels("lost").inc()
+            self.metrics.recoveries.labels("lease_lost").inc()
+            log.error(
+                "lost the lease of partition %d (another replica holds it now, or it lapsed "
+                "while this one stalled): publishing nothing more for it",
+                p,
+            )
+
+    async def _acquire(self, members: list[str]) -> None:
+        partitions = self.keys.partitions
+        if self.config.assignment == "static":
+            order = self._wanted_static()
+        else:
+            # start each member at its own place so that they do not all race for partition 0
+            rank = members.index(self.token) if self.token in members else 0
+            start = rank * partitions // max(1, len(members))
+            order = [(start + i) % partitions for i in range(partitions)]
+        taken = []
+        for p in order:
+            if len(self.held) >= self.share:
+                break
+            if p in self.held:
+                continue
+            asked = time.monotonic()
+            if await self.leases[p].acquire():
+                self.held[p] = asked + self._valid_s()
+                taken.append(p)
+        if taken:
+            self.metrics.rebalances.labels("acquired").inc(len(taken))
+            self.changed.set()
+            log.info(
+                "took partitions %s (share %d of %d among %d replicas)",
+                _listed(taken),
+                self.share,
+                partitions,
+                self.member_count,
+            )
+        elif not self.held and time.monotonic() - self._said_standby >= 60.0:
+            self._said_standby = time.monotonic()
+            log.warning(
+                "every partition is held by another live replica: standing by, not ready; this "
+                "one takes one within %.0f s of a replica stopping or dying",
+                self.ttl_s + self.round_s,
+            )
+
+    def _forget(self, p: int) -> None:
+        self.held.pop(p, None)
+        self.active.discard(p)
+        self.releasing.discard(p)
+        self.metrics.partition_owned.labels(str(p)).set(0)
+
+    def _gauges(self) -> None:
+        m = self.metrics
+        m.partitions_owned.set(len(self.held))
+        m.partitions_share.set(self.share)
+        m.members.set(self.member_count)
+        m.standby.set(1 if self.standby else 0)
+        for p in self.held:
+            m.partition_owned.labels(str(p)).set(1)
+
+    def _valid_s(self) -> float:
+        """How long after a renewal was asked for the lease is surely still ours: its time to
+        live less a margin for a blocking read that started just before."""
+        return self.ttl_s - min(self.ttl_s / 3, self.config.read_block_ms / 1000 + 0.5)
+
+
+def _listed(partitions: set[int] | list[int]) -> str:
+    return ",".join(str(p) for p in sorted(partitions))
