@@ -25,6 +25,7 @@ from streamcast.replay import replay
 from .helpers import feed, spawn_daemon, wait_ready, wait_total
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+PARTITIONS = 12  # STREAMCAST_PARTITIONS of the example deployments under deploy/
 SUFFIXES = {
     "counter": ("_total", "_created"),
     "histogram": ("_bucket", "_sum", "_count", "_created"),
@@ -65,8 +66,9 @@ def test_promtool_accepts_the_config_and_the_rules():
 
 def test_every_dashboard_panel_and_alert_queries_only_exported_metrics():
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "streamcast.json").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    assert len(dashboard["panels"]) >= 10 and all(exprs)
+    graphs = [p for p in dashboard["panels"] if p["type"] != "row"]  # a row only heads others
+    exprs = [t["expr"] for panel in graphs for t in panel["targets"]]
+    assert len(graphs) >= 10 and all(exprs)
     used = queried_metrics(exprs)
     exported = exported_series()
     assert not used - exported, f"the dashboard queries metrics the daemon lacks: {used - exported}"
@@ -79,6 +81,25 @@ def test_every_dashboard_panel_and_alert_queries_only_exported_metrics():
     for topic in ("throughput", "latency", "batch", "lag", "dead letters", "skill", "version"):
         assert topic in titles, topic
     assert "retrain" in titles
+
+
+def test_dashboard_has_a_partitions_row_with_lag_ownership_members_and_moves():
+    panels = json.loads((DEPLOY / "grafana" / "dashboards" / "streamcast.json").read_text())[
+        "panels"
+    ]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Partitions"]
+    assert len(rows) == 1
+    below = panels[rows[0] + 1 :]
+    below = below[: next((i for i, p in enumerate(below) if p["type"] == "row"), len(below))]
+    exprs = " ".join(t["expr"] for p in below for t in p["targets"])
+    assert "by (partition) (streamcast_partition_lag)" in exprs
+    assert "by (instance) (streamcast_partitions_owned)" in exprs
+    assert "streamcast_members" in exprs and "streamcast_partitions_share" in exprs
+    assert "rate(streamcast_partition_moves_total" in exprs and "by (how)" in exprs
+    # the row sits below every other panel, and its panels below it
+    row_y = panels[rows[0]]["gridPos"]["y"]
+    assert all(p["gridPos"]["y"] < row_y for p in panels[: rows[0]])
+    assert all(p["gridPos"]["y"] > row_y for p in below)
 
 
 @pytest.mark.slow
@@ -140,7 +161,8 @@ async def test_prometheus_scrapes_a_live_daemon(redis_server, redis_client, tmp_
         rules = json.loads(
             urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/rules", timeout=5).read()
         )
-        assert len(rules["data"]["groups"][0]["rules"]) == 8
+        ours = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]
+        assert len(rules["data"]["groups"][0]["rules"]) == len(ours["rules"])
     finally:
         server.terminate()
         server.wait(15)
@@ -245,10 +267,23 @@ def test_dockerfile_user_check_accepts_non_root_spellings():
     assert image_user("FROM x\n" + groups) == (2001, 2000)
 
 
+def k8s_docs() -> list[dict]:
+    """Every object of every manifest under deploy/k8s/."""
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return docs
+
+
 def test_dockerfile_and_kubernetes_run_as_non_root_without_capabilities_on_a_read_only_root():
     uid, gid = image_user((ROOT / "Dockerfile").read_text())
-    docs = yaml.safe_load_all((DEPLOY / "k8s" / "streamcast.yaml").read_text())
-    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    workloads = [d for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")]
+    assert {d["kind"] for d in workloads} == {"Deployment", "StatefulSet"}
+    for workload in workloads:
+        _check_pod_is_non_root(workload["spec"]["template"]["spec"], uid, gid)
+
+
+def _check_pod_is_non_root(pod: dict, uid: int, gid: int) -> None:
     for container in pod["containers"]:
         context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
         assert context.get("runAsNonRoot") is True, container["name"]
@@ -282,8 +317,22 @@ def test_compose_file_validates_and_wires_the_stack():
     assert services["replay"]["command"][:2] == ["replay", "/data/sp500.csv"]
     assert any(v.endswith(":/data/sp500.csv:ro") for v in _volumes(services["replay"]))
     assert services["streamcast"]["environment"]["STREAMCAST_REDIS_URL"] == "redis://redis:6379/0"
+    # `up --scale streamcast=3`: no fixed name, no fixed host port, one partition count for all
+    streamcast = services["streamcast"]
+    assert "container_name" not in streamcast
+    for port in streamcast.get("ports", []):
+        published = port.get("published") if isinstance(port, dict) else port.split(":")[-2:-1]
+        assert not published, f"a fixed host port collides when scaled: {port}"
+    assert streamcast["environment"]["STREAMCAST_ASSIGNMENT"] == "lease"
+    for name in ("streamcast", "replay"):
+        assert services[name]["environment"]["STREAMCAST_PARTITIONS"] == str(PARTITIONS), name
+    # Prometheus finds every replica by the service's name in Compose's DNS
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["streamcast:8000"]
+    job = prometheus["scrape_configs"][0]
+    assert job["dns_sd_configs"] == [
+        {"names": ["streamcast"], "type": "A", "port": 8000, "refresh_interval": "5s"}
+    ]
+    assert "static_configs" not in job
 
 
 def _volumes(service: dict) -> list[str]:
@@ -296,15 +345,110 @@ def _volumes(service: dict) -> list[str]:
     return out
 
 
-def test_kubernetes_statefulset_shards_by_ordinal_with_probes_and_grace():
-    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "streamcast.yaml").read_text()))
-    kinds = {d["kind"]: d for d in docs}
+def _manifest(name: str) -> dict[str, dict]:
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()))
+    return {d["kind"]: d for d in docs}
+
+
+def _known_settings() -> set[str]:
+    from streamcast.settings import Settings
+
+    return {f"STREAMCAST_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_every_yaml_file_under_deploy_loads():
+    paths = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
+    assert len(paths) >= 7
+    for path in paths:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs and all(isinstance(d, dict) for d in docs), path
+
+
+def test_kubernetes_deployment_shares_the_partitions_by_lease():
+    kinds = _manifest("streamcast.yaml")
+    assert set(kinds) == {"Service", "Deployment"}
+    deployment = kinds["Deployment"]
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["STREAMCAST_PARTITIONS"] == str(PARTITIONS)
+    assert env["STREAMCAST_ASSIGNMENT"] == "lease"
+    assert "STREAMCAST_SHARD_INDEX" not in env and "STREAMCAST_SHARD_COUNT" not in env
+    assert 1 <= deployment["spec"]["replicas"] <= PARTITIONS
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["spec"]["terminationGracePeriodSeconds"] > float(
+        env["STREAMCAST_SHUTDOWN_TIMEOUT_S"]
+    )
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert {name for name in env if name.startswith("STREAMCAST_")} <= _known_settings()
+
+
+def test_keda_reads_one_stream_per_partition_and_scales_at_most_to_the_partitions():
+    from streamcast.keys import Keys
+
+    kinds = _manifest("keda-scaledobject.yaml")
+    spec = kinds["ScaledObject"]["spec"]
+    assert (
+        spec["scaleTargetRef"]["name"]
+        == _manifest("streamcast.yaml")["Deployment"]["metadata"]["name"]
+    )
+    keys = Keys("streamcast", PARTITIONS)
+    triggers = spec["triggers"]
+    assert all(t["type"] == "redis-streams" for t in triggers)
+    streams = [t["metadata"]["stream"] for t in triggers]
+    assert streams == [f"streamcast:{{p{n}}}:ticks" for n in range(PARTITIONS)]
+    assert streams == keys.all_ticks()  # the daemon's own key names
+    for t in triggers:
+        assert t["metadata"]["consumerGroup"] == keys.group == "streamcast:forecasters"
+        assert int(t["metadata"]["lagCount"]) > 0
+    # one metric: the lags added up (the HPA alone would follow the largest)
+    formula = spec["advanced"]["scalingModifiers"]["formula"]
+    assert sorted(formula.replace(" ", "").split("+")) == sorted(t["name"] for t in triggers)
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= PARTITIONS
+
+
+def test_hpa_scales_on_the_stream_lag_at_most_to_the_partitions():
+    hpa = _manifest("hpa.yaml")["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "streamcast",
+    }
+    assert 1 <= spec["minReplicas"] <= spec["maxReplicas"] <= PARTITIONS
+    (metric,) = spec["metrics"]
+    assert metric["type"] in ("External", "Pods")
+    assert metric[metric["type"].lower()]["metric"]["name"] == "streamcast_stream_lag"
+    assert "streamcast_stream_lag" in exported_series()
+    assert "prometheus-adapter" in (DEPLOY / "k8s" / "hpa.yaml").read_text()
+
+
+def test_partition_alerts_cover_unowned_partitions_and_growing_lag():
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    by_name = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    unowned = by_name["StreamcastPartitionUnowned"]
+    assert "by (partition) (streamcast_partition_owned)" in unowned["expr"]
+    assert unowned["for"] == "1m"
+    total = by_name["StreamcastPartitionsUnowned"]
+    assert "sum(streamcast_partitions_owned)" in total["expr"]
+    assert total["expr"].rstrip().endswith(f"< {PARTITIONS}"), "the deployments' partition count"
+    lag = by_name["StreamcastPartitionLagGrowing"]
+    assert "by (partition)" in lag["expr"] and "deriv(streamcast_partition_lag[5m])" in lag["expr"]
+    assert lag["for"] == "5m"
+
+
+def test_kubernetes_statefulset_owns_partitions_by_ordinal_with_probes_and_grace():
+    kinds = _manifest("streamcast-static.yaml")
     assert set(kinds) == {"Service", "StatefulSet"}
     sts = kinds["StatefulSet"]
     pod = sts["spec"]["template"]
     container = pod["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["STREAMCAST_ASSIGNMENT"] == "static"
     assert int(env["STREAMCAST_SHARD_COUNT"]) == sts["spec"]["replicas"]
+    assert int(env["STREAMCAST_SHARD_COUNT"]) <= int(env["STREAMCAST_PARTITIONS"]) == PARTITIONS
     assert 'STREAMCAST_SHARD_INDEX="${HOSTNAME##*-}"' in " ".join(container["command"])
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -316,12 +460,7 @@ def test_kubernetes_statefulset_shards_by_ordinal_with_probes_and_grace():
     assert annotations["prometheus.io/port"] == "8000"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     # the settings the manifest sets are settings the daemon knows
-    from streamcast.settings import Settings
-
-    known = {f"STREAMCAST_{name.upper()}" for name in Settings.model_fields}
-    assert {name for name in env if name.startswith("STREAMCAST_")} <= known | {
-        "STREAMCAST_SHARD_INDEX"
-    }
+    assert {name for name in env if name.startswith("STREAMCAST_")} <= _known_settings()
 
 
 async def test_streamcast_check_answers_for_probes(tmp_path):
