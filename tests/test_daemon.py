@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.data import load_series
-from streamcast.keys import Keys, shard_of
+from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.replay import fan_out, replay, symbol_names
 from streamcast.wire import Forecast
@@ -60,7 +60,7 @@ async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
     assert np.isfinite(sample(metrics, "streamcast_skill", horizon="1", version=version))
     for stage in ("ingest", "wait", "compute", "publish"):
         assert sample(metrics, "streamcast_stage_seconds_count", stage=stage) > 0
-    assert await redis_client.xpending(keys.ticks, keys.group(0, 1)) == {
+    assert await redis_client.xpending(keys.ticks(0), keys.group) == {
         "pending": 0,
         "min": None,
         "max": None,
@@ -94,11 +94,11 @@ async def test_malformed_entries_become_dead_letters_and_valid_ticks_are_forecas
     valid_ids = []
     for i, price in enumerate(prices):
         if i in bad_at:
-            await redis_client.xadd(keys.ticks, bad_at[i][0])
+            await redis_client.xadd(keys.ticks(0), bad_at[i][0])
         valid_ids.append(
             (
                 await redis_client.xadd(
-                    keys.ticks, {"symbol": "M0", "price": repr(float(price)), "ts": str(10_000 + i)}
+                    keys.ticks(0), {"symbol": "M0", "price": repr(float(price)), "ts": str(10_000 + i)}
                 )
             ).decode()
         )
@@ -109,12 +109,12 @@ async def test_malformed_entries_become_dead_letters_and_valid_ticks_are_forecas
 
         async def done():
             return (
-                await redis_client.xlen(keys.dead) >= len(MALFORMED)
+                await redis_client.xlen(keys.dead(0)) >= len(MALFORMED)
                 and len(await forecast_ids(redis_client, keys, "M0")) >= 71
             )
 
         await wait_for(done)
-    letters = await redis_client.xrange(keys.dead)
+    letters = await redis_client.xrange(keys.dead(0))
     reasons = [fields[b"reason"].decode() for _, fields in letters]
     assert reasons == [reason for _, reason in MALFORMED]
     assert all(fields[b"tick_id"] and fields[b"detail"] for _, fields in letters)
@@ -131,11 +131,11 @@ async def test_restart_rebuilds_windows_from_history_and_forecasts_at_once(
     keys = Keys("restart")
     prices = 50 + np.arange(60, dtype=float)
     for price in prices:
-        await redis_client.xadd(keys.ticks, {"symbol": "R", "price": repr(float(price))})
+        await redis_client.xadd(keys.ticks(0), {"symbol": "R", "price": repr(float(price))})
     async with Daemon(redis_client, shipped_engine, Metrics(CollectorRegistry()), keys=keys):
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("R"), 11))
     # a new daemon: its first new tick is forecast without waiting for 50 more
-    new_id = (await redis_client.xadd(keys.ticks, {"symbol": "R", "price": "111.0"})).decode()
+    new_id = (await redis_client.xadd(keys.ticks(0), {"symbol": "R", "price": "111.0"})).decode()
     metrics = Metrics(CollectorRegistry())
     async with Daemon(redis_client, shipped_engine, metrics, keys=keys):
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("R"), 12))
@@ -144,10 +144,10 @@ async def test_restart_rebuilds_windows_from_history_and_forecasts_at_once(
     assert sample(metrics, "streamcast_ticks_total", outcome="filling") == 0
 
 
-async def test_shards_split_symbols_and_together_forecast_each_tick_once(
+async def test_static_replicas_split_partitions_and_together_forecast_each_tick_once(
     redis_client, shipped_engine
 ):
-    keys = Keys("shard")
+    keys = Keys("shard", partitions=2)
     names = [f"S{k}" for k in range(6)]
     paths = 100 + np.cumsum(np.random.default_rng(5).normal(0, 0.3, (6, 60)), axis=1)
     await replay(redis_client, keys, paths, names, rate=None)
@@ -158,7 +158,9 @@ async def test_shards_split_symbols_and_together_forecast_each_tick_once(
             shipped_engine,
             Metrics(CollectorRegistry()),
             keys=keys,
-            config=DaemonConfig(shard_index=i, shard_count=2, consumer=f"replica-{i}"),
+            config=DaemonConfig(
+                assignment="static", shard_index=i, shard_count=2, consumer=f"replica-{i}"
+            ),
         )
         for i in range(2)
     ]
@@ -176,30 +178,30 @@ async def test_shards_split_symbols_and_together_forecast_each_tick_once(
             await d.stop()  # drains: anything doubled is in the streams now
     for name in names:
         assert await forecast_ids(redis_client, keys, name) == ticks[name][49:], name
-    owners = {n: shard_of(n, 2) for n in names}
-    assert set(owners.values()) == {0, 1}, "the test symbols should land on both shards"
+    owners = {n: keys.partition(n) for n in names}
+    assert set(owners.values()) == {0, 1}, "the test symbols should land on both partitions"
     for i, d in enumerate(daemons):
         assert sorted(d.windows.symbols()) == sorted(n for n, o in owners.items() if o == i)
 
 
 async def test_entries_left_pending_by_a_dead_consumer_are_reclaimed(redis_client, shipped_engine):
     keys = Keys("claim")
-    group = keys.group(0, 1)
-    await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
+    group = keys.group
+    await redis_client.xgroup_create(keys.ticks(0), group, id="0", mkstream=True)
     ids = []
     for i in range(55):
-        eid = await redis_client.xadd(keys.ticks, {"symbol": "C", "price": repr(100.0 + i)})
+        eid = await redis_client.xadd(keys.ticks(0), {"symbol": "C", "price": repr(100.0 + i)})
         ids.append(eid.decode())
     # another consumer read them all, then died without acknowledging
-    await redis_client.xreadgroup(group, "dead-replica", {keys.ticks: ">"}, count=100)
-    assert (await redis_client.xpending(keys.ticks, group))["pending"] == 55
+    await redis_client.xreadgroup(group, "dead-replica", {keys.ticks(0): ">"}, count=100)
+    assert (await redis_client.xpending(keys.ticks(0), group))["pending"] == 55
     config = DaemonConfig(claim_idle_ms=200, claim_interval_s=0.5)
     async with Daemon(
         redis_client, shipped_engine, Metrics(CollectorRegistry()), keys=keys, config=config
     ):
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("C"), 6), timeout_s=30)
     assert await forecast_ids(redis_client, keys, "C") == ids[49:]
-    assert (await redis_client.xpending(keys.ticks, group))["pending"] == 0
+    assert (await redis_client.xpending(keys.ticks(0), group))["pending"] == 0
 
 
 def test_the_sink_counts_the_paths_of_forecasts_made_not_of_windows_due():
@@ -215,7 +217,7 @@ def test_the_sink_counts_the_paths_of_forecasts_made_not_of_windows_due():
         Forecast.of(ticks[0], "v", 101.0, [101.0, 102.0]),
         Forecast.of(ticks[1], "v", 101.0, [101.0, float("nan")]),  # withheld
     ]
-    batch.dead = [DeadLetter("3-0", "unforecastable", "boom", {"symbol": "S"})]
+    batch.dead_letter("S", DeadLetter("3-0", "unforecastable", "boom", {"symbol": "S"}))
     metrics, stats = Metrics(CollectorRegistry()), Stats()
     sink = ForecastSink(None, None, Keys("t"), "g", DaemonConfig(), metrics, stats)  # type: ignore[arg-type]
     sink._count(batch)
@@ -240,5 +242,5 @@ async def test_stop_after_the_consume_loop_failed_still_releases_the_lease(
     daemon._step = bug  # type: ignore[method-assign]
     await wait_for(lambda: daemon._tasks[0].done(), what="the consume loop ended")
     await daemon.stop()
-    assert await redis_client.get(keys.lease(daemon.group)) is None
-    assert not daemon._tasks and not daemon.keeper.held
+    assert await redis_client.get(keys.lease(0)) is None
+    assert not daemon._tasks and not daemon.ownership.held

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.daemon.compute import rows_apart
-from streamcast.keys import Keys, shard_of
+from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.wire import REASONS, Forecast, Tick, TickLimits
 
@@ -40,7 +40,7 @@ class Feed:
             pipe = self.redis.pipeline(transaction=False)
             for name in names:
                 self.price[name] *= float(np.exp(self.rng.normal(0, 0.005)))
-                pipe.xadd(self.keys.ticks, Tick.encode(name, self.price[name]))
+                pipe.xadd(self.keys.ticks_for(name), Tick.encode(name, self.price[name]))
             for name, eid in zip(names, await pipe.execute(), strict=True):
                 self.ids[name].append(eid.decode())
             if pause_s:
@@ -83,20 +83,20 @@ async def test_group_or_stream_deleted_mid_feed_is_recreated_and_nothing_lost_or
     daemon = daemon_for(redis_client, shipped_engine, keys, batch_max_wait_ms=0)
     async with daemon:
         await feed.send(80)
-        await redis_client.xadd(keys.ticks, {"symbol": "G0", "price": "oops"})
+        await redis_client.xadd(keys.ticks(0), {"symbol": "G0", "price": "oops"})
         await wait_for(feed.all_forecast, what="first forecasts")
-        await wait_for(lambda: redis_client.xlen(keys.dead), what="the dead letter")
+        await wait_for(lambda: redis_client.xlen(keys.dead(0)), what="the dead letter")
         if how == "xgroup_destroy":
-            await redis_client.xgroup_destroy(keys.ticks, daemon.group)
+            await redis_client.xgroup_destroy(keys.ticks(0), daemon.group)
         else:
-            await redis_client.delete(keys.ticks)
+            await redis_client.delete(keys.ticks(0))
         await feed.send(40, pause_s=0.01)
         await wait_for(feed.all_forecast, what="forecasts after the recreation")
         assert not daemon._tasks[0].done(), "the consume loop ended"
         assert daemon.ready
     await feed.check_exactly_once()
     assert sample(daemon.metrics, "streamcast_recoveries_total", what="group_recreated") >= 1
-    assert await redis_client.xlen(keys.dead) == 1, "a dead letter was written twice"
+    assert await redis_client.xlen(keys.dead(0)) == 1, "a dead letter was written twice"
 
 
 async def test_flushdb_mid_feed_daemon_goes_on_and_forecasts_new_ticks(
@@ -158,10 +158,10 @@ async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_clien
             await wait_for(lambda n=n: xlen_at_least(redis_client, keys.forecasts("W1"), n))
 
         async def letters_written():
-            return await redis_client.xlen(keys.dead) >= 11
+            return await redis_client.xlen(keys.dead(0)) >= 11
 
         await wait_for(letters_written, timeout_s=10, what="W0's 11 dead letters")
-    letters = await redis_client.xrange(keys.dead)
+    letters = await redis_client.xrange(keys.dead(0))
     assert {f[b"reason"] for _, f in letters} == {b"publish_failed"}
     assert [f[b"tick_id"].decode() for _, f in letters] == feed.ids["W0"][49:]
     assert b"WRONGTYPE" in letters[0][1][b"detail"]
@@ -174,18 +174,19 @@ async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_clien
 # -- (3) the ticks stream is trimmed to what every group has acknowledged --------------------------
 
 
-async def test_ticks_trimmed_bounded_over_a_long_replay_with_three_shards_nothing_lost(
+async def test_ticks_trimmed_bounded_over_a_long_replay_with_three_replicas_nothing_lost(
     redis_client, shipped_engine
 ):
-    keys = Keys("trim")
+    keys = Keys("trim", partitions=3)
     names = [f"T{i}" for i in range(9)]
-    assert {shard_of(n, 3) for n in names} == {0, 1, 2}
+    assert {keys.partition(n) for n in names} == {0, 1, 2}
     feed = Feed(redis_client, keys, names)
     daemons = [
         daemon_for(
             redis_client,
             shipped_engine,
             keys,
+            assignment="static",
             shard_index=i,
             shard_count=3,
             consumer=f"r{i}",
@@ -200,9 +201,10 @@ async def test_ticks_trimmed_bounded_over_a_long_replay_with_three_shards_nothin
     try:
         for _ in range(30):  # 30 x 20 rounds x 9 symbols = 5,400 ticks, ~600 a second
             await feed.send(20, pause_s=0.015)
-            lengths.append(await redis_client.xlen(keys.ticks))
+            lengths.append(sum([await redis_client.xlen(t) for t in keys.all_ticks()]))
         await wait_for(feed.all_forecast, timeout_s=120, what="every tick forecast")
-        await wait_for(lambda: _xlen_below(redis_client, keys.ticks, 300), what="final trim")
+        for ticks in keys.all_ticks():
+            await wait_for(lambda t=ticks: _xlen_below(redis_client, t, 300), what="final trim")
     finally:
         for d in daemons:
             await d.stop()
@@ -227,19 +229,19 @@ async def test_trim_never_removes_what_a_slow_group_has_not_acknowledged(
     keys = Keys("trimslow")
     feed = Feed(redis_client, keys, ["S0"])
     # another consumer group (someone's audit reader) read 30 entries and acknowledged 10
-    await redis_client.xgroup_create(keys.ticks, "audit", id="0", mkstream=True)
+    await redis_client.xgroup_create(keys.ticks(0), "audit", id="0", mkstream=True)
     await feed.send(100)
-    read = await redis_client.xreadgroup("audit", "a", {keys.ticks: ">"}, count=30)
+    read = await redis_client.xreadgroup("audit", "a", {keys.ticks(0): ">"}, count=30)
     got = [e[0] for e in read[0][1]]
-    await redis_client.xack(keys.ticks, "audit", *got[:10])
+    await redis_client.xack(keys.ticks(0), "audit", *got[:10])
     daemon = daemon_for(redis_client, shipped_engine, keys, ticks_trim_interval_s=0.2)
     async with daemon:
         await wait_for(feed.all_forecast)
         rounds = daemon.trim_rounds
         await wait_for(lambda: asyncio.sleep(0, daemon.trim_rounds >= rounds + 3), what="trims")
-    first = (await redis_client.xrange(keys.ticks, count=1))[0][0]
+    first = (await redis_client.xrange(keys.ticks(0), count=1))[0][0]
     assert first.decode() <= got[10].decode() or first == got[10]
-    remaining = [e.decode() for e, _ in await redis_client.xrange(keys.ticks)]
+    remaining = [e.decode() for e, _ in await redis_client.xrange(keys.ticks(0))]
     assert set(feed.ids["S0"][10:]) <= set(remaining), "trimmed an entry the audit group needs"
 
 
@@ -254,7 +256,7 @@ async def test_bad_price_in_history_is_skipped_and_other_symbols_forecast(
     for i in range(60):
         price = {20: "0", 40: "1e-320"}.get(i, repr(100.0 + i))
         await redis_client.xadd(keys.history("H0"), {"price": price}, id=f"0-{i + 1}")
-    await redis_client.sadd(keys.symbols, "H0")
+    await redis_client.sadd(keys.symbols(0), "H0")
     feed = Feed(redis_client, keys, ["H0", "H1"])
     daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
@@ -362,10 +364,10 @@ async def test_absurd_prices_are_dead_letters_at_the_edge(redis_client, shipped_
         "\u0661\u0662",
         "\uff11\uff12",
     ):
-        await redis_client.xadd(keys.ticks, {"symbol": "A", "price": price})
+        await redis_client.xadd(keys.ticks(0), {"symbol": "A", "price": price})
     async with daemon:
-        await wait_for(lambda: xlen_at_least(redis_client, keys.dead, 8))
-    reasons = [f[b"reason"].decode() for _, f in await redis_client.xrange(keys.dead)]
+        await wait_for(lambda: xlen_at_least(redis_client, keys.dead(0), 8))
+    reasons = [f[b"reason"].decode() for _, f in await redis_client.xrange(keys.dead(0))]
     assert reasons == [
         "price_out_of_range",
         "price_out_of_range",
@@ -384,16 +386,16 @@ async def test_absurd_prices_are_dead_letters_at_the_edge(redis_client, shipped_
 async def test_a_far_future_ts_is_a_dead_letter_and_changes_no_state(redis_client, shipped_engine):
     keys = Keys("future")
     now_ms = int(time.time() * 1000)
-    await redis_client.xadd(keys.ticks, {"symbol": "Z", "price": "10", "ts": str(now_ms + 10**9)})
-    await redis_client.xadd(keys.ticks, {"symbol": "Z", "price": "10", "ts": str(now_ms * 1000)})
+    await redis_client.xadd(keys.ticks(0), {"symbol": "Z", "price": "10", "ts": str(now_ms + 10**9)})
+    await redis_client.xadd(keys.ticks(0), {"symbol": "Z", "price": "10", "ts": str(now_ms * 1000)})
     for i in range(60):
         await redis_client.xadd(
-            keys.ticks, {"symbol": "Z", "price": repr(10.0 + i / 10), "ts": str(now_ms + i)}
+            keys.ticks(0), {"symbol": "Z", "price": repr(10.0 + i / 10), "ts": str(now_ms + i)}
         )
     daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("Z"), 11))
-    letters = await redis_client.xrange(keys.dead)
+    letters = await redis_client.xrange(keys.dead(0))
     assert [f[b"reason"] for _, f in letters] == [b"bad_ts", b"bad_ts"]
     assert b"ahead of its arrival" in letters[0][1][b"detail"]
     assert await redis_client.xlen(keys.forecasts("Z")) == 11, "a later tick was locked out"
@@ -407,10 +409,10 @@ async def test_a_far_future_ts_already_in_history_does_not_lock_the_symbol(
     await redis_client.xadd(keys.history("Y"), {"price": "10", "ts": str(now_ms * 1000)}, id="1-0")
     daemon = daemon_for(redis_client, shipped_engine, keys)
     for i in range(60):
-        await redis_client.xadd(keys.ticks, {"symbol": "Y", "price": "10.5", "ts": str(now_ms + i)})
+        await redis_client.xadd(keys.ticks(0), {"symbol": "Y", "price": "10.5", "ts": str(now_ms + i)})
     async with daemon:
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("Y"), 12))
-    assert await redis_client.xlen(keys.dead) == 0
+    assert await redis_client.xlen(keys.dead(0)) == 0
 
 
 # -- (9) large entries: bounded reads, small dead letters ------------------------------------------
@@ -423,18 +425,18 @@ async def test_huge_entries_are_read_a_few_at_a_time_and_dead_letters_stay_small
     blob = b"x" * 1_000_000
     pipe = redis_client.pipeline(transaction=False)
     for i in range(40):
-        pipe.xadd(keys.ticks, {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
+        pipe.xadd(keys.ticks(0), {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
     await pipe.execute()
     daemon = daemon_for(redis_client, shipped_engine, keys, read_max_bytes=4_000_000)
     async with daemon:
-        await wait_for(lambda: xlen_at_least(redis_client, keys.dead, 40))
+        await wait_for(lambda: xlen_at_least(redis_client, keys.dead(0), 40))
         assert daemon.source._read_count <= 4, "reads did not shrink to the byte budget"
-    letters = await redis_client.xrange(keys.dead)
+    letters = await redis_client.xrange(keys.dead(0))
     assert {f[b"reason"] for _, f in letters} == {b"oversized"}
     for _, fields in letters:
         assert len(fields[b"field:junk"]) == 256 and fields[b"size:junk"] == b"1000000"
         assert sum(len(k) + len(v) for k, v in fields.items()) < 2048
-    memory = await redis_client.memory_usage(keys.dead)
+    memory = await redis_client.memory_usage(keys.dead(0))
     assert memory < 200_000, f"the dead stream takes {memory} bytes for 40 letters"
 
 
@@ -478,8 +480,8 @@ async def test_redelivered_ticks_are_logged_as_duplicates(redis_client, shipped_
     async with daemon_for(redis_client, shipped_engine, keys):
         await wait_for(feed.all_forecast)
     # the group lost (as after a restore from an old snapshot): redelivered from the start
-    await redis_client.xgroup_destroy(keys.ticks, keys.group(0, 1))
-    await redis_client.delete(keys.acked(keys.group(0, 1)))
+    await redis_client.xgroup_destroy(keys.ticks(0), keys.group)
+    await redis_client.delete(keys.acked(0))
     caplog.set_level("INFO", logger="streamcast.daemon")
     daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
@@ -524,7 +526,7 @@ async def test_a_replica_that_loses_its_lease_stops_and_the_standby_forecasts_ex
         async def never_renewed() -> bool:  # as if the first stalled past its lease
             return False
 
-        first.lease.renew = never_renewed  # type: ignore[method-assign]
+        first.ownership.leases[0].renew = never_renewed  # type: ignore[method-assign]
         await wait_for(lambda: asyncio.sleep(0, second.ready), what="the second taking over")
         await feed.send(60, pause_s=0.005)
         await wait_for(feed.all_forecast)
@@ -535,39 +537,25 @@ async def test_a_replica_that_loses_its_lease_stops_and_the_standby_forecasts_ex
     await feed.check_exactly_once()
 
 
-async def test_trim_waits_for_a_shard_group_that_is_missing(redis_client, shipped_engine):
-    keys = Keys("trimmissing")
-    feed = Feed(redis_client, keys, ["M0"])
-    await feed.send(120)
-    # shard 0 of 2 runs; shard 1's replica has not started yet: its group does not exist
-    daemon = daemon_for(
-        redis_client, shipped_engine, keys, shard_index=0, shard_count=2, ticks_trim_interval_s=0.2
-    )
-    async with daemon:
-        await wait_for(lambda: asyncio.sleep(0, daemon.stats.batches >= 1))
-        await wait_for(lambda: asyncio.sleep(0, daemon.trim_rounds >= 3), what="three trims")
-    assert await redis_client.xlen(keys.ticks) == 120, "trimmed what shard 1 has not read"
-
-
 async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(
     redis_client, shipped_engine
 ):
     keys = Keys("pendingonce")
-    group = keys.group(0, 1)
-    await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
+    group = keys.group
+    await redis_client.xgroup_create(keys.ticks(0), group, id="0", mkstream=True)
     for i in range(300):  # a malformed entry among many, all read by a replica that then died
         fields = {"symbol": "P", "price": "x"} if i == 150 else Tick.encode("P", 100.0 + i)
-        await redis_client.xadd(keys.ticks, fields)
-    await redis_client.xreadgroup(group, "a", {keys.ticks: ">"}, count=1000)
+        await redis_client.xadd(keys.ticks(0), fields)
+    await redis_client.xreadgroup(group, "a", {keys.ticks(0): ">"}, count=1000)
     daemon = daemon_for(redis_client, shipped_engine, keys, consumer="a", batch_max_size=64)
     async with daemon:
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("P"), 250))
 
         async def nothing_pending() -> bool:
-            return (await redis_client.xpending(keys.ticks, group))["pending"] == 0
+            return (await redis_client.xpending(keys.ticks(0), group))["pending"] == 0
 
         await wait_for(nothing_pending, what="every entry acknowledged")
-    assert await redis_client.xlen(keys.dead) == 1
+    assert await redis_client.xlen(keys.dead(0)) == 1
     assert daemon.stats.duplicates == 0
 
 
@@ -600,7 +588,7 @@ async def test_a_history_ts_of_thousands_of_digits_and_a_bad_lease_value_do_not_
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("O0"), 11))
         assert not daemon._tasks[0].done()
     # a lease value that is not UTF-8: another holder, shown, not a crash
-    await redis_client.set(keys.lease(daemon.group), b"\xff\xfe", px=1500)
+    await redis_client.set(keys.lease(0), b"\xff\xfe", px=1500)
     again = daemon_for(redis_client, shipped_engine, keys, consumer="other")
     async with again:
         await wait_for(lambda: asyncio.sleep(0, again.standby))
@@ -616,8 +604,8 @@ async def test_a_stray_later_forecast_entry_makes_dead_letters_not_silence(
     feed = Feed(redis_client, keys, ["Q0"])
     await feed.send(60)
     async with daemon_for(redis_client, shipped_engine, keys):
-        await wait_for(lambda: xlen_at_least(redis_client, keys.dead, 11))
-    letters = await redis_client.xrange(keys.dead)
+        await wait_for(lambda: xlen_at_least(redis_client, keys.dead(0), 11))
+    letters = await redis_client.xrange(keys.dead(0))
     assert [f[b"tick_id"].decode() for _, f in letters] == feed.ids["Q0"][49:]
     assert {f[b"reason"] for _, f in letters} == {b"publish_failed"}
 
@@ -632,8 +620,8 @@ async def test_a_far_future_acknowledged_mark_does_not_skip_later_ticks(
         await wait_for(feed.all_forecast)
     # while no replica runs: a hand-made mark far ahead of anything the stream has had, and the
     # group destroyed. Recreated there, the group would skip every tick for centuries
-    await redis_client.set(keys.acked(first.group), "99999999999999-0")
-    await redis_client.xgroup_destroy(keys.ticks, first.group)
+    await redis_client.set(keys.acked(0), "99999999999999-0")
+    await redis_client.xgroup_destroy(keys.ticks(0), first.group)
     daemon = daemon_for(redis_client, shipped_engine, keys)
     async with daemon:
         await wait_for(lambda: asyncio.sleep(0, daemon.ready))
@@ -687,8 +675,8 @@ async def test_stop_is_bounded_when_releasing_the_lease_gets_no_reply(redis_clie
                     raise
                 calls += 1
 
-    daemon.lease.release = never_replies  # type: ignore[method-assign]
+    daemon.ownership.leases[0].release = never_replies  # type: ignore[method-assign]
     started = time.monotonic()
     await asyncio.wait_for(daemon.stop(), timeout=30)
     assert time.monotonic() - started < 15
-    assert calls == 3 and not daemon.keeper.held
+    assert calls == 3 and not daemon.ownership.held

@@ -19,9 +19,14 @@ class Part:
     dead: list[DeadLetter] = field(default_factory=list)
 
 
+def _one_partition(symbol: str) -> int:
+    return 0
+
+
 @dataclass
 class Batch:
     parts: dict[int, Part] = field(default_factory=dict)  # by partition
+    partition_of: Callable[[str], int] = _one_partition  # a symbol's partition (Keys.partition)
     accepted: list[Tick] = field(default_factory=list)  # appended to history
     ready: list[Tick] = field(default_factory=list)  # with a full window: forecast
     windows: list[np.ndarray] = field(default_factory=list)  # one per ready tick
@@ -35,6 +40,10 @@ class Batch:
     def part(self, partition: int) -> Part:
         return self.parts.setdefault(partition, Part())
 
+    def dead_letter(self, symbol: str, letter: DeadLetter) -> None:
+        """A dead letter for a tick of ``symbol`` (read from its own partition's stream)."""
+        self.part(self.partition_of(symbol)).dead.append(letter)
+
     @property
     def ack_ids(self) -> list[str]:
         return [i for part in self.parts.values() for i in part.ack_ids]
@@ -43,11 +52,12 @@ class Batch:
     def dead(self) -> list[DeadLetter]:
         return [letter for part in self.parts.values() for letter in part.dead]
 
-    def drop(self, partitions: set[int], partition_of: Callable[[str], int]) -> None:
+    def drop(self, partitions: set[int]) -> None:
         """Forget the share of ``partitions`` (lost after compute, before it was published): it
         is neither published nor acknowledged here; whoever holds them now reads it again."""
         if not partitions:
             return
+        partition_of = self.partition_of
         for p in partitions:
             self.parts.pop(p, None)
         self.accepted = [t for t in self.accepted if partition_of(t.symbol) not in partitions]

@@ -63,7 +63,8 @@ def _forecasts(
     for i, tick in enumerate(batch.ready):
         why = failed.get(i)
         if why is not None:
-            batch.dead.append(DeadLetter(tick.id, "unforecastable", why, {"symbol": tick.symbol}))
+            letter = DeadLetter(tick.id, "unforecastable", why, {"symbol": tick.symbol})
+            batch.dead_letter(tick.symbol, letter)
             continue
         k = path_of.get(i)
         path = None if k is None else paths[k].tolist()

@@ -310,8 +310,8 @@ class Daemon:
 
     async def _standing_by(self) -> None:
         """Own no partition: wait for the ownership rounds to take one (or for stop)."""
-        self.redis_ok = True
         own = self.ownership
+        self.redis_ok = own.round_ok
         own.changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(own.changed.wait(), own.round_s)
@@ -328,7 +328,7 @@ class Daemon:
         # a partition whose local deadline passed (this replica stalled) may be another's now:
         # its share is not published, and it is taken again only through a fresh lease
         stale = {p for p in batch.parts if not self.ownership.valid(p)}
-        batch.drop(stale, self.keys.partition)
+        batch.drop(stale)
         self.ownership.drop(stale)
         self._writing = asyncio.ensure_future(self.sink.write(batch))
         self.ownership.drop(await asyncio.shield(self._writing))  # the fence found them lost

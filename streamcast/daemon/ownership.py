@@ -34,9 +34,10 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from streamcast.daemon.config import DaemonConfig
-from streamcast.daemon.faults import REDIS_DOWN
+from streamcast.daemon.faults import REDIS_DOWN, refusal
 from streamcast.keys import Keys
 from streamcast.lease import Lease
+from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.tasks import within
 from streamcast.wire import text
@@ -78,6 +79,10 @@ class Ownership:
         self._said_standby = -1e9
         self._said_mismatch = -1e9
         self.mismatch: str | None = None  # why this replica owns nothing, if it refuses to
+        self.round_ok = False  # the last round reached Redis and was not refused
+        self.cool_s = 5 * self.ttl_s  # how long a replica that lost a lease sits out
+        self._cooling_until = 0.0
+        self._say = RateLimitedLog(log)
 
     # -- what the consume loop asks ---------------------------------------------------------------
 
@@ -121,6 +126,7 @@ class Ownership:
             if p in self.held:
                 self._forget(p)
                 self.lost.add(p)
+                self._cool()
                 self.metrics.rebalances.labels("lost").inc()
                 self.metrics.recoveries.labels("lease_lost").inc()
                 log.error(
@@ -142,9 +148,22 @@ class Ownership:
         while True:
             try:
                 await self.round()
-            except (*REDIS_DOWN, redis_errors.RedisError) as exc:
-                log.debug("partition round: %s", exc)  # the consume loop reports the outage
+                self.round_ok = True
+            except REDIS_DOWN as exc:
+                self.round_ok = False
+                self._say(logging.WARNING, "down", "partition round: redis unavailable (%s)", exc)
+            except redis_errors.ResponseError as exc:
+                # e.g. OOM at maxmemory: no lease can be taken or renewed; say so, and count it
+                self.round_ok = False
+                self.metrics.redis_refusals.labels(refusal(exc)).inc()
+                self._say(
+                    logging.WARNING,
+                    "refused",
+                    "partition round: redis refused a command (%s); retrying",
+                    str(exc)[:160],
+                )
             except Exception:
+                self.round_ok = False
                 log.exception("the partition round failed")
             await asyncio.sleep(self.round_s)
 
@@ -153,8 +172,8 @@ class Ownership:
             return
         members = await self._members()
         await self._renew()
-        self.share = self._share(members)
-        if self.config.assignment == "lease" and len(self.held) > self.share:
+        self.share = 0 if self.cooling else self._share(members)
+        if (self.config.assignment == "lease" or self.cooling) and len(self.held) > self.share:
             extra = sorted(set(self.held) - self.releasing, reverse=True)
             give = extra[: len(self.held) - len(self.releasing) - self.share]
             if give:
@@ -196,10 +215,29 @@ class Ownership:
 
     # -- inside a round -----------------------------------------------------------------------------
 
+    @property
+    def cooling(self) -> bool:
+        """Sitting out after losing a lease unawares (a stall, a partition from Redis): not a
+        member, owning nothing, so the others take its partitions and a sick replica does not
+        take them back at once."""
+        return time.monotonic() < self._cooling_until
+
+    def _cool(self) -> None:
+        if not self.cooling:
+            log.warning(
+                "sitting out for %.0f s after losing a lease: the other replicas take this "
+                "one's partitions",
+                self.cool_s,
+            )
+        self._cooling_until = time.monotonic() + self.cool_s
+
     async def _members(self) -> list[str]:
         now_ms = int(self.clock() * 1000)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.members, {self.token: now_ms + int(self.ttl_s * 1000)})
+        if self.cooling:
+            pipe.zrem(self.keys.members, self.token)
+        else:
+            pipe.zadd(self.keys.members, {self.token: now_ms + int(self.ttl_s * 1000)})
         pipe.zremrangebyscore(self.keys.members, "-inf", now_ms - 1)
         pipe.zrangebyscore(self.keys.members, now_ms, "+inf")
         *_, names = await pipe.execute()
@@ -233,6 +271,7 @@ class Ownership:
                 continue
             self._forget(p)
             self.lost.add(p)
+            self._cool()
             self.changed.set()
             self.metrics.rebalances.labels("lost").inc()
             self.metrics.recoveries.labels("lease_lost").inc()

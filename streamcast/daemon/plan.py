@@ -150,7 +150,7 @@ class Planner:
     ) -> Batch:
         """Validate entries, push prices into windows, and choose which windows get a path;
         ``partition_of`` names the partition of a stream."""
-        batch = Batch(read_at=read_at or self.clock())
+        batch = Batch(read_at=read_at or self.clock(), partition_of=self.keys.partition)
         now = self.clock()
         for stream, entry_id, fields in entries:
             part = batch.part(partition_of(stream))

@@ -84,7 +84,7 @@ class ForecastSink:
         groups = [[p] for p in partitions] if self.cluster else [partitions]
         outcomes = await asyncio.gather(*(self._write(g, batch) for g in groups if g))
         lost = set().union(*outcomes) if outcomes else set()
-        batch.drop(lost, self.keys.partition)
+        batch.drop(lost)
         self._count(batch)  # after the write: only what is durable is counted
         return lost
 
