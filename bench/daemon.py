@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numpy as np  # noqa: E402
 from results import Report  # noqa: E402  (bench/results.py)
 
+from streamcast.client import Client  # noqa: E402
 from streamcast.connect import make_redis  # noqa: E402
 from streamcast.demo import free_port  # noqa: E402
 from streamcast.keys import Keys  # noqa: E402
-from streamcast.wire import Tick  # noqa: E402
 
 
 def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
@@ -103,11 +103,13 @@ async def seed_history(redis, keys: Keys, names: list[str], warm: np.ndarray) ->
 async def offer_load(
     redis, keys: Keys, names: list[str], feed: np.ndarray, rate: float, seconds: float
 ) -> int:
-    """XADD at ``rate`` ticks/s round-robin over symbols in 10 ms slices; returns ticks sent.
+    """Publish at ``rate`` ticks/s round-robin over symbols in 10 ms slices, each tick to its
+    symbol's partition stream (the client's pipeline); returns ticks sent.
 
     A producer that falls behind does not catch up in one burst: a slice sends at most two
     slices' worth, so the load stays even and ends on time (the caller reports the rate achieved).
     """
+    client = Client(redis, keys)
     symbols = len(names)
     started = time.monotonic()
     sent = 0
@@ -119,14 +121,12 @@ async def offer_load(
         due = min(most, int(min(elapsed + 0.01, seconds) * rate) - sent)
         if due > 0:
             now_ms = int(time.time() * 1000)
-            pipe = redis.pipeline(transaction=False)
+            ticks = []
             for k in range(due):
                 s = (sent + k) % symbols
                 t = (sent + k) // symbols
-                pipe.xadd(
-                    keys.ticks, Tick.encode(names[s], float(feed[s, t % feed.shape[1]]), ts=now_ms)
-                )
-            await pipe.execute()
+                ticks.append((names[s], float(feed[s, t % feed.shape[1]]), now_ms))
+            await client.publish_many(ticks)
             sent += due
         behind = started + sent / rate - time.monotonic()
         await asyncio.sleep(max(0.0, behind))
@@ -277,14 +277,15 @@ async def measure_capacity(
     """Ticks/s at saturation: write ``ticks`` at once, time until all are forecast."""
     if ticks <= 0:
         return float("nan")
+    client = Client(redis, keys)
     started = time.monotonic()
     width = feed.shape[1]
     for first in range(0, ticks, 5000):
-        pipe = redis.pipeline(transaction=False)
+        backlog = []
         for k in range(first, min(ticks, first + 5000)):
             s, t = k % len(names), width - 1 - (k // len(names)) % 200
-            pipe.xadd(keys.ticks, Tick.encode(names[s], float(feed[s, t])))
-        await pipe.execute()
+            backlog.append((names[s], float(feed[s, t])))
+        await client.publish_many(backlog)
     while await forecasts_count(redis, keys, names) < done + ticks:
         await asyncio.sleep(0.2)
     return ticks / (time.monotonic() - started)

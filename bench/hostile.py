@@ -106,7 +106,10 @@ class Producer:
         while batch:
             pipe = self.redis.pipeline(transaction=False)
             for s, t in batch:
-                pipe.xadd(self.keys.ticks, Tick.encode(self.names[s], float(self.feed[s, t])))
+                # each to its symbol's partition; not the client's publish_many, which raises
+                # on a refusal: here each refused tick is sent again
+                name = self.names[s]
+                pipe.xadd(self.keys.ticks_for(name), Tick.encode(name, float(self.feed[s, t])))
             replies = await pipe.execute(raise_on_error=False)
             again = []
             for (s, t), reply in zip(batch, replies, strict=True):
@@ -173,17 +176,19 @@ async def hostile_entries(redis, keys: Keys) -> dict[str, int]:
     now_ms = int(time.time() * 1000)
     pipe = redis.pipeline(transaction=False)
     for price, reason in HOSTILE_PRICES:
-        pipe.xadd(keys.ticks, {"symbol": "S1", "price": price})
+        pipe.xadd(keys.ticks_for("S1"), {"symbol": "S1", "price": price})
         expected[reason] = expected.get(reason, 0) + 1
     for ts in (now_ms + 10**9, now_ms * 1000):  # 11 days ahead; microseconds
-        pipe.xadd(keys.ticks, {"symbol": "S2", "price": "100", "ts": str(ts)})
+        pipe.xadd(keys.ticks_for("S2"), {"symbol": "S2", "price": "100", "ts": str(ts)})
         expected["bad_ts"] = expected.get("bad_ts", 0) + 1
     for i in range(20):
-        pipe.xadd(keys.ticks, {"symbol": "S3", "price": "100", "junk": b"x" * 1_000_000, "i": i})
+        junk = {"symbol": "S3", "price": "100", "junk": b"x" * 1_000_000, "i": i}
+        pipe.xadd(keys.ticks_for("S3"), junk)
         expected["oversized"] = expected.get("oversized", 0) + 1
     rng = np.random.default_rng(9)
     for _ in range(200):
-        pipe.xadd(keys.ticks, {"symbol": "../" + "x" * int(rng.integers(1, 80)), "price": "1"})
+        bad = "../" + "x" * int(rng.integers(1, 80))
+        pipe.xadd(keys.ticks_for(bad), {"symbol": bad, "price": "1"})
         expected["bad_symbol"] = expected.get("bad_symbol", 0) + 1
     await pipe.execute()
     return expected

@@ -442,19 +442,20 @@ def feed_from_args(args: argparse.Namespace) -> tuple[Any, list[str]]:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from streamcast.keys import Keys
     from streamcast.replay import Progress, replay
 
     if args.rate is not None and args.rate <= 0 and not args.as_fast_as_possible:
         raise UserError(f"--rate must be > 0, got {args.rate}")
     settings = _settings()
+    keys = settings.keys
     paths, names = feed_from_args(args)
 
     async def run(redis: Any) -> int:
+        await _check_partitions(redis, keys)
         progress = Progress(None if args.loop else paths.size)
         sent = await replay(
             redis,
-            Keys(settings.key_prefix),
+            keys,
             paths,
             names,
             rate=None if args.as_fast_as_possible else args.rate,
@@ -465,8 +466,31 @@ def _replay(args: argparse.Namespace) -> int:
         return sent
 
     sent = _with_redis(settings, run)
-    print(f"replayed {sent} ticks for {len(names)} symbol(s) to {settings.key_prefix}:ticks")
+    streams = _ticks_streams(keys, names)
+    print(f"replayed {sent} ticks for {len(names)} symbol(s) to {streams}")
     return 0
+
+
+def _ticks_streams(keys: Any, names: Sequence[str]) -> str:
+    """The partition streams ``names``' ticks go to, for a message."""
+    streams = [keys.ticks(p) for p in sorted({keys.partition(n) for n in names})]
+    if len(streams) == 1:
+        return streams[0]
+    shown = ", ".join(streams[:4]) + (", ..." if len(streams) > 4 else "")
+    return f"{len(streams)} of {keys.partitions} partition streams ({shown})"
+
+
+async def _check_partitions(redis: Any, keys: Any) -> None:
+    """Refuse a partition count other than the deployment's (its daemon wrote it in the meta
+    hash): ticks would go to, and forecasts be looked for in, streams the daemon does not use."""
+    from streamcast.client import deployed_partitions
+
+    deployed = await deployed_partitions(redis, keys.prefix)
+    if deployed is not None and deployed != keys.partitions:
+        raise UserError(
+            f"STREAMCAST_PARTITIONS is {keys.partitions}, but the deployment on this Redis has "
+            f"{deployed} partitions ({keys.meta}): set STREAMCAST_PARTITIONS={deployed}"
+        )
 
 
 def _with_redis(settings: Any, work: Callable[[Any], Any]) -> Any:
@@ -503,26 +527,43 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("watch", help="print each forecast of the given symbols as it arrives")
     p.add_argument("symbols", nargs="+", metavar="SYMBOL")
     p.add_argument("--from-start", action="store_true", help="print the stored forecasts first")
-    p.add_argument("--limit", type=_positive_int, help="exit after this many forecasts")
+    p.add_argument(
+        "--count",
+        "--limit",
+        dest="count",
+        type=_positive_int,
+        metavar="N",
+        help="exit after N forecasts",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON object per forecast per line (the forecast entry's fields), flushed",
+    )
     p.set_defaults(func=_watch)
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from streamcast.keys import Keys
     from streamcast.replay import watch
+    from streamcast.wire import SYMBOL_RE
 
+    bad = [s for s in args.symbols if not SYMBOL_RE.fullmatch(s)]
+    if bad:
+        raise UserError(f"symbol {bad[0]!r} is not 1-64 of A-Z a-z 0-9 . _ : -")
     settings = _settings()
-    keys = Keys(settings.key_prefix)
+    keys = settings.keys
 
     async def run(redis: Any) -> int:
+        await _check_partitions(redis, keys)
         return await watch(
             redis,
             keys,
             args.symbols,
-            limit=args.limit,
+            limit=args.count,
             start="0" if args.from_start else "$",
-            # the lag in the table's header: of the shard furthest behind
-            groups=[keys.group(i, settings.shard_count) for i in range(settings.shard_count)],
+            as_json=args.json,
+            # the lag in the table's header: the daemon's group, summed over the partitions
+            group=keys.group,
         )
 
     _with_redis(settings, run)

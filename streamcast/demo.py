@@ -26,7 +26,6 @@ import numpy as np
 
 from streamcast.connect import make_redis
 from streamcast.engine import Engine
-from streamcast.keys import Keys
 from streamcast.replay import replay, symbol_names, synthetic_feed, watch
 from streamcast.service import load_engine, serve
 from streamcast.settings import ENV_PREFIX, Settings, load_settings
@@ -86,8 +85,8 @@ async def run_demo(
         notes: the lines to show under the table (the command line passes the newest log lines).
     """
     with contextlib.ExitStack() as stack:
-        settings, banner = _settings(stack, port)
         names = symbol_names("SYN", symbols)
+        settings, banner = _settings(stack, port, names[0])
         banner.append(
             f"demo: live page http://{settings.http_host}:{settings.http_port}/ (and /metrics); "
             f"in another terminal: STREAMCAST_REDIS_URL={settings.redis_url_redacted} "
@@ -112,9 +111,9 @@ async def run_demo(
         )
 
 
-def _settings(stack: contextlib.ExitStack, port: int) -> tuple[Settings, list[str]]:
+def _settings(stack: contextlib.ExitStack, port: int, symbol: str) -> tuple[Settings, list[str]]:
     """The demo's settings (an embedded Redis unless STREAMCAST_REDIS_URL is set) and the
-    lines that say where things are."""
+    lines that say where things are (``symbol``'s ticks stream, to look at)."""
     if os.environ.get(f"{ENV_PREFIX}REDIS_URL"):
         settings = load_settings()
         return settings, [f"demo: using redis at {settings.redis_url_redacted}"]
@@ -122,8 +121,9 @@ def _settings(stack: contextlib.ExitStack, port: int) -> tuple[Settings, list[st
     # the embedded server has no Lua (the retrain lock's renewal): no timed retrain here
     settings = load_settings(redis_url=url, retrain_interval_s=0)
     port = urlsplit(url).port or 0
-    ticks = f"{settings.key_prefix}:ticks"
-    return settings, [f"demo: embedded redis at {url} (try: redis-cli -p {port} xlen {ticks})"]
+    # quoted: the partition's hash tag has braces
+    ticks = settings.keys.ticks_for(symbol)
+    return settings, [f"demo: embedded redis at {url} (try: redis-cli -p {port} xlen '{ticks}')"]
 
 
 async def _run(
@@ -140,16 +140,16 @@ async def _run(
     """The service, the feed and the watch, until the service stops; then the feed and the
     watch, then their client: whatever way this ends (a signal, ``seconds``, an error, a
     cancellation), nothing of this process is left talking to the embedded server."""
-    keys = Keys(settings.key_prefix)
+    keys = settings.keys
     stop = asyncio.Event()  # the service's: a signal, or ``seconds``
     shown = asyncio.Event()  # the watch's: set once the service is done, for a last frame
-    redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+    redis = make_redis(settings.redis_url, settings.redis_timeout_s, cluster=settings.redis_cluster)
     loop = asyncio.get_running_loop()
     timer = loop.call_later(seconds, stop.set) if seconds is not None else None
-    group = keys.group(settings.shard_index, settings.shard_count)
     feed = replay(redis, keys, demo_feed(len(names)), names, rate=rate, loop=True, stop=stop)
+    # the header's lag: the daemon's group, summed over the partition streams
     shows = watch(
-        redis, keys, names, stop=shown, table=table, groups=[group], title=title, notes=notes
+        redis, keys, names, stop=shown, table=table, group=keys.group, title=title, notes=notes
     )
     parts = [asyncio.create_task(feed, name="replay"), asyncio.create_task(shows, name="watch")]
     try:

@@ -1,10 +1,12 @@
 """The live page: ``/`` draws a chart per symbol, fed by server-sent events from the forecast streams.
 
 * ``GET /`` and ``GET /static/{app.js,style.css}``: the page, served from the package (no CDN).
-* ``GET /api/symbols``: the symbols with history, sorted (at most ``max_symbols``).
+* ``GET /api/symbols``: the symbols with history in every partition, sorted (at most
+  ``max_symbols``).
 * ``GET /events?symbols=A,B``: ``text/event-stream``. First the recent forecasts of each symbol
-  (``forecast`` events, oldest first), then each new one as it is published (a blocking XREAD
-  from the forecast streams), and every ``skill_every_s`` a ``skill`` event with the replica's
+  (``forecast`` events, oldest first), then each new one as it is published (read through
+  :class:`streamcast.client.Client`: one blocking XREAD on one server, a sweep of the symbols'
+  partitions on a Redis Cluster), and every ``skill_every_s`` a ``skill`` event with the replica's
   online skill by version and horizon and a ``status`` event with the header's numbers
   (``{"redis": true, ...}`` from the ``status`` callable: throughput, lag, p99 latency, model;
   ``{"redis": false}`` while Redis cannot be read).
@@ -19,7 +21,8 @@ nothing a browser sends reaches Redis but a validated stream key; at most ``max_
 streams are open at once (503 beyond). A stream ends within a poll (``poll_ms``) of its client
 going away, so the cap counts connected pages only. A forecast entry is sent as it is: one without
 ``next`` (the daemon publishes none when the model's output is not finite) has no ``next``, a
-non-finite number is sent as null, and an entry that does not parse is skipped.
+non-finite number is sent as null, and an entry that does not parse is skipped (the client logs
+it once).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from streamcast.client import Client
 from streamcast.keys import Keys
-from streamcast.wire import SYMBOL_RE, Forecast, parse_stream_reply, text
+from streamcast.wire import SYMBOL_RE, Forecast
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,7 @@ class LivePage:
         skill_every_s: float = 2.0,
         poll_ms: int = 1000,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
+        self.client = Client(redis, keys)
         self.skill = skill
         self.status = status
         self.max_symbols = max_symbols
@@ -78,7 +81,6 @@ class LivePage:
         self.poll_ms = poll_ms
         self.clients = 0
         self.closing = asyncio.Event()
-        self._warned_bad_entry = False
 
     def close(self) -> None:
         """End every open event stream (the server is stopping); browsers reconnect elsewhere."""
@@ -105,10 +107,9 @@ class LivePage:
 
     async def _symbols(self, request: web.Request) -> web.Response:
         try:
-            members = await self.redis.smembers(self.keys.symbols)
+            names = await self.client.symbols()
         except (redis_errors.RedisError, OSError):
             raise web.HTTPServiceUnavailable(text="redis unavailable") from None
-        names = sorted(text(m) for m in members)
         return web.json_response({"symbols": names[: self.max_symbols]})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
@@ -143,17 +144,14 @@ class LivePage:
     async def _stream(
         self, request: web.Request, response: web.StreamResponse, symbols: list[str]
     ) -> None:
-        cursors: dict[Any, Any] = {}
-        for symbol in symbols:
-            key = self.keys.forecasts(symbol)
-            try:
-                entries: Any = await self.redis.xrevrange(key, count=self.history)
-            except (redis_errors.RedisError, OSError):
-                await _send(response, "status", {"redis": False})
-                return  # the page's EventSource reconnects by itself a few seconds later
-            for entry_id, fields in reversed(entries):
-                await self._send_forecast(response, entry_id, fields)
-            cursors[key] = entries[0][0] if entries else "0"
+        subscription = self.client.subscribe(symbols)
+        try:
+            recent = await subscription.recent(self.history)
+        except (redis_errors.RedisError, OSError):
+            await _send(response, "status", {"redis": False})
+            return  # the page's EventSource reconnects by itself a few seconds later
+        for forecast in recent:
+            await _send_forecast(response, forecast)
         await self._send_summary(response)
         loop = asyncio.get_running_loop()
         next_summary = loop.time() + self.skill_every_s
@@ -161,31 +159,17 @@ class LivePage:
         # stream would poll Redis (and hold a place under max_clients) forever
         while not self.closing.is_set() and _connected(request):
             try:
-                reply = await self.redis.xread(cursors, block=self.poll_ms, count=200)
+                forecasts = await subscription.read(self.poll_ms, count=200)
             except (redis_errors.RedisError, OSError):
                 await _send(response, "status", {"redis": False})
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.closing.wait(), 1.0)
                 continue
-            for stream, entry_id, fields in parse_stream_reply(reply):
-                cursors[stream] = entry_id
-                await self._send_forecast(response, entry_id, fields)
+            for forecast in forecasts:
+                await _send_forecast(response, forecast)
             if loop.time() >= next_summary:
                 next_summary = loop.time() + self.skill_every_s
                 await self._send_summary(response)
-
-    async def _send_forecast(
-        self, response: web.StreamResponse, entry_id: Any, fields: Any
-    ) -> None:
-        try:
-            forecast = Forecast.decode(fields).as_dict()
-        except (ValueError, TypeError, KeyError) as exc:  # json's errors are ValueErrors
-            if not self._warned_bad_entry:  # once: a bad producer must not flood the log
-                self._warned_bad_entry = True
-                log.warning("live page: skipping a forecast entry that does not parse: %r", exc)
-            return
-        forecast["id"] = text(entry_id)
-        await _send(response, "forecast", forecast)
 
     async def _send_summary(self, response: web.StreamResponse) -> None:
         """The skill by version, then the header's numbers (Redis answered: it is up)."""
@@ -193,6 +177,11 @@ class LivePage:
             await _send(response, "skill", self.skill())
         if self.status is not None:
             await _send(response, "status", {"redis": True, **self.status()})
+
+
+async def _send_forecast(response: web.StreamResponse, forecast: Forecast) -> None:
+    # the entry's id is the tick's (the daemon publishes it so)
+    await _send(response, "forecast", {**forecast.as_dict(), "id": forecast.tick.id})
 
 
 def _connected(request: web.BaseRequest) -> bool:

@@ -1,10 +1,13 @@
 """Simulated feeds: replay a CSV (or the synthetic series) as ticks, evenly paced; and watch
-forecasts, as lines or as a live table redrawn in place on a terminal."""
+forecasts, as lines, as JSON lines or as a live table redrawn in place on a terminal. Both go
+through :class:`streamcast.client.Client`, so they work on one server and on a Redis Cluster."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -15,11 +18,11 @@ from typing import Any, TextIO
 
 import numpy as np
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
+from streamcast.client import Client, Subscription
 from streamcast.data import synthetic_prices
 from streamcast.keys import Keys
-from streamcast.wire import Forecast, Tick, parse_stream_reply, text
+from streamcast.wire import Forecast, id_key, text
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +132,8 @@ async def replay(
     clock: Callable[[], float] = time.time,
     slice_s: float = 0.01,
 ) -> int:
-    """XADD paths[:, t] for every t (symbols interleaved) at ``rate`` ticks/s (None: no pacing).
+    """Publish paths[:, t] for every t (symbols interleaved) at ``rate`` ticks/s (None: no
+    pacing), each tick to its symbol's partition stream (:meth:`Client.publish_many`).
 
     Paced, the ticks go out evenly, as a feed does, not in bursts: every ``slice_s`` (or at each
     tick's own time, when ticks are further apart) the ticks due by then are sent, counted from a
@@ -137,6 +141,7 @@ async def replay(
     Returns the ticks sent. With ``loop`` it starts over at the end, scaling each pass to continue
     from the last price so the feed has no jumps; ``stop`` ends it within a slice.
     """
+    client = Client(redis, keys)
     feed = _Feed(paths, loop)
     started = time.monotonic()
     while not feed.done and (stop is None or not stop.is_set()):
@@ -145,11 +150,7 @@ async def replay(
         while feed.sent < due and not feed.done:
             ticks = feed.take(min(due - feed.sent, chunk))
             now_ms = int(clock() * 1000)
-            pipe = redis.pipeline(transaction=False)
-            for s, price in ticks:
-                fields: dict[Any, Any] = Tick.encode(names[s], price, ts=now_ms)
-                pipe.xadd(keys.ticks, fields)
-            await pipe.execute()
+            await client.publish_many((names[s], price, now_ms) for s, price in ticks)
         if progress is not None:
             progress.update(feed.sent)
         if rate and not feed.done:
@@ -160,15 +161,26 @@ async def replay(
     return feed.sent
 
 
-def format_forecast(entry_id: str, fields: dict[Any, Any], now_ms: int) -> str:
-    f = Forecast.decode(fields)
-    tick_ms = int(entry_id.split("-")[0])
+def format_forecast(f: Forecast, now_ms: int) -> str:
+    """One forecast as a line; the latency is from the tick's arrival in Redis (its id)."""
     end = f"{f.path[-1]:.4f} (+{len(f.path)})" if f.path else "-"
     nxt = f"{f.next:<12.4f}" if f.next is not None else f"{'-':<12}"
     return (
-        f"{f.tick.symbol:<12} {entry_id:<18} price {f.tick.price:<12.4f} next {nxt} "
-        f"path end {end:<22} model {f.model}  latency {now_ms - tick_ms} ms"
+        f"{f.tick.symbol:<12} {f.tick.id:<18} price {f.tick.price:<12.4f} next {nxt} "
+        f"path end {end:<22} model {f.model}  latency {now_ms - id_key(f.tick.id)[0]} ms"
     )
+
+
+def forecast_json(f: Forecast) -> str:
+    """One forecast as a line of JSON (its entry's fields, :meth:`Forecast.as_dict`); a
+    non-finite number, which JSON has not, is null."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return [finite(v) for v in value] if isinstance(value, list) else value
+
+    return json.dumps({k: finite(v) for k, v in f.as_dict().items()}, allow_nan=False)
 
 
 # -- the live table: one row per symbol, redrawn in place on a terminal -------------------------
@@ -239,8 +251,7 @@ class Board:
         self._started = clock()
         self._arrivals: deque[float] = deque()
 
-    def add(self, entry_id: str, fields: dict[Any, Any], now_ms: int) -> None:
-        f = Forecast.decode(fields)
+    def add(self, f: Forecast, now_ms: int) -> None:
         before = self.rows.get(f.tick.symbol)
         error = None
         if before is not None and before.next is not None:
@@ -255,7 +266,7 @@ class Board:
             error,
             path_end,
             steps,
-            now_ms - int(entry_id.split("-")[0]),
+            now_ms - id_key(f.tick.id)[0],
             f.model,
         )
         self.forecasts += 1
@@ -270,31 +281,32 @@ class Board:
         return len(self._arrivals) / span if span >= 1.0 else None
 
 
-async def ticks_behind(redis: Redis, keys: Keys, groups: Sequence[str]) -> int | None:
-    """Ticks not forecast yet by the one of ``groups`` furthest behind: those not delivered to
-    it (XINFO GROUPS lag, else entries added less entries read) and those delivered but not yet
-    acknowledged; None when no group exists yet or Redis cannot say."""
-    if not groups:
-        return None
-    try:
-        infos = await redis.xinfo_groups(keys.ticks)
-    except ResponseError:
-        return None  # no ticks stream yet
-    added: int | None = None
-    behind = []
-    for info in infos:
-        if text(info["name"]) not in groups:
-            continue
-        lag = info.get("lag")
-        if lag is None:
-            read = info.get("entries-read")
-            if read is None:
+async def ticks_behind(redis: Redis, keys: Keys, group: str | None = None) -> int | None:
+    """Ticks the daemon's consumer group (``keys.group`` unless named) has not forecast yet,
+    summed over every partition stream: those not delivered to it (XINFO GROUPS lag, else
+    entries added less entries read) and those delivered but not yet acknowledged; None when
+    the group exists on no partition stream yet or Redis cannot say."""
+    group = keys.group if group is None else group
+    streams = keys.all_ticks()
+    pipe = redis.pipeline(transaction=False)  # one command a stream: fine on a cluster
+    for stream in streams:
+        pipe.xinfo_groups(stream)
+    replies = await pipe.execute(raise_on_error=False)
+    behind: list[int] = []
+    for stream, infos in zip(streams, replies, strict=True):
+        if isinstance(infos, Exception):
+            continue  # no such stream yet
+        for info in infos:
+            if text(info["name"]) != group:
                 continue
-            if added is None:
-                added = int((await redis.xinfo_stream(keys.ticks))["entries-added"])
-            lag = added - int(read)
-        behind.append(int(lag) + int(info["pending"]))
-    return max(behind) if behind else None
+            lag = info.get("lag")
+            if lag is None:
+                read = info.get("entries-read")
+                if read is None:
+                    continue
+                lag = int((await redis.xinfo_stream(stream))["entries-added"]) - int(read)
+            behind.append(int(lag) + int(info["pending"]))
+    return sum(behind) if behind else None
 
 
 class Screen:
@@ -337,21 +349,7 @@ class LogTail(logging.Handler):
 
 # -- watch: each forecast as it arrives --------------------------------------------------------
 
-
-class _Tail:
-    """Reads the forecast streams of ``symbols``, each read going on from where the last ended."""
-
-    def __init__(self, redis: Redis, keys: Keys, symbols: Sequence[str], start: str) -> None:
-        self.redis = redis
-        self.cursors: dict[Any, Any] = {keys.forecasts(s): start for s in symbols}
-
-    async def read(self) -> list[tuple[str, dict[Any, Any]]]:
-        reply = await self.redis.xread(self.cursors, block=500, count=100)
-        entries = []
-        for stream, entry_id, fields in parse_stream_reply(reply):
-            self.cursors[stream] = entry_id
-            entries.append((entry_id, fields))
-        return entries
+WATCH_READ_MS = 500  # a read waits this long at most: ``stop`` is seen within it
 
 
 def _done(stop: asyncio.Event | None, seen: int, limit: int | None) -> bool:
@@ -368,24 +366,26 @@ async def watch(
     limit: int | None = None,
     start: str = "$",
     table: bool | None = None,
-    groups: Sequence[str] = (),
+    as_json: bool = False,
+    group: str | None = None,
     title: Sequence[str] = (),
     notes: Callable[[], Sequence[str]] = tuple,
 ) -> int:
     """Show each forecast of ``symbols`` on ``out`` (stdout) as it arrives; return how many.
 
-    A line each, or (``table``; by default when ``out`` is a terminal) a live table redrawn in
-    place at most every half second, with ``title`` above it, the throughput and the lag of the
-    daemon's ``groups`` in its header, and the lines ``notes()`` returns below it.
+    A line each (``as_json``: a JSON object each), or (``table``; by default when ``out`` is a
+    terminal) a live table redrawn in place at most every half second, with ``title`` above
+    it, the throughput and the lag of the consumer ``group`` (summed over the partitions; None:
+    no lag shown) in its header, and the lines ``notes()`` returns below it.
     """
     out = sys.stdout if out is None else out  # at the call: a test may have replaced it
-    tail = _Tail(redis, keys, symbols, start)
-    if not (out.isatty() if table is None else table):
-        return await _print_lines(tail, out, stop, limit)
+    subscription = Client(redis, keys).subscribe(symbols, start=start)
+    if as_json or not (out.isatty() if table is None else table):
+        return await _print_lines(subscription, out, stop, limit, as_json)
     board, screen = Board(), Screen(out)
 
     async def draw() -> None:
-        lag = await ticks_behind(redis, keys, groups)
+        lag = None if group is None else await ticks_behind(redis, keys, group)
         body = render_table(
             board.rows.values(),
             forecasts=board.forecasts,
@@ -399,10 +399,10 @@ async def watch(
     drawn = time.monotonic()
     await draw()
     while not _done(stop, board.forecasts, limit):
-        entries = await tail.read()
+        forecasts = await subscription.read(WATCH_READ_MS)
         now_ms = int(time.time() * 1000)
-        for entry_id, fields in entries[: None if limit is None else limit - board.forecasts]:
-            board.add(entry_id, fields, now_ms)
+        for forecast in forecasts[: None if limit is None else limit - board.forecasts]:
+            board.add(forecast, now_ms)
         if time.monotonic() - drawn >= 0.5:
             drawn = time.monotonic()
             await draw()
@@ -411,14 +411,21 @@ async def watch(
 
 
 async def _print_lines(
-    tail: _Tail, out: TextIO, stop: asyncio.Event | None, limit: int | None
+    subscription: Subscription,
+    out: TextIO,
+    stop: asyncio.Event | None,
+    limit: int | None,
+    as_json: bool,
 ) -> int:
     printed = 0
     while not _done(stop, printed, limit):
-        entries = await tail.read()
+        forecasts = await subscription.read(WATCH_READ_MS)
         now_ms = int(time.time() * 1000)
-        for entry_id, fields in entries[: None if limit is None else limit - printed]:
-            out.write(format_forecast(entry_id, fields, now_ms) + "\n")
+        for forecast in forecasts[: None if limit is None else limit - printed]:
+            line = forecast_json(forecast) if as_json else format_forecast(forecast, now_ms)
+            out.write(line + "\n")
             printed += 1
+            if as_json:
+                out.flush()  # a line at a time to whatever reads the pipe
         out.flush()
     return printed

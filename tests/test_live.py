@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 
+from streamcast.connect import make_redis
 from streamcast.demo import free_port
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
@@ -28,7 +29,7 @@ from streamcast.metrics import Metrics
 from streamcast.replay import replay, synthetic_feed
 from streamcast.wire import Forecast, Tick
 
-from .helpers import http_get, spawn_daemon, wait_for, wait_ready
+from .helpers import http_get, spawn_daemon, start_redis_cluster, wait_for, wait_ready
 
 SCREENSHOT_ENV = "STREAMCAST_LIVE_SCREENSHOT"  # also save the screenshot here (the README's)
 # what the page_server's status callable says: the header's numbers
@@ -37,16 +38,17 @@ STATUS = {"throughput_per_s": 12.5, "p99_latency_ms": 48.0, "lag": 3.0, "model":
 
 async def put_forecast(redis, keys: Keys, symbol: str, price: float, path=None) -> str:
     """A tick and its forecast, as the daemon publishes them; the forecast's id."""
-    tick_id = (await redis.xadd(keys.ticks, {"symbol": symbol, "price": repr(price)})).decode()
+    tick = {"symbol": symbol, "price": repr(price)}
+    tick_id = (await redis.xadd(keys.ticks_for(symbol), tick)).decode()
     fields = Forecast.of(Tick(tick_id, symbol, price, None), "v1", price * 1.01, path).encode(0)
     await redis.xadd(keys.forecasts(symbol), fields, id=tick_id)
-    await redis.sadd(keys.symbols, symbol)
+    await redis.sadd(keys.symbols(keys.partition(symbol)), symbol)
     return tick_id
 
 
 @pytest.fixture
 async def page_server(redis_client):
-    keys = Keys("live")
+    keys = Keys("live", partitions=4)
     page = LivePage(
         redis_client,
         keys,
@@ -93,9 +95,11 @@ async def test_events_stream_recent_and_new_forecasts_then_skill_and_status(
 ):
     base, keys = page_server
     first = await put_forecast(redis_client, keys, "L0", 100.0, path=[101.0, 102.0])
+    await put_forecast(redis_client, keys, "K9", 50.0)
+    assert keys.partition("L0") != keys.partition("K9")
     async with aiohttp.ClientSession() as http:
-        async with http.get(base + "/api/symbols") as r:
-            assert (await r.json()) == {"symbols": ["L0"]}
+        async with http.get(base + "/api/symbols") as r:  # from every partition's set
+            assert (await r.json()) == {"symbols": ["K9", "L0"]}
         async with http.get(base + "/events?symbols=L0") as r:
             assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
             events = []
@@ -119,6 +123,44 @@ async def test_events_stream_recent_and_new_forecasts_then_skill_and_status(
     assert events[1] == ("skill", {"v1": {"1": {"skill": 0.5, "n": 3}}})
     assert events[2] == ("status", {"redis": True, **STATUS})
     assert events[3][0] == "forecast" and events[3][1]["id"] == second
+
+
+async def test_events_and_symbols_on_a_redis_cluster_over_several_partitions(tmp_path):
+    """Symbols in other partitions are other slots: the page reads them without a cross-slot
+    command (no error event, every symbol's forecasts, old and new)."""
+    cluster = start_redis_cluster(tmp_path)
+    redis = make_redis(cluster.url)
+    keys = Keys("clive", partitions=6)
+    names = ["L0", "K9", "M5", "C2"]
+    assert len({keys.partition(n) for n in names}) >= 3
+    page = LivePage(redis, keys, status=lambda: dict(STATUS))
+    server = HttpServer(
+        CollectorRegistry(), host="127.0.0.1", port=0, ready=lambda: True,
+        heartbeat=time.monotonic, page=page,
+    )  # fmt: skip
+    try:
+        old = {n: await put_forecast(redis, keys, n, 10.0 + i) for i, n in enumerate(names)}
+        events: list = []
+        async with server, aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{server.port}"
+            async with http.get(base + "/api/symbols") as r:
+                assert (await r.json()) == {"symbols": sorted(names)}
+            async with http.get(base + "/events?symbols=" + ",".join(names)) as r:
+                await asyncio.wait_for(read_sse(r, events, lambda e: e[-1][0] == "status"), 10)
+                new = {n: await put_forecast(redis, keys, n, 20.0 + i) for i, n in enumerate(names)}
+
+                def all_new(e: list) -> bool:
+                    return {d.get("id") for k, d in e if k == "forecast"} >= set(new.values())
+
+                await asyncio.wait_for(read_sse(r, events, all_new), 10)
+    finally:
+        await redis.aclose()
+        cluster.stop()
+    forecasts = [(d["symbol"], d["id"], d["price"]) for k, d in events if k == "forecast"]
+    assert forecasts[:4] == [(n, old[n], 10.0 + i) for i, n in enumerate(names)]
+    assert sorted(forecasts[4:]) == sorted((n, new[n], 20.0 + i) for i, n in enumerate(names))
+    assert ("status", {"redis": True, **STATUS}) in events
+    assert all(d.get("redis") is not False for k, d in events if k == "status")
 
 
 async def read_sse(response: aiohttp.ClientResponse, events: list, until) -> None:
@@ -172,23 +214,28 @@ async def test_events_carry_forecasts_without_next_or_non_finite_and_skip_unpars
     base, keys = page_server
     stream = keys.forecasts("N0")
     tick = Tick("1-1", "N0", 100.0, None)
-    await redis_client.sadd(keys.symbols, "N0")
+    await redis_client.sadd(keys.symbols(keys.partition("N0")), "N0")
     # what the daemon publishes when the model's output is not finite: no next, a reason
     no_next = Forecast(tick, "v1", reason="model output not finite").encode(0)
     await redis_client.xadd(stream, no_next, id="1-1")
-    base_fields = {"tick_id": "0-0", "symbol": "N0", "price": "100.0", "model": "v1", "ts": "0"}
-    non_finite = {**base_fields, "next": "nan", "path": "[NaN, 101.5, Infinity]"}
-    await redis_client.xadd(stream, non_finite, id="2-1")
-    await redis_client.xadd(stream, {**base_fields, "next": "not a number"}, id="3-1")
-    await redis_client.xadd(stream, {**base_fields, "next": "104.0"}, id="4-1")
+    base_fields = {"symbol": "N0", "price": "100.0", "model": "v1", "ts": "0"}
+
+    async def put(entry_id: str, **fields: str) -> None:
+        # as the daemon publishes: the entry's id is its tick's id
+        entry = {**base_fields, "tick_id": entry_id, **fields}
+        await redis_client.xadd(stream, entry, id=entry_id)
+
+    await put("2-1", next="nan", path="[NaN, 101.5, Infinity]")
+    await put("3-1", next="not a number")
+    await put("4-1", next="104.0")
     events: list = []
     async with aiohttp.ClientSession() as http, http.get(base + "/events?symbols=N0") as r:
         assert r.status == 200
         await asyncio.wait_for(read_sse(r, events, lambda e: e[-1][0] == "skill"), 10)
         # and the same while streaming (XREAD rather than the first XREVRANGE)
-        await redis_client.xadd(stream, {**base_fields, "path": "[1.0,"}, id="5-1")
+        await put("5-1", path="[1.0,")
         await redis_client.xadd(stream, {**no_next, "tick_id": "6-1"}, id="6-1")
-        await redis_client.xadd(stream, {**base_fields, "next": "106.0"}, id="7-1")
+        await put("7-1", next="106.0")
         await asyncio.wait_for(read_sse(r, events, lambda e: e[-1][1].get("id") == "7-1"), 10)
     forecasts = {data["id"]: data for kind, data in events if kind == "forecast"}
     assert list(forecasts) == ["1-1", "2-1", "4-1", "6-1", "7-1"]
@@ -197,7 +244,8 @@ async def test_events_carry_forecasts_without_next_or_non_finite_and_skip_unpars
     assert forecasts["1-1"]["price"] == 100.0 and "next" not in forecasts["6-1"]
     assert forecasts["2-1"]["next"] is None and forecasts["2-1"]["path"] == [None, 101.5, None]
     assert forecasts["4-1"]["next"] == 104.0 and forecasts["7-1"]["next"] == 106.0
-    warnings = [r for r in caplog.records if r.name == "streamcast.live"]
+    # the live page reads through the client, which logs a bad entry once per page
+    warnings = [r for r in caplog.records if r.name == "streamcast.client"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING  # once, not per entry
 
 

@@ -1,15 +1,19 @@
-"""The simulated feed and the watch: even pacing against a real redis-server, the live table as
-text, and plain lines when the output is not a terminal."""
+"""The simulated feed and the watch: even pacing against a real redis-server, each tick in its
+symbol's partition stream, the live table as text, plain lines when the output is not a terminal,
+and ``streamcast watch --json --count``."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+import zlib
 
 import numpy as np
 import pytest
 
+from streamcast.cli import main
 from streamcast.keys import Keys
 from streamcast.replay import (
     Board,
@@ -39,14 +43,16 @@ async def test_a_paced_replay_sends_ticks_evenly_at_the_rate_asked(redis_client)
     paths = 100 + np.arange(8 * 50, dtype=float).reshape(8, 50)
     sent = await replay(redis_client, keys, paths, names, rate=40.0)
     assert sent == 400
-    arrivals = [stream_ms(eid) for eid, _ in await redis_client.xrange(keys.ticks)]
+    arrivals = [stream_ms(eid) for eid, _ in await redis_client.xrange(keys.ticks(0))]
     assert len(arrivals) == 400
     gaps = np.diff(arrivals)
     assert gaps.max() < 100, f"largest gap {gaps.max()} ms"
     achieved = (len(arrivals) - 1) / ((arrivals[-1] - arrivals[0]) / 1000)
     assert achieved == pytest.approx(40.0, rel=0.02)
     # interleaved as before: time step by time step, every symbol in turn
-    first = [(f[b"symbol"], f[b"price"]) for _, f in await redis_client.xrange(keys.ticks, count=9)]
+    first = [
+        (f[b"symbol"], f[b"price"]) for _, f in await redis_client.xrange(keys.ticks(0), count=9)
+    ]
     assert [s for s, _ in first] == [n.encode() for n in names] + [b"P0"]
     assert [float(p) for _, p in first] == [100.0 + 50 * i for i in range(8)] + [101.0]
 
@@ -57,7 +63,7 @@ async def test_a_fast_paced_replay_sends_a_slice_at_a_time_not_a_chunk(redis_cli
     keys = Keys("fast")
     paths = np.linspace(100, 200, 600)[None, :]
     assert await replay(redis_client, keys, paths, ["SPX"], rate=300.0) == 600
-    arrivals = np.array([stream_ms(eid) for eid, _ in await redis_client.xrange(keys.ticks)])
+    arrivals = np.array([stream_ms(eid) for eid, _ in await redis_client.xrange(keys.ticks(0))])
     per_ms = np.unique(arrivals, return_counts=True)[1]
     assert per_ms.max() <= 10, f"{per_ms.max()} ticks in one millisecond"
     achieved = (len(arrivals) - 1) / ((arrivals[-1] - arrivals[0]) / 1000)
@@ -75,21 +81,36 @@ async def test_a_looping_replay_continues_from_the_last_price_and_stops_within_a
     await wait_for(lambda: _xlen_at_least(redis_client, keys, 12), timeout_s=10, what="two passes")
     stop.set()
     sent = await asyncio.wait_for(task, 1.0)  # a slice, not a chunk's worth of sleep
-    prices = [float(f[b"price"]) for _, f in await redis_client.xrange(keys.ticks)]
+    prices = [float(f[b"price"]) for _, f in await redis_client.xrange(keys.ticks(0))]
     assert sent == len(prices) >= 12
     # the second pass starts where the first ended: A 12 * 10/10, B 16 * 20/20 ...
     assert prices[:12] == pytest.approx([10, 20, 11, 18, 12, 16, 12, 16, 13.2, 14.4, 14.4, 12.8])
 
 
 async def _xlen_at_least(redis, keys: Keys, n: int) -> bool:
-    return await redis.xlen(keys.ticks) >= n
+    return await redis.xlen(keys.ticks(0)) >= n
 
 
 async def test_an_unpaced_replay_sends_every_tick_in_chunks(redis_client):
     keys = Keys("fastest")
     paths = np.arange(1, 1201, dtype=float).reshape(2, 600)
     assert await replay(redis_client, keys, paths, ["X", "Y"], rate=None, chunk=500) == 1200
-    assert await redis_client.xlen(keys.ticks) == 1200
+    assert await redis_client.xlen(keys.ticks(0)) == 1200
+
+
+async def test_a_replay_puts_each_symbols_ticks_in_its_partition_stream(redis_client):
+    keys, names = Keys("parts", partitions=4), [f"R{i}" for i in range(6)]
+    paths = 100 + np.arange(6 * 5, dtype=float).reshape(6, 5)
+    assert await replay(redis_client, keys, paths, names, rate=None) == 30
+    partition = {n: zlib.crc32(n.encode()) % 4 for n in names}
+    assert len(set(partition.values())) > 1
+    for p in range(4):
+        entries = await redis_client.xrange(f"parts:{{p{p}}}:ticks")
+        mine = [n for n in names if partition[n] == p]
+        # time step by time step, this partition's symbols in turn, each at its own price
+        assert [(f[b"symbol"].decode(), float(f[b"price"])) for _, f in entries] == [
+            (n, paths[names.index(n), t]) for t in range(5) for n in mine
+        ]
 
 
 # -- the live table ----------------------------------------------------------------------------
@@ -121,17 +142,20 @@ def test_the_table_says_what_it_does_not_know_yet():
     assert text.splitlines()[0] == "forecasts 0  throughput -  lag -"
 
 
-def forecast_fields(symbol: str, price: float, nxt: float | None, path=None) -> dict:
-    forecast = Forecast(Tick("1000-0", symbol, price, None), "v1", nxt, path)
-    return forecast.encode(now_ms=1000)
+def forecast(symbol: str, price: float, nxt: float | None, path=None, tick_id="1000-0") -> Forecast:
+    return Forecast(Tick(tick_id, symbol, price, None), "v1", nxt, path)
+
+
+def forecast_fields(symbol: str, price: float, nxt: float | None, tick_id: str) -> dict:
+    return forecast(symbol, price, nxt, tick_id=tick_id).encode(now_ms=1000)
 
 
 def test_the_board_scores_each_forecast_against_the_next_price_and_keeps_the_last_path():
     now = [0.0]
     board = Board(window_s=5.0, clock=lambda: now[0])
-    board.add("1000-0", forecast_fields("A", 100.0, 101.0, path=(102.0, 103.0)), now_ms=1040)
+    board.add(forecast("A", 100.0, 101.0, path=(102.0, 103.0)), now_ms=1040)
     assert board.rows["A"] == Row("A", 100.0, 101.0, None, 103.0, 2, 40, "v1")
-    board.add("1100-0", forecast_fields("A", 100.5, 100.25), now_ms=1110)
+    board.add(forecast("A", 100.5, 100.25, tick_id="1100-0"), now_ms=1110)
     # this price less the previous 1-step forecast; a forecast without a path keeps the last
     assert board.rows["A"] == Row("A", 100.5, 100.25, -0.5, 103.0, 2, 10, "v1")
     assert board.forecasts == 2
@@ -143,7 +167,7 @@ def test_the_board_rate_is_over_the_last_seconds():
     assert board.per_s() is None  # nothing to say in the first second
     for t in range(100):  # 10 a second for 10 s
         now[0] = t / 10
-        board.add(f"{t}-0", forecast_fields("A", 100.0, 100.0), now_ms=t)
+        board.add(forecast("A", 100.0, 100.0, tick_id=f"{t}-0"), now_ms=t)
     now[0] = 10.0
     assert board.per_s() == pytest.approx(10.0, abs=0.2)
     now[0] = 12.5  # nothing new for 2.5 s: half the window empty
@@ -190,44 +214,125 @@ def test_the_log_tail_keeps_the_newest_lines_and_errors_whole():
 # -- watch: lines off a terminal, the table on one ---------------------------------------------
 
 
-async def publish(redis, keys: Keys, symbol: str, price: float, nxt: float) -> None:
-    fields = forecast_fields(symbol, price, nxt)
-    await redis.xadd(keys.forecasts(symbol), fields)
+async def publish(redis, keys: Keys, symbol: str, price: float, nxt: float, tick_id: str) -> None:
+    """A forecast as the daemon publishes it: its entry id is its tick's."""
+    await redis.xadd(
+        keys.forecasts(symbol), forecast_fields(symbol, price, nxt, tick_id), id=tick_id
+    )
 
 
 async def test_watch_writes_plain_lines_when_the_output_is_not_a_terminal(redis_client):
-    keys = Keys("lines")
+    keys = Keys("lines", partitions=3)
     for i in range(3):
-        await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i)
+        await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i, f"{1000 + i}-0")
     out = io.StringIO()
     assert await watch(redis_client, keys, ["A"], out=out, start="0", limit=3) == 3
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 and "\x1b" not in out.getvalue()
-    assert (
-        lines[2].startswith("A ") and "price 102.0000" in lines[2] and "next 105.0000" in lines[2]
-    )
+    assert lines[2].startswith("A ") and "1002-0" in lines[2]
+    assert "price 102.0000" in lines[2] and "next 105.0000" in lines[2]
 
 
-async def test_watch_draws_the_table_on_a_terminal_with_the_groups_lag(redis_client):
-    keys = Keys("table")
-    group = keys.group(0, 1)
-    await redis_client.xgroup_create(keys.ticks, group, id="0", mkstream=True)
-    for _ in range(5):
-        await redis_client.xadd(keys.ticks, {"symbol": "A", "price": "1"})
-    await redis_client.xreadgroup(group, "c", {keys.ticks: ">"}, count=2)  # 2 read, not acked
-    for i in range(3):
-        await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i)
+async def test_watch_writes_a_json_object_per_forecast_per_line_even_on_a_terminal(redis_client):
+    keys = Keys("jsonl", partitions=3)
+    await publish(redis_client, keys, "A", 100.0, 101.0, "5-0")
+    await publish(redis_client, keys, "B", 200.0, 201.5, "6-0")
+    # a producer's non-finite number: null, as JSON has no NaN
+    raw = {"tick_id": "7-0", "symbol": "A", "price": "102.0", "model": "v2", "next": "nan"}
+    await redis_client.xadd(keys.forecasts("A"), raw, id="7-0")
     out = _Terminal()
-    assert await watch(redis_client, keys, ["A"], out=out, start="0", limit=3, groups=[group]) == 3
+    assert (
+        await watch(redis_client, keys, ["A", "B"], out=out, start="0", as_json=True, limit=3) == 3
+    )
+    assert "\x1b" not in out.getvalue()
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [
+        {"tick_id": "5-0", "symbol": "A", "price": 100.0, "model": "v1", "ts": 1000, "next": 101.0},
+        {"tick_id": "6-0", "symbol": "B", "price": 200.0, "model": "v1", "ts": 1000, "next": 201.5},
+        {"tick_id": "7-0", "symbol": "A", "price": 102.0, "model": "v2", "next": None},
+    ]
+
+
+def test_streamcast_watch_json_count_prints_n_forecasts_and_exits(
+    redis_server, monkeypatch, capsys
+):
+    import redis
+
+    keys = Keys("cli", partitions=4)
+    with redis.Redis.from_url(redis_server.url) as sync:
+        sync.hset(keys.meta, "partitions", "4")  # as the daemon writes it
+        for i, symbol in enumerate(["A", "B", "A", "B", "A"]):
+            fields = forecast_fields(symbol, 100.0 + i, 100.5 + i, f"{10 + i}-0")
+            sync.xadd(keys.forecasts(symbol), fields, id=f"{10 + i}-0")
+    monkeypatch.setenv("STREAMCAST_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("STREAMCAST_KEY_PREFIX", "cli")
+    monkeypatch.setenv("STREAMCAST_PARTITIONS", "4")
+    assert main(["watch", "A", "B", "--from-start", "--json", "--count", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"tick_id": f"{10 + i}-0", "symbol": s, "price": 100.0 + i, "model": "v1", "ts": 1000,
+         "next": 100.5 + i}
+        for i, s in enumerate(["A", "B", "A"])
+    ]  # fmt: skip
+    # --limit is the same; a partition count other than the deployment's is refused
+    assert main(["watch", "B", "--from-start", "--limit", "1"]) == 0
+    assert "11-0" in capsys.readouterr().out
+    monkeypatch.setenv("STREAMCAST_PARTITIONS", "2")
+    assert main(["watch", "A", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "deployment on this Redis has 4 partitions" in err and "STREAMCAST_PARTITIONS=4" in err
+
+
+def test_streamcast_replay_names_the_partition_streams_it_wrote(redis_server, monkeypatch, capsys):
+    import redis
+
+    monkeypatch.setenv("STREAMCAST_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("STREAMCAST_KEY_PREFIX", "rp")
+    monkeypatch.setenv("STREAMCAST_PARTITIONS", "4")
+    args = ["replay", "--symbols", "3", "--points", "5", "--as-fast-as-possible"]
+    assert main(args) == 0
+    keys = Keys("rp", partitions=4)
+    used = sorted({keys.partition(f"SYN.{k}") for k in range(3)})
+    streams = ", ".join(f"rp:{{p{p}}}:ticks" for p in used)
+    message = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (
+        message
+        == f"replayed 15 ticks for 3 symbol(s) to {len(used)} of 4 partition streams ({streams})"
+    )
+    with redis.Redis.from_url(redis_server.url) as sync:
+        assert sum(sync.xlen(keys.ticks(p)) for p in used) == 15
+
+
+async def test_watch_draws_the_table_on_a_terminal_with_the_lag_over_every_partition(redis_client):
+    keys = Keys("table", partitions=2)
+    for p, (added, read) in enumerate([(5, 2), (3, 0)]):
+        await redis_client.xgroup_create(keys.ticks(p), keys.group, id="0", mkstream=True)
+        for _ in range(added):
+            await redis_client.xadd(keys.ticks(p), {"symbol": "A", "price": "1"})
+        if read:  # read, not acknowledged
+            await redis_client.xreadgroup(keys.group, "c", {keys.ticks(p): ">"}, count=read)
+    for i in range(3):
+        await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i, f"{1000 + i}-0")
+    out = _Terminal()
+    assert (
+        await watch(redis_client, keys, ["A"], out=out, start="0", limit=3, group=keys.group) == 3
+    )
     last = out.getvalue().rsplit("\x1b[H", 1)[1]
-    assert "forecasts 3  " in last and "lag 5 ticks" in last  # 3 not delivered + 2 pending
+    # partition 0: 3 not delivered + 2 pending; partition 1: 3 not delivered
+    assert "forecasts 3  " in last and "lag 8 ticks" in last
     assert "A                102.0000     105.0000     -1.0000" in last
 
 
-async def test_ticks_behind_is_none_until_the_group_exists(redis_client):
-    keys = Keys("behind")
-    assert await ticks_behind(redis_client, keys, [keys.group(0, 1)]) is None
-    await redis_client.xadd(keys.ticks, {"symbol": "A", "price": "1"})
-    assert await ticks_behind(redis_client, keys, [keys.group(0, 1)]) is None
-    await redis_client.xgroup_create(keys.ticks, keys.group(0, 1), id="0")
-    assert await ticks_behind(redis_client, keys, [keys.group(0, 1)]) == 1
+async def test_ticks_behind_is_none_until_the_group_exists_then_summed_over_partitions(
+    redis_client,
+):
+    keys = Keys("behind", partitions=3)
+    assert await ticks_behind(redis_client, keys) is None
+    await redis_client.xadd(keys.ticks(1), {"symbol": "A", "price": "1"})
+    assert await ticks_behind(redis_client, keys) is None
+    await redis_client.xgroup_create(keys.ticks(1), keys.group, id="0")
+    assert await ticks_behind(redis_client, keys) == 1
+    await redis_client.xgroup_create(keys.ticks(2), keys.group, id="0", mkstream=True)
+    await redis_client.xadd(keys.ticks(2), {"symbol": "B", "price": "1"})
+    await redis_client.xadd(keys.ticks(2), {"symbol": "B", "price": "2"})
+    assert await ticks_behind(redis_client, keys) == 3
+    assert await ticks_behind(redis_client, keys, "another") is None

@@ -1,0 +1,300 @@
+"""The public client: publish ticks and read forecasts, on one Redis server or a Redis Cluster.
+
+Everything that produces ticks or reads forecasts goes through :class:`Client` (``replay``,
+``watch``, the live page, the demo, the benchmarks' producers), so the key layout lives in one
+place. A tick goes to its symbol's partition stream (:meth:`Keys.ticks_for`); a symbol's forecasts
+are read from its own stream. On one server one blocking XREAD reads every symbol at once; on a
+cluster a command may touch one slot only, so symbols of several partitions are read with one
+non-blocking XREAD per partition, swept in turn (a blocking read of one partition would hold back
+the others' forecasts).
+
+    async with await Client.connect("redis://127.0.0.1:6379/0") as client:
+        await client.publish("ACME", 101.5)
+        async for forecast in client.forecasts(["ACME"], block_ms=5000):
+            print(forecast.tick.price, forecast.next)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+from redis.asyncio import Redis
+
+from streamcast.connect import cluster_enabled, is_cluster, make_redis
+from streamcast.keys import Keys
+from streamcast.wire import SYMBOL_RE, Forecast, Tick, id_key, parse_stream_reply, text
+
+log = logging.getLogger(__name__)
+
+READ_COUNT = 500  # entries one read takes from each stream at most
+# one XREAD's BLOCK, well under the client's socket timeout (a longer block would time out)
+BLOCK_MS_MAX = 1000
+SWEEP_PAUSE_S = 0.02  # a cluster sweep that found nothing waits this long before the next
+
+# (symbol, price) or (symbol, price, event time in epoch ms)
+TickInput = tuple[str, float] | tuple[str, float, int | None]
+
+
+async def deployed_partitions(redis: Redis, prefix: str) -> int | None:
+    """The partition count the deployment's daemon wrote (``{prefix}:meta``); None if none did."""
+    raw = await redis.hget(Keys(prefix).meta, "partitions")
+    return None if raw is None else int(raw)
+
+
+class Client:
+    """Publishes ticks to the partition streams and reads the forecast streams.
+
+    Args:
+        redis: from :func:`streamcast.connect.make_redis` (one server or a cluster); closed by
+            :meth:`aclose` only when the client made it (:meth:`connect`).
+        keys: the deployment's key names; its partition count must be the daemon's.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, *, owns_redis: bool = False) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._owns_redis = owns_redis
+        self._warned_bad_entry = False
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        prefix: str = "streamcast",
+        partitions: int | None = None,
+        timeout_s: float = 5.0,
+        cluster: bool | None = None,
+    ) -> Client:
+        """A client on its own connection to ``url``.
+
+        Args:
+            partitions: the deployment's partition count; None reads it from ``{prefix}:meta``
+                (written by the daemon at start), or takes 1 when no daemon wrote it.
+            cluster: whether ``url`` names a Redis Cluster node (None: ask the server).
+        """
+        if cluster is None:  # the probe is a blocking call: off the event loop
+            cluster = await asyncio.to_thread(cluster_enabled, url, timeout_s)
+        redis = make_redis(url, timeout_s, cluster=cluster)
+        try:
+            if partitions is None:
+                partitions = await deployed_partitions(redis, prefix) or 1
+            return cls(redis, Keys(prefix, partitions), owns_redis=True)
+        except BaseException:
+            await redis.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Close the connection if :meth:`connect` made it (idempotent)."""
+        if self._owns_redis:
+            self._owns_redis = False
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- producing ------------------------------------------------------------------------------
+
+    async def publish(self, symbol: str, price: float, ts: int | None = None) -> str:
+        """XADD one tick to its symbol's partition stream; returns the entry id (the tick's id).
+
+        Args:
+            ts: the event time, epoch milliseconds (None: the tick's arrival in Redis).
+        """
+        stream, fields = self._tick(symbol, price, ts)
+        return text(await self.redis.xadd(stream, fields))
+
+    async def publish_many(self, ticks: Iterable[TickInput]) -> list[str]:
+        """XADD each of ``ticks`` ((symbol, price) or (symbol, price, ts)) in one pipeline, not a
+        transaction (on a cluster each tick goes to its partition's node); the entry ids."""
+        pipe = self.redis.pipeline(transaction=False)
+        for symbol, price, *ts in ticks:
+            pipe.xadd(*self._tick(symbol, price, ts[0] if ts else None))
+        return [text(entry_id) for entry_id in await pipe.execute()]
+
+    def _tick(self, symbol: str, price: float, ts: int | None) -> tuple[str, dict[Any, Any]]:
+        # refused here, where the caller sees it, rather than as a dead letter later
+        if not SYMBOL_RE.fullmatch(symbol):
+            raise ValueError(f"symbol {symbol[:80]!r} is not 1-64 of A-Z a-z 0-9 . _ : -")
+        return self.keys.ticks_for(symbol), Tick.encode(symbol, price, ts)
+
+    # -- reading forecasts ----------------------------------------------------------------------
+
+    def forecast_stream(self, symbol: str) -> str:
+        """The stream the daemon publishes ``symbol``'s forecasts to."""
+        return self.keys.forecasts(symbol)
+
+    async def latest(self, symbol: str) -> Forecast | None:
+        """``symbol``'s newest forecast; None when it has none (or the newest does not parse)."""
+        entries = await self.redis.xrevrange(self.forecast_stream(symbol), count=1)
+        if not entries:
+            return None
+        entry_id, fields = entries[0]
+        return self._decode(self.forecast_stream(symbol), text(entry_id), fields)
+
+    async def symbols(self) -> list[str]:
+        """Every symbol with history, over all partitions, sorted."""
+        pipe = self.redis.pipeline(transaction=False)
+        for partition in range(self.keys.partitions):
+            pipe.smembers(self.keys.symbols(partition))
+        members = await pipe.execute()
+        return sorted({text(m) for found in members for m in found})
+
+    def subscribe(self, symbols: Sequence[str], *, start: str = "$") -> Subscription:
+        """Cursors over ``symbols``' forecast streams, read with :meth:`Subscription.read`.
+
+        Args:
+            start: ``"$"``: forecasts published from now on; ``"0"``: every stored one first.
+        """
+        return Subscription(self, symbols, start)
+
+    async def forecasts(
+        self,
+        symbols: Sequence[str],
+        *,
+        start: str = "$",
+        block_ms: int | None = None,
+        count: int | None = None,
+    ) -> AsyncIterator[Forecast]:
+        """Each forecast of ``symbols`` as it arrives, in order within each symbol.
+
+        Args:
+            start: ``"$"``: from now on; ``"0"``: every stored forecast first.
+            block_ms: the iteration ends when no forecast arrives for this long (None: never).
+            count: the iteration ends after this many forecasts (None: never).
+        """
+        subscription = self.subscribe(symbols, start=start)
+        given = 0
+        while count is None or given < count:
+            wanted = READ_COUNT if count is None else min(READ_COUNT, count - given)
+            batch = await subscription.read(block_ms, count=wanted)
+            if not batch:
+                return
+            for forecast in batch[: None if count is None else count - given]:
+                given += 1
+                yield forecast
+
+    def _decode(self, stream: str, entry_id: str, fields: Any) -> Forecast | None:
+        try:
+            forecast = Forecast.decode(fields)
+            id_key(forecast.tick.id)  # a stream id: its time is the tick's arrival
+            return forecast
+        except (ValueError, TypeError, KeyError) as exc:  # json's errors are ValueErrors
+            if not self._warned_bad_entry:  # once: a bad producer must not flood the log
+                self._warned_bad_entry = True
+                log.warning("skipping a forecast entry that does not parse (%s %s): %r",
+                            stream, entry_id, exc)  # fmt: skip
+            return None
+
+
+class Subscription:
+    """Where reading ``symbols``' forecast streams has got to: each read goes on from there.
+
+    Made by :meth:`Client.subscribe`. Entries that do not parse as forecasts are skipped (and
+    counted in ``skipped``).
+    """
+
+    def __init__(self, client: Client, symbols: Sequence[str], start: str) -> None:
+        keys = client.keys
+        self._client = client
+        self._cursors: dict[str, str] = {keys.forecasts(s): start for s in dict.fromkeys(symbols)}
+        self._by_partition: dict[int, list[str]] = {}
+        for symbol in dict.fromkeys(symbols):
+            self._by_partition.setdefault(keys.partition(symbol), []).append(keys.forecasts(symbol))
+        self._resolved = "$" not in self._cursors.values()
+        self.skipped = 0
+
+    async def recent(self, count: int) -> list[Forecast]:
+        """The newest ``count`` forecasts of each symbol, symbol by symbol, each oldest first;
+        reading goes on after them."""
+        if count < 1:
+            raise ValueError(f"count must be at least 1 (got {count})")
+        streams = list(self._cursors)
+        pipe = self._client.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xrevrange(stream, count=count)
+        out = []
+        for stream, entries in zip(streams, await pipe.execute(), strict=True):
+            self._cursors[stream] = text(entries[0][0]) if entries else "0-0"
+            triples = [(stream, text(entry_id), fields) for entry_id, fields in reversed(entries)]
+            out += self._take(triples, ordered=False)
+        self._resolved = True
+        return out
+
+    async def read(self, block_ms: int | None = 0, *, count: int = READ_COUNT) -> list[Forecast]:
+        """The forecasts published since the last read, in order within each symbol (and by
+        tick id across symbols); waits up to ``block_ms`` for one (0: not at all; None: until
+        one comes). At most ``count`` from each stream."""
+        if not self._resolved:
+            await self._resolve()
+        loop = asyncio.get_running_loop()
+        deadline = None if block_ms is None else loop.time() + block_ms / 1000
+        redis = self._client.redis
+        one_read = len(self._by_partition) == 1 or not is_cluster(redis)
+        while True:
+            left_ms = (
+                BLOCK_MS_MAX if deadline is None else max(0, int((deadline - loop.time()) * 1000))
+            )
+            if one_read:
+                wait_ms = min(left_ms, BLOCK_MS_MAX)
+                cursors: dict[Any, Any] = self._cursors
+                # block=None: no BLOCK at all (BLOCK 0 would wait for ever)
+                reply = await redis.xread(cursors, count=count, block=wait_ms or None)
+                entries = parse_stream_reply(reply)
+            else:
+                entries = await self._sweep(count)
+                if not entries and left_ms > 0:
+                    await asyncio.sleep(min(SWEEP_PAUSE_S, left_ms / 1000))
+            forecasts = self._take(entries)
+            # entries that all failed to parse are no reason to return early
+            if forecasts or (deadline is not None and loop.time() >= deadline):
+                return forecasts
+
+    async def _sweep(self, count: int) -> list[tuple[str, str, dict[Any, Any]]]:
+        """One non-blocking XREAD per partition (a cluster's command touches one slot), together."""
+        redis = self._client.redis
+        reads = [
+            redis.xread({s: self._cursors[s] for s in streams}, count=count)
+            for streams in self._by_partition.values()
+        ]
+        return [
+            entry for reply in await asyncio.gather(*reads) for entry in parse_stream_reply(reply)
+        ]
+
+    async def _resolve(self) -> None:
+        """``$`` as each stream's newest id: a later read from ``$`` would miss what arrived
+        between two reads (and a cluster's sweep never blocks, so ``$`` would never move)."""
+        waiting = [s for s, cursor in self._cursors.items() if cursor == "$"]
+        pipe = self._client.redis.pipeline(transaction=False)
+        for stream in waiting:
+            pipe.xrevrange(stream, count=1)
+        for stream, entries in zip(waiting, await pipe.execute(), strict=True):
+            self._cursors[stream] = text(entries[0][0]) if entries else "0-0"
+        self._resolved = True
+
+    def _take(
+        self, entries: list[tuple[str, str, dict[Any, Any]]], *, ordered: bool = True
+    ) -> list[Forecast]:
+        if ordered:  # stable: each stream's entries keep their order
+            entries = sorted(entries, key=lambda entry: id_key(entry[1]))
+        out = []
+        for stream, entry_id, fields in entries:
+            self._cursors[stream] = entry_id
+            forecast = self._client._decode(stream, entry_id, fields)
+            if forecast is None:
+                self.skipped += 1
+            else:
+                out.append(forecast)
+        return out
