@@ -335,24 +335,44 @@ class RedisClusterNodes:
                 node.process.kill()
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a port too, and free."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterNodes:
     """``masters`` redis-servers with ``--cluster-enabled yes``, joined by ``redis-cli --cluster
     create``; returns once every slot is served (``cluster_state:ok`` on every node)."""
-    nodes = []
-    for i in range(masters):
-        node_dir = directory / f"node-{i}"
-        node_dir.mkdir(parents=True, exist_ok=True)
-        nodes.append(
-            start_redis_server(
-                node_dir,
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                str(node_dir / "nodes.conf"),
-                "--cluster-node-timeout",
-                "5000",
+    nodes: list[RedisServer] = []
+    try:
+        for i in range(masters):
+            node_dir = directory / f"node-{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            nodes.append(
+                start_redis_server(
+                    node_dir,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(node_dir / "nodes.conf"),
+                    "--cluster-node-timeout",
+                    "5000",
+                    port=_cluster_port(),
+                )
             )
-        )
+    except BaseException:
+        RedisClusterNodes(nodes).stop()
+        raise
     cluster = RedisClusterNodes(nodes)
     addresses = [f"127.0.0.1:{n.port}" for n in nodes]
     try:

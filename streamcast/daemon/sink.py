@@ -98,7 +98,10 @@ class ForecastSink:
             async with self.publisher.pipeline(transaction=True) as pipe:
                 leases = [self.keys.lease(p) for p in live]
                 await pipe.watch(*leases)
-                holders = await pipe.mget(leases)
+                # (one key on a cluster, where a pipeline refuses MGET)
+                holders = (
+                    await pipe.mget(leases) if len(leases) > 1 else [await pipe.get(leases[0])]
+                )
                 lost |= {
                     p
                     for p, holder in zip(live, holders, strict=True)
