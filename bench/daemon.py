@@ -96,7 +96,7 @@ async def seed_history(redis, keys: Keys, names: list[str], warm: np.ndarray) ->
     for name, row in zip(names, warm, strict=True):
         for t, price in enumerate(row):
             pipe.xadd(keys.history(name), {"price": repr(float(price))}, id=f"{t + 1}-0")
-    pipe.sadd(keys.symbols, *names)
+    pipe.sadd(keys.symbols(0), *names)
     await pipe.execute()
 
 
@@ -185,11 +185,11 @@ async def tutorial_consumer(
 ) -> int:
     """The tutorial's way: one model.predict per tick, then XADD the forecast and XACK."""
     group = "tutorial"
-    await redis.xgroup_create(keys.ticks, group, id="$", mkstream=True)
+    await redis.xgroup_create(keys.ticks(0), group, id="$", mkstream=True)
     done = 0
     loop = asyncio.get_running_loop()
     while not stop.is_set():
-        reply = await redis.xreadgroup(group, "t", {keys.ticks: ">"}, count=100, block=200)
+        reply = await redis.xreadgroup(group, "t", {keys.ticks(0): ">"}, count=100, block=200)
         for _, entries in reply or []:
             for eid, fields in entries:
                 symbol = fields[b"symbol"].decode()
@@ -203,7 +203,7 @@ async def tutorial_consumer(
                 await redis.xadd(
                     keys.forecasts(symbol), {"next": repr(window[0] * (y + 1.0))}, id=eid
                 )
-                await redis.xack(keys.ticks, group, eid)
+                await redis.xack(keys.ticks(0), group, eid)
                 done += 1
                 if stop.is_set():
                     return done

@@ -286,7 +286,7 @@ async def main() -> int:
 
         async def sample_xlen() -> None:
             while not load.done():
-                xlen_samples.append(await redis.xlen(keys.ticks))
+                xlen_samples.append(await redis.xlen(keys.ticks(0)))
                 await asyncio.sleep(1.0)
 
         sampler = asyncio.create_task(sample_xlen())
@@ -300,7 +300,7 @@ async def main() -> int:
         await at(8 * s)
         expected_dead = await hostile_entries(redis, keys)
         await at(12 * s)
-        await redis.xgroup_destroy(keys.ticks, keys.group(0, 1))
+        await redis.xgroup_destroy(keys.ticks(0), keys.group)
         await at(18 * s)
         await producer.send(
             1000
@@ -357,7 +357,7 @@ async def main() -> int:
                     f"(first {missing[:3]}), extra {sorted(set(got) - set(want))[:3]}, "
                     f"ticks from {want[:1]}, forecasts from {got[:1]}"
                 )
-        letters = await redis.xrange(keys.dead)
+        letters = await redis.xrange(keys.dead(0))
         by_reason: dict[str, int] = {}
         for _, fields in letters:
             reason = fields[b"reason"].decode()

@@ -63,7 +63,7 @@ async def test_two_daemons_with_the_same_settings_one_stands_by_then_takes_over(
         # the history holds every tick exactly once (two consumers would have split them)
         for name in names:
             assert await redis_client.xlen(keys.history(name)) == 200
-        consumers = await redis_client.xinfo_consumers(keys.ticks, keys.group(0, 1))
+        consumers = await redis_client.xinfo_consumers(keys.ticks(0), keys.group)
         assert len(consumers) == 1, "only the lease holder reads the group"
         # the holder dies: the standby takes over within the lease's time to live
         first.send_signal(signal.SIGKILL)

@@ -76,7 +76,7 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
 
         await wait_for(lambda: forecasts_at_least(3 * (1200 - 49)), timeout_s=120)
         assert (await registry.current()).version == DEFAULT_VERSION  # type: ignore[union-attr]
-        feed_after = (await redis_client.xrevrange(keys.ticks, count=1))[0][0].decode()
+        feed_after = (await redis_client.xrevrange(keys.ticks(0), count=1))[0][0].decode()
         # ticks keep coming while the candidate trains, is promoted, loaded and swapped in (the
         # feed starts over if it runs out first), and go on after the swap
         stop_feed = asyncio.Event()
@@ -99,12 +99,12 @@ async def test_retrain_promote_and_swap_mid_replay_forecast_every_tick_once(
         assert not feed.done(), "the feed ended before the swap"
         stop_feed.set()
         await feed
-        feed_last = (await redis_client.xrevrange(keys.ticks, count=1))[0][0].decode()
+        feed_last = (await redis_client.xrevrange(keys.ticks(0), count=1))[0][0].decode()
         await asyncio.sleep(1.1)  # one housekeeping round
         age = metrics.prometheus.get_sample_value("streamcast_model_age_seconds")
         assert age is not None and 0 <= age < 60, "time since the last promotion"
         await replay(redis_client, keys, paths[:, 2400:], names, rate=None)
-        total = await redis_client.xlen(keys.ticks)
+        total = await redis_client.xlen(keys.ticks(0))
         await wait_for(lambda: forecasts_at_least(total - 3 * 49), timeout_s=120)
     assert sample(metrics, "streamcast_model_info", version=result.candidate) == 1
     # the swap clears the old version's series

@@ -177,7 +177,9 @@ async def feed_through_outages(
             for s, name in enumerate(names):
                 while True:
                     try:
-                        eid = await client.xadd(keys.ticks, Tick.encode(name, float(paths[s, t])))
+                        eid = await client.xadd(
+                            keys.ticks(0), Tick.encode(name, float(paths[s, t]))
+                        )
                         break
                     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
                         retries += 1
@@ -240,7 +242,7 @@ async def test_redis_restart_with_aof_mid_replay_loses_nothing_it_kept(tmp_path)
         for i, d in enumerate(daemons):
             await wait_ready(http_ports[i], d, timeout_s=60)
         acknowledged, retries = await producer
-        kept = [eid.decode() for eid, _ in await client.xrange(keys.ticks)]
+        kept = [eid.decode() for eid, _ in await client.xrange(keys.ticks(0))]
         # appendfsync always: every tick Redis acknowledged survived; a tick retried after a
         # lost reply may be there twice, under an id the feed never saw
         assert set(acknowledged) <= set(kept), "acknowledged ticks lost"
@@ -374,12 +376,12 @@ async def test_ten_thousand_malformed_entries_interleaved_with_valid_ticks(
     for position in range(10_000 + 1200):
         if v < len(valid_at) and position == valid_at[v]:
             symbol, price = next(valid_iter)
-            pipe.xadd(keys.ticks, Tick.encode(symbol, price))
+            pipe.xadd(keys.ticks(0), Tick.encode(symbol, price))
             valid_symbol_at[position] = symbol
             v += 1
         else:
             fields, reason = bad[b]
-            pipe.xadd(keys.ticks, fields)
+            pipe.xadd(keys.ticks(0), fields)
             expected_reasons.append(reason)
             bad_at.append(position)
             b += 1
@@ -394,13 +396,13 @@ async def test_ten_thousand_malformed_entries_interleaved_with_valid_ticks(
     )
     async with daemon:
         deadline = time.monotonic() + 180
-        while await redis_client.xlen(keys.dead) < 10_000 or await total_forecasts(
+        while await redis_client.xlen(keys.dead(0)) < 10_000 or await total_forecasts(
             redis_client, keys, [f"V{i}" for i in range(4)]
         ) < 4 * (300 - 49):
             assert daemon._tasks[0].done() is False, "the consume loop ended"
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
-    letters = await redis_client.xrange(keys.dead, count=20_000)
+    letters = await redis_client.xrange(keys.dead(0), count=20_000)
     assert [f[b"reason"].decode() for _, f in letters] == expected_reasons
     # each letter: the entry's id, the decoder's detail for that entry, its original fields
     for (_, letter), (entry_id, fields, reason) in zip(letters, bad_entries, strict=True):

@@ -35,7 +35,7 @@ async def test_bad_prices_in_one_symbol_are_left_out_and_named_and_the_retrain_r
     pipe = redis_client.pipeline(transaction=False)
     for i, text in enumerate(raw):
         pipe.xadd(keys.history("CCC"), {"price": text}, id=f"0-{i + 1}")
-    pipe.sadd(keys.symbols, "CCC")
+    pipe.sadd(keys.symbols(keys.partition("CCC")), "CCC")
     await pipe.execute()
     # DDD has too few prices to be used at all
     await import_series(redis_client, keys, "DDD", prices[0][:60], maxlen=10_000)

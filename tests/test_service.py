@@ -88,7 +88,7 @@ async def test_sigterm_mid_replay_exits_0_in_time_and_restart_completes(
         assert 0 <= drained_s < 10, f"stopped {drained_s:.1f} s after the signal"
         assert "shutdown timeout" not in log and "Traceback" not in log
         # and acknowledged: the group has nothing pending (ticks read but not acknowledged)
-        assert (await redis_client.xpending(keys.ticks, keys.group(0, 1)))["pending"] == 0
+        assert (await redis_client.xpending(keys.ticks(0), keys.group))["pending"] == 0
         await producer
         daemon = spawn_daemon(redis_server.url, "term", port, tmp_path)
         await wait_total(redis_client, keys, names, 4 * (400 - 49))
