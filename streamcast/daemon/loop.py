@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -236,11 +236,12 @@ class Daemon:
             self._swap()  # between batches: none is being computed
         if not self._set_up:
             await self._setup()
-        await self._rebalance()
+        await hand_over(self.ownership, self.source, self.planner, self.sink, self._flush)
         partitions = self.ownership.readable()
-        if not partitions:
+        if not partitions:  # standing by: the ownership rounds take one when they can
             await self._flush()
-            await self._standing_by()
+            self.redis_ok = self.ownership.round_ok
+            await self.ownership.wait_for_change()
             return True
         if self.source.rereads_in_flight:
             await self._flush()
@@ -282,39 +283,6 @@ class Daemon:
         # they are never trusted
         self.planner.reset()
         self._set_up = True
-
-    async def _rebalance(self) -> None:
-        """At a batch boundary: publish, then give up the partitions over this replica's share
-        and forget the lost ones; set up the partitions taken."""
-        own = self.ownership
-        lost = own.take_lost()
-        giving = set(own.releasing)
-        if lost or giving:
-            await self._flush()  # the fence drops the share of a partition lost meanwhile
-            await own.release(giving | lost)  # a lost one is released only if still ours
-            self.source.forget(lost | giving)
-            self.planner.forget_partitions(lost | giving)
-        adopt = own.to_adopt()
-        if adopt:
-            await self.source.setup(adopt, self.sink.acked_high)
-            # another replica may have moved these on since this one last held them
-            self.planner.forget_partitions(adopt)
-            own.active |= adopt
-            own.changed.clear()
-            log.info(
-                "consuming partitions %s as %s (group %s)",
-                ",".join(str(p) for p in sorted(own.active)),
-                self.source.consumer,
-                self.group,
-            )
-
-    async def _standing_by(self) -> None:
-        """Own no partition: wait for the ownership rounds to take one (or for stop)."""
-        own = self.ownership
-        self.redis_ok = own.round_ok
-        own.changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(own.changed.wait(), own.round_s)
 
     async def _flush(self) -> None:
         """Publish the batch in flight, if any."""
@@ -402,3 +370,33 @@ async def drain(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
     if lease_task is not None:
         lease_task.cancel()
     await cancelled(tasks)
+
+
+async def hand_over(
+    own: Ownership,
+    source: Source,
+    planner: Planner,
+    sink: Sink,
+    flush: Callable[[], Awaitable[None]],
+) -> None:
+    """At a batch boundary: publish (``flush``), then give up the partitions over this
+    replica's share and forget the lost ones; set up the partitions taken."""
+    lost = own.take_lost()
+    giving = set(own.releasing)
+    if lost or giving:
+        await flush()  # the fence drops the share of a partition lost meanwhile
+        await own.release(giving | lost)  # a lost one is released only if still ours
+        source.forget(lost | giving)
+        planner.forget_partitions(lost | giving)
+    adopt = own.to_adopt()
+    if adopt:
+        await source.setup(adopt, sink.acked_high)
+        # another replica may have moved these on since this one last held them
+        planner.forget_partitions(adopt)
+        own.active |= adopt
+        own.changed.clear()
+        log.info(
+            "consuming partitions %s as %s",
+            ",".join(str(p) for p in sorted(own.active)),
+            source.consumer,
+        )

@@ -119,6 +119,12 @@ class Ownership:
             log.info("gave up partitions %s (over this replica's share)", _listed(partitions))
         self._gauges()
 
+    async def wait_for_change(self) -> None:
+        """Wait (at most a round) for something the consume loop should act on."""
+        self.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), self.round_s)
+
     def drop(self, partitions: set[int]) -> None:
         """Partitions found lost, or maybe lost (past their local deadline), when publishing:
         consumed no more; the loop releases them (if still ours) and forgets their windows."""
