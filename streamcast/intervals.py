@@ -1,0 +1,375 @@
+"""Prediction intervals for every forecast: online conformal calibration, per horizon.
+
+A forecast ``y_hat`` made at price ``p`` for ``h`` ticks ahead gets, at each coverage level, the
+band ``y_hat +/- q[h, level] * v * |p|``, where ``v`` is the symbol's recent volatility (below)
+and ``q`` is tracked online from resolved forecasts' scale-free scores
+``s = |y - y_hat| / (|p| * v)``: the error relative to the price the forecast was made at, as
+:func:`streamcast.scoring.relative_errors`, divided by the volatility at that time.
+
+**Method: a quantile tracker on the log of the score** (the "P" part of Angelopoulos, Candès and
+Tibshirani, "Conformal PID control", 2023). Each resolved score moves its horizon's quantile::
+
+    log q <- log q + lr * (1{s > q} - (1 - level))
+
+A miss raises the band by ``lr * level``, a hit lowers it by ``lr * (1 - level)``; the steps cancel
+exactly when a share ``1 - level`` of the scores miss. As the paper proves for any sequence of
+scores, shifted or not, the long-run miss rate is ``1 - level`` up to ``(log q_T - log q_0) /
+(lr * T)``: no i.i.d. assumption, so coverage holds when volatility changes. Chosen over ACI
+(Gibbs and Candès 2021), which adapts the level fed to a quantile of stored scores: the tracker
+keeps one number per horizon and level (no score windows to sort, store or persist), it is
+vectorised over a batch in a few numpy calls, and in log space one learning rate fits every
+horizon and level (the step is a fraction of the band). The PID paper's integral term and
+scorecaster are left out: the volatility scaling already follows the changes they would chase.
+
+**Volatility scaling** (``scaled=True``): ``v`` is an exponentially weighted mean of the
+absolute relative 1-tick changes in the forecast's own input window (:func:`window_volatility`,
+half-life ``volatility_halflife_ticks``). The score is then close to stationary when a symbol's
+volatility moves, and a quiet and a wild symbol get bands in proportion. It is computed from the
+window the engine forecasts from, which the daemon always holds (rebuilt from history after a
+restart): there is no per-symbol state to persist, and no cold start for a new symbol.
+
+**Warm-up**: until a horizon has ``warmup_scores`` resolved scores its band is a random walk's,
+widened: ``warmup_inflation * z * sigma * sqrt(h)`` with ``sigma = v * sqrt(pi / 2)`` (``v`` is a
+mean absolute change; for a normal one the sd is that much larger) and ``z`` the normal quantile
+of the level. Then the tracker starts from the split-conformal quantile of those scores (the
+``ceil((n + 1) * level)``-th smallest).
+
+**Batches**: a batch's scores at one horizon step together, against the quantile in force now
+(the band was made up to ``h`` ticks earlier: feedback is delayed, which only lags the tracker).
+A batch of more than ``batch_cap`` scores at one horizon takes the step of ``batch_cap`` scores
+with the batch's miss rate: hundreds of symbols resolving at once move a band by a bounded step.
+
+Everything here is numpy (and the standard library): the daemon, ``streamcast evaluate`` and
+``bench/intervals.py`` share it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Any, NamedTuple
+
+import numpy as np
+
+FORMAT = 1  # of to_dict()
+Q_MIN, Q_MAX = 1e-6, 1e6  # the tracked quantile's range (normalised units): log q stays finite
+VOL_MIN = 1e-9  # a volatility floor: a window of equal prices still gives a finite score
+
+
+@dataclass(frozen=True)
+class IntervalConfig:
+    """How bands are calibrated; every default declared here once."""
+
+    horizons: int = 50  # steps of a path: horizon 1 is ``next`` and a path's first step
+    levels: tuple[float, ...] = (0.8, 0.95)  # coverage levels
+    learning_rate: float = 0.05  # change of log q per resolved score
+    batch_cap: int = 20  # the most scores one update's step counts per horizon
+    warmup_scores: int = 50  # resolved scores a horizon needs before its tracked band
+    warmup_inflation: float = 1.5  # the warm-up random-walk band is this much wider
+    volatility_halflife_ticks: float = 20.0  # of the window's volatility
+    scaled: bool = True  # scores and bands scaled by the window's volatility
+
+    def __post_init__(self) -> None:
+        checks = {
+            "horizons must be >= 1": self.horizons >= 1,
+            "levels must be between 0 and 1, each once": len(self.levels) > 0
+            and len(set(self.levels)) == len(self.levels)
+            and all(0.0 < level < 1.0 for level in self.levels),
+            "learning_rate must be > 0": self.learning_rate > 0,
+            "batch_cap must be >= 1": self.batch_cap >= 1,
+            "warmup_scores must be >= 1": self.warmup_scores >= 1,
+            "warmup_inflation must be > 0": self.warmup_inflation > 0,
+            "volatility_halflife_ticks must be > 0": self.volatility_halflife_ticks > 0,
+        }
+        failed = [text for text, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"interval config: {'; '.join(failed)}")
+
+
+class Band(NamedTuple):
+    """One level's band for a batch: NaN where a row has no band (a non-finite input)."""
+
+    next_lo: np.ndarray  # (B,)
+    next_hi: np.ndarray  # (B,)
+    path_lo: np.ndarray | None  # (B, steps); None when the batch had no paths
+    path_hi: np.ndarray | None
+
+
+Bands = dict[float, Band]
+
+
+def level_key(level: float) -> str:
+    """A level as the wire names it: 0.8 -> "80", 0.95 -> "95", 0.995 -> "99.5"."""
+    return format(round(level * 100, 6), "g")
+
+
+def price_scale(prices: np.ndarray) -> np.ndarray:
+    """|p|, or 1 where p is 0: :func:`streamcast.scoring.relative_errors`' divisor."""
+    return np.abs(prices) + (prices == 0)
+
+
+def window_volatility(windows: np.ndarray, halflife_ticks: float = 20.0) -> np.ndarray:
+    """Recent volatility (B,) of price windows (B, L): the exponentially weighted mean of
+    ``|p[t] / p[t-1] - 1|`` (the newest change weighs most), at least ``VOL_MIN``; NaN for a
+    window with a non-finite price or fewer than two."""
+    windows = np.asarray(windows, dtype=np.float64)
+    if windows.ndim != 2:
+        raise ValueError(f"windows must be (B, L), got shape {windows.shape}")
+    if windows.shape[1] < 2:
+        return np.full(len(windows), np.nan)
+    with np.errstate(invalid="ignore", over="ignore"):
+        changes = np.abs(np.diff(windows, axis=1)) / price_scale(windows[:, :-1])
+    weights = 0.5 ** (np.arange(changes.shape[1])[::-1] / halflife_ticks)
+    vol = changes @ (weights / weights.sum())
+    return np.where(np.isfinite(vol), np.maximum(vol, VOL_MIN), np.nan)
+
+
+@dataclass(eq=False)
+class Calibrator:
+    """Tracked quantiles of the scale-free score, per horizon and level, for one model version.
+
+    ``bands`` gives a batch its bands; ``update`` feeds resolved forecasts' ``score``s back;
+    ``to_dict``/``from_dict`` persist the state (JSON-safe), tagged with ``model_version``.
+    """
+
+    config: IntervalConfig = field(default_factory=IntervalConfig)
+    model_version: str = ""
+    log_q: np.ndarray = field(init=False)  # (H, L) log of the tracked quantiles
+    seen: np.ndarray = field(init=False)  # (H,) resolved scores per horizon
+    _warmup: np.ndarray = field(init=False, repr=False)  # (H, warmup_scores), NaN-filled
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.log_q = np.zeros((c.horizons, len(c.levels)))
+        self.seen = np.zeros(c.horizons, dtype=np.int64)
+        self._warmup = np.full((c.horizons, c.warmup_scores), np.nan)
+        z = np.array([NormalDist().inv_cdf((1 + level) / 2) for level in c.levels])
+        sqrt_h = np.sqrt(np.arange(1, c.horizons + 1))[:, None]
+        # the warm-up band in normalised units: sd = mean |change| * sqrt(pi / 2)
+        self._warm_q = c.warmup_inflation * math.sqrt(math.pi / 2) * sqrt_h * z[None, :]
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        return self.config.levels
+
+    def volatility(self, windows: np.ndarray) -> np.ndarray:
+        """:func:`window_volatility` of the engine's input windows, with this half-life."""
+        return window_volatility(windows, self.config.volatility_halflife_ticks)
+
+    def warm(self) -> np.ndarray:
+        """(H,) whether each horizon's band is its tracked quantile (past the warm-up)."""
+        return self.seen >= self.config.warmup_scores
+
+    def quantiles(self) -> np.ndarray:
+        """(H, L) the half-widths in use, in units of ``|p| * v`` (``|p|`` when not scaled),
+        the warm-up band's where a horizon is not warm yet (its units are always ``|p| * v``)."""
+        return np.where(self.warm()[:, None], np.exp(self.log_q), self._warm_q)
+
+    # -- bands -------------------------------------------------------------------------------
+
+    def bands(
+        self,
+        prices: np.ndarray,
+        next_values: np.ndarray,
+        paths: np.ndarray | None = None,
+        vol: np.ndarray | None = None,
+    ) -> Bands:
+        """Each level's band for a batch of forecasts.
+
+        Args:
+            prices: (B,) the price each forecast was made at (its window's last).
+            next_values: (B,) the 1-step forecasts.
+            paths: (B, steps) forecast paths, steps <= horizons; a row of NaN has no path.
+            vol: (B,) :meth:`volatility` of the rows' windows; None (or a NaN) means unknown,
+                and a row with an unknown volatility gets no band.
+        """
+        prices = np.asarray(prices, dtype=np.float64).reshape(-1)
+        n = len(prices)
+        vol = np.full(n, np.nan) if vol is None else np.asarray(vol, dtype=np.float64)
+        nxt = np.asarray(next_values, dtype=np.float64).reshape(-1)
+        if nxt.shape != (n,) or vol.shape != (n,):
+            raise ValueError(f"prices, next_values and vol must all be ({n},)")
+        steps = 1 if paths is None else np.shape(paths)[1]
+        if paths is not None and (np.shape(paths)[0] != n or steps > self.config.horizons):
+            raise ValueError(f"paths must be ({n}, <= {self.config.horizons})")
+        half = self._half_widths(prices, vol, max(steps, 1))  # (L, B, steps)
+        out: Bands = {}
+        for i, level in enumerate(self.levels):
+            next_lo, next_hi = _band(nxt, half[i, :, 0])
+            path_lo = path_hi = None
+            if paths is not None:
+                path_lo, path_hi = _band(np.asarray(paths, dtype=np.float64), half[i])
+            out[level] = Band(next_lo, next_hi, path_lo, path_hi)
+        return out
+
+    def _half_widths(self, prices: np.ndarray, vol: np.ndarray, steps: int) -> np.ndarray:
+        """(L, B, steps) half-widths in price units; NaN where price or volatility is unknown
+        (and inf where they overflow, which :func:`_band` turns into no band)."""
+        vol = np.where(np.isfinite(vol), np.maximum(vol, VOL_MIN), np.nan)
+        unit = vol if self.config.scaled else np.where(np.isnan(vol), np.nan, 1.0)
+        scale = price_scale(prices)
+        with np.errstate(invalid="ignore", over="ignore"):
+            tracked = np.exp(self.log_q[:steps]).T[:, None, :] * (scale * unit)[None, :, None]
+            warm_up = self._warm_q[:steps].T[:, None, :] * (scale * vol)[None, :, None]
+        return np.where(self.warm()[:steps][None, None, :], tracked, warm_up)
+
+    # -- learning ----------------------------------------------------------------------------
+
+    def score(
+        self, forecast: np.ndarray, truth: np.ndarray, price: np.ndarray, vol: np.ndarray
+    ) -> np.ndarray:
+        """Scale-free scores of resolved forecasts: ``|truth - forecast| / (|price| * vol)``
+        (``vol`` as given to :meth:`bands` when the forecast was made; left out when not
+        ``scaled``); NaN where an input is not finite."""
+        forecast, truth, price, vol = (
+            np.asarray(a, dtype=np.float64) for a in (forecast, truth, price, vol)
+        )
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            s = np.abs(truth - forecast) / price_scale(price)
+            if self.config.scaled:
+                s = s / np.maximum(vol, VOL_MIN)
+        return np.where(np.isfinite(s), s, np.nan)
+
+    def update(self, horizons: np.ndarray, scores: np.ndarray) -> int:
+        """Learn from resolved forecasts: ``horizons`` (n,) in 1..H, ``scores`` (n,) from
+        :meth:`score`. Pairs with a score that is not finite or a horizon out of range are
+        skipped; returns how many were used."""
+        steps = np.asarray(horizons, dtype=np.float64).reshape(-1)
+        s = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if steps.shape != s.shape:
+            raise ValueError(f"{steps.size} horizons for {s.size} scores")
+        keep = np.isfinite(s) & (s >= 0) & (steps >= 1) & (steps <= self.config.horizons)
+        h, s = steps[keep].astype(np.int64) - 1, s[keep]
+        warming = ~self.warm()[h]
+        self._collect(h[warming], s[warming])
+        self._track(h[~warming], s[~warming])
+        return int(h.size)
+
+    def _collect(self, h: np.ndarray, s: np.ndarray) -> None:
+        """Warm-up: keep the scores; a horizon that has enough starts from their quantile."""
+        if h.size == 0:
+            return
+        order = np.argsort(h, kind="stable")
+        h, s = h[order], s[order]
+        rank = np.arange(h.size) - np.searchsorted(h, h, side="left")
+        slot = self.seen[h] + rank
+        fits = slot < self.config.warmup_scores
+        self._warmup[h[fits], slot[fits]] = s[fits]
+        before = self.warm()
+        np.add.at(self.seen, h, 1)
+        done = self.warm() & ~before
+        if done.any():
+            self.log_q[done] = np.log(self._conformal_quantiles(self._warmup[done]))
+            self._warmup[done] = np.nan
+
+    def _conformal_quantiles(self, scores: np.ndarray) -> np.ndarray:
+        """(rows, L) the ``ceil((n + 1) * level)``-th smallest of each row of n scores."""
+        n = scores.shape[1]
+        ranks = [min(n, math.ceil((n + 1) * level)) - 1 for level in self.levels]
+        return np.clip(np.sort(scores, axis=1)[:, ranks], Q_MIN, Q_MAX)
+
+    def _track(self, h: np.ndarray, s: np.ndarray) -> None:
+        """The quantile tracker's step for every (horizon, level) the scores fall in."""
+        if h.size == 0:
+            return
+        horizons = self.config.horizons
+        counts = np.bincount(h, minlength=horizons).astype(np.float64)
+        missed = s[:, None] > np.exp(self.log_q[h])  # (n, L)
+        misses = np.stack(
+            [
+                np.bincount(h, weights=missed[:, i], minlength=horizons)
+                for i in range(missed.shape[1])
+            ],
+            axis=1,
+        )
+        alpha = 1.0 - np.asarray(self.levels)
+        shrink = np.minimum(1.0, self.config.batch_cap / np.maximum(counts, 1.0))
+        step = self.config.learning_rate * (misses - counts[:, None] * alpha) * shrink[:, None]
+        self.log_q = np.clip(self.log_q + step, math.log(Q_MIN), math.log(Q_MAX))
+
+    # -- state -------------------------------------------------------------------------------
+
+    def reset(self, model_version: str) -> None:
+        """Start over for another model version (warm-up again)."""
+        fresh = Calibrator(self.config, model_version)
+        self.model_version = model_version
+        self.log_q, self.seen, self._warmup = fresh.log_q, fresh.seen, fresh._warmup
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole state as JSON-safe values; :meth:`from_dict` restores it exactly."""
+        config = asdict(self.config)
+        config["levels"] = list(self.config.levels)
+        warming = {
+            str(h + 1): self._warmup[h, : self.seen[h]].tolist()
+            for h in np.flatnonzero(~self.warm() & (self.seen > 0))
+        }
+        return {
+            "format": FORMAT,
+            "model_version": self.model_version,
+            "config": config,
+            "log_q": self.log_q.tolist(),
+            "seen": self.seen.tolist(),
+            "warmup": warming,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibrator:
+        """A calibrator from :meth:`to_dict`'s output; ValueError when it is not one."""
+        try:
+            if data["format"] != FORMAT:
+                raise ValueError(f"format {data['format']!r}, expected {FORMAT}")
+            raw = dict(data["config"])
+            config = IntervalConfig(**{**raw, "levels": tuple(raw["levels"])})
+            cal = cls(config, str(data["model_version"]))
+            log_q = np.asarray(data["log_q"], dtype=np.float64)
+            seen = np.asarray(data["seen"], dtype=np.int64)
+            if log_q.shape != cal.log_q.shape or seen.shape != cal.seen.shape:
+                raise ValueError("log_q or seen has the wrong shape")
+            if not np.isfinite(log_q).all() or (seen < 0).any():
+                raise ValueError("log_q not finite or seen negative")
+            cal.log_q, cal.seen = log_q, seen
+            for key, scores in data["warmup"].items():
+                h, row = int(key) - 1, np.asarray(scores, dtype=np.float64)
+                if not 0 <= h < config.horizons or row.size != min(seen[h], config.warmup_scores):
+                    raise ValueError(f"warm-up scores of horizon {key} do not fit")
+                cal._warmup[h, : row.size] = row
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"not a calibrator state: {exc!r}") from None
+        return cal
+
+
+def _band(centre: np.ndarray, half: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """centre -/+ half, NaN on both sides wherever either is not finite."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo, hi = centre - half, centre + half
+    ok = np.isfinite(lo) & np.isfinite(hi) & (lo <= centre) & (centre <= hi)
+    return np.where(ok, lo, np.nan), np.where(ok, hi, np.nan)
+
+
+def wire(bands: Bands) -> list[dict[str, Any] | None]:
+    """Each row's intervals as the wire carries them, None for a row without a band::
+
+        {"80": {"next": [lo, hi], "path": [[lo, hi], ...]}, "95": {...}}
+
+    ``next`` and ``path`` only where the row has that band (a path band only whole).
+    """
+    rows: list[dict[str, Any] | None] = []
+    if not bands:
+        return rows
+    n = len(next(iter(bands.values())).next_lo)
+    for row in range(n):
+        entry: dict[str, Any] = {}
+        for level, band in bands.items():
+            item: dict[str, Any] = {}
+            lo, hi = band.next_lo[row], band.next_hi[row]
+            if np.isfinite(lo) and np.isfinite(hi):
+                item["next"] = [float(lo), float(hi)]
+            if band.path_lo is not None and band.path_hi is not None:
+                plo, phi = band.path_lo[row], band.path_hi[row]
+                if plo.size and np.isfinite(plo).all() and np.isfinite(phi).all():
+                    item["path"] = np.stack([plo, phi], axis=1).tolist()
+            if item:
+                entry[level_key(level)] = item
+        rows.append(entry or None)
+    return rows
