@@ -237,7 +237,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="the tutorial's point / full / multiple predictions on the test split, with figures",
         description="Forecast the last 10%% of a series' windows in price space, write a PNG per "
-        "mode and metrics.json (model vs the naive forecast, skill, error by horizon).",
+        "mode and metrics.json (model vs the naive forecast, skill, error by horizon, and the "
+        "coverage and width of 80%% and 95%% bands calibrated online through the test span).",
     )
     p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     p.add_argument("--data", type=Path, required=True)
@@ -308,12 +309,15 @@ def run_evaluation(
             "data": name,
             "test_windows": int(n_test),
             "modes": {},
+            "intervals": {},  # per mode: coverage and width of the online-calibrated bands
         }
         out.mkdir(parents=True, exist_ok=True)
         for mode in modes:
             result = evaluate(forecaster, test, mode, horizon=horizon)
             figure = plot_evaluation(result, out / f"{mode}.png", title=name)
             report["modes"][mode] = result.metrics
+            if result.intervals:
+                report["intervals"][mode] = result.intervals
             m = result.metrics
             print(
                 f"{mode:>8}: MSE {m['model']['mse']:.4g}  naive {m['naive']['mse']:.4g}  "

@@ -7,6 +7,12 @@
 Every score comes with the naive forecast's (next = last observed value) over the same points and
 the skill ``1 - MSE_model / MSE_naive`` (:mod:`streamcast.scoring`): above 0 the model beats "no
 change", at or below 0 it does not, however good a plot looks.
+
+``point`` and ``multiple`` forecasts also get prediction intervals (:mod:`streamcast.intervals`),
+calibrated online through the test span in time order as the daemon would: each forecast's band
+is made before its truth is seen, and its scores are learnt once they are. Their empirical
+coverage and width per level and horizon are ``Evaluation.intervals``. ``full`` gets none: its
+one path is made before any truth is seen.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from streamcast.engine import Engine
+from streamcast.intervals import Calibrator, IntervalConfig, level_key, price_scale
 from streamcast.scoring import model_and_naive_mse, mse_by_step, scores, skill
 
 MODES = ("point", "full", "multiple")
@@ -31,6 +38,9 @@ class Evaluation:
     starts: np.ndarray  # positions in ``truth`` where each forecast path begins
     paths: np.ndarray  # (n_paths, steps) forecasts in price space
     metrics: dict[str, Any] = field(default_factory=dict)
+    # per level: the (lo, hi) bands, each shaped like ``paths``; empty for ``full``
+    bands: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    intervals: dict[str, Any] = field(default_factory=dict)  # coverage and width of the bands
 
 
 def evaluate(
@@ -78,7 +88,45 @@ def evaluate(
         metrics["paths"] = len(starts)
     metrics["skill"] = skill(model["mse"], naive["mse"])
     metrics["mode"] = mode
-    return Evaluation(mode=mode, truth=truth, starts=starts, paths=paths, metrics=metrics)
+    result = Evaluation(mode=mode, truth=truth, starts=starts, paths=paths, metrics=metrics)
+    if mode != "full":
+        true_paths = np.stack([truth[s : s + paths.shape[1]] for s in starts])
+        result.bands, result.intervals = online_intervals(inputs[starts], paths, true_paths)
+    return result
+
+
+def online_intervals(
+    windows: np.ndarray, paths: np.ndarray, true_paths: np.ndarray
+) -> tuple[dict[float, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    """Bands for forecast paths (n, steps) made in this order from ``windows`` (n, seq_len),
+    each before the truths of the ones before it are learnt, and the bands' coverage of
+    ``true_paths`` and mean width per level (keyed as on the wire) and horizon."""
+    n, steps = paths.shape
+    calibrator = Calibrator(IntervalConfig(horizons=steps))
+    price, vol = windows[:, -1], calibrator.volatility(windows)
+    lo = {level: np.full_like(paths, np.nan) for level in calibrator.levels}
+    hi = {level: np.full_like(paths, np.nan) for level in calibrator.levels}
+    horizons = np.arange(1, steps + 1)
+    for i in range(n):
+        row = slice(i, i + 1)
+        for level, band in calibrator.bands(
+            price[row], paths[row, 0], paths[row], vol[row]
+        ).items():
+            assert band.path_lo is not None and band.path_hi is not None
+            lo[level][i], hi[level][i] = band.path_lo[0], band.path_hi[0]
+        calibrator.update(horizons, calibrator.score(paths[i], true_paths[i], price[i], vol[i]))
+    summary: dict[str, Any] = {"method": "log-score quantile tracker, volatility-scaled"}
+    for level in calibrator.levels:
+        width = hi[level] - lo[level]
+        covered = (lo[level] <= true_paths) & (true_paths <= hi[level])
+        summary[level_key(level)] = {
+            "horizon": horizons.tolist(),
+            "coverage": np.mean(covered, axis=0).tolist(),
+            "mean_width": np.mean(width, axis=0).tolist(),
+            "mean_relative_width": np.mean(width / price_scale(price)[:, None], axis=0).tolist(),
+            "n": n,
+        }
+    return {level: (lo[level], hi[level]) for level in calibrator.levels}, summary
 
 
 def holdout_mse(predictor: Engine, windows: np.ndarray, relative: bool) -> tuple[float, float]:

@@ -76,6 +76,22 @@ def test_train_then_evaluate_writes_model_figures_and_metrics(tmp_path, capsys):
     assert report["modes"]["multiple"]["paths"] == 2  # test windows 0 and 50 of 105
     assert len(report["modes"]["multiple"]["by_horizon"]["model_mse"]) == 50
     assert len(report["modes"]["full"]["by_horizon"]["model_mse"]) == 50
+    # bands calibrated online through the test span: point and multiple (full has none)
+    assert set(report["intervals"]) == {"point", "multiple"}
+    for mode, horizons in (("point", 1), ("multiple", 50)):
+        for level in ("80", "95"):
+            summary = report["intervals"][mode][level]
+            assert summary["horizon"] == list(range(1, horizons + 1))
+            assert all(0.0 <= c <= 1.0 for c in summary["coverage"])
+            assert all(w > 0 for w in summary["mean_width"] + summary["mean_relative_width"])
+        assert all(
+            w80 < w95
+            for w80, w95 in zip(
+                report["intervals"][mode]["80"]["mean_width"],
+                report["intervals"][mode]["95"]["mean_width"],
+                strict=True,
+            )
+        )
 
 
 @pytest.mark.slow

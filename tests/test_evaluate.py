@@ -19,6 +19,18 @@ class LinearOracle:
         return prices[:, -1:] + np.arange(1, steps + 1)
 
 
+class Naive:
+    """ "No change": next = last, every step of a path the last price."""
+
+    seq_len = 50
+
+    def predict_next(self, prices: np.ndarray) -> np.ndarray:
+        return prices[:, -1].copy()
+
+    def rollout(self, prices: np.ndarray, steps: int = 50) -> np.ndarray:
+        return np.repeat(prices[:, -1:], steps, axis=1)
+
+
 LINE = make_windows(np.arange(1.0, 301.0))  # 250 windows, each next value = last + 1
 
 
@@ -48,6 +60,38 @@ def test_full_mode_is_one_path_over_the_test_span():
     assert result.paths.shape == (1, 250)
     np.testing.assert_array_equal(result.paths[0], LINE[:, -1])
     assert result.metrics["model"]["mse"] == 0.0
+
+
+def test_point_and_multiple_modes_get_bands_calibrated_online_and_full_gets_none():
+    result = evaluate(LinearOracle(), LINE, "point")
+    assert set(result.bands) == {0.8, 0.95}
+    for key in ("80", "95"):
+        summary = result.intervals[key]
+        # exact forecasts: every band covers, the tracked ones (after 50 warm-up scores) tiny
+        assert summary["horizon"] == [1] and summary["n"] == 250
+        assert summary["coverage"] == [1.0] and summary["mean_width"][0] > 0
+    lo, hi = result.bands[0.8]
+    assert lo.shape == result.paths.shape and np.all(hi - lo > 0)
+    assert np.all((hi - lo)[60:] < 1e-3 * (hi - lo)[:50].min())  # past the warm-up
+    multiple = evaluate(LinearOracle(), LINE, "multiple", horizon=50)
+    assert multiple.bands[0.95][0].shape == (5, 50)
+    assert len(multiple.intervals["95"]["coverage"]) == 50 and multiple.intervals["95"]["n"] == 5
+    full = evaluate(LinearOracle(), LINE, "full")
+    assert full.bands == {} and full.intervals == {}
+
+
+def test_online_bands_cover_a_random_walk_at_their_levels():
+    rng = np.random.default_rng(0)
+    walk = make_windows(100 * np.exp(np.cumsum(rng.normal(0, 0.01, 3050))))  # 3000 windows
+    intervals = evaluate(Naive(), walk, "point").intervals
+    assert intervals["80"]["coverage"][0] == pytest.approx(0.80, abs=0.02)
+    assert intervals["95"]["coverage"][0] == pytest.approx(0.95, abs=0.015)
+    # the 95% band of a 1% random walk: about 2 x 1.96 x 1% of the price
+    assert intervals["95"]["mean_relative_width"][0] == pytest.approx(0.039, rel=0.15)
+    multiple = evaluate(Naive(), walk, "multiple", horizon=10).intervals  # 300 paths
+    assert np.mean(multiple["80"]["coverage"]) == pytest.approx(0.8, abs=0.04)
+    widths = multiple["80"]["mean_width"]
+    assert widths[9] / widths[0] == pytest.approx(np.sqrt(10), rel=0.25)
 
 
 def test_holdout_mse_scores_the_predictor_and_the_naive_forecast_on_the_same_windows():
