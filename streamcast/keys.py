@@ -64,6 +64,10 @@ class Keys:
         slot, so the publish transaction can WATCH it (the fence)."""
         return f"{self._p(partition)}:lease"
 
+    def calibration(self, partition: int) -> str:
+        """The partition's interval calibration (JSON, streamcast.daemon.calibration)."""
+        return f"{self._p(partition)}:calibration"
+
     def all_ticks(self) -> list[str]:
         return [self.ticks(p) for p in range(self.partitions)]
 

@@ -216,12 +216,21 @@ class Forecast:
     path: tuple[float, ...] | None = None
     reason: str | None = None
     published_ms: int | None = None  # set when read back (the entry's ``ts`` field)
+    # prediction intervals: {"80": {"next": [lo, hi], "path": [[lo, hi], ...]}, "95": ...}
+    # ("path" only with a path); streamcast.intervals makes them
+    bands: Mapping[str, Any] | None = None
 
     @classmethod
     def of(
-        cls, tick: Tick, model: str, next_price: float, path: Sequence[float] | None = None
+        cls,
+        tick: Tick,
+        model: str,
+        next_price: float,
+        path: Sequence[float] | None = None,
+        bands: Mapping[str, Any] | None = None,
     ) -> Forecast:
-        """A forecast from the engine's raw output, withholding what is not finite."""
+        """A forecast from the engine's raw output, withholding what is not finite (a band of
+        a withheld value goes with it)."""
         reasons = []
         nxt: float | None = float(next_price)
         if not math.isfinite(next_price):
@@ -231,7 +240,9 @@ class Forecast:
         if values is not None and not all(math.isfinite(v) for v in values):
             values = None
             reasons.append("path is not finite")
-        return cls(tick, model, nxt, values, "; ".join(reasons) or None)
+        if bands is not None and (nxt is None or values is None):
+            bands = _bands_without(bands, nxt is None, values is None)
+        return cls(tick, model, nxt, values, "; ".join(reasons) or None, None, bands)
 
     @property
     def path_withheld(self) -> bool:
@@ -255,6 +266,8 @@ class Forecast:
             fields["path"] = json.dumps([round(v, 10) for v in self.path], allow_nan=False)
         if self.reason:
             fields["reason"] = self.reason
+        if self.bands:
+            fields["bands"] = json.dumps(self.bands, separators=(",", ":"), allow_nan=False)
         return fields
 
     @classmethod
@@ -264,6 +277,7 @@ class Forecast:
         tick_ts = f.get("tick_ts")
         tick = Tick(f["tick_id"], f["symbol"], float(f["price"]), int(tick_ts) if tick_ts else None)
         path = f.get("path")
+        bands = f.get("bands")
         return cls(
             tick,
             f.get("model", ""),
@@ -271,6 +285,7 @@ class Forecast:
             tuple(json.loads(path)) if path else None,
             f.get("reason"),
             int(f["ts"]) if "ts" in f else None,
+            json.loads(bands) if bands else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -287,9 +302,24 @@ class Forecast:
             "tick_ts": self.tick.ts,
             "path": None if self.path is None else list(self.path),
             "reason": self.reason,
+            "bands": None if self.bands is None else dict(self.bands),
         }
         out.update((k, v) for k, v in optional.items() if v is not None)
         return out
+
+
+def _bands_without(bands: Mapping[str, Any], next_gone: bool, path_gone: bool) -> dict[str, Any]:
+    """The bands of what is published: none for a withheld ``next`` or path."""
+    out = {}
+    for level, band in bands.items():
+        kept = {
+            k: v
+            for k, v in band.items()
+            if not (k == "next" and next_gone) and not (k == "path" and path_gone)
+        }
+        if kept:
+            out[level] = kept
+    return out
 
 
 @dataclass(frozen=True, slots=True)

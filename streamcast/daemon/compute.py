@@ -7,10 +7,12 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
 
 import numpy as np
 
 from streamcast.daemon.batch import Batch
+from streamcast.daemon.calibration import Calibration
 from streamcast.engine import Engine
 from streamcast.metrics import Metrics
 from streamcast.wire import DeadLetter, Forecast
@@ -26,9 +28,10 @@ async def compute(
     executor: Executor | None,
     metrics: Metrics,
     clock: Callable[[], float] = time.time,
+    calibration: Calibration | None = None,
 ) -> None:
-    """Fill ``batch.forecasts``; a window the engine fails on makes its tick an
-    ``unforecastable`` dead letter, and only that one."""
+    """Fill ``batch.forecasts`` (with their bands when ``calibration`` is given); a window the
+    engine fails on makes its tick an ``unforecastable`` dead letter, and only that one."""
     if not batch.ready:
         return
     windows = np.stack(batch.windows)
@@ -49,7 +52,12 @@ async def compute(
     batch.computed_at = clock()
     for k in path_failed:
         paths[k] = np.nan  # published without its path, with the reason
-    _forecasts(batch, next_prices, paths, failed)
+    bands: list[dict[str, Any] | None] = [None] * len(batch.ready)
+    if calibration is not None:
+        path_rows = {i: paths[k] for k, i in enumerate(batch.due)}
+        bands, vols = calibration.bands(batch.ready, windows, next_prices, path_rows)
+        batch.vols = {t.id: float(v) for t, v in zip(batch.ready, vols, strict=True)}
+    _forecasts(batch, next_prices, paths, failed, bands)
     seconds = time.perf_counter() - started
     metrics.engine_seconds.observe(seconds)
     metrics.stage_seconds.labels("wait").observe(max(0.0, batch.compute_started - batch.read_at))
@@ -57,7 +65,11 @@ async def compute(
 
 
 def _forecasts(
-    batch: Batch, next_prices: np.ndarray, paths: np.ndarray, failed: dict[int, str]
+    batch: Batch,
+    next_prices: np.ndarray,
+    paths: np.ndarray,
+    failed: dict[int, str],
+    bands: list[dict[str, Any] | None],
 ) -> None:
     path_of = {i: k for k, i in enumerate(batch.due)}
     for i, tick in enumerate(batch.ready):
@@ -68,7 +80,7 @@ def _forecasts(
             continue
         k = path_of.get(i)
         path = None if k is None else paths[k].tolist()
-        batch.forecasts.append(Forecast.of(tick, batch.version, next_prices[i], path))
+        batch.forecasts.append(Forecast.of(tick, batch.version, next_prices[i], path, bands[i]))
 
 
 def rows_apart(

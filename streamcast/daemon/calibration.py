@@ -1,0 +1,276 @@
+"""Prediction intervals on every forecast, calibrated online per partition (streamcast.intervals).
+
+Each partition this replica consumes has a :class:`~streamcast.intervals.Calibrator`, stored in
+Redis (``keys.calibration(p)``, JSON, in the partition's slot) so that it survives a restart and
+moves with the partition to whichever replica takes it. A batch's forecasts get their bands from
+their partition's calibrator (:meth:`Calibration.bands`); when the ticks that are their truth
+arrive (:meth:`Calibration.record`), every resolved forecast (the 1-step ``next`` and each step
+of a path, up to the path's length) is scored and fed back, and the bands' coverage, width and
+interval score are exported at the tracked horizons.
+
+A calibrator belongs to one model version. A new version starts from the warm-up band (a widened
+random-walk band on the window's own volatility) and its own scores, never from another model's
+calibration; a stored state of another version is not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from streamcast.daemon.faults import REDIS_DOWN
+from streamcast.intervals import Calibrator, IntervalConfig, wire
+from streamcast.keys import Keys
+from streamcast.metrics import Metrics
+from streamcast.wire import Forecast, Tick
+
+log = logging.getLogger(__name__)
+
+KEEP_VERSIONS = 3  # model versions whose interval metrics are exported
+
+
+@dataclass
+class _Pending:
+    """A published forecast waiting for its truth: the next value, or a path step by step."""
+
+    values: np.ndarray  # (steps,) the forecast at horizons 1.. (one value for ``next``)
+    price: float  # the price it was made at
+    vol: float  # the window's volatility then
+    version: str
+    partition: int
+    bands: Mapping[str, Any]  # as published
+    elapsed: int = 0
+
+
+@dataclass
+class _Rolling:
+    """Coverage, width and interval score of the last ``size`` resolved forecasts."""
+
+    size: int
+    hits: deque[float] = field(default_factory=deque)
+    widths: deque[float] = field(default_factory=deque)
+    scores: deque[float] = field(default_factory=deque)
+
+    def add(self, hit: bool, width: float, score: float) -> None:
+        for values, value in ((self.hits, float(hit)), (self.widths, width), (self.scores, score)):
+            values.append(value)
+            if len(values) > self.size:
+                values.popleft()
+
+
+class Calibration:
+    """The bands of this replica's forecasts and what their truths say of them."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        metrics: Metrics,
+        *,
+        config: IntervalConfig | None = None,
+        horizons: Sequence[int] = (1, 10, 50),
+        window: int = 2000,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.metrics = metrics
+        self.config = config or IntervalConfig()
+        self.tracked = tuple(sorted(set(h for h in horizons if h <= self.config.horizons)))
+        self.window = window
+        self.calibrators: dict[int, Calibrator] = {}
+        self._next: dict[str, _Pending] = {}
+        self._paths: dict[str, deque[_Pending]] = {}
+        self._rolling: dict[tuple[str, int, str], _Rolling] = {}
+        # per partition, the resolved forecasts of this batch: horizon, forecast, truth, price, vol
+        self._resolved: dict[int, list[tuple[int, float, float, float, float]]] = {}
+        self._versions: list[str] = []  # oldest first; the newest KEEP_VERSIONS are exported
+
+    # -- the partitions' calibrators ---------------------------------------------------------
+
+    async def adopt(self, partitions: Iterable[int], version: str) -> None:
+        """Load the stored calibrators of ``partitions`` (a fresh one where there is none, or
+        one of another model version, or one that does not parse)."""
+        for p in partitions:
+            cal = Calibrator(self.config, version)
+            raw = await self.redis.get(self.keys.calibration(p))
+            if raw:
+                try:
+                    stored = Calibrator.from_dict(json.loads(raw))
+                    if stored.model_version == version and stored.config == self.config:
+                        cal = stored
+                except ValueError as exc:  # json's errors are ValueErrors too
+                    log.warning(
+                        "calibration of partition %d is unreadable (%s): starting over", p, exc
+                    )
+            self.calibrators[p] = cal
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for p in partitions:
+            self.calibrators.pop(p, None)
+
+    def model_changed(self, version: str) -> None:
+        """A new model serves: its forecasts start from the warm-up band, not the old model's
+        calibration; forecasts of the old model still pending are scored for its metrics only."""
+        for cal in self.calibrators.values():
+            cal.reset(version)
+
+    async def save(self) -> None:
+        """Store every calibrator (housekeeping, and before a partition is given up)."""
+        if not self.calibrators:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for p, cal in self.calibrators.items():
+            pipe.set(self.keys.calibration(p), json.dumps(cal.to_dict(), allow_nan=False))
+        try:
+            await pipe.execute()
+        except (*REDIS_DOWN, redis_errors.RedisError) as exc:
+            log.debug("saving the calibration: %s", exc)
+
+    # -- bands for a batch -------------------------------------------------------------------
+
+    def bands(
+        self,
+        ticks: Sequence[Tick],
+        windows: np.ndarray,
+        next_values: np.ndarray,
+        paths: dict[int, np.ndarray],
+    ) -> tuple[list[dict[str, Any] | None], np.ndarray]:
+        """Each row's bands (the wire's JSON, None for a row without) and its window's
+        volatility; ``paths`` maps a row to its path."""
+        n = len(ticks)
+        out: list[dict[str, Any] | None] = [None] * n
+        vols = np.full(n, np.nan)
+        if n == 0:
+            return out, vols
+        parts = np.array([self.keys.partition(t.symbol) for t in ticks])
+        for p in np.unique(parts):
+            cal = self.calibrators.get(int(p))
+            if cal is None:
+                continue
+            rows = [int(r) for r in np.flatnonzero(parts == p)]
+            vol = cal.volatility(windows[rows])
+            vols[rows] = vol
+            steps = max((len(paths[r]) for r in rows if r in paths), default=0)
+            grid = None
+            if steps:
+                grid = np.full((len(rows), steps), np.nan)
+                for k, r in enumerate(rows):
+                    if r in paths:
+                        grid[k, : len(paths[r])] = paths[r]
+            made = wire(cal.bands(windows[rows, -1], next_values[rows], grid, vol))
+            for k, r in enumerate(rows):
+                out[r] = made[k]
+        return out, vols
+
+    # -- truths --------------------------------------------------------------------------------
+
+    def record(
+        self, ticks: Iterable[Tick], forecasts: Iterable[Forecast], vols: dict[str, float]
+    ) -> None:
+        """Score pending forecasts against ``ticks`` (in stream order), feed the scores to the
+        calibrators, then remember the new ``forecasts`` (``vols``: by tick id)."""
+        made = {f.tick.id: f for f in forecasts}
+        for tick in ticks:
+            self._observe(tick.symbol, tick.price)
+            f = made.get(tick.id)
+            if f is not None and f.bands:
+                self._remember(f, vols.get(tick.id, float("nan")))
+        for p, resolved in self._resolved.items():
+            cal = self.calibrators.get(p)
+            if cal is not None and resolved:
+                h, value, truth, price, vol = np.array(resolved).T
+                cal.update(h, cal.score(value, truth, price, vol))
+        self._resolved.clear()
+
+    def forget_symbols(self, symbols: Iterable[str]) -> None:
+        for symbol in symbols:
+            self._next.pop(symbol, None)
+            self._paths.pop(symbol, None)
+
+    def _remember(self, forecast: Forecast, vol: float) -> None:
+        tick = forecast.tick
+        if forecast.model not in self._versions:
+            self._versions = [*self._versions, forecast.model][-KEEP_VERSIONS:]
+        p = self.keys.partition(tick.symbol)
+        if forecast.next is not None:
+            self._next[tick.symbol] = _Pending(
+                np.array([forecast.next]), tick.price, vol, forecast.model, p, forecast.bands or {}
+            )
+        if forecast.path is not None:
+            pending = _Pending(
+                np.asarray(forecast.path), tick.price, vol, forecast.model, p, forecast.bands or {}
+            )
+            self._paths.setdefault(tick.symbol, deque()).append(pending)
+
+    def _observe(self, symbol: str, price: float) -> None:
+        pending = self._next.pop(symbol, None)
+        if pending is not None:
+            self._resolve(pending, 1, float(pending.values[0]), price, "next")
+        paths = self._paths.get(symbol)
+        if not paths:
+            return
+        for path in paths:
+            path.elapsed += 1
+            if 2 <= path.elapsed <= len(path.values):  # step 1 is ``next``'s, scored above
+                self._resolve(
+                    path, path.elapsed, float(path.values[path.elapsed - 1]), price, "path"
+                )
+        while paths and paths[0].elapsed >= len(paths[0].values):
+            paths.popleft()
+
+    def _resolve(self, f: _Pending, h: int, value: float, truth: float, kind: str) -> None:
+        scale = abs(f.price) or 1.0
+        cal = self.calibrators.get(f.partition)
+        if cal is not None and cal.model_version == f.version:  # not the old model's scores
+            self._resolved.setdefault(f.partition, []).append((h, value, truth, f.price, f.vol))
+        if h not in self.tracked:
+            return
+        for level, band in f.bands.items():
+            pair = band.get(kind)
+            if pair is None:
+                continue
+            lo, hi = pair if kind == "next" else pair[h - 1]
+            alpha = 1.0 - float(level) / 100.0
+            miss = max(0.0, lo - truth) + max(0.0, truth - hi)
+            winkler = ((hi - lo) + 2.0 / alpha * miss) / scale
+            key = (f.version, h, level)
+            rolling = self._rolling.get(key)
+            if rolling is None:
+                rolling = self._rolling[key] = _Rolling(self.window)
+            rolling.add(miss == 0.0, (hi - lo) / scale, winkler)
+            labels = (str(h), level, f.version)
+            self.metrics.interval_resolved.labels(*labels).inc()
+            misses = self.metrics.interval_misses.labels(*labels)  # exported from 0 on
+            if miss:
+                misses.inc()
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Rolling coverage, width and interval score per (horizon, level) of the newest
+        versions; the series of older ones are dropped."""
+        keep = set(self._versions)
+        m = self.metrics
+        for key in list(self._rolling):
+            version, h, level = key
+            labels = (str(h), level, version)
+            if version not in keep:
+                del self._rolling[key]
+                for gauge in (m.interval_coverage, m.interval_width, m.interval_score):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(*labels)
+                continue
+            r = self._rolling[key]
+            if r.hits:
+                m.interval_coverage.labels(*labels).set(float(np.mean(r.hits)))
+                m.interval_width.labels(*labels).set(float(np.mean(r.widths)))
+                m.interval_score.labels(*labels).set(float(np.mean(r.scores)))

@@ -1,0 +1,164 @@
+"""The daemon's intervals (streamcast.daemon.calibration): bands per partition, truths fed back,
+the calibration stored in Redis per partition, a new model starting from the warm-up band."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from streamcast.daemon.calibration import Calibration
+from streamcast.intervals import Calibrator, IntervalConfig
+from streamcast.keys import Keys
+from streamcast.metrics import Metrics
+from streamcast.wire import Forecast, Tick
+
+from .helpers import sample
+
+
+def windows_of(rows: int, seed: int = 0, vol: float = 0.01) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return 100 * np.exp(np.cumsum(rng.normal(0, vol, (rows, 50)), axis=1))
+
+
+def calibration(redis=None, partitions: int = 2, **config) -> Calibration:
+    keys = Keys("cal", partitions)
+    cal = Calibration(redis, keys, Metrics(CollectorRegistry()), config=IntervalConfig(**config))
+    cal.calibrators = {p: Calibrator(cal.config, "v1") for p in range(partitions)}
+    return cal
+
+
+def test_every_forecast_gets_bands_that_hold_it_at_each_level():
+    cal = calibration()
+    windows = windows_of(4)
+    ticks = [Tick(f"{i + 1}-0", f"S{i}", float(windows[i, -1]), None) for i in range(4)]
+    nxt = windows[:, -1] * 1.001
+    path = windows[0, -1] * np.linspace(1.0, 1.05, 50)
+    bands, vols = cal.bands(ticks, windows, nxt, {0: path})
+    assert np.isfinite(vols).all() and (vols > 0).all()
+    for i, band in enumerate(bands):
+        assert band is not None and set(band) == {"80", "95"}
+        lo80, hi80 = band["80"]["next"]
+        lo95, hi95 = band["95"]["next"]
+        assert lo95 < lo80 < nxt[i] < hi80 < hi95
+        assert ("path" in band["80"]) == (i == 0)
+    steps = bands[0]["95"]["path"]
+    assert len(steps) == 50
+    widths = [hi - lo for lo, hi in steps]
+    assert widths[-1] > widths[0], "the warm-up band widens with the horizon"
+
+
+def test_no_band_for_a_partition_this_replica_does_not_hold():
+    cal = calibration()
+    cal.calibrators.pop(1)
+    symbols = ["A", "B", "C", "D", "E", "F"]
+    windows = windows_of(len(symbols))
+    ticks = [Tick(f"{i + 1}-0", s, float(windows[i, -1]), None) for i, s in enumerate(symbols)]
+    bands, _ = cal.bands(ticks, windows, windows[:, -1], {})
+    for tick, band in zip(ticks, bands, strict=True):
+        assert (band is None) == (cal.keys.partition(tick.symbol) == 1)
+
+
+def forecast_of(cal: Calibration, symbol: str, n: int, window: np.ndarray, nxt: float, path=None):
+    tick = Tick(f"{n}-0", symbol, float(window[-1]), None)
+    bands, vols = cal.bands(
+        [tick], window[None, :], np.array([nxt]), {0: path} if path is not None else {}
+    )
+    f = Forecast.of(tick, "v1", nxt, None if path is None else path.tolist(), bands[0])
+    return tick, f, {tick.id: float(vols[0])}
+
+
+def test_truths_feed_the_calibrator_and_the_coverage_metrics():
+    cal = calibration(partitions=1, warmup_scores=5)
+    rng = np.random.default_rng(3)
+    window = windows_of(1)[0]
+    n = 1
+    for _ in range(300):
+        price = float(window[-1])
+        tick, f, vols = forecast_of(cal, "S", n, window, price)  # "no change"
+        cal.record([tick], [f], vols)
+        n += 1
+        window = np.append(window[1:], price * float(np.exp(rng.normal(0, 0.01))))
+        truth = Tick(f"{n}-0", "S", float(window[-1]), None)
+        cal.record([truth], [], {})
+    cal.publish()
+    resolved = sample(
+        cal.metrics, "streamcast_interval_resolved_total", horizon="1", level="80", version="v1"
+    )
+    assert resolved == 300
+    misses = sample(
+        cal.metrics, "streamcast_interval_misses_total", horizon="1", level="80", version="v1"
+    )
+    assert 0.1 < misses / resolved < 0.35, "an 80 % band misses about a fifth"
+    assert cal.calibrators[0].warm()[0], "past its warm-up: the tracked quantile is in force"
+    coverage = sample(
+        cal.metrics, "streamcast_interval_coverage", horizon="1", level="95", version="v1"
+    )
+    assert 0.85 < coverage <= 1.0
+    assert (
+        sample(cal.metrics, "streamcast_interval_width", horizon="1", level="95", version="v1") > 0
+    )
+    assert (
+        sample(cal.metrics, "streamcast_interval_score", horizon="1", level="95", version="v1") > 0
+    )
+
+
+def test_a_paths_steps_are_scored_at_their_horizons():
+    cal = calibration(partitions=1)
+    window = windows_of(1)[0]
+    path = float(window[-1]) * np.ones(50)
+    tick, f, vols = forecast_of(cal, "P", 1, window, float(window[-1]), path)
+    cal.record([tick], [f], vols)
+    for n in range(2, 53):
+        cal.record([Tick(f"{n}-0", "P", float(window[-1]), None)], [], {})
+    seen = cal.calibrators[0].seen
+    assert seen[0] == 1 and (seen[1:50] == 1).all(), "next at 1, the path's steps 2..50 once each"
+    for h in ("10", "50"):
+        assert (
+            sample(
+                cal.metrics,
+                "streamcast_interval_resolved_total",
+                horizon=h,
+                level="80",
+                version="v1",
+            )
+            == 1
+        )
+        assert (
+            sample(
+                cal.metrics,
+                "streamcast_interval_misses_total",
+                absent=0,
+                horizon=h,
+                level="80",
+                version="v1",
+            )
+            == 0
+        )
+
+
+def test_a_new_model_starts_from_the_warm_up_band_not_the_old_calibration():
+    cal = calibration(partitions=1, warmup_scores=5)
+    cal.calibrators[0].update(np.ones(50), np.full(50, 0.01))  # the old model: very narrow
+    assert cal.calibrators[0].warm()[0]
+    cal.model_changed("v2")
+    fresh = cal.calibrators[0]
+    assert fresh.model_version == "v2" and not fresh.warm().any()
+
+
+async def test_the_calibration_is_stored_per_partition_and_restored(redis_client):
+    cal = calibration(redis_client, partitions=3, warmup_scores=5)
+    cal.calibrators[1].update(np.ones(20), np.linspace(0.5, 2.0, 20))
+    await cal.save()
+    stored = json.loads(await redis_client.get(cal.keys.calibration(1)))
+    assert stored["model_version"] == "v1" and stored["seen"][0] == 20
+    again = Calibration(redis_client, cal.keys, Metrics(CollectorRegistry()), config=cal.config)
+    await again.adopt([1, 2], "v1")
+    assert again.calibrators[1].to_dict() == cal.calibrators[1].to_dict()
+    other = Calibration(redis_client, cal.keys, Metrics(CollectorRegistry()), config=cal.config)
+    await other.adopt([1], "v2")  # another model's calibration is not used
+    assert other.calibrators[1].model_version == "v2" and other.calibrators[1].seen.sum() == 0
+    await redis_client.set(cal.keys.calibration(2), "{not json")
+    await other.adopt([2], "v1")  # unreadable: start over, do not crash
+    assert other.calibrators[2].seen.sum() == 0
