@@ -502,9 +502,11 @@ def _with_redis(settings: Any, work: Callable[[Any], Any]) -> Any:
     import asyncio
 
     from streamcast.connect import make_redis
+    from streamcast.settings import build
 
     async def run() -> Any:
-        redis = make_redis(settings.redis_url, settings.redis_timeout_s)
+        # STREAMCAST_REDIS_CLUSTER applies: the URL may name any node of a Redis Cluster
+        redis = build(make_redis, settings, "redis_")
         try:
             await _check_redis(redis, settings.redis_url_redacted)
             return await work(redis)
@@ -525,6 +527,8 @@ async def _check_redis(redis: Any, shown_url: str) -> None:
         raise UserError(f"redis at {shown_url}: {exc}") from None
     except (exceptions.ConnectionError, exceptions.TimeoutError, OSError) as exc:
         raise UserError(f"cannot reach redis at {shown_url} ({exc})") from None
+    except exceptions.RedisClusterException as exc:  # not a RedisError: no node answered
+        raise UserError(f"redis cluster at {shown_url}: {exc}") from None
 
 
 def _add_watch(sub: argparse._SubParsersAction) -> None:
@@ -692,7 +696,6 @@ def _add_history(sub: argparse._SubParsersAction) -> None:
 
 def _history_import(args: argparse.Namespace) -> int:
     from streamcast.history import HistoryError, import_series, load_prices
-    from streamcast.keys import Keys
     from streamcast.wire import TickLimits
 
     settings = _settings()
@@ -710,7 +713,7 @@ def _history_import(args: argparse.Namespace) -> int:
     async def run(redis: Any) -> int:
         return await import_series(
             redis,
-            Keys(settings.key_prefix),
+            settings.keys,
             args.symbol,
             series,
             maxlen=settings.history_maxlen,
@@ -758,7 +761,6 @@ def _add_retrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from streamcast.keys import Keys
     from streamcast.registry import Registry
     from streamcast.retrain import Retrainer
     from streamcast.settings import retrain_config
@@ -784,7 +786,7 @@ def _retrain(args: argparse.Namespace) -> int:
     )
 
     async def run(redis: Any) -> Any:
-        keys = Keys(settings.key_prefix)
+        keys = settings.keys
         registry = Registry(redis, keys, settings.model_cache_dir)
         retrainer = Retrainer(redis, keys, registry, config, initial_model=settings.model_path)
         return await retrainer.run_once()
@@ -825,13 +827,12 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from streamcast.keys import Keys
     from streamcast.registry import Registry
 
     settings = _settings()
 
     async def run(redis: Any) -> None:
-        registry = Registry(redis, Keys(settings.key_prefix), settings.model_cache_dir)
+        registry = Registry(redis, settings.keys, settings.model_cache_dir)
         current = await registry.current()
         if args.verb == "list":
             rows = await registry.versions()

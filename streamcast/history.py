@@ -1,5 +1,9 @@
 """The history store: one capped Redis stream of accepted prices per symbol.
 
+A symbol's history (``keys.history``) and the set naming the symbols with history
+(``keys.symbols(p)``) lie in the symbol's partition (``keys.partition``), under its hash tag, so
+each command here touches one slot and works on a Redis Cluster as on one server.
+
 The daemon appends every accepted tick (entry id = tick id) in the same transaction as its
 forecast. ``import_series`` loads a file's worth of older prices into an empty history, and
 ``read_series`` reads the newest part back for training: pages of ``page`` entries per round trip,
@@ -44,8 +48,16 @@ class HistoryError(ValueError):
 
 
 async def symbols(redis: Redis, keys: Keys) -> list[str]:
-    """Every symbol that has history, sorted."""
-    return sorted(text(m) for m in await redis.smembers(keys.symbols))
+    """Every symbol that has history, sorted: the union of every partition's symbols set.
+
+    One SMEMBERS per partition in one pipeline, not SUNION: the sets lie in different slots,
+    and on a cluster the (non-transactional) pipeline is split by node.
+    """
+    pipe = redis.pipeline(transaction=False)
+    for partition in range(keys.partitions):
+        pipe.smembers(keys.symbols(partition))
+    members: list[Any] = await pipe.execute()
+    return sorted({text(m) for found in members for m in found})
 
 
 async def read_series(
@@ -256,5 +268,5 @@ async def import_series(
         for i in range(start, min(start + page, len(kept))):
             pipe.xadd(key, {"price": repr(float(kept[i]))}, id=f"0-{offset + i + 1}")
         await pipe.execute()
-    await redis.sadd(keys.symbols, symbol)
+    await redis.sadd(keys.symbols(keys.partition(symbol)), symbol)
     return len(kept)

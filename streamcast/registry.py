@@ -2,13 +2,18 @@
 
 Every replica on any host reaches the same Redis, so versions live there:
 
-* ``{prefix}:model:{version}``: a hash with the ``.keras`` bytes, the sidecar JSON and the sha256;
-* ``{prefix}:models``: every registered version, scored by registration time;
-* ``{prefix}:models:current``: a hash with the serving version, when and why it was promoted,
+* ``<prefix>:{models}:model:<version>``: a hash with the ``.keras`` bytes, the sidecar JSON and
+  the sha256;
+* ``<prefix>:{models}:versions``: every registered version, scored by registration time;
+* ``<prefix>:{models}:current``: a hash with the serving version, when and why it was promoted,
   changed together with the promotions list and the log in one MULTI/EXEC (and WATCHed, so two
   promotions never interleave);
-* ``{prefix}:models:log``: a stream of events (retrain outcomes with both scores, promotions,
-  rollbacks); ``{prefix}:models:events``: a pub/sub channel that tells replicas to look.
+* ``<prefix>:{models}:log``: a stream of events (retrain outcomes with both scores, promotions,
+  rollbacks); ``<prefix>:models:events``: a pub/sub channel that tells replicas to look,
+  published to once the transaction is done.
+
+Every key shares the hash tag ``{models}``: on a Redis Cluster they lie in one slot, so each
+transaction (and WATCH) here is allowed there too.
 
 A fetched version is written to a file cache (a directory per version) after its bytes' sha256
 matches both the registry's and the sidecar's, and the model loader checks it again on load.
@@ -207,6 +212,21 @@ class Registry:
                 out.append(version)
         return out
 
+    async def subscribe(self) -> Any:
+        """A pub/sub connection subscribed to the announcements of new current versions (the
+        message data is the version); ``aclose()`` it when done."""
+        # a cluster client picks the pub/sub node from its slot map, which it has only once it
+        # has run a command (redis-py 8.1 raises KeyError otherwise); idempotent, and a plain
+        # client's initialize() does nothing here
+        await self.redis.initialize()
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.keys.model_channel)
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        return pubsub
+
     async def events(self, count: int = 20) -> list[dict[str, str]]:
         """The newest registry events, newest first."""
         entries: Any = await self.redis.xrevrange(self.keys.model_log, count=count)
@@ -344,7 +364,6 @@ class Registry:
             }
             fields.update({k: _field(v) for k, v in event.items() if v is not None})
             pipe.xadd(keys.model_log, fields, maxlen=LOG_MAXLEN, approximate=True)
-            pipe.publish(keys.model_channel, version)
             try:
                 await pipe.execute()
             except redis_errors.WatchError:
@@ -352,6 +371,25 @@ class Registry:
                     "the current version changed during the promotion"
                 ) from None
         log.info("%s model %s (was %s): %s", kind, version, now or "none", reason)
+        await self._announce(version)
+
+    async def _announce(self, version: str) -> None:
+        """Tell every replica to look now (they also check every ``model_check_s``).
+
+        After the transaction, not in it: redis-py's cluster pipeline refuses PUBLISH (and the
+        channel's name hashes to another slot than {models}); on a cluster a PUBLISH reaches the
+        subscribers of every node. A lost announcement (Redis gone just now) only delays the
+        replicas to their next check.
+        """
+        try:
+            await self.redis.publish(self.keys.model_channel, version)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            log.warning(
+                "model %s is current, but announcing it failed (%s): replicas see it at their "
+                "next check",
+                version,
+                type(exc).__name__,
+            )
 
 
 class PromotionConflict(ModelError):

@@ -160,7 +160,7 @@ class _Wiring:
     @classmethod
     def open(cls, settings: Settings) -> _Wiring:
         redis = build(make_redis, settings, "redis_")
-        keys = build(Keys, settings, "key_")
+        keys = settings.keys  # the prefix and the partition count
         prometheus = CollectorRegistry()
         return cls(
             settings,

@@ -39,6 +39,9 @@ HOSTILE = {
 }
 
 
+HISTORY_S = Keys("imp").history("S")  # where `history import --symbol S` writes (prefix imp)
+
+
 @pytest.fixture
 def cli_env(redis_server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -84,7 +87,7 @@ def test_history_import_of_a_clean_file_keeps_every_price(cli_env, tmp_path, cap
     path = price_file(tmp_path / "prices.csv", None, n=60)
     assert main(["history", "import", str(path), "--symbol", "S"]) == 0
     assert "imported 60 prices" in capsys.readouterr().out
-    entries = cli_env.xrange("imp:history:S")
+    entries = cli_env.xrange(HISTORY_S)
     assert [float(f[b"price"]) for _, f in entries] == [100 + i * 0.25 for i in range(60)]
 
 
@@ -92,14 +95,14 @@ def test_history_import_allows_non_positive_prices_only_when_asked(cli_env, tmp_
     path = price_file(tmp_path / "prices.csv", "-5")
     args = ["history", "import", str(path), "--symbol", "S", "--allow-non-positive"]
     assert main(args) == 0
-    assert float(cli_env.xrange("imp:history:S")[30][1][b"price"]) == -5.0
+    assert float(cli_env.xrange(HISTORY_S)[30][1][b"price"]) == -5.0
     # the rest of the rules still hold
     path = price_file(tmp_path / "prices.csv", "1e300")
     assert main([*args, "--replace"]) == 2
     assert (
         "line 31: price_out_of_range: '1e300' is outside [-1e+09, 1e+09]" in capsys.readouterr().err
     )
-    assert cli_env.xlen("imp:history:S") == 60, "the refused file replaced nothing"
+    assert cli_env.xlen(HISTORY_S) == 60, "the refused file replaced nothing"
 
 
 async def test_import_series_refuses_a_bad_value_and_writes_nothing(redis_client):

@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 
-from streamcast.keys import Keys, shard_of
+from streamcast.keys import Keys, partition_of
 from streamcast.settings import SettingsError, load_settings, redact_url
 from streamcast.windows import Windows
 
@@ -39,6 +39,41 @@ def test_defaults_and_environment(monkeypatch):
             {"STREAMCAST_SHARD_INDEX": "3", "STREAMCAST_SHARD_COUNT": "3"},
             "STREAMCAST_SHARD_INDEX=3 must be below STREAMCAST_SHARD_COUNT=3",
         ),
+        (
+            {"STREAMCAST_PARTITIONS": "0"},
+            "STREAMCAST_PARTITIONS: Input should be greater than or equal to 1 (got '0')",
+        ),
+        (
+            {"STREAMCAST_PARTITIONS": "4097"},
+            "STREAMCAST_PARTITIONS: Input should be less than or equal to 4096",
+        ),
+        (
+            {
+                "STREAMCAST_ASSIGNMENT": "static",
+                "STREAMCAST_SHARD_COUNT": "4",
+                "STREAMCAST_PARTITIONS": "2",
+            },
+            "STREAMCAST_SHARD_COUNT=4 replicas cannot share STREAMCAST_PARTITIONS=2 partitions "
+            "statically",
+        ),
+        (
+            {"STREAMCAST_ASSIGNMENT": "sticky"},
+            "STREAMCAST_ASSIGNMENT: Input should be 'lease' or 'static'",
+        ),
+        # a hash tag in the prefix would put every partition's keys in one slot
+        (
+            {"STREAMCAST_KEY_PREFIX": "app{x}"},
+            "STREAMCAST_KEY_PREFIX: String should match pattern '^[A-Za-z0-9._:-]{1,64}$' "
+            "(got 'app{x}')",
+        ),
+        (
+            {"STREAMCAST_KEY_PREFIX": "app{"},
+            "STREAMCAST_KEY_PREFIX: String should match pattern",
+        ),
+        (
+            {"STREAMCAST_REDIS_CLUSTER": "maybe"},
+            "STREAMCAST_REDIS_CLUSTER: Input should be a valid boolean",
+        ),
     ],
 )
 def test_bad_values_name_the_variable_and_the_rule(monkeypatch, env, needle):
@@ -58,21 +93,62 @@ def test_password_never_appears_in_errors_or_redacted_urls(monkeypatch):
     assert "s3cret" not in str(info.value)
 
 
-def test_keys_and_stable_shards():
-    keys = Keys("p")
-    assert (keys.ticks, keys.dead, keys.forecasts("A"), keys.history("A")) == (
-        "p:ticks",
-        "p:dead",
-        "p:forecasts:A",
-        "p:history:A",
+def test_keys_carry_their_partitions_hash_tag_and_partitions_are_stable():
+    keys = Keys("p", 3)
+    a = keys.partition("A")
+    assert (keys.ticks(1), keys.dead(1), keys.symbols(2), keys.acked(0)) == (
+        "p:{p1}:ticks",
+        "p:{p1}:dead",
+        "p:{p2}:symbols",
+        "p:{p0}:acked",
     )
-    assert keys.group(1, 3) == "p:shard-1-of-3"
+    assert (keys.forecasts("A"), keys.history("A")) == (
+        f"p:{{p{a}}}:forecasts:A",
+        f"p:{{p{a}}}:history:A",
+    )
+    assert keys.ticks_for("A") == keys.ticks(a) and keys.all_ticks() == [
+        "p:{p0}:ticks",
+        "p:{p1}:ticks",
+        "p:{p2}:ticks",
+    ]
+    assert keys.group == "p:forecasters"
+    # the registry's keys share one tag (one slot: its transactions are allowed on a cluster)
+    registry = [keys.model("v1"), keys.models, keys.model_current, keys.model_promotions]
+    assert all("{models}" in key for key in [*registry, keys.model_log])
     # CRC32: the same on every host and process, unlike hash()
-    assert shard_of("AAPL", 3) == zlib.crc32(b"AAPL") % 3
+    assert partition_of("AAPL", 3) == zlib.crc32(b"AAPL") % 3 == Keys("q", 3).partition("AAPL")
     counts = [0, 0, 0]
     for k in range(300):
-        counts[shard_of(f"S{k}", 3)] += 1
+        counts[partition_of(f"S{k}", 3)] += 1
     assert min(counts) > 70
+    with pytest.raises(ValueError, match=r"partitions must be at least 1 \(got 0\)"):
+        Keys("p", 0)
+
+
+def test_partitions_prefix_and_cluster_settings_reach_the_keys_and_the_client(monkeypatch):
+    from streamcast.connect import is_cluster, make_redis
+    from streamcast.settings import build
+
+    settings = load_settings(_env_file=None)
+    assert settings.keys == Keys() and settings.redis_cluster is None
+    monkeypatch.setenv("STREAMCAST_KEY_PREFIX", "prod")
+    monkeypatch.setenv("STREAMCAST_PARTITIONS", "12")
+    monkeypatch.setenv("STREAMCAST_ASSIGNMENT", "static")
+    monkeypatch.setenv("STREAMCAST_SHARD_INDEX", "11")
+    monkeypatch.setenv("STREAMCAST_SHARD_COUNT", "12")
+    settings = load_settings(_env_file=None)
+    assert settings.keys == Keys("prod", 12) and settings.assignment == "static"
+    # lease assignment: more replicas than partitions is allowed (the others stand by)
+    monkeypatch.setenv("STREAMCAST_ASSIGNMENT", "lease")
+    monkeypatch.setenv("STREAMCAST_PARTITIONS", "2")
+    assert load_settings(_env_file=None).keys.partitions == 2
+    # the cluster setting is make_redis's: named, nothing is asked of the server (none runs)
+    monkeypatch.setenv("STREAMCAST_REDIS_URL", "redis://127.0.0.1:1/0")
+    for text, cluster in (("true", True), ("false", False)):
+        monkeypatch.setenv("STREAMCAST_REDIS_CLUSTER", text)
+        settings = load_settings(_env_file=None)
+        assert settings.redis_cluster is cluster
+        assert is_cluster(build(make_redis, settings, "redis_")) is cluster
 
 
 def test_windows_fill_roll_and_detect_replays():
@@ -110,6 +186,9 @@ def test_every_setting_with_a_part_takes_that_parts_default():
 
     mapped = mapped_settings()
     assert {"batch_max_size", "retrain_margin", "price_min", "http_max_connections"} <= set(mapped)
+    assert {"assignment", "redis_cluster", "key_prefix"} <= set(mapped)
+    # STREAMCAST_PARTITIONS is Keys.partitions without the key_ prefix (Settings.keys passes it)
+    assert Settings.model_fields["partitions"].default == Keys().partitions == 1
     for setting, (part, name) in mapped.items():
         declared = inspect.signature(part).parameters[name].default  # type: ignore[arg-type]
         if declared is inspect.Parameter.empty:
