@@ -53,7 +53,7 @@ def _names(value: str) -> tuple[str, ...]:
 
 
 def _listed(values: tuple[Any, ...]) -> str:
-    return ",".join(str(v) for v in values)
+    return ",".join(format(v, "g") if isinstance(v, float) else str(v) for v in values)
 
 
 # where each setting goes: (part, prefix); a setting named prefix + parameter is that parameter
@@ -69,6 +69,7 @@ PARTS: tuple[tuple[Callable[..., Any], str], ...] = (
 CONVERT: dict[str, Callable[[Any], Any]] = {
     "skill_horizons": lambda text: tuple(int(h) for h in text.split(",")),
     "skill_symbols": _names,
+    "interval_levels": lambda text: tuple(float(v) for v in text.split(",") if v),
     "retrain_symbols": _names,
 }
 _D, _R, _L = DaemonConfig, RetrainConfig, TickLimits
@@ -187,6 +188,11 @@ class Settings(BaseSettings):
         description="horizons scored online",
     )
     skill_window: int = Field(default(_D, "skill_window"), ge=10, le=1_000_000)
+    interval_levels: str = Field(
+        _listed(default(_D, "interval_levels")),
+        pattern=r"^(\d{1,2}(\.\d{1,3})?(,\d{1,2}(\.\d{1,3})?)*)?$",
+        description="coverage levels in % of the bands on every forecast (empty: no bands)",
+    )
     skill_symbols: str = Field(
         _listed(default(_D, "skill_symbols")),
         pattern=r"^[A-Za-z0-9._:,-]*$",
@@ -226,6 +232,14 @@ class Settings(BaseSettings):
         scheme = urlsplit(value).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
+
+    @field_validator("interval_levels")
+    @classmethod
+    def _levels_in_range(cls, value: str) -> str:
+        levels = [float(v) for v in value.split(",") if v]
+        if any(not 0 < level < 100 for level in levels) or len(set(levels)) != len(levels):
+            raise ValueError("levels must be distinct, each above 0 and below 100")
         return value
 
     @field_validator("skill_horizons")

@@ -37,6 +37,8 @@ class DaemonConfig:
     skill_horizons: tuple[int, ...] = (1, 10, 50)
     skill_window: int = 2000  # scored forecasts per (horizon, version) in the rolling scores
     skill_symbols: tuple[str, ...] = ()  # symbols that get a labelled skill series of their own
+    interval_levels: tuple[float, ...] = (80.0, 95.0)  # coverage (%) of each forecast's bands
+    # (): no bands
     limits: TickLimits = field(default_factory=TickLimits)  # the edge: price range, ts ahead
     read_max_bytes: int = 16 * 1024 * 1024  # about the most one read pulls in
     lease_ttl_s: float = 10.0  # one live consumer per partition; a dead one's lapses after this
