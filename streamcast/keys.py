@@ -125,4 +125,3 @@ class Keys:
     @property
     def retrain_lock(self) -> str:
         return f"{self.prefix}:retrain:lock"
-shard_of = partition_of  # TEMP

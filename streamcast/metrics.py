@@ -82,39 +82,7 @@ class Metrics:
             ["partition"],
             registry=prometheus,
         )
-        # -- prediction intervals (streamcast.daemon.calibration) ----------------------------
-        interval_labels = ["horizon", "level", "version"]
-        self.interval_resolved = Counter(
-            "streamcast_interval_resolved",
-            "Published bands whose truth arrived, by horizon, level (80, 95) and model version",
-            interval_labels,
-            registry=prometheus,
-        )
-        self.interval_misses = Counter(
-            "streamcast_interval_misses",
-            "Of those, the truths outside the band (coverage = 1 - misses / resolved)",
-            interval_labels,
-            registry=prometheus,
-        )
-        self.interval_coverage = Gauge(
-            "streamcast_interval_coverage",
-            "Share of the last resolved bands (rolling window) that held their truth",
-            interval_labels,
-            registry=prometheus,
-        )
-        self.interval_width = Gauge(
-            "streamcast_interval_width",
-            "Mean width of those bands relative to the price they were made at",
-            interval_labels,
-            registry=prometheus,
-        )
-        self.interval_score = Gauge(
-            "streamcast_interval_score",
-            "Mean interval (Winkler) score of those bands, relative to the price: the width plus "
-            "2 / (1 - level) times the miss; lower is better",
-            interval_labels,
-            registry=prometheus,
-        )
+        self.intervals = IntervalMetrics(prometheus)
         self.partitions_owned = Gauge(
             "streamcast_partitions_owned",
             "Partitions this replica holds the lease of and consumes",
@@ -335,3 +303,42 @@ class Metrics:
         for model in HOLDOUT_MODELS:
             # no retrain yet: NaN, not a made-up 0
             self.retrain_holdout_mse.labels(model).set(float("nan"))
+
+
+class IntervalMetrics:
+    """The prediction intervals' metrics (streamcast.daemon.calibration), by horizon, level (80,
+    95) and model version."""
+
+    def __init__(self, prometheus: CollectorRegistry) -> None:
+        interval_labels = ["horizon", "level", "version"]
+        self.resolved = Counter(
+            "streamcast_interval_resolved",
+            "Published bands whose truth arrived, by horizon, level (80, 95) and model version",
+            interval_labels,
+            registry=prometheus,
+        )
+        self.misses = Counter(
+            "streamcast_interval_misses",
+            "Of those, the truths outside the band (coverage = 1 - misses / resolved)",
+            interval_labels,
+            registry=prometheus,
+        )
+        self.coverage = Gauge(
+            "streamcast_interval_coverage",
+            "Share of the last resolved bands (rolling window) that held their truth",
+            interval_labels,
+            registry=prometheus,
+        )
+        self.width = Gauge(
+            "streamcast_interval_width",
+            "Mean width of those bands relative to the price they were made at",
+            interval_labels,
+            registry=prometheus,
+        )
+        self.score = Gauge(
+            "streamcast_interval_score",
+            "Mean interval (Winkler) score of those bands, relative to the price: the width plus "
+            "2 / (1 - level) times the miss; lower is better",
+            interval_labels,
+            registry=prometheus,
+        )

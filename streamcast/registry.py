@@ -97,8 +97,6 @@ class Registry:
         self.keys = keys
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
-    # -- adding versions ---------------------------------------------------------------------
-
     async def register(self, directory: str | Path) -> ModelInfo:
         """Store a saved model directory as a version (idempotent); return its sidecar."""
         directory = Path(directory)

@@ -152,6 +152,7 @@ def start_redis_server(directory: Path, *extra: str, port: int | None = None) ->
         except OSError:
             time.sleep(0.02)
     process.kill()
+    process.wait(10)
     pytest.fail(f"redis-server did not start on port {port}")
 
 
@@ -333,6 +334,7 @@ class RedisClusterNodes:
                 node.process.wait(10)
             except subprocess.TimeoutExpired:
                 node.process.kill()
+                node.process.wait(10)
 
 
 def _cluster_port() -> int:

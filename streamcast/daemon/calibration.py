@@ -248,8 +248,8 @@ class Calibration:
                 rolling = self._rolling[key] = _Rolling(self.window)
             rolling.add(miss == 0.0, (hi - lo) / scale, winkler)
             labels = (str(h), level, f.version)
-            self.metrics.interval_resolved.labels(*labels).inc()
-            misses = self.metrics.interval_misses.labels(*labels)  # exported from 0 on
+            self.metrics.intervals.resolved.labels(*labels).inc()
+            misses = self.metrics.intervals.misses.labels(*labels)  # exported from 0 on
             if miss:
                 misses.inc()
 
@@ -259,18 +259,18 @@ class Calibration:
         """Rolling coverage, width and interval score per (horizon, level) of the newest
         versions; the series of older ones are dropped."""
         keep = set(self._versions)
-        m = self.metrics
+        m = self.metrics.intervals
         for key in list(self._rolling):
             version, h, level = key
             labels = (str(h), level, version)
             if version not in keep:
                 del self._rolling[key]
-                for gauge in (m.interval_coverage, m.interval_width, m.interval_score):
+                for gauge in (m.coverage, m.width, m.score):
                     with contextlib.suppress(KeyError):
                         gauge.remove(*labels)
                 continue
             r = self._rolling[key]
             if r.hits:
-                m.interval_coverage.labels(*labels).set(float(np.mean(r.hits)))
-                m.interval_width.labels(*labels).set(float(np.mean(r.widths)))
-                m.interval_score.labels(*labels).set(float(np.mean(r.scores)))
+                m.coverage.labels(*labels).set(float(np.mean(r.hits)))
+                m.width.labels(*labels).set(float(np.mean(r.widths)))
+                m.score.labels(*labels).set(float(np.mean(r.scores)))

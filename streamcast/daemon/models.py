@@ -109,8 +109,7 @@ class ModelWatcher:
             while True:
                 try:
                     if pubsub is None:
-                        pubsub = self.registry.redis.pubsub()
-                        await pubsub.subscribe(self.keys.model_channel)
+                        pubsub = await self.registry.subscribe()
                     await self.check()
                     await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.check_s)
                 except (*REDIS_DOWN, redis_errors.RedisError) as exc:
