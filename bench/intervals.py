@@ -12,7 +12,7 @@ each a half-width around the same forecast:
 * ``calibrator, unscaled``: the same without the volatility scaling (an ablation);
 * ``rolling quantile``: the conformal quantile of the newest 1,000 resolved relative errors at
   that horizon (all symbols pooled);
-* ``split conformal``: the conformal quantile of the relative errors resolved in the first 25 %
+* ``split conformal``: the conformal quantile of the relative errors resolved in the first 15 %
   of the ticks, fixed afterwards;
 * ``random walk``: ``z * sigma * sqrt(h)``, sigma the sd of the window's relative 1-tick changes.
 
@@ -32,12 +32,16 @@ forecasts), and the ticks after the jump until it is back within 3 points of nom
 
 Compute: the engine's predict_next + 50-step rollout at B = 512 against the calibrator's work for
 the same 512 forecasts (volatility, bands, scores, and an update with 512 x 50 resolved scores:
-the most one batch can bring), timed side by side in this run; medians.
+the most one batch can bring), timed side by side in this run; medians. And ``wire()``, the
+bands as the JSON-ready lists a forecast carries: for 512 paths, with and without ``gc.freeze()``
+(TensorFlow's objects make each full collection long), and for 512 rows of which 16 have paths,
+as in a daemon batch with the default settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import statistics
@@ -65,7 +69,9 @@ LEVELS = (0.8, 0.95)
 SHOWN = (1, 10, 50)  # horizons in the tables
 LAST = 10_000  # resolved forecasts the coverage is measured on
 ROLLING = 1_000
+SPLIT = 0.15  # the share of the ticks split conformal calibrates on
 JUMP_WINDOW = 100
+PATHS_PER_BATCH = 16  # DaemonConfig.paths_per_batch_max's default
 B = 512
 
 
@@ -170,9 +176,10 @@ def rolling_bands(rep: Replay, horizons: tuple[int, ...]) -> dict[float, np.ndar
 
 
 def split_bands(rep: Replay, horizons: tuple[int, ...]) -> dict[float, np.ndarray]:
-    """The conformal quantile of the errors resolved in the first 25 % of the ticks."""
+    """The conformal quantile of the errors resolved in the first 15 % of the ticks (before the
+    newest 10,000 of every replay here)."""
     half = {level: np.full(rep.forecast.shape, np.nan) for level in LEVELS}
-    first = rep.forecast.shape[0] // 4
+    first = round(rep.forecast.shape[0] * SPLIT)
     for h in horizons:
         fixed = rep.error[: max(1, first - h + 1), :, h - 1]
         for level in LEVELS:
@@ -200,6 +207,7 @@ def newest(rep: Replay, h: int) -> np.ndarray:
 def coverage_and_width(rep: Replay, half: np.ndarray, h: int) -> tuple[float, float, int]:
     idx = newest(rep, h)
     err, hw = rep.error[:, :, h - 1].reshape(-1)[idx], half[:, :, h - 1].reshape(-1)[idx]
+    assert np.isfinite(hw).all(), "a band missing among the forecasts measured"
     return float(np.mean(err <= hw)), float(np.mean(2 * hw)), len(idx)
 
 
@@ -221,7 +229,7 @@ def compare(rep: Replay, out: Report) -> list[tuple[str, bool]]:
         "calibrator": calibrator_bands(rep, IntervalConfig(horizons=H)),
         "calibrator, unscaled": calibrator_bands(rep, IntervalConfig(horizons=H, scaled=False)),
         f"rolling quantile ({ROLLING:,})": rolling_bands(rep, SHOWN),
-        "split conformal (first 25%)": split_bands(rep, SHOWN),
+        "split conformal (first 15%)": split_bands(rep, SHOWN),
         "random walk z.sigma.sqrt(h)": random_walk_bands(rep),
     }
     ours, rolling = methods["calibrator"], methods[f"rolling quantile ({ROLLING:,})"]
@@ -337,7 +345,7 @@ def volatility_jump(
         "calibrator": calibrator_bands(rep, IntervalConfig(horizons=1)),
         "calibrator, unscaled": calibrator_bands(rep, IntervalConfig(horizons=1, scaled=False)),
         f"rolling quantile ({ROLLING:,})": rolling_bands(rep, (1,)),
-        "split conformal (first 25%)": split_bands(rep, (1,)),
+        "split conformal (first 15%)": split_bands(rep, (1,)),
         "random walk z.sigma.sqrt(h)": random_walk_bands(rep),
     }
     out(f"## Volatility jump: {rep.name}")
@@ -416,9 +424,18 @@ def compute(engine: object, prices: np.ndarray, naive: bool, out: Report) -> lis
         cal.update(np.ones(B), cal.score(nxt, truth[:, 0], price, vol))
 
     bands = cal.bands(price, nxt, path, cal.volatility(windows))
+    few_paths = path.copy()
+    few_paths[PATHS_PER_BATCH:] = np.nan  # the daemon's default: at most 16 paths a batch
+    daemon_like = cal.bands(price, nxt, few_paths, cal.volatility(windows))
     ours = median_seconds(calibrate, 21)
     ours_next = median_seconds(next_only, 21)
     wire_s = median_seconds(lambda: wire(bands), 21)
+    wire_daemon_s = median_seconds(lambda: wire(daemon_like), 21)
+    # with TensorFlow loaded the process tracks ~10^5 objects: the ~51,000 lists of 512 path
+    # bands set off full collections of all of them; frozen, they are not scanned again
+    gc.freeze()
+    wire_frozen_s = median_seconds(lambda: wire(bands), 21)
+    gc.unfreeze()
     ratio = ours / engine_s
     out(f"## Compute at B = {B}")
     out()
@@ -432,6 +449,10 @@ def compute(engine: object, prices: np.ndarray, naive: bool, out: Report) -> lis
     )
     out(f"| calibrator: the same for next alone (update of {B}) | {ours_next * 1e3:.2f} |")
     out(f"| wire(): the bands as JSON-ready lists, {B} rows with paths | {wire_s * 1e3:.2f} |")
+    out(
+        f"| wire(): the same after gc.freeze() ({len(gc.get_objects()):,} objects tracked) | {wire_frozen_s * 1e3:.2f} |"
+    )
+    out(f"| wire(): {B} rows, {PATHS_PER_BATCH} of them with paths | {wire_daemon_s * 1e3:.2f} |")
     out()
     if not naive:
         out(

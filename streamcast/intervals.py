@@ -368,6 +368,9 @@ def wire(bands: Bands) -> list[dict[str, Any] | None]:
         {"80": {"next": [lo, hi], "path": [[lo, hi], ...]}, "95": {...}}
 
     ``next`` and ``path`` only where the row has that band (a path band only whole).
+    A path band is 50 small lists: in a process that has loaded TensorFlow (~10^5 objects the
+    garbage collector tracks), hundreds of them at once set off full collections; calling
+    ``gc.freeze()`` once the engine is loaded keeps those short (bench/intervals.py measures).
     """
     if not bands:
         return []
@@ -376,18 +379,18 @@ def wire(bands: Bands) -> list[dict[str, Any] | None]:
         key = level_key(level)
         has_next = np.isfinite(band.next_lo) & np.isfinite(band.next_hi)
         next_pairs = np.stack([band.next_lo, band.next_hi], axis=1).tolist()
-        has_path = np.zeros(len(rows), dtype=bool)
-        path_pairs: list[Any] = []
+        path_of: dict[int, Any] = {}
         if band.path_lo is not None and band.path_hi is not None and band.path_lo.shape[1]:
             finite = np.isfinite(band.path_lo) & np.isfinite(band.path_hi)
-            has_path = finite.all(axis=1)
-            path_pairs = np.stack([band.path_lo, band.path_hi], axis=2).tolist()
+            with_path = np.flatnonzero(finite.all(axis=1))  # lists for these rows only
+            pairs = np.stack([band.path_lo[with_path], band.path_hi[with_path]], axis=2)
+            path_of = dict(zip(with_path.tolist(), pairs.tolist(), strict=True))
         for row, entry in enumerate(rows):
             item: dict[str, Any] = {}
             if has_next[row]:
                 item["next"] = next_pairs[row]
-            if has_path[row]:
-                item["path"] = path_pairs[row]
+            if row in path_of:
+                item["path"] = path_of[row]
             if item:
                 entry[key] = item
     return [entry or None for entry in rows]
