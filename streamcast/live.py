@@ -11,18 +11,20 @@
   (``{"redis": true, ...}`` from the ``status`` callable: throughput, lag, p99 latency, model;
   ``{"redis": false}`` while Redis cannot be read).
 
-The page draws a price scale and a time axis per chart and each symbol's 1-step skill over the
-forecasts it shows (app.js). :class:`MetricsStatus` computes the header's numbers from a
-Prometheus registry, by the names the daemon exports (README, "Metrics"): this module touches
-no daemon object, and serve passes it in.
+The page draws a price scale and a time axis per chart, each symbol's 1-step skill over the
+forecasts it shows, and the forecasts' prediction intervals where they carry ``bands`` (shaded
+around the 1-step forecasts and the newest path, the wider level lighter; app.js).
+:class:`MetricsStatus` computes the header's numbers from a Prometheus registry, by the names the
+daemon exports (README, "Metrics"): this module touches no daemon object, and serve passes it in.
 
 Symbols in a request must match the wire contract's symbol pattern (anything else is a 400), so
 nothing a browser sends reaches Redis but a validated stream key; at most ``max_clients`` event
 streams are open at once (503 beyond). A stream ends within a poll (``poll_ms``) of its client
 going away, so the cap counts connected pages only. A forecast entry is sent as it is: one without
 ``next`` (the daemon publishes none when the model's output is not finite) has no ``next``, a
-non-finite number is sent as null, and an entry that does not parse is skipped (the client logs
-it once).
+non-finite number is sent as null (in ``bands`` too: the page draws no band with a null bound),
+an older entry without ``bands`` is sent without, and an entry that does not parse is skipped
+(the client logs it once).
 """
 
 from __future__ import annotations

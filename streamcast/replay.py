@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -161,26 +161,56 @@ async def replay(
     return feed.sent
 
 
+BAND_LEVEL = "80"  # the prediction interval watch shows (STREAMCAST_INTERVAL_LEVELS' default)
+
+
+def next_band(f: Forecast, level: str = BAND_LEVEL) -> tuple[float, float] | None:
+    """The ``level`` % band of the forecast's ``next`` (its ``bands``), or None: an older entry
+    has none, and a band that is not two finite numbers is not shown."""
+    band = f.bands.get(level) if isinstance(f.bands, Mapping) else None
+    pair = band.get("next") if isinstance(band, Mapping) else None
+    if not isinstance(pair, list | tuple) or len(pair) != 2:
+        return None
+    if not all(_is_number(v) and math.isfinite(v) for v in pair):
+        return None
+    return float(pair[0]), float(pair[1])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _band_text(band: tuple[float, float] | None) -> str:
+    return "-" if band is None else f"[{band[0]:.4f}, {band[1]:.4f}]"
+
+
 def format_forecast(f: Forecast, now_ms: int) -> str:
-    """One forecast as a line; the latency is from the tick's arrival in Redis (its id)."""
+    """One forecast as a line, with its next value's 80 % band when it has one
+    (``next 101.2000 [100.9000, 101.5000]``); the latency is from the tick's arrival in Redis
+    (its id)."""
     end = f"{f.path[-1]:.4f} (+{len(f.path)})" if f.path else "-"
-    nxt = f"{f.next:<12.4f}" if f.next is not None else f"{'-':<12}"
+    nxt = f"{f.next:.4f}" if f.next is not None else "-"
+    band = next_band(f)
+    if band is not None:
+        nxt = f"{nxt} {_band_text(band)}"
     return (
-        f"{f.tick.symbol:<12} {f.tick.id:<18} price {f.tick.price:<12.4f} next {nxt} "
+        f"{f.tick.symbol:<12} {f.tick.id:<18} price {f.tick.price:<12.4f} next {nxt:<33} "
         f"path end {end:<22} model {f.model}  latency {now_ms - id_key(f.tick.id)[0]} ms"
     )
 
 
 def forecast_json(f: Forecast) -> str:
-    """One forecast as a line of JSON (its entry's fields, :meth:`Forecast.as_dict`); a
-    non-finite number, which JSON has not, is null."""
+    """One forecast as a line of JSON (its entry's fields, :meth:`Forecast.as_dict`, its
+    ``bands`` too); a non-finite number, which JSON has not, is null."""
 
     def finite(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
         return [finite(v) for v in value] if isinstance(value, list) else value
 
-    return json.dumps({k: finite(v) for k, v in f.as_dict().items()}, allow_nan=False)
+    return json.dumps(finite(f.as_dict()), allow_nan=False)
 
 
 # -- the live table: one row per symbol, redrawn in place on a terminal -------------------------
@@ -198,11 +228,12 @@ class Row:
     path_steps: int
     latency_ms: int  # from the tick's arrival in Redis (its id) to the forecast's being read
     model: str
+    band: tuple[float, float] | None = None  # the 80 % band of ``next`` (None: not published)
 
 
 _HEADER = (
-    f"{'symbol':<12} {'price':>12} {'next':>12} {'last error':>11} {'path end':>20} "
-    f"{'latency':>10}  model"
+    f"{'symbol':<12} {'price':>12} {'next':>12} {BAND_LEVEL + ' % band':>22} {'last error':>11} "
+    f"{'path end':>20} {'latency':>10}  model"
 )
 
 
@@ -229,7 +260,8 @@ def render_table(
         path = "-" if row.path_end is None else f"{row.path_end:.4f} (+{row.path_steps})"
         lines.append(
             f"{row.symbol:<12} {row.price:>12.4f} {_number(row.next):>12} "
-            f"{_number(row.error, '+'):>11} {path:>20} {row.latency_ms:>7} ms  {row.model}"
+            f"{_band_text(row.band):>22} {_number(row.error, '+'):>11} {path:>20} "
+            f"{row.latency_ms:>7} ms  {row.model}"
         )
     if notes:
         lines += ["", *notes]
@@ -268,6 +300,7 @@ class Board:
             steps,
             now_ms - id_key(f.tick.id)[0],
             f.model,
+            next_band(f),
         )
         self.forecasts += 1
         self._arrivals.append(self._clock())

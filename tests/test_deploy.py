@@ -102,6 +102,104 @@ def test_dashboard_has_a_partitions_row_with_lag_ownership_members_and_moves():
     assert all(p["gridPos"]["y"] > row_y for p in below)
 
 
+def test_dashboard_has_an_intervals_row_with_coverage_against_nominal_width_and_score():
+    panels = json.loads((DEPLOY / "grafana" / "dashboards" / "streamcast.json").read_text())[
+        "panels"
+    ]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Intervals"]
+    assert len(rows) == 1
+    row_y = panels[rows[0]]["gridPos"]["y"]
+    below = panels[rows[0] + 1 :]
+    below = below[: next((i for i, p in enumerate(below) if p["type"] == "row"), len(below))]
+    assert len(below) == 4 and all(p["gridPos"]["y"] > row_y for p in below)
+    assert all(p["gridPos"]["y"] < row_y for p in panels[: rows[0]])  # the last row
+    by_title = {p["title"].split(" (")[0]: p for p in below}
+    # coverage from the counters over 15 m, by horizon and level, the nominal levels as lines
+    coverage = by_title["Interval coverage by horizon and level"]
+    (expr,) = [t["expr"] for t in coverage["targets"]]
+    assert expr == (
+        "1 - sum by (horizon, level) (rate(streamcast_interval_misses_total[15m]))"
+        " / sum by (horizon, level) (rate(streamcast_interval_resolved_total[15m]))"
+    )
+    defaults = coverage["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "percentunit"
+    assert [s["value"] for s in defaults["thresholds"]["steps"]] == [None, 0.8, 0.95]
+    assert defaults["custom"]["thresholdsStyle"]["mode"] in ("line", "dashed")
+    for title, metric in (
+        ("Interval mean width", "streamcast_interval_width"),
+        ("Interval score", "streamcast_interval_score"),
+        ("Interval coverage by version", "streamcast_interval_coverage"),
+    ):
+        (expr,) = [t["expr"] for t in by_title[title]["targets"]]
+        assert expr == f"avg by (horizon, level, version) ({metric})", title
+
+
+# the coverage alert fed known counters for an hour: (horizon, level, resolved a minute and
+# missed a minute by each version listed, the points off nominal when it fires, else None)
+COVERAGE_CASES = [
+    ("1", "80", 60, 18, ("v1", "v2"), 10),  # 70 %: 10 points under, over both versions
+    ("50", "80", 60, 3, ("v1",), 15),  # 95 %: 15 points over
+    ("50", "95", 60, 3, ("v1",), None),  # on the mark
+    ("1", "95", 60, 6, ("v1",), None),  # 90 %: 5 points under, not more
+    ("50", "95", 3, 3, ("v1",), None),  # all missed, but 0.05 resolved a second: too few
+    ("10", "80", 60, 30, ("v1",), None),  # 50 %, but 10 steps are not watched
+]
+
+
+def test_interval_coverage_alert_fires_off_nominal_with_enough_resolved(tmp_path):
+    promtool = tool("promtool")
+    series = []
+    for horizon, level, resolved, missed, versions, _ in COVERAGE_CASES:
+        for version in versions:
+            labels = f'horizon="{horizon}",level="{level}",version="{version}",job="streamcast"'
+            for name, per_minute in (("resolved", resolved), ("misses", missed)):
+                metric = f"streamcast_interval_{name}_total{{{labels}}}"
+                series.append({"series": metric, "values": f"0+{per_minute}x60"})
+    firing = [
+        {
+            "exp_labels": {"severity": "warn", "horizon": h, "level": lv},
+            "exp_annotations": {
+                "summary": f"the coverage of the {lv} % bands at {h} step(s) has been {off}% off "
+                "nominal for 15 minutes (over 30 m): the feed changes faster than the "
+                "calibration follows (see streamcast_interval_coverage by version)"
+            },
+        }
+        for h, lv, *_, off in COVERAGE_CASES
+        if off is not None
+    ]
+    assert len(firing) == 2
+    tests = {
+        "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    # a rate from the second sample on (1 m), then 15 m pending: not yet at 10 m
+                    {
+                        "eval_time": "10m",
+                        "alertname": "StreamcastIntervalCoverageOff",
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": "50m",
+                        "alertname": "StreamcastIntervalCoverageOff",
+                        "exp_alerts": firing,
+                    },
+                ],
+            }
+        ],
+    }
+    spec = tmp_path / "coverage-test.yml"
+    spec.write_text(yaml.safe_dump(tests))
+    out = subprocess.run(
+        [promtool, "test", "rules", str(spec)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr  # a mismatch prints what fired
+    assert "SUCCESS" in out.stdout + out.stderr
+
+
 @pytest.mark.slow
 async def test_prometheus_scrapes_a_live_daemon(redis_server, redis_client, tmp_path):
     prometheus = tool("prometheus")

@@ -36,11 +36,12 @@ SCREENSHOT_ENV = "STREAMCAST_LIVE_SCREENSHOT"  # also save the screenshot here (
 STATUS = {"throughput_per_s": 12.5, "p99_latency_ms": 48.0, "lag": 3.0, "model": "v1"}
 
 
-async def put_forecast(redis, keys: Keys, symbol: str, price: float, path=None) -> str:
+async def put_forecast(redis, keys: Keys, symbol: str, price: float, path=None, bands=None) -> str:
     """A tick and its forecast, as the daemon publishes them; the forecast's id."""
     tick = {"symbol": symbol, "price": repr(price)}
     tick_id = (await redis.xadd(keys.ticks_for(symbol), tick)).decode()
-    fields = Forecast.of(Tick(tick_id, symbol, price, None), "v1", price * 1.01, path).encode(0)
+    forecast = Forecast.of(Tick(tick_id, symbol, price, None), "v1", price * 1.01, path, bands)
+    fields = forecast.encode(0)
     await redis.xadd(keys.forecasts(symbol), fields, id=tick_id)
     await redis.sadd(keys.symbols(keys.partition(symbol)), symbol)
     return tick_id
@@ -90,11 +91,19 @@ async def test_page_and_assets_are_served_by_the_daemon_with_nothing_external(pa
         assert b"import" not in response  # no source file's text
 
 
+# the prediction intervals of a forecast at 100.0 (next 101.0) with a 2-step path, as the daemon
+# publishes them (streamcast.intervals.wire)
+BANDS = {
+    "80": {"next": [100.5, 101.5], "path": [[100.5, 101.5], [100.75, 103.25]]},
+    "95": {"next": [100.0, 102.0], "path": [[100.0, 102.0], [100.0, 104.0]]},
+}
+
+
 async def test_events_stream_recent_and_new_forecasts_then_skill_and_status(
     page_server, redis_client
 ):
     base, keys = page_server
-    first = await put_forecast(redis_client, keys, "L0", 100.0, path=[101.0, 102.0])
+    first = await put_forecast(redis_client, keys, "L0", 100.0, path=[101.0, 102.0], bands=BANDS)
     await put_forecast(redis_client, keys, "K9", 50.0)
     assert keys.partition("L0") != keys.partition("K9")
     async with aiohttp.ClientSession() as http:
@@ -120,9 +129,11 @@ async def test_events_stream_recent_and_new_forecasts_then_skill_and_status(
             await asyncio.wait_for(read_events(4), 10)
     assert events[0][0] == "forecast" and events[0][1]["id"] == first
     assert events[0][1]["path"] == [101.0, 102.0] and events[0][1]["next"] == pytest.approx(101.0)
+    assert events[0][1]["bands"] == BANDS  # the intervals reach the page as published
     assert events[1] == ("skill", {"v1": {"1": {"skill": 0.5, "n": 3}}})
     assert events[2] == ("status", {"redis": True, **STATUS})
     assert events[3][0] == "forecast" and events[3][1]["id"] == second
+    assert "bands" not in events[3][1]  # a forecast without intervals: no field, not null
 
 
 async def test_events_and_symbols_on_a_redis_cluster_over_several_partitions(tmp_path):
@@ -225,7 +236,8 @@ async def test_events_carry_forecasts_without_next_or_non_finite_and_skip_unpars
         entry = {**base_fields, "tick_id": entry_id, **fields}
         await redis_client.xadd(stream, entry, id=entry_id)
 
-    await put("2-1", next="nan", path="[NaN, 101.5, Infinity]")
+    await put("2-1", next="nan", path="[NaN, 101.5, Infinity]",
+              bands='{"80": {"next": [NaN, 101.0], "path": [[1.0, Infinity]]}}')  # fmt: skip
     await put("3-1", next="not a number")
     await put("4-1", next="104.0")
     events: list = []
@@ -243,6 +255,7 @@ async def test_events_carry_forecasts_without_next_or_non_finite_and_skip_unpars
     assert forecasts["1-1"]["reason"] == "model output not finite"
     assert forecasts["1-1"]["price"] == 100.0 and "next" not in forecasts["6-1"]
     assert forecasts["2-1"]["next"] is None and forecasts["2-1"]["path"] == [None, 101.5, None]
+    assert forecasts["2-1"]["bands"] == {"80": {"next": [None, 101.0], "path": [[1.0, None]]}}
     assert forecasts["4-1"]["next"] == 104.0 and forecasts["7-1"]["next"] == 106.0
     # the live page reads through the client, which logs a bad entry once per page
     warnings = [r for r in caplog.records if r.name == "streamcast.client"]
@@ -331,8 +344,10 @@ const vm = require("vm");
 const errors = [];
 const points = [];
 const texts = [];
+const fills = []; // the fill style of each shape the last drawing filled
 const ctx = {
-  clearRect() {}, beginPath() {}, stroke() {},
+  clearRect() { fills.length = 0; }, beginPath() {}, stroke() {}, closePath() {},
+  fill() { fills.push(this.fillStyle); },
   moveTo(x, y) { points.push([x, y]); }, lineTo(x, y) { points.push([x, y]); },
   fillText(text, x, y) { texts.push(text); points.push([x, y]); },
 };
@@ -367,14 +382,16 @@ for (const [kind, data] of input) {
 }
 const captions = elements.charts.children.map((figure) => figure.children[0].textContent);
 console.log(JSON.stringify({
-  errors, captions, skill: elements.skill.textContent, state: sandbox.window.streamcast, texts,
+  errors, captions, skill: elements.skill.textContent, state: sandbox.window.streamcast, texts, fills,
   header: ["status", "throughput", "lag", "p99", "model"].map((id) => elements[id].textContent),
   points: points.length, finite: points.every(([x, y]) => Number.isFinite(x) && Number.isFinite(y)),
 }));
 """
 
 
-def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_without_next(tmp_path):
+def run_page_script(tmp_path: Path, events: list) -> dict:
+    """The page's script fed ``events`` (kind, data) in node, each drawn as the next frame
+    would: what it showed and drew (PAGE_SCRIPT_HARNESS's output)."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
@@ -382,6 +399,20 @@ def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_withou
     harness.write_text(PAGE_SCRIPT_HARNESS)
     app = tmp_path / "app.js"
     app.write_bytes(resources.files("streamcast").joinpath("web", "app.js").read_bytes())
+    done = subprocess.run(
+        [node, str(harness), str(app)],
+        env={**os.environ, "TZ": "UTC"},
+        input=json.dumps(events),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_without_next(tmp_path):
     events = [
         ("forecast", {"symbol": "A", "price": 100.0, "next": 101.0, "path": [101.0, 102.0],
                       "model": "v1", "id": "1-0"}),
@@ -394,17 +425,7 @@ def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_withou
         ("status", {"redis": True, "throughput_per_s": 12.345, "p99_latency_ms": 48.4, "lag": 3.0,
                     "model": "v1"}),
     ]  # fmt: skip
-    done = subprocess.run(
-        [node, str(harness), str(app)],
-        env={**os.environ, "TZ": "UTC"},
-        input=json.dumps(events),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    result = run_page_script(tmp_path, events)
     assert result["errors"] == []
     state = result["state"]
     assert (state["events"], state["forecasts"], state["skill"]) == (6, 4, events[3][1])
@@ -421,6 +442,45 @@ def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_withou
     assert set(state["axes"]["A"]["price"] + state["axes"]["A"]["time"]) <= set(result["texts"])
     assert result["skill"].endswith("v1: h1 - (n=0)  h5 - (n=2)  h10 - (n=0)")
     assert result["points"] > 0 and result["finite"]
+    # entries without bands (older ones): no band shaded, none in the caption
+    assert result["fills"] == []
+    assert state["bands"] == {
+        "A": {"levels": [], "polygons": 0, "bar": [], "path": [], "next": None}
+    }
+
+
+NEXT_FILL, PATH_FILL = "rgba(79, 195, 247, 0.16)", "rgba(255, 183, 77, 0.2)"  # app.js's
+
+
+def test_the_page_script_shades_the_bands_and_skips_those_it_cannot_draw(tmp_path):
+    events = [
+        # with its bands and a 2-step path's
+        ("forecast", {"symbol": "A", "price": 100.0, "next": 101.0, "path": [101.0, 102.0],
+                      "model": "v1", "id": "1-0", "bands": BANDS}),
+        ("forecast", {"symbol": "A", "price": 101.0, "next": 101.5, "model": "v1", "id": "2-0"}),
+        ("forecast", {"symbol": "A", "price": 102.0, "next": 103.0, "model": "v1", "id": "3-0",
+                      "bands": {"80": {"next": [102.5, 103.5]}, "95": {"next": [102.0, 104.0]}}}),
+        # 80 % with a null bound (a NaN the server nulled), a path band without a path, a level
+        # that is no level (the JSON names it __proto__) and one that is no band
+        ("forecast", {"symbol": "A", "price": 103.0, "next": 104.0, "model": "v1", "id": "4-0",
+                      "bands": {"80": {"next": [None, 104.5]},
+                                "95": {"next": [103.0, 105.0], "path": [[1.0, 2.0]]},
+                                "__proto__": {"next": [0.0, 1.0]}, "90": 5}}),
+    ]  # fmt: skip
+    result = run_page_script(tmp_path, events)
+    assert result["errors"] == [] and result["finite"]
+    # the newest band: 95 % alone (its 80 % had a null bound), so the caption shows the 95 %
+    assert result["captions"][0].startswith("A  price 103.00  next 104.00 95% [103.00, 105.00]  ")
+    bands = result["state"]["bands"]["A"]
+    assert bands["levels"] == ["95", "80"] and bands["next"] == {"95": [103.0, 105.0]}
+    assert bands["bar"] == ["95"]  # the newest forecast's band, as a bar
+    # around the 1-step forecasts: 95 % over forecasts 3 and 4 (one polygon; the 1st alone, after
+    # it one without bands), 80 % only at 1 and 3: no run to shade; around the path: 95 %, then
+    # 80 % over it
+    assert bands["path"] == ["95", "80"] and bands["polygons"] == 3
+    assert result["fills"] == [NEXT_FILL, PATH_FILL, PATH_FILL]
+    # the price scale makes room for every band: 100 .. 105
+    assert result["state"]["axes"]["A"]["price"] == ["100", "101", "102", "103", "104", "105"]
 
 
 class Untouchable:
@@ -534,6 +594,59 @@ KNOWN_CHART = """(() => {
       .find((text) => text.startsWith('AX ')),
   }))));
 })()"""
+
+
+# a chart with bands: 60 forecasts of 100 (80 % band 99..101, 95 % band 98..102) and the newest
+# with a flat 50-step path and the same bands; then the alpha of the canvas's pixels (its
+# background is transparent) at 101.5 (in the 95 % band only) and at 100.5 (in both), at
+# position 30 (the 1-step band's ribbon) and at position 140 (right of the path's end: no band),
+# by the chart's geometry in app.js's draw (98..102 is the price scale: the bands' extremes)
+BANDS_CHART = """(() => {
+  const band = (lo, hi, n) => Array.from({length: n}, () => [lo, hi]);
+  for (let i = 0; i < 60; i++) {
+    const f = {symbol: 'BX', price: 100, next: 100, model: 'vX', tick_id: '1-' + i,
+               bands: {'80': {next: [99, 101]}, '95': {next: [98, 102]}}};
+    if (i === 59) {
+      f.path = Array(50).fill(100);
+      f.bands['80'].path = band(99, 101, 50);
+      f.bands['95'].path = band(98, 102, 50);
+    }
+    onForecast(f);
+  }
+  return new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => {
+    const figure = [...document.querySelectorAll('figure')]
+      .find((e) => e.querySelector('figcaption').textContent.startsWith('BX '));
+    const canvas = figure.querySelector('canvas');
+    const dpr = devicePixelRatio, w = canvas.width, h = canvas.height;
+    const left = 4 * dpr, right = w - 64 * dpr, top = 8 * dpr, bottom = h - 20 * dpr;
+    const x = (i) => Math.round(left + (i / 249) * (right - left));
+    const y = (v) => Math.round(bottom - ((v - 98) / 4) * (bottom - top));
+    const ctx = canvas.getContext('2d');
+    const alpha = (i, v) => ctx.getImageData(x(i), y(v), 1, 1).data[3];
+    done({
+      drawn: window.streamcast.bands.BX,
+      price: window.streamcast.axes.BX.price,
+      alpha: {outside: alpha(140, 101.5), band95: alpha(30, 101.5), band80: alpha(30, 100.5),
+              path95: alpha(90, 101.5), path80: alpha(90, 100.5)},
+      legend: [...document.querySelectorAll('.legend .band')].map((e) => e.textContent),
+    });
+  })));
+})()"""
+
+
+def check_bands_chart(probe: dict) -> None:
+    """The bands are drawn: shaded where they are, the 80 % band darker than the 95 % alone."""
+    assert "exceptionDetails" not in probe, probe
+    chart = probe["result"]["value"]
+    assert chart["legend"] == ["80 % band", "95 % band"]
+    assert chart["price"] == ["98", "99", "100", "101", "102"]
+    drawn = chart["drawn"]
+    assert drawn["levels"] == ["95", "80"] and drawn["path"] == ["95", "80"]
+    assert drawn["next"] == {"80": [99, 101], "95": [98, 102]} and drawn["bar"] == ["95", "80"]
+    alpha = chart["alpha"]
+    assert alpha["outside"] == 0, alpha
+    assert 0 < alpha["band95"] < alpha["band80"], alpha  # lighter for the wider band
+    assert 0 < alpha["path95"] < alpha["path80"], alpha
 
 
 def served_version(http_port: int) -> str:
@@ -688,6 +801,12 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
                     awaitPromise=True,
                     returnByValue=True,
                 )
+                banded = await tools.call(
+                    "Runtime.evaluate",
+                    expression=BANDS_CHART,
+                    awaitPromise=True,
+                    returnByValue=True,
+                )
                 tools.reader.cancel()
         png = base64.b64decode(shot["data"])
         (tmp_path / "live.png").write_bytes(png)
@@ -698,6 +817,7 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
         assert "exceptionDetails" not in injected and injected["result"]["value"] is True, injected
         check_header(header, serving=served_version(http_port))
         check_known_chart(known)
+        check_bands_chart(banded)
         assert tools.errors == [], tools.errors
     finally:
         if producer is not None:

@@ -20,6 +20,7 @@ from streamcast.replay import (
     LogTail,
     Row,
     Screen,
+    format_forecast,
     render_table,
     replay,
     ticks_behind,
@@ -117,7 +118,7 @@ async def test_a_replay_puts_each_symbols_ticks_in_its_partition_stream(redis_cl
 
 ROWS = [
     Row("SYN.1", 98.5, None, None, None, 0, 7, "v2"),
-    Row("SYN.0", 101.25, 101.3125, -0.0625, 103.5, 50, 12, "v1"),
+    Row("SYN.0", 101.25, 101.3125, -0.0625, 103.5, 50, 12, "v1", (101.0625, 101.5625)),
 ]
 
 
@@ -129,9 +130,12 @@ def test_the_table_has_a_header_of_totals_and_a_row_per_symbol_in_order():
         "demo: here",
         "forecasts 1234  throughput 39.8 forecasts/s  lag 3 ticks",
         "",
-        "symbol              price         next  last error             path end    latency  model",
-        "SYN.0            101.2500     101.3125     -0.0625       103.5000 (+50)      12 ms  v1",
-        "SYN.1             98.5000            -           -                    -       7 ms  v2",
+        "symbol              price         next              80 % band  last error"
+        "             path end    latency  model",
+        "SYN.0            101.2500     101.3125   [101.0625, 101.5625]     -0.0625"
+        "       103.5000 (+50)      12 ms  v1",
+        "SYN.1             98.5000            -                      -           -"
+        "                    -       7 ms  v2",
         "",
         "a log line",
     ]
@@ -142,12 +146,19 @@ def test_the_table_says_what_it_does_not_know_yet():
     assert text.splitlines()[0] == "forecasts 0  throughput -  lag -"
 
 
-def forecast(symbol: str, price: float, nxt: float | None, path=None, tick_id="1000-0") -> Forecast:
-    return Forecast(Tick(tick_id, symbol, price, None), "v1", nxt, path)
+def forecast(
+    symbol: str, price: float, nxt: float | None, path=None, tick_id="1000-0", bands=None
+) -> Forecast:
+    return Forecast(Tick(tick_id, symbol, price, None), "v1", nxt, path, bands=bands)
 
 
-def forecast_fields(symbol: str, price: float, nxt: float | None, tick_id: str) -> dict:
-    return forecast(symbol, price, nxt, tick_id=tick_id).encode(now_ms=1000)
+def forecast_fields(symbol: str, price: float, nxt: float | None, tick_id: str, bands=None) -> dict:
+    return forecast(symbol, price, nxt, tick_id=tick_id, bands=bands).encode(now_ms=1000)
+
+
+def bands_around(nxt: float) -> dict:
+    """Prediction intervals of a 1-step forecast ``nxt``, as the daemon publishes them."""
+    return {"80": {"next": [nxt - 0.25, nxt + 0.25]}, "95": {"next": [nxt - 0.5, nxt + 0.5]}}
 
 
 def test_the_board_scores_each_forecast_against_the_next_price_and_keeps_the_last_path():
@@ -159,6 +170,33 @@ def test_the_board_scores_each_forecast_against_the_next_price_and_keeps_the_las
     # this price less the previous 1-step forecast; a forecast without a path keeps the last
     assert board.rows["A"] == Row("A", 100.5, 100.25, -0.5, 103.0, 2, 10, "v1")
     assert board.forecasts == 2
+
+
+def test_the_board_shows_each_forecasts_own_80_percent_band_and_none_where_it_has_none():
+    board = Board(window_s=5.0, clock=lambda: 0.0)
+    board.add(forecast("A", 100.0, 101.0, bands=bands_around(101.0)), now_ms=1040)
+    assert board.rows["A"].band == (100.75, 101.25)
+    # an older entry (no bands) and one whose 80 % band is not two finite numbers: no band,
+    # not the previous forecast's
+    board.add(forecast("A", 100.5, 100.25, tick_id="1100-0"), now_ms=1110)
+    assert board.rows["A"].band is None
+    nulled = {"80": {"next": [None, 101.0]}, "95": {"next": [99.0, 102.0]}}
+    board.add(forecast("A", 100.5, 100.25, tick_id="1200-0", bands=nulled), now_ms=1210)
+    assert board.rows["A"].band is None
+    text = render_table(board.rows.values(), forecasts=3, per_s=None, lag=None)
+    assert text.splitlines()[-1].startswith(
+        "A                100.5000     100.2500" + " " * 22 + "-"
+    )
+
+
+def test_a_forecast_line_shows_the_80_percent_band_after_next_when_there_is_one():
+    with_band = format_forecast(forecast("A", 100.0, 101.0, bands=bands_around(101.0)), 1040)
+    assert "price 100.0000     next 101.0000 [100.7500, 101.2500]     path end -" in with_band
+    without = format_forecast(forecast("A", 100.0, 101.0), 1040)
+    assert "next 101.0000" + " " * 26 + "path end -" in without
+    assert with_band.index("path end") == without.index("path end")  # columns stay aligned
+    only_95 = {"95": {"next": [100.5, 101.5]}}  # STREAMCAST_INTERVAL_LEVELS=95: no 80 % band
+    assert "[" not in format_forecast(forecast("A", 100.0, 101.0, bands=only_95), 1040)
 
 
 def test_the_board_rate_is_over_the_last_seconds():
@@ -214,10 +252,12 @@ def test_the_log_tail_keeps_the_newest_lines_and_errors_whole():
 # -- watch: lines off a terminal, the table on one ---------------------------------------------
 
 
-async def publish(redis, keys: Keys, symbol: str, price: float, nxt: float, tick_id: str) -> None:
+async def publish(
+    redis, keys: Keys, symbol: str, price: float, nxt: float, tick_id: str, bands=None
+) -> None:
     """A forecast as the daemon publishes it: its entry id is its tick's."""
     await redis.xadd(
-        keys.forecasts(symbol), forecast_fields(symbol, price, nxt, tick_id), id=tick_id
+        keys.forecasts(symbol), forecast_fields(symbol, price, nxt, tick_id, bands), id=tick_id
     )
 
 
@@ -225,20 +265,23 @@ async def test_watch_writes_plain_lines_when_the_output_is_not_a_terminal(redis_
     keys = Keys("lines", partitions=3)
     for i in range(3):
         await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i, f"{1000 + i}-0")
+    await publish(redis_client, keys, "A", 103.0, 104.0, "1003-0", bands=bands_around(104.0))
     out = io.StringIO()
-    assert await watch(redis_client, keys, ["A"], out=out, start="0", limit=3) == 3
+    assert await watch(redis_client, keys, ["A"], out=out, start="0", limit=4) == 4
     lines = out.getvalue().splitlines()
-    assert len(lines) == 3 and "\x1b" not in out.getvalue()
+    assert len(lines) == 4 and "\x1b" not in out.getvalue()
     assert lines[2].startswith("A ") and "1002-0" in lines[2]
-    assert "price 102.0000" in lines[2] and "next 105.0000" in lines[2]
+    assert "price 102.0000" in lines[2] and "next 105.0000 " in lines[2] and "[" not in lines[2]
+    assert "price 103.0000     next 104.0000 [103.7500, 104.2500] " in lines[3]
 
 
 async def test_watch_writes_a_json_object_per_forecast_per_line_even_on_a_terminal(redis_client):
     keys = Keys("jsonl", partitions=3)
     await publish(redis_client, keys, "A", 100.0, 101.0, "5-0")
-    await publish(redis_client, keys, "B", 200.0, 201.5, "6-0")
-    # a producer's non-finite number: null, as JSON has no NaN
-    raw = {"tick_id": "7-0", "symbol": "A", "price": "102.0", "model": "v2", "next": "nan"}
+    await publish(redis_client, keys, "B", 200.0, 201.5, "6-0", bands=bands_around(201.5))
+    # a producer's non-finite number: null, as JSON has no NaN (in bands too)
+    raw = {"tick_id": "7-0", "symbol": "A", "price": "102.0", "model": "v2", "next": "nan",
+           "bands": '{"80": {"next": [NaN, 103.0]}}'}  # fmt: skip
     await redis_client.xadd(keys.forecasts("A"), raw, id="7-0")
     out = _Terminal()
     assert (
@@ -247,9 +290,11 @@ async def test_watch_writes_a_json_object_per_forecast_per_line_even_on_a_termin
     assert "\x1b" not in out.getvalue()
     assert [json.loads(line) for line in out.getvalue().splitlines()] == [
         {"tick_id": "5-0", "symbol": "A", "price": 100.0, "model": "v1", "ts": 1000, "next": 101.0},
-        {"tick_id": "6-0", "symbol": "B", "price": 200.0, "model": "v1", "ts": 1000, "next": 201.5},
-        {"tick_id": "7-0", "symbol": "A", "price": 102.0, "model": "v2", "next": None},
-    ]
+        {"tick_id": "6-0", "symbol": "B", "price": 200.0, "model": "v1", "ts": 1000, "next": 201.5,
+         "bands": {"80": {"next": [201.25, 201.75]}, "95": {"next": [201.0, 202.0]}}},
+        {"tick_id": "7-0", "symbol": "A", "price": 102.0, "model": "v2", "next": None,
+         "bands": {"80": {"next": [None, 103.0]}}},
+    ]  # fmt: skip
 
 
 def test_streamcast_watch_json_count_prints_n_forecasts_and_exits(
@@ -319,7 +364,7 @@ async def test_watch_draws_the_table_on_a_terminal_with_the_lag_over_every_parti
     last = out.getvalue().rsplit("\x1b[H", 1)[1]
     # partition 0: 3 not delivered + 2 pending; partition 1: 3 not delivered
     assert "forecasts 3  " in last and "lag 8 ticks" in last
-    assert "A                102.0000     105.0000     -1.0000" in last
+    assert "A                102.0000     105.0000                      -     -1.0000" in last
 
 
 async def test_ticks_behind_is_none_until_the_group_exists_then_summed_over_partitions(

@@ -1,16 +1,21 @@
 // streamcast live page: one chart per symbol from the /events server-sent event stream, each with
-// a price scale, a time axis and the symbol's 1-step skill; the header shows the replica's
-// throughput, lag, p99 latency and model version (the server's `status` events). No libraries.
+// a price scale, a time axis and the symbol's 1-step skill, and the forecasts' prediction intervals
+// shaded where the daemon publishes them (`bands`: 80 % and 95 % by default, the wider lighter);
+// the header shows the replica's throughput, lag, p99 latency and model version (the server's
+// `status` events). No libraries.
 "use strict";
 
 const KEEP = 200; // points per chart
 const AHEAD = 50; // room to the right of the last price for the newest path
-const charts = new Map(); // symbol -> {symbol, prices, nexts, times, scored, path, pathAt, ...}
+const charts = new Map(); // symbol -> {symbol, prices, nexts, nextBands, times, scored, path, ...}
 // what the page shows, for a reader (and the tests): counts, the last skill and status events,
-// each chart's axis labels and each symbol's skill (by symbol, in objects without a prototype:
-// a symbol may be named __proto__)
+// each chart's axis labels, each symbol's skill and the bands drawn (by symbol, in objects without
+// a prototype: a symbol may be named __proto__)
 const bySymbol = () => Object.create(null);
-window.streamcast = { events: 0, forecasts: 0, skill: null, status: null, axes: bySymbol(), symbolSkill: bySymbol() };
+window.streamcast = {
+  events: 0, forecasts: 0, skill: null, status: null,
+  axes: bySymbol(), symbolSkill: bySymbol(), bands: bySymbol(),
+};
 
 function chart(symbol) {
   let c = charts.get(symbol);
@@ -21,7 +26,10 @@ function chart(symbol) {
   const canvas = document.createElement("canvas");
   figure.append(caption, canvas);
   document.getElementById("charts").append(figure);
-  c = { symbol, prices: [], nexts: [], times: [], scored: [], path: null, pathAt: 0, canvas, caption, model: "" };
+  c = {
+    symbol, prices: [], nexts: [], nextBands: [], times: [], scored: [], path: null, pathBands: null,
+    pathAt: 0, canvas, caption, model: "",
+  };
   charts.set(symbol, c);
   return c;
 }
@@ -31,6 +39,34 @@ function chart(symbol) {
 const finite = (v) => (Number.isFinite(v) ? v : null);
 const fmt = (v, digits) => (Number.isFinite(v) ? v.toFixed(digits) : "-");
 const signed = (v) => (Number.isFinite(v) ? (v >= 0 ? "+" : "") + v.toFixed(3) : "-");
+
+// Prediction intervals. A forecast's `bands` is {"80": {"next": [lo, hi], "path": [[lo, hi], ...]},
+// "95": ...}; an older entry has none. A band is kept only whole: finite, lo <= hi, and a path band
+// as long as the path it bounds (anything else, e.g. a null the server sent for a non-finite
+// number, is not drawn). Returns {next, path}, each {level: ...} or null.
+const pair = (p) =>
+  Array.isArray(p) && p.length === 2 && Number.isFinite(p[0]) && Number.isFinite(p[1]) && p[0] <= p[1]
+    ? [p[0], p[1]] : null;
+function bandsOf(f) {
+  const next = Object.create(null), path = Object.create(null);
+  const bands = f.bands && typeof f.bands === "object" ? f.bands : {};
+  for (const [level, band] of Object.entries(bands)) {
+    if (!band || typeof band !== "object" || !(Number(level) > 0 && Number(level) < 100)) continue;
+    const n = pair(band.next);
+    if (n && finite(f.next) !== null) next[level] = n;
+    if (Array.isArray(band.path) && Array.isArray(f.path) && band.path.length === f.path.length) {
+      const pairs = band.path.map(pair);
+      if (pairs.every(Boolean)) path[level] = pairs;
+    }
+  }
+  const some = (o) => (Object.keys(o).length ? o : null);
+  return { next: some(next), path: some(path) };
+}
+// the levels of some bands, widest first (drawn first, so that a narrower one shades over it)
+const levelsOf = (...bands) =>
+  [...new Set(bands.flatMap((b) => (b ? Object.keys(b) : [])))].sort((a, b) => Number(b) - Number(a));
+// the band the caption shows: 80 % when published, else the narrowest
+const captionLevel = (next) => (next ? ("80" in next ? "80" : levelsOf(next).pop()) : null);
 
 // When the price was observed: the tick's event time (ts) when it had one, else its arrival in
 // Redis (the milliseconds of its stream id).
@@ -66,13 +102,19 @@ function onForecast(f) {
   score(c, price);
   c.prices.push(price);
   c.nexts.push(finite(f.next)); // the forecast of the value after this price
+  const bands = bandsOf(f);
+  c.nextBands.push(bands.next);
   c.times.push(tickTime(f));
-  if (c.prices.length > KEEP) { c.prices.shift(); c.nexts.shift(); c.times.shift(); }
-  if (Array.isArray(f.path)) { c.path = f.path.map(finite); c.pathAt = c.prices.length - 1; }
+  if (c.prices.length > KEEP) { c.prices.shift(); c.nexts.shift(); c.nextBands.shift(); c.times.shift(); }
+  if (Array.isArray(f.path)) {
+    c.path = f.path.map(finite); c.pathBands = bands.path; c.pathAt = c.prices.length - 1;
+  }
   else if (c.path) { c.pathAt = Math.max(0, c.pathAt - (c.prices.length >= KEEP ? 1 : 0)); }
   c.model = typeof f.model === "string" ? f.model : "";
   const s = (window.streamcast.symbolSkill[f.symbol] = symbolSkill(c));
-  const next = fmt(f.next, 2) + (f.reason ? ` (${f.reason})` : "");
+  const level = captionLevel(bands.next);
+  const band = level ? ` ${level}% [${fmt(bands.next[level][0], 2)}, ${fmt(bands.next[level][1], 2)}]` : "";
+  const next = fmt(f.next, 2) + band + (f.reason ? ` (${f.reason})` : "");
   c.caption.textContent =
     `${f.symbol}  price ${fmt(f.price, 2)}  next ${next}  skill h1 ${signed(s.skill)} (n=${s.n})  model ${c.model}`;
   c.dirty = true;
@@ -128,7 +170,7 @@ function draw(c) {
   const h = (canvas.height = canvas.clientHeight * dpr);
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, w, h);
-  const values = c.prices.concat(c.nexts, c.path || []).filter(Number.isFinite);
+  const values = c.prices.concat(c.nexts, c.path || [], bandValues(c)).filter(Number.isFinite);
   if (values.length < 2) return;
   let lo = Math.min(...values), hi = Math.max(...values);
   if (hi === lo) { hi += 1; lo -= 1; }
@@ -150,9 +192,67 @@ function draw(c) {
     }
     ctx.stroke();
   };
+  window.streamcast.bands[c.symbol] = shade(c, ctx, x, y, dpr);
   line(c.prices.map((v, i) => [i, v]), "#e8e8e8", 1.5);
   line(c.nexts.map((v, i) => [i + 1, v]), "#4fc3f7", 1);
   if (c.path && c.path.length) line(c.path.map((v, k) => [c.pathAt + 1 + k, v]), "#ffb74d", 1.5);
+}
+
+// Every bound of the bands on the chart: the price scale makes room for them.
+function bandValues(c) {
+  const out = [];
+  for (const b of c.nextBands) if (b) for (const p of Object.values(b)) out.push(p[0], p[1]);
+  if (c.pathBands) for (const ps of Object.values(c.pathBands)) for (const p of ps) out.push(p[0], p[1]);
+  return out;
+}
+
+// The bands, under the lines: each level a translucent layer, widest first, so that a wider band
+// shows lighter than a narrower one over it. Around the 1-step forecasts a ribbon of their bands
+// (each run of forecasts with a band one polygon) and a bar for the newest; around the newest
+// path a fan from its origin price. Returns what was drawn (the page's state, for the tests).
+const BAND_FILL = { next: "rgba(79, 195, 247, 0.16)", path: "rgba(255, 183, 77, 0.2)" };
+const BAND_BAR = "rgba(79, 195, 247, 0.45)";
+function shade(c, ctx, x, y, dpr) {
+  const shown = { levels: [], polygons: 0, bar: [], path: [], next: null };
+  const polygon = (run) => { // run: [[i, lo, hi], ...], at least two
+    ctx.beginPath();
+    run.forEach(([i, lo], k) => (k ? ctx.lineTo(x(i), y(lo)) : ctx.moveTo(x(i), y(lo))));
+    for (let k = run.length - 1; k >= 0; k--) ctx.lineTo(x(run[k][0]), y(run[k][2]));
+    ctx.closePath(); ctx.fill();
+    shown.polygons++;
+  };
+  const levels = levelsOf(...c.nextBands, c.pathBands);
+  shown.levels = levels;
+  ctx.fillStyle = BAND_FILL.next;
+  for (const level of levels) {
+    let run = [];
+    c.nextBands.forEach((b, i) => {
+      if (b && b[level]) { run.push([i + 1, b[level][0], b[level][1]]); return; }
+      if (run.length >= 2) polygon(run);
+      run = [];
+    });
+    if (run.length >= 2) polygon(run);
+  }
+  const newest = c.nextBands.length ? c.nextBands[c.nextBands.length - 1] : null;
+  if (newest) {
+    shown.next = newest;
+    ctx.strokeStyle = BAND_BAR; ctx.lineWidth = 4 * dpr;
+    const at = x(c.nextBands.length);
+    for (const level of levelsOf(newest)) {
+      ctx.beginPath(); ctx.moveTo(at, y(newest[level][0])); ctx.lineTo(at, y(newest[level][1])); ctx.stroke();
+      shown.bar.push(level);
+    }
+  }
+  if (c.path && c.pathBands) {
+    ctx.fillStyle = BAND_FILL.path;
+    const origin = c.prices[c.pathAt];
+    for (const level of levelsOf(c.pathBands)) {
+      const run = c.pathBands[level].map(([lo, hi], k) => [c.pathAt + 1 + k, lo, hi]);
+      if (origin !== null && origin !== undefined) run.unshift([c.pathAt, origin, origin]);
+      if (run.length >= 2) { polygon(run); shown.path.push(level); }
+    }
+  }
+  return shown;
 }
 
 // Grid lines and labels: prices right of the plot, times under it.
