@@ -277,7 +277,9 @@ class Forecast:
         tick_ts = f.get("tick_ts")
         tick = Tick(f["tick_id"], f["symbol"], float(f["price"]), int(tick_ts) if tick_ts else None)
         path = f.get("path")
-        bands = f.get("bands")
+        bands = json.loads(f["bands"]) if f.get("bands") else None
+        if bands is not None and not isinstance(bands, dict):
+            raise ValueError(f"bands must be a JSON object, not {type(bands).__name__}")
         return cls(
             tick,
             f.get("model", ""),
@@ -285,7 +287,7 @@ class Forecast:
             tuple(json.loads(path)) if path else None,
             f.get("reason"),
             int(f["ts"]) if "ts" in f else None,
-            json.loads(bands) if bands else None,
+            bands,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -326,3 +326,26 @@ def test_parse_stream_reply_resp2_and_resp3():
 
 def test_id_key_orders_numerically():
     assert sorted(["10-0", "9-5", "9-10"], key=id_key) == ["9-5", "9-10", "10-0"]
+
+
+def test_a_forecasts_bands_round_trip_and_are_withheld_with_what_they_bound():
+    from streamcast.wire import Forecast, Tick
+
+    tick = Tick("5-0", "B", 100.0, None)
+    bands = {"80": {"next": [99.0, 101.0], "path": [[98.0, 102.0]]}, "95": {"next": [98.5, 101.5]}}
+    forecast = Forecast.of(tick, "v", 100.5, [100.2], bands)
+    back = Forecast.decode(forecast.encode(1))
+    assert back.bands == bands and back.as_dict()["bands"] == bands
+    no_path = Forecast.of(tick, "v", 100.5, [float("nan")], bands)
+    assert no_path.bands == {"80": {"next": [99.0, 101.0]}, "95": {"next": [98.5, 101.5]}}
+    no_next = Forecast.of(tick, "v", float("inf"), None, bands)
+    assert no_next.bands == {"80": {"path": [[98.0, 102.0]]}}
+    assert "bands" not in Forecast.of(tick, "v", 100.5).encode(1)
+
+
+def test_bands_that_are_not_a_json_object_are_refused_on_decode():
+    from streamcast.wire import Forecast
+
+    fields = {"tick_id": "1-0", "symbol": "A", "price": "1", "bands": "[1, 2]"}
+    with pytest.raises(ValueError, match="bands must be a JSON object"):
+        Forecast.decode(fields)
