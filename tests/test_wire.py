@@ -338,7 +338,7 @@ def test_a_forecasts_bands_round_trip_and_are_withheld_with_what_they_bound():
     assert back.bands == bands and back.as_dict()["bands"] == bands
     no_path = Forecast.of(tick, "v", 100.5, [float("nan")], bands)
     assert no_path.bands == {"80": {"next": [99.0, 101.0]}, "95": {"next": [98.5, 101.5]}}
-    no_next = Forecast.of(tick, "v", float("inf"), None, bands)
+    no_next = Forecast.of(tick, "v", float("inf"), [100.2], bands)
     assert no_next.bands == {"80": {"path": [[98.0, 102.0]]}}
     assert "bands" not in Forecast.of(tick, "v", 100.5).encode(1)
 
