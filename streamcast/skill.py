@@ -69,10 +69,11 @@ class SkillTracker:
     def record(self, ticks: Iterable[Tick], forecasts: Iterable[Forecast]) -> None:
         """Score pending forecasts against ``ticks`` (in stream order), then remember the new
         ``forecasts`` made from them."""
-        made = {f.tick.id: f for f in forecasts}
+        # by symbol and id: partition streams hand out ids independently
+        made = {(f.tick.symbol, f.tick.id): f for f in forecasts}
         for tick in ticks:
             self.observe(tick.symbol, tick.price)
-            f = made.get(tick.id)
+            f = made.get((tick.symbol, tick.id))
             if f is not None:
                 nxt = float("nan") if f.next is None else f.next
                 self.forecast(tick.symbol, tick.price, nxt, f.path, f.model)

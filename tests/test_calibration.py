@@ -66,7 +66,7 @@ def forecast_of(cal: Calibration, symbol: str, n: int, window: np.ndarray, nxt: 
         [tick], window[None, :], np.array([nxt]), {0: path} if path is not None else {}
     )
     f = Forecast.of(tick, "v1", nxt, None if path is None else path.tolist(), bands[0])
-    return tick, f, {tick.id: float(vols[0])}
+    return tick, f, {(tick.symbol, tick.id): float(vols[0])}
 
 
 def test_truths_feed_the_calibrator_and_the_coverage_metrics():
@@ -162,3 +162,75 @@ async def test_the_calibration_is_stored_per_partition_and_restored(redis_client
     await redis_client.set(cal.keys.calibration(2), "{not json")
     await other.adopt([2], "v1")  # unreadable: start over, do not crash
     assert other.calibrators[2].seen.sum() == 0
+
+
+async def test_forecasts_carry_bands_end_to_end_and_the_calibration_survives_a_restart(
+    redis_client, shipped_engine
+):
+    import asyncio
+
+    from streamcast.daemon import Daemon, DaemonConfig
+    from streamcast.wire import Tick as T
+
+    from .helpers import feed, wait_for
+
+    keys = Keys("bands", partitions=2)
+    names = ["B0", "B1", "B4", "B5"]
+    assert {keys.partition(n) for n in names} == {0, 1}
+    prices = feed(len(names), 200)
+
+    async def send(start: int, stop: int) -> None:
+        for t in range(start, stop):
+            pipe = redis_client.pipeline(transaction=False)
+            for row, name in enumerate(names):
+                pipe.xadd(keys.ticks_for(name), T.encode(name, float(prices[row, t])))
+            await pipe.execute()
+
+    def replica(name: str) -> Daemon:
+        config = DaemonConfig(consumer=name, path_refresh_s=0.0, batch_max_size=64)
+        return Daemon(
+            redis_client, shipped_engine, Metrics(CollectorRegistry()), keys=keys, config=config
+        )
+
+    async def forecast_count() -> int:
+        return sum([await redis_client.xlen(keys.forecasts(n)) for n in names])
+
+    first = replica("a")
+    async with first:
+        await send(0, 150)
+        await wait_for(lambda: _at_least(forecast_count, 4 * 101), timeout_s=60)
+        await asyncio.sleep(0.2)
+    version = shipped_engine.version
+    for name in names:
+        entries = await redis_client.xrange(keys.forecasts(name))
+        last = Forecast.decode(entries[-1][1])
+        assert last.bands is not None and set(last.bands) == {"80", "95"}
+        lo, hi = last.bands["80"]["next"]
+        lo95, hi95 = last.bands["95"]["next"]
+        assert lo95 <= lo <= last.next <= hi <= hi95
+        assert last.path is not None and len(last.bands["95"]["path"]) == 50
+        assert all(
+            a <= v <= b for (a, b), v in zip(last.bands["95"]["path"], last.path, strict=True)
+        )
+    resolved = sample(
+        first.metrics,
+        "streamcast_interval_resolved_total",
+        horizon="1",
+        level="80",
+        version=version,
+    )
+    assert resolved == 4 * 100, "every 1-step forecast but each symbol's last met its truth"
+    stored = {p: json.loads(await redis_client.get(keys.calibration(p))) for p in range(2)}
+    assert all(s["model_version"] == version and s["seen"][0] > 0 for s in stored.values()), [(s["model_version"], s["seen"][:3], version) for s in stored.values()]
+    second = replica("b")
+    async with second:
+        await send(150, 151)
+        await wait_for(lambda: _at_least(forecast_count, 4 * 102), timeout_s=60)
+        restored = second.calibration.calibrators  # type: ignore[union-attr]
+        assert {p: c.to_dict()["seen"] for p, c in restored.items()} != {}
+        for p, cal in restored.items():
+            assert cal.seen[0] >= stored[p]["seen"][0], "went on from the stored calibration"
+
+
+async def _at_least(count, n: int) -> bool:
+    return await count() >= n

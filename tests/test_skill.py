@@ -89,3 +89,24 @@ def test_the_rolling_window_keeps_the_newest_scores():
         tracker.forecast("A", 100.0, 101.0, None, "v")
         tracker.observe("A", 101.0)
     assert tracker.skill("v", 1) == pytest.approx(1.0)
+
+
+def test_ticks_of_two_partitions_with_one_id_are_each_scored():
+    """Partition streams hand out ids independently: one batch may hold two ticks with the same
+    id (of symbols in different partitions); each forecast is its own tick's."""
+    from prometheus_client import CollectorRegistry
+
+    from streamcast.metrics import Metrics
+    from streamcast.wire import Forecast, Tick
+
+    metrics = Metrics(CollectorRegistry())
+    tracker = SkillTracker(metrics, horizons=(1,))
+    a, b = Tick("7-0", "A", 100.0, None), Tick("7-0", "B", 10.0, None)
+    tracker.record([a, b], [Forecast.of(a, "v", 101.0), Forecast.of(b, "v", 11.0)])
+    tracker.record([Tick("8-0", "A", 102.0, None), Tick("8-0", "B", 12.0, None)], [])
+    scored = metrics.prometheus.get_sample_value(
+        "streamcast_forecast_scored_total", {"horizon": "1", "version": "v"}
+    )
+    assert scored == 2
+    # A's forecast (101, from 100) met 102: relative error 0.01; B's (11, from 10) met 12: 0.1
+    assert tracker.snapshot()["v"][1]["mae"] == pytest.approx((0.01 + 0.1) / 2)

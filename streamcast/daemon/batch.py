@@ -33,7 +33,8 @@ class Batch:
     due: list[int] = field(default_factory=list)  # indices into ready that get a path
     forecasts: list[Forecast] = field(default_factory=list)  # computed: one per ready tick
     version: str = ""  # of the model that computed the forecasts
-    vols: dict[str, float] = field(default_factory=dict)  # each band's volatility, by tick id
+    # each band's volatility, by symbol and tick id (partitions' ids are not unique in a batch)
+    vols: dict[tuple[str, str], float] = field(default_factory=dict)
     read_at: float = 0.0  # wall-clock times of the stages, for the per-stage latency
     compute_started: float = 0.0
     computed_at: float = 0.0

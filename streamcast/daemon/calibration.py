@@ -123,12 +123,15 @@ class Calibration:
         for cal in self.calibrators.values():
             cal.reset(version)
 
-    async def save(self) -> None:
-        """Store every calibrator (housekeeping, and before a partition is given up)."""
-        if not self.calibrators:
+    async def save(self, partitions: Iterable[int] | None = None) -> None:
+        """Store the calibrators of ``partitions`` (default all: housekeeping, stop), e.g. of
+        those given up, for their next holder."""
+        chosen = self.calibrators if partitions is None else set(partitions)
+        mine = {p: c for p, c in self.calibrators.items() if p in chosen}
+        if not mine:
             return
         pipe = self.redis.pipeline(transaction=False)
-        for p, cal in self.calibrators.items():
+        for p, cal in mine.items():
             pipe.set(self.keys.calibration(p), json.dumps(cal.to_dict(), allow_nan=False))
         try:
             await pipe.execute()
@@ -174,16 +177,19 @@ class Calibration:
     # -- truths --------------------------------------------------------------------------------
 
     def record(
-        self, ticks: Iterable[Tick], forecasts: Iterable[Forecast], vols: dict[str, float]
+        self,
+        ticks: Iterable[Tick],
+        forecasts: Iterable[Forecast],
+        vols: dict[tuple[str, str], float],
     ) -> None:
         """Score pending forecasts against ``ticks`` (in stream order), feed the scores to the
-        calibrators, then remember the new ``forecasts`` (``vols``: by tick id)."""
-        made = {f.tick.id: f for f in forecasts}
+        calibrators, then remember the new ``forecasts`` (``vols``: by symbol and tick id)."""
+        made = {(f.tick.symbol, f.tick.id): f for f in forecasts}
         for tick in ticks:
             self._observe(tick.symbol, tick.price)
-            f = made.get(tick.id)
+            f = made.get((tick.symbol, tick.id))
             if f is not None and f.bands:
-                self._remember(f, vols.get(tick.id, float("nan")))
+                self._remember(f, vols.get((tick.symbol, tick.id), float("nan")))
         for p, resolved in self._resolved.items():
             cal = self.calibrators.get(p)
             if cal is not None and resolved:

@@ -56,7 +56,7 @@ async def compute(
     if calibration is not None:
         path_rows = {i: paths[k] for k, i in enumerate(batch.due)}
         bands, vols = calibration.bands(batch.ready, windows, next_prices, path_rows)
-        batch.vols = {t.id: float(v) for t, v in zip(batch.ready, vols, strict=True)}
+        batch.vols = {(t.symbol, t.id): float(v) for t, v in zip(batch.ready, vols, strict=True)}
     _forecasts(batch, next_prices, paths, failed, bands)
     seconds = time.perf_counter() - started
     metrics.engine_seconds.observe(seconds)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from redis import exceptions as redis_errors
 
+from streamcast.daemon.calibration import Calibration
 from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN
 from streamcast.daemon.plan import Planner
@@ -18,6 +19,8 @@ from streamcast.metrics import Metrics
 from streamcast.skill import SkillTracker
 
 log = logging.getLogger(__name__)
+
+SAVE_S = 5.0  # how often the interval calibration is stored (a restart goes on from it)
 
 
 class Housekeeping:
@@ -29,6 +32,7 @@ class Housekeeping:
         config: DaemonConfig,
         metrics: Metrics,
         *,
+        calibration: Calibration | None = None,
         ready: Callable[[], bool],
         owned: Callable[[], list[int]],
         promoted_at: Callable[[], float | None],
@@ -40,19 +44,23 @@ class Housekeeping:
         self.config = config
         self.metrics = metrics
         self.ready = ready
+        self.calibration = calibration
         self.owned = owned
         self.promoted_at = promoted_at
         self.clock = clock
         self.heartbeat = 0.0  # monotonic time of the last round: /healthz goes stale without it
 
     async def run_forever(self) -> None:
-        last_claim = 0.0
+        last_claim = last_save = 0.0
         while True:
             self.heartbeat = time.monotonic()
             try:
                 if time.monotonic() - last_claim >= self.config.claim_interval_s and self.ready():
                     last_claim = time.monotonic()
                     await self.source.reclaim(self.owned())
+                if self.calibration is not None and time.monotonic() - last_save >= SAVE_S:
+                    last_save = time.monotonic()
+                    await self.calibration.save()
                 await self.source.measure_lag(self.owned())
             except REDIS_DOWN:
                 pass
@@ -67,6 +75,8 @@ class Housekeeping:
     def gauges(self) -> None:
         m = self.metrics
         self.skill.publish()
+        if self.calibration is not None:
+            self.calibration.publish()
         promoted_at = self.promoted_at()
         if promoted_at is not None:
             m.model_age.set(max(0.0, time.time() - promoted_at))
