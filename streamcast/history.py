@@ -13,6 +13,10 @@ Prices go in by the live edge's rules (:func:`streamcast.wire.parse_price`): ``l
 reads a file's text with them and ``import_series`` checks the values again. What comes back out
 is checked once more by whoever trains on it (``clean_series``): a history written by other
 means, or by an older version, must not fail a retrain.
+
+The retrain reads in its trainer child, never on the daemon's event loop: the daemon hands it a
+:class:`HistorySource` (the URL, password included, in a private file), and the child opens a
+client of its own.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import quote, urlencode
 
 import numpy as np
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
+from streamcast.connect import is_cluster, make_redis
 from streamcast.data import DataError, is_number, read_rows
 from streamcast.keys import Keys
 from streamcast.wire import (
@@ -270,3 +277,83 @@ async def import_series(
         await pipe.execute()
     await redis.sadd(keys.symbols(keys.partition(symbol)), symbol)
     return len(kept)
+
+
+# -- reading from another process ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistorySource:
+    """Where a process without the daemon's client (the trainer child) reads the histories.
+
+    ``url`` carries the password: it is left out of ``repr``, and goes to the child in a file
+    only its user can read, never on a command line or in a log.
+    """
+
+    url: str = field(repr=False)
+    cluster: bool  # as STREAMCAST_REDIS_CLUSTER: known, so the child never probes
+    keys: Keys
+    timeout_s: float = 5.0
+
+    @classmethod
+    def of(cls, client: Redis, keys: Keys, url: str | None = None) -> HistorySource:
+        """The source ``client`` reads from; ``url`` (default: rebuilt from the client) wins."""
+        timeout_s = _connection(client)[1].get("socket_timeout") or 5.0
+        return cls(url or client_url(client), is_cluster(client), keys, float(timeout_s))
+
+    def connect(self) -> Redis:
+        return make_redis(self.url, self.timeout_s, cluster=self.cluster)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "cluster": self.cluster,
+            "prefix": self.keys.prefix,
+            "partitions": self.keys.partitions,
+            "timeout_s": self.timeout_s,
+        }
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> HistorySource:
+        keys = Keys(str(spec["prefix"]), int(spec["partitions"]))
+        return cls(str(spec["url"]), bool(spec["cluster"]), keys, float(spec["timeout_s"]))
+
+
+def client_url(client: Redis) -> str:
+    """A URL that connects as ``client`` does: its server (of a cluster, one of its nodes), its
+    database, user and password, and its TLS options given as text (files, checks).
+
+    It carries the password: never log it (``streamcast.settings.redact_url``).
+    """
+    connection, kwargs, host, port = _connection(client)
+    username, password = kwargs.get("username"), kwargs.get("password")
+    auth = quote(str(username or ""), safe="")
+    if password:
+        auth += ":" + quote(str(password), safe="")
+    auth += "@" if auth else ""
+    query: dict[str, Any] = {
+        name: value
+        for name, value in kwargs.items()
+        if name.startswith("ssl_") and isinstance(value, str | bool)
+    }
+    if isinstance(kwargs.get("ssl_min_version"), int):  # an ssl.TLSVersion, read back with int()
+        query["ssl_min_version"] = int(kwargs["ssl_min_version"])
+    db = int(kwargs.get("db") or 0)
+    if issubclass(connection, UnixDomainSocketConnection):
+        query["db"] = db
+        return f"unix://{auth}{quote(str(kwargs['path']))}?{urlencode(query)}"
+    scheme = "rediss" if issubclass(connection, SSLConnection) else "redis"
+    where = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{auth}{where}:{port}/{db}" + (f"?{urlencode(query)}" if query else "")
+
+
+def _connection(client: Redis) -> tuple[type, dict[str, Any], str, int]:
+    """The connection class, the connection settings, the host and the port of ``client``."""
+    if is_cluster(client):
+        manager = cast(Any, client).nodes_manager
+        kwargs = manager.connection_kwargs
+        node = manager.default_node or next(iter(manager.startup_nodes.values()))
+        return kwargs.get("connection_class", object), kwargs, node.host, node.port
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    return pool.connection_class, kwargs, str(kwargs.get("host", "")), int(kwargs.get("port", 0))

@@ -4,19 +4,23 @@ One retrain (``Retrainer.run_once``), from ``streamcast retrain`` or the daemon'
 
 1. take the cluster-wide lock (``SET NX PX``; renewed while the trainer runs, released by token),
    so at most one retrain runs across all replicas;
-2. fetch the current version from the registry and read the newest ``max_points`` of each
-   symbol's history (paged, bounded);
+2. fetch the current version from the registry and write the trainer's job: what to read and
+   where (the Redis URL, password included, in a file only this user can read);
 3. run the trainer in a child process (``python -m streamcast.retrain JOB_DIR``: never on the
    event loop, at a lower CPU priority, one TensorFlow thread by default, killed past the time
-   limit or when the parent dies). It scores the current model on the most recent
-   ``holdout_fraction`` of each symbol's windows, trains the candidate on the rest (warm-started
-   from the current weights), scores it on the same windows, and saves it;
+   limit or when the parent dies). With a Redis client of its own it reads the newest
+   ``max_points`` of each symbol's history (paged, bounded: the daemon's event loop never
+   waits on it), skips when too little is usable, scores the current model on the most recent
+   ``holdout_fraction`` of each symbol's windows, trains the candidate on the rest
+   (warm-started from the current weights), scores it on the same windows, and saves it;
 4. promote the candidate only if its held-out MSE beats the current one's by ``margin``; record
    the outcome, both scores, the naive forecast's and the reason in the log, the metrics and the
    registry's event stream, whatever happened.
 
 Every failure (a crashing, hanging or NaN-producing trainer, too little history, Redis gone)
-ends as outcome ``failed`` or ``skipped`` with a reason; serving never notices.
+ends as outcome ``failed`` or ``skipped`` with a reason; serving never notices. The child
+reports what it read in ``read.json`` and its outcome in ``result.json``: a candidate, or a
+``skipped``/``failed`` outcome and its reason (too little history, Redis unreachable).
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from streamcast import history
+from streamcast.history import HistorySource, TrainingHistories
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.model import ModelConfig, ModelError, ModelInfo, load_model
@@ -155,7 +159,10 @@ class Retrainer:
         metrics: Metrics | None = None,
         initial_model: Path | None = None,
         command: Sequence[str] | None = None,
+        history_url: str | None = None,
     ) -> None:
+        """``history_url``: where the trainer child reads the history (it carries the password;
+        default: rebuilt from ``redis``'s own connection settings)."""
         self.redis = redis
         self.keys = keys
         self.registry = registry
@@ -163,6 +170,7 @@ class Retrainer:
         self.metrics = metrics
         self.initial_model = initial_model
         self.command = list(command) if command is not None else worker_command()
+        self.history_url = history_url
 
     async def run_once(self) -> RetrainResult:
         started = time.monotonic()
@@ -186,7 +194,7 @@ class Retrainer:
             result = RetrainResult(
                 "failed", f"redis unavailable mid-retrain ({type(exc).__name__})"
             )
-        except (ModelError, history.HistoryError) as exc:
+        except ModelError as exc:
             result = RetrainResult("failed", str(exc))
         except asyncio.CancelledError:
             raise
@@ -213,40 +221,24 @@ class Retrainer:
             assert current is not None
         current_dir = await self.registry.fetch(current.version)
         info = await self.registry.info(current.version)
-        names = list(cfg.symbols) or await history.symbols(self.redis, self.keys)
-        # a symbol needs held-out windows and training windows: 2 x (window + 1) at least
-        read = await history.read_for_training(
-            self.redis,
-            self.keys,
-            names,
-            max_points=cfg.max_points,
-            min_points=2 * (info.seq_len + 1),
-            limits=replace(cfg.limits, positive=info.normalise),
+        task = TrainerJob(
+            replace(cfg, limits=replace(cfg.limits, positive=info.normalise)),
+            current_dir,
+            HistorySource.of(self.redis, self.keys, self.history_url),
+            info.seq_len,
         )
-        series, used, notes = read.series, read.symbols, read.notes
-        windows = sum(len(s) - info.seq_len for s in series)
-        base = RetrainResult(
-            "skipped", "", current=current.version, windows=windows, skipped=read.skipped
-        )
-        train_windows = int(windows * (1 - cfg.holdout_fraction))
-        if train_windows < cfg.min_windows:
-            base.reason = _with_notes(
-                f"not enough history: {train_windows} training windows from {len(used)} "
-                f"symbol(s), at least {cfg.min_windows} needed",
-                notes,
-            )
-            return base
         log.info(
-            "retraining %s on %d windows of %d symbol(s), %d epochs",
+            "retraining %s: the trainer reads the history of %s",
             current.version,
-            windows,
-            len(used),
-            cfg.epochs,
+            ", ".join(cfg.symbols) or "every symbol",
         )
+        base = RetrainResult("skipped", "", current=current.version)
+        # mkdtemp's directory is its user's alone (0700), and the job in it too (0600)
         with tempfile.TemporaryDirectory(prefix="streamcast-retrain-") as tmp:
             job = Path(tmp)
-            TrainerJob(cfg, current_dir, used).write(job, series)
+            task.write(job)
             failure = await self._spawn(job, lock)
+            notes = _histories_read(job, base)
             if failure is not None:
                 base.outcome, base.reason = "failed", _with_notes(failure, notes)
                 return base
@@ -296,6 +288,11 @@ class Retrainer:
     async def _decide(self, job: Path, result: RetrainResult) -> RetrainResult:
         try:
             raw = json.loads((job / "result.json").read_text(encoding="utf-8"))
+            if "outcome" in raw:  # the trainer stopped before training: too little history, ...
+                if raw["outcome"] not in ("skipped", "failed"):
+                    raise ValueError(f"outcome {raw['outcome']!r}")
+                result.outcome, result.reason = raw["outcome"], str(raw["reason"])
+                return result
             candidate_dir = Path(raw["candidate_dir"])
             scores = {k: float(raw[k]) for k in ("candidate_mse", "current_mse", "naive_mse")}
             result.candidate = check_version(raw["version"])
@@ -370,6 +367,19 @@ class Retrainer:
             log.warning("could not record the retrain outcome in the registry (redis down)")
 
 
+def _histories_read(job: Path, result: RetrainResult) -> list[str]:
+    """What the trainer read (``read.json``) into ``result``; its notes, one per symbol with a
+    problem. A trainer that read nothing (it crashed first, or is a stand-in) leaves it as is."""
+    try:
+        raw = json.loads((job / "read.json").read_text(encoding="utf-8"))
+        windows, notes = int(raw["windows"]), [str(note) for note in raw["notes"]]
+        skipped = {str(name): int(n) for name, n in raw["skipped"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    result.windows, result.skipped = windows, skipped
+    return notes
+
+
 def _with_notes(reason: str, notes: list[str]) -> str:
     return reason + "".join(f"; {note}" for note in notes)
 
@@ -408,20 +418,32 @@ def _exit_with_parent() -> None:
 
 @dataclass
 class TrainerJob:
-    """What the parent hands the trainer child: ``job.json`` and ``series.npz`` in JOB_DIR."""
+    """What the parent hands the trainer child: ``job.json`` in JOB_DIR.
 
-    config: RetrainConfig
+    The file holds the Redis URL, password included: it is created readable by its user only,
+    in a directory that is its user's alone, and the child's command line names the directory.
+    """
+
+    config: RetrainConfig  # its limits as the current model needs them (positive if normalised)
     current_dir: Path  # the current model, fetched from the registry
-    symbol_names: list[str]  # the symbols whose histories are in the series, in order
+    source: HistorySource  # where the child reads the histories
+    seq_len: int  # the current model's window
 
-    def write(self, job: Path, series: Sequence[np.ndarray]) -> None:
-        np.savez(job / "series.npz", *series)
+    @property
+    def min_points(self) -> int:
+        """A symbol needs held-out and training windows: 2 x (window + 1) prices at least."""
+        return 2 * (self.seq_len + 1)
+
+    def write(self, job: Path) -> None:
         spec = {
             **asdict(self.config),
             "current_dir": str(self.current_dir),
-            "symbol_names": self.symbol_names,
+            "seq_len": self.seq_len,
+            "history": self.source.as_dict(),
         }
-        (job / "job.json").write_text(json.dumps(spec), encoding="utf-8")
+        fd = os.open(job / "job.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(spec, out)
 
     @classmethod
     def read(cls, job: Path) -> TrainerJob:
@@ -433,18 +455,72 @@ class TrainerJob:
             values["symbols"] = tuple(values["symbols"])
         if "limits" in values:
             values["limits"] = TickLimits(**values["limits"])
-        return cls(RetrainConfig(**values), Path(spec["current_dir"]), spec["symbol_names"])
+        return cls(
+            RetrainConfig(**values),
+            Path(spec["current_dir"]),
+            HistorySource.from_dict(spec["history"]),
+            int(spec["seq_len"]),
+        )
 
-    @staticmethod
-    def series(job: Path) -> list[np.ndarray]:
-        with np.load(job / "series.npz") as data:
-            return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+async def read_histories(task: TrainerJob) -> TrainingHistories:
+    """The job's histories, read with a client of the child's own, closed when done."""
+    cfg, source = task.config, task.source
+    redis = source.connect()
+    try:
+        names = list(cfg.symbols) or await history.symbols(redis, source.keys)
+        return await history.read_for_training(
+            redis,
+            source.keys,
+            names,
+            max_points=cfg.max_points,
+            min_points=task.min_points,
+            limits=cfg.limits,
+        )
+    finally:
+        await redis.aclose()
 
 
-def train_candidate(job: Path) -> dict[str, Any]:
+def read_step(job: Path, task: TrainerJob) -> TrainingHistories | dict[str, Any]:
+    """The trainer's first step: read the histories and say what was read (``read.json``).
+
+    Returns them when there is enough to train on, else the outcome to hand back (``skipped``,
+    or ``failed`` when Redis cannot be read) with its reason, as the parent would have said it.
+    """
+    cfg = task.config
+    try:
+        read = asyncio.run(read_histories(task))
+    except REDIS_DOWN as exc:
+        why = f"redis unavailable mid-retrain ({type(exc).__name__}): the history was not read"
+        return {"outcome": "failed", "reason": why}
+    except history.HistoryError as exc:
+        return {"outcome": "failed", "reason": str(exc)}
+    except redis_errors.RedisError as exc:  # a wrong type at a history key, ...
+        return {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    windows = sum(len(s) - task.seq_len for s in read.series)
+    _write_json(
+        job / "read.json",
+        {"symbols": read.symbols, "windows": windows, "skipped": read.skipped, "notes": read.notes},
+    )
+    train_windows = int(windows * (1 - cfg.holdout_fraction))
+    if train_windows < cfg.min_windows:
+        reason = (
+            f"not enough history: {train_windows} training windows from {len(read.symbols)} "
+            f"symbol(s), at least {cfg.min_windows} needed"
+        )
+        return {"outcome": "skipped", "reason": reason}
+    log.info(
+        "retraining on %d windows of %d symbol(s), %d epochs",
+        windows,
+        len(read.symbols),
+        cfg.epochs,
+    )
+    return read
+
+
+def train_candidate(job: Path, task: TrainerJob, read: TrainingHistories) -> dict[str, Any]:
     """The trainer's work in ``job``: score the current model, train, score, save; the result."""
-    task = TrainerJob.read(job)
-    series = TrainerJob.series(job)
+    series = read.series
     current, info = load_model(task.current_dir)
     saved = train_and_save(
         series,
@@ -452,7 +528,7 @@ def train_candidate(job: Path) -> dict[str, Any]:
         job / "candidate",
         {
             "source": "history",
-            "symbols": task.symbol_names,
+            "symbols": read.symbols,
             "points": int(sum(len(s) for s in series)),
             "parent": info.version,
         },
@@ -472,6 +548,13 @@ def train_candidate(job: Path) -> dict[str, Any]:
         "current_mse": scores["parent_mse"],
         "naive_mse": scores["naive_mse"],
     }
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write whole or not at all: the parent may read it after a kill."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _candidate_options(config: RetrainConfig, current: ModelInfo) -> TrainOptions:
@@ -502,25 +585,29 @@ def worker_main(argv: Sequence[str]) -> int:
         return 2
     job = Path(argv[0])
     _exit_with_parent()
-    config = TrainerJob.read(job).config
+    task = TrainerJob.read(job)
+    config = task.config
     with contextlib.suppress(OSError):
         os.nice(config.nice)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    read = read_step(job, task)  # before TensorFlow is imported: a skip costs no import
+    if isinstance(read, dict):
+        _write_json(job / "result.json", read)
+        print(f"trainer: {read['outcome']}: {read['reason']}", file=sys.stderr)
+        return 0
     import tensorflow as tf
 
     if config.threads > 0:
         tf.config.threading.set_intra_op_parallelism_threads(config.threads)
         tf.config.threading.set_inter_op_parallelism_threads(config.threads)
     try:
-        result = train_candidate(job)
+        result = train_candidate(job, task, read)
     except (ModelError, ValueError) as exc:
         print(f"trainer: {exc}", file=sys.stderr)
         return 3
-    tmp = job / "result.json.tmp"
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    os.replace(tmp, job / "result.json")
+    _write_json(job / "result.json", result)
     print(f"trainer: candidate {result['version']} saved", file=sys.stderr)
     return 0
 

@@ -255,13 +255,19 @@ def test_retrain_config_defaults_are_what_the_service_runs_with(monkeypatch):
     assert RetrainConfig().margin == 0.01 and RetrainConfig().nice == 19
 
 
-def test_the_trainer_reads_the_job_its_parent_wrote(tmp_path):
+def test_the_trainer_reads_the_job_its_parent_wrote_and_only_its_user_can(tmp_path):
+    import stat
+
+    from streamcast.history import HistorySource
+
     config = RetrainConfig(symbols=("A", "B"), epochs=3, nice=5, limits=TickLimits(positive=False))
-    series = [np.arange(60.0), np.arange(70.0) + 0.5]
-    TrainerJob(config, tmp_path / "current", ["A", "B"]).write(tmp_path, series)
-    assert TrainerJob.read(tmp_path) == TrainerJob(config, tmp_path / "current", ["A", "B"])
-    for read, written in zip(TrainerJob.series(tmp_path), series, strict=True):
-        np.testing.assert_array_equal(read, written)
+    source = HistorySource("redis://:pw@127.0.0.1:6390/2", False, Keys("p", 4), 2.5)
+    TrainerJob(config, tmp_path / "current", source, 50).write(tmp_path)
+    job = TrainerJob.read(tmp_path)
+    assert job == TrainerJob(config, tmp_path / "current", source, 50)
+    assert job.min_points == 102
+    # it holds the password: readable and writable by its user, no one else
+    assert stat.S_IMODE((tmp_path / "job.json").stat().st_mode) == 0o600
     # a setting missing from the job takes RetrainConfig's default, as the parent's would
     spec = json.loads((tmp_path / "job.json").read_text())
     del spec["nice"], spec["threads"]
