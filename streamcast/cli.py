@@ -788,7 +788,14 @@ def _retrain(args: argparse.Namespace) -> int:
     async def run(redis: Any) -> Any:
         keys = settings.keys
         registry = Registry(redis, keys, settings.model_cache_dir)
-        retrainer = Retrainer(redis, keys, registry, config, initial_model=settings.model_path)
+        retrainer = Retrainer(
+            redis,
+            keys,
+            registry,
+            config,
+            initial_model=settings.model_path,
+            history_url=settings.redis_url,  # the trainer child reads the history itself
+        )
         return await retrainer.run_once()
 
     result = _with_redis(settings, run)

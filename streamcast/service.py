@@ -208,6 +208,7 @@ class _Wiring:
             retrain_config(settings),
             metrics=self.metrics,
             initial_model=settings.model_path,
+            history_url=settings.redis_url,  # the trainer child reads the history itself
         )
         self.daemon = Daemon(
             self.redis,
