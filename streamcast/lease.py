@@ -88,21 +88,49 @@ class Lease:
         self.ttl_ms = ttl_ms
 
     async def holder(self) -> str | None:
-        return _text(await self.redis.get(self.key))
+        """The holder's token; None if the key is free or not a string (no holder's)."""
+        try:
+            return _text(await self.redis.get(self.key))
+        except redis_errors.ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            return None
 
     async def acquire(self) -> bool:
-        """Take the lease if it is free, ours, or left by a dead process of this host."""
+        """Take the lease if it is free, ours, left by a dead process of this host, or not a
+        lease at all (a key of another type, or one that never expires or outlasts any lease:
+        no holder sets those, and they would keep the partition unconsumed)."""
         if await self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms):
             return True
-        holder = await self.holder()
+        holder, junk = await self._look()
         if holder == self.token:
             return await self.renew()
+        if junk and await self._swap(holder, junk=True):
+            log.warning(
+                "took over the lease %s: it held %r of another type or without a lease's "
+                "expiry, which no replica sets",
+                self.key,
+                (holder or "")[:80],
+            )
+            return True
         if holder is not None and holder_is_dead(holder) and await self._swap(holder):
             log.warning(
                 "took over the lease %s from %s, which is no longer running", self.key, holder
             )
             return True
         return False
+
+    async def _look(self) -> tuple[str | None, bool]:
+        """The holder's token, and whether the key is no lease (:func:`_not_a_lease`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.key)
+        pipe.pttl(self.key)
+        value, ttl = await pipe.execute(raise_on_error=False)
+        if isinstance(value, Exception):
+            if not _wrong_type(value):
+                raise value
+            return None, True
+        return _text(value), value is not None and _lasting(ttl)
 
     async def renew(self) -> bool:
         """Extend the lease; False if another process holds it now (or it lapsed)."""
@@ -123,12 +151,17 @@ class Lease:
             except redis_errors.WatchError:
                 pass
 
-    async def _swap(self, expected: str) -> bool:
-        """Set the lease to our token for ttl_ms if it holds ``expected`` now (atomically)."""
+    async def _swap(self, expected: str | None, *, junk: bool = False) -> bool:
+        """Set the lease to our token for ttl_ms if it holds ``expected`` now (with ``junk``: if
+        it is not a lease, see :func:`_not_a_lease`), atomically."""
         async with self.redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(self.key)
-                if _text(await pipe.get(self.key)) != expected:
+                if junk:
+                    same = await _not_a_lease(pipe, self.key)
+                else:
+                    same = _text(await pipe.get(self.key)) == expected
+                if not same:
                     await pipe.unwatch()
                     return False
                 pipe.multi()
@@ -137,3 +170,30 @@ class Lease:
                 return True
             except redis_errors.WatchError:
                 return False
+            except redis_errors.ResponseError as exc:
+                if not _wrong_type(exc):
+                    raise
+                return False  # a key of another type: not ours
+
+
+def _wrong_type(exc: Exception) -> bool:
+    return "WRONGTYPE" in str(exc)
+
+
+# longer than any replica's lease (or membership) lasts, whatever its settings (STREAMCAST_
+# LEASE_TTL_S is at most 300 s), with room for clocks apart: what outlasts it was written by hand
+LONGEST_MS = 600_000
+
+
+def _lasting(pttl: int) -> bool:
+    return pttl == -1 or pttl > LONGEST_MS
+
+
+async def _not_a_lease(client: Any, key: str) -> bool:
+    """Whether ``key`` exists but is no lease: of another type than a string, or without expiry
+    or lasting longer than any holder sets (``LONGEST_MS``), so it would keep its partition
+    unconsumed for ever, or for hours."""
+    kind = _text(await client.type(key))
+    if kind == "string":
+        return _lasting(await client.pttl(key))
+    return kind != "none"

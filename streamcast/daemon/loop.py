@@ -388,9 +388,8 @@ async def hand_over(
         await own.release(giving | lost)  # a lost one is released only if still ours
         source.forget(lost | giving)
         planner.forget_partitions(lost | giving)
-    adopt = own.to_adopt()
+    adopt = await source.setup(own.to_adopt(), sink.acked_high)
     if adopt:
-        await source.setup(adopt, sink.acked_high)
         # another replica may have moved these on since this one last held them
         planner.forget_partitions(adopt)
         own.active |= adopt

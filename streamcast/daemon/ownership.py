@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN, refusal
 from streamcast.keys import Keys
-from streamcast.lease import Lease
+from streamcast.lease import LONGEST_MS, Lease
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.tasks import within
@@ -177,6 +177,11 @@ class Ownership:
         if not await self._same_partitions():
             return
         members = await self._members()
+        if self.cooling and not members:
+            # no other replica to take the partitions: sitting out only leaves them unconsumed
+            self._cooling_until = 0.0
+            log.info("not sitting out any longer: no other replica is there to take over")
+            members = await self._members()
         await self._renew()
         self.share = 0 if self.cooling else self._share(members)
         if (self.config.assignment == "lease" or self.cooling) and len(self.held) > self.share:
@@ -238,16 +243,9 @@ class Ownership:
         self._cooling_until = time.monotonic() + self.cool_s
 
     async def _members(self) -> list[str]:
-        now_ms = int(self.clock() * 1000)
-        pipe = self.redis.pipeline(transaction=False)
-        if self.cooling:
-            pipe.zrem(self.keys.members, self.token)
-        else:
-            pipe.zadd(self.keys.members, {self.token: now_ms + int(self.ttl_s * 1000)})
-        pipe.zremrangebyscore(self.keys.members, "-inf", now_ms - 1)
-        pipe.zrangebyscore(self.keys.members, now_ms, "+inf")
-        *_, names = await pipe.execute()
-        members = sorted({n.decode() if isinstance(n, bytes) else str(n) for n in names})
+        now_ms, ttl_ms = int(self.clock() * 1000), int(self.ttl_s * 1000)
+        key, join = self.keys.members, not self.cooling
+        members = await live_members(self.redis, key, self.token, ttl_ms, now_ms, join=join)
         self.member_count = len(members)
         return members
 
@@ -343,6 +341,64 @@ class Ownership:
         """How long after a renewal was asked for the lease is surely still ours: its time to
         live less a margin for a blocking read that started just before."""
         return self.ttl_s - min(self.ttl_s / 3, self.config.read_block_ms / 1000 + 0.5)
+
+
+_say_ghosts = RateLimitedLog(log)
+
+
+async def live_members(
+    redis: Redis, key: str, token: str, ttl_ms: int, now_ms: int, *, join: bool
+) -> list[str]:
+    """Renew (``join``) or drop ``token``'s membership in the sorted set ``key``; the live
+    members by name. Ghosts are removed: members whose expiry is further ahead than any
+    replica's (a client wrote +inf or a far-future score), which never lapse and would keep
+    their shares of the partitions unowned for ever. A ``key`` of another type (WRONGTYPE for
+    every round: no lease renewed) is replaced."""
+    try:
+        members, ghosts = await _members_once(redis, key, token, ttl_ms, now_ms, join)
+    except redis_errors.ResponseError as exc:
+        if "WRONGTYPE" not in str(exc):
+            raise
+        await _drop_unless_zset(redis, key)
+        members, ghosts = await _members_once(redis, key, token, ttl_ms, now_ms, join)
+    if ghosts:
+        _say_ghosts(
+            logging.WARNING,
+            "ghosts",
+            "removed %d members of %s whose expiry is beyond any replica's (a client wrote "
+            "them): they would keep their shares of the partitions unowned",
+            ghosts,
+            key,
+        )
+    return members
+
+
+async def _members_once(
+    redis: Redis, key: str, token: str, ttl_ms: int, now_ms: int, join: bool
+) -> tuple[list[str], int]:
+    pipe = redis.pipeline(transaction=False)
+    if join:
+        pipe.zadd(key, {token: now_ms + ttl_ms})
+    else:
+        pipe.zrem(key, token)
+    pipe.zremrangebyscore(key, "-inf", now_ms - 1)
+    pipe.zremrangebyscore(key, f"({now_ms + LONGEST_MS}", "+inf")
+    pipe.zrangebyscore(key, now_ms, "+inf")
+    *_, ghosts, names = await pipe.execute()
+    # text(): a name that is not UTF-8 (a client's) must not fail every round
+    return sorted({text(n) for n in names}), int(ghosts)
+
+
+async def _drop_unless_zset(redis: Redis, key: str) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        with contextlib.suppress(redis_errors.WatchError):
+            await pipe.watch(key)
+            kind = text(await pipe.type(key))
+            if kind not in ("zset", "none"):
+                log.warning("%s was a %s, not the members' sorted set: replaced it", key, kind)
+                pipe.multi()
+                pipe.delete(key)
+                await pipe.execute()
 
 
 def _listed(partitions: set[int] | list[int]) -> str:

@@ -98,10 +98,7 @@ class ForecastSink:
             async with self.publisher.pipeline(transaction=True) as pipe:
                 leases = [self.keys.lease(p) for p in live]
                 await pipe.watch(*leases)
-                # (one key on a cluster, where a pipeline refuses MGET)
-                holders = (
-                    await pipe.mget(leases) if len(leases) > 1 else [await pipe.get(leases[0])]
-                )
+                holders = await _holders(pipe, leases)
                 lost |= {
                     p
                     for p, holder in zip(live, holders, strict=True)
@@ -289,3 +286,16 @@ class ForecastSink:
                 len(failed),
                 exc,
             )
+
+
+async def _holders(pipe: Any, leases: list[str]) -> list[Any]:
+    """The lease keys' values under WATCH; None for a key of another type (no holder's): MGET
+    reads it so, and one key on a cluster (where a pipeline refuses MGET) is read alike."""
+    if len(leases) > 1:
+        return list(await pipe.mget(leases))
+    try:
+        return [await pipe.get(leases[0])]
+    except redis_errors.ResponseError as exc:
+        if "WRONGTYPE" not in str(exc):
+            raise
+        return [None]

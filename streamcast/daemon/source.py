@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from streamcast.connect import is_cluster
 from streamcast.daemon.config import DaemonConfig
 from streamcast.keys import Keys
+from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.wire import id_key, parse_stream_reply, text
 
@@ -42,7 +43,9 @@ class Source(Protocol):
 
     def partition_of(self, stream: str) -> int: ...
 
-    async def setup(self, partitions: set[int], acked_high: dict[int, tuple[int, int]]) -> None: ...
+    async def setup(
+        self, partitions: set[int], acked_high: dict[int, tuple[int, int]]
+    ) -> set[int]: ...
 
     def forget(self, partitions: set[int]) -> None: ...
 
@@ -76,18 +79,45 @@ class TickSource:
         self._partition = {keys.ticks(p): p for p in range(keys.partitions)}
         self._pending_from: dict[int, str] = {}  # partitions whose own pending entries come first
         self._read_count = min(config.batch_max_size, 64)  # grows while entries are small
+        self._retry_at: dict[int, float] = {}  # partitions whose set-up failed: when to retry
+        self._watch_until: dict[int, float] = {}  # taken lately: look for strays until then
+        self._say = RateLimitedLog(log)
 
     def partition_of(self, stream: str) -> int:
         return self._partition[stream]
 
     # -- the group -----------------------------------------------------------------------------
 
-    async def setup(self, partitions: set[int], acked_high: dict[int, tuple[int, int]]) -> None:
+    async def setup(self, partitions: set[int], acked_high: dict[int, tuple[int, int]]) -> set[int]:
         """Make sure the group exists on each partition stream (after its acknowledged mark if
-        it was destroyed) and take over what earlier consumers left pending there."""
+        it was destroyed) and take over what earlier consumers left pending there; the
+        partitions set up. One whose ticks key is not a stream (WRONGTYPE) is not: it is said,
+        tried again a second later, and the others are consumed meanwhile."""
+        done = set()
         for p in sorted(partitions):
-            await self._setup_one(p, acked_high.get(p, (0, 0)))
+            if time.monotonic() < self._retry_at.get(p, 0.0):
+                continue
+            try:
+                await self._setup_one(p, acked_high.get(p, (0, 0)))
+            except redis_errors.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                self._retry_at[p] = time.monotonic() + 1.0
+                self._say(
+                    logging.ERROR,
+                    f"wrongtype-{p}",
+                    "partition %d is not consumed: %s is not a stream (%s)",
+                    p,
+                    self.keys.ticks(p),
+                    str(exc)[:120],
+                )
+                continue
+            self._retry_at.pop(p, None)
             self._pending_from[p] = "0"
+            # whoever held it may read on until its local deadline: under a lease's TTL
+            self._watch_until[p] = time.monotonic() + self.config.lease_ttl_s + 1.0
+            done.add(p)
+        return done
 
     async def _setup_one(self, partition: int, acked_high: tuple[int, int]) -> None:
         stream = self.keys.ticks(partition)
@@ -115,6 +145,7 @@ class TickSource:
     def forget(self, partitions: set[int]) -> None:
         for p in partitions:
             self._pending_from.pop(p, None)
+            self._watch_until.pop(p, None)
 
     def rewind(self, partitions: list[int]) -> None:
         """Read our pending entries of ``partitions`` again from the start (after a claim)."""
@@ -237,7 +268,40 @@ class TickSource:
             # flush on size or deadline: give a small batch a moment to fill
             await asyncio.sleep(cfg.batch_max_wait_ms / 1000)
             entries += await self._read_group(streams, room)
-        return entries
+        return await self._without_strays(entries)
+
+    async def _without_strays(self, entries: Entries) -> Entries:
+        """Entries of a partition taken lately that the replica which held it read after we
+        took it (its lease was deleted or overwritten by hand, or FLUSHDB: it did not know yet)
+        sit in its pending list, older than what we just read. They are claimed now and the
+        partition read again from our pending list, in id order; taken only after
+        ``claim_idle_ms`` they would come after later ticks of their symbols and be skipped as
+        already seen (never forecast)."""
+        now = time.monotonic()
+        recent = sorted(
+            {self._partition[stream] for stream, _, _ in entries}
+            & {p for p, until in self._watch_until.items() if now < until}
+        )
+        if not recent:
+            return entries
+        pipe = self.redis.pipeline(transaction=False)
+        for p in recent:
+            pipe.xpending(self.keys.ticks(p), self.group)
+        strays = []
+        for p, summary in zip(recent, await pipe.execute(raise_on_error=False), strict=True):
+            others = [] if isinstance(summary, Exception) else summary.get("consumers") or []
+            if any(text(c["name"]) != self.consumer and c["pending"] for c in others):
+                strays.append(p)
+        for p in strays:
+            claimed = await self._claim(self.keys.ticks(p), min_idle_ms=0)
+            self.rewind([p])
+            log.warning(
+                "took %d entries of partition %d that the replica which held it before read "
+                "after this one took it: reading them first, in order",
+                claimed,
+                p,
+            )
+        return [e for e in entries if self._partition[e[0]] not in strays]
 
     async def _read_group(
         self, streams: dict[Any, Any], count: int, block: int | None = None

@@ -50,9 +50,10 @@ class Trimmer:
         floor, present = await self._groups_floor(ticks)
         if self.keys.group not in present:
             mark = await self.redis.get(self.keys.acked(partition))
-            if not mark:
-                return
-            acked = id_key(text(mark))
+            try:
+                acked = id_key(text(mark or ""))
+            except ValueError:
+                return  # none, or junk (a hand-made mark): nothing is known acknowledged
             floor = _lower(floor, (acked[0], acked[1] + 1))
         if floor is None or floor <= (0, 1):
             return
