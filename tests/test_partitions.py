@@ -141,6 +141,7 @@ async def test_a_dead_replicas_partitions_are_taken_over_and_a_new_one_gets_a_sh
 
         await wait_for(rebalanced, timeout_s=15, what="the new replica's share")
         await sending
+        await producer.send(60, pause_s=0.005)  # ticks for the new replica's share too
         await all_forecast(redis_client, keys, producer)
         assert joined.stats.forecasts > 0
         moves = [

@@ -845,3 +845,19 @@ async def test_fleet_sizes(redis_client, shipped_engine, partitions, replicas):
     finally:
         await stop_all(daemons)
     await check_exactly_once(redis_client, keys, SYMBOLS)
+
+
+def test_a_refusal_inside_a_pipeline_is_named_by_its_code():
+    """redis-py prefixes a pipeline's errors ("Command # 1 (...) of pipeline caused error: ");
+    the refusal counted is Redis's code, not ERR."""
+    from redis import exceptions as redis_errors
+
+    from streamcast.daemon.faults import refusal
+
+    said = (
+        "Command # 1 (HSETNX x partitions 4) of pipeline caused error: WRONGTYPE Operation "
+        "against a key holding the wrong kind of value"
+    )
+    assert refusal(redis_errors.ResponseError(said)) == "WRONGTYPE"
+    assert refusal(redis_errors.ResponseError("NOGROUP No such key")) == "NOGROUP"
+    assert refusal(redis_errors.ResponseError("something odd")) == "ERR"

@@ -26,5 +26,8 @@ def refusal(exc: Exception) -> str:
     for cls, code in _REFUSAL_CLASSES:
         if isinstance(exc, cls):
             return code
-    word = str(exc).split(" ", 1)[0]
+    said = str(exc)
+    # redis-py prefixes a pipeline's errors: "Command # 1 (HGET ...) of pipeline caused error: "
+    said = said.split("caused error: ", 1)[-1] if said.startswith("Command # ") else said
+    word = said.split(" ", 1)[0]
     return word if word.isupper() and word.isalpha() and len(word) <= 16 else "ERR"

@@ -22,6 +22,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from streamcast.daemon.batch import Batch, Stats
+from streamcast.daemon.calibration import Calibration
 from streamcast.daemon.compute import compute
 from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, refusal
@@ -33,11 +34,12 @@ from streamcast.daemon.sink import ForecastSink, Sink
 from streamcast.daemon.source import Source, TickSource
 from streamcast.daemon.trim import Trimmer
 from streamcast.engine import Engine
+from streamcast.intervals import IntervalConfig
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.skill import SkillTracker
-from streamcast.tasks import cancelled
+from streamcast.tasks import cancelled, within
 from streamcast.windows import Windows
 
 if TYPE_CHECKING:
@@ -86,6 +88,17 @@ class Daemon:
         )
         self.ownership = Ownership(redis, keys, cfg, metrics, clock)
         self.trimmer = Trimmer(redis, keys, metrics)
+        self.calibration: Calibration | None = None  # the forecasts' bands (issue 15)
+        if cfg.interval_levels:
+            levels = tuple(level / 100 for level in cfg.interval_levels)
+            self.calibration = Calibration(
+                redis,
+                keys,
+                metrics,
+                config=IntervalConfig(horizons=cfg.path_steps, levels=levels),
+                horizons=cfg.skill_horizons,
+                window=cfg.skill_window,
+            )
         self.skill = SkillTracker(
             metrics, horizons=cfg.skill_horizons, window=cfg.skill_window, symbols=cfg.skill_symbols
         )
@@ -102,6 +115,7 @@ class Daemon:
             self.skill,
             cfg,
             metrics,
+            calibration=self.calibration,
             ready=lambda: self.ready,
             owned=self.ownership.readable,
             promoted_at=lambda: self.models.promoted_at if self.models else None,
@@ -174,6 +188,10 @@ class Daemon:
         if self._writing is not None and not self._writing.done():
             self._writing.cancel()  # abandoned with its batch: its clients are closed next
             await cancelled([self._writing], rounds=4)
+        if self.calibration is not None:
+            # bounded: the next holder goes on from it, or from the last periodic save
+            with contextlib.suppress(Exception):
+                await within(self.calibration.save(), 2.0)
         await self.ownership.leave()  # the others take the partitions at once, not after the TTL
         if self._executor is not None:
             self._executor.shutdown(wait=False)
@@ -236,7 +254,15 @@ class Daemon:
             self._swap()  # between batches: none is being computed
         if not self._set_up:
             await self._setup()
-        await hand_over(self.ownership, self.source, self.planner, self.sink, self._flush)
+        await hand_over(
+            self.ownership,
+            self.source,
+            self.planner,
+            self.sink,
+            self._flush,
+            self.calibration,
+            self.engine.version,
+        )
         partitions = self.ownership.readable()
         if not partitions:  # standing by: the ownership rounds take one when they can
             await self._flush()
@@ -261,6 +287,7 @@ class Daemon:
                 executor=self._executor,
                 metrics=self.metrics,
                 clock=self.clock,
+                calibration=self.calibration,
             )
         )
         try:
@@ -301,6 +328,8 @@ class Daemon:
         self._writing = asyncio.ensure_future(self.sink.write(batch))
         self.ownership.drop(await asyncio.shield(self._writing))  # the fence found them lost
         self.skill.record(batch.accepted, batch.forecasts)
+        if self.calibration is not None:
+            self.calibration.record(batch.accepted, batch.forecasts, batch.vols)
         self.metrics.queue_depth.set(0)
         self.metrics.symbols.set(len(self.planner.windows))
 
@@ -339,14 +368,19 @@ class Daemon:
 
     def _swap(self) -> None:
         assert self.models is not None
+        old = self.engine.version
         self.engine = self.models.swap(self.engine)
         self.planner.model_changed(self.engine.normalise)
+        if self.calibration is not None and self.engine.version != old:
+            self.calibration.model_changed(self.engine.version)
 
     def _evict(self, protect: set[str]) -> None:
         gone = self.planner.evict(self.clock(), protect)
         for symbols in gone.values():
             if symbols:
                 self.skill.forget(symbols)
+                if self.calibration is not None:
+                    self.calibration.forget_symbols(symbols)
 
 
 async def drain(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
@@ -378,18 +412,26 @@ async def hand_over(
     planner: Planner,
     sink: Sink,
     flush: Callable[[], Awaitable[None]],
+    calibration: Calibration | None = None,
+    version: str = "",
 ) -> None:
     """At a batch boundary: publish (``flush``), then give up the partitions over this
-    replica's share and forget the lost ones; set up the partitions taken."""
+    replica's share and forget the lost ones; set up the partitions taken (with their interval
+    calibration, of model ``version``)."""
     lost = own.take_lost()
     giving = set(own.releasing)
     if lost or giving:
         await flush()  # the fence drops the share of a partition lost meanwhile
+        if calibration is not None:
+            await calibration.save(giving)  # the next holder goes on from it
+            calibration.forget(giving | lost)
         await own.release(giving | lost)  # a lost one is released only if still ours
         source.forget(lost | giving)
         planner.forget_partitions(lost | giving)
     adopt = await source.setup(own.to_adopt(), sink.acked_high)
     if adopt:
+        if calibration is not None:
+            await calibration.adopt(adopt, version)
         # another replica may have moved these on since this one last held them
         planner.forget_partitions(adopt)
         own.active |= adopt

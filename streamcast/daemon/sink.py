@@ -209,7 +209,7 @@ class ForecastSink:
     async def _errors(self, ops: list[Op], results: list[Any], batch: Batch) -> None:
         """Count and log every command of the transaction that Redis refused; none is skipped
         silently. A forecast that was not written becomes a dead letter saying why."""
-        failed: list[tuple[str, str]] = []
+        failed: list[tuple[str, str, str]] = []  # (entry id, forecasts key, why)
         duplicates: list[tuple[str, str]] = []
         for (what, entry_id, key), result in zip(ops, results, strict=True):
             if not isinstance(result, Exception):
@@ -239,12 +239,12 @@ class ForecastSink:
                 said,
             )
             if what == "forecast":
-                failed.append((entry_id, said))
+                failed.append((entry_id, key, said))
         failed += await self._never_written(duplicates)
         if failed:
             await self._publish_failed(failed, batch)
 
-    async def _never_written(self, duplicates: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    async def _never_written(self, duplicates: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
         """Of forecasts refused as duplicate ids, those that are not in their stream. Most were
         written before (a redelivery after their history was lost): nothing to do. But a stray
         later entry in the stream refuses a forecast that was never written: say so."""
@@ -255,16 +255,17 @@ class ForecastSink:
             pipe.xrange(key, entry_id, entry_id)
         found = await pipe.execute(raise_on_error=False)
         return [
-            (entry_id, f"{key} holds a later entry than this tick")
+            (entry_id, key, f"{key} holds a later entry than this tick")
             for (entry_id, key), entry in zip(duplicates, found, strict=True)
             if not entry
         ]
 
-    async def _publish_failed(self, failed: list[tuple[str, str]], batch: Batch) -> None:
-        symbol_of = {t.id: t.symbol for t in batch.ready}
+    async def _publish_failed(self, failed: list[tuple[str, str, str]], batch: Batch) -> None:
+        # by id and key: partition streams hand out ids independently
+        symbol_of = {(t.id, self.keys.forecasts(t.symbol)): t.symbol for t in batch.ready}
         pipe = self.redis.pipeline(transaction=False)
-        for entry_id, why in failed:
-            symbol = symbol_of.get(entry_id, "")
+        for entry_id, key, why in failed:
+            symbol = symbol_of.get((entry_id, key), "")
             letter = DeadLetter(
                 entry_id,
                 "publish_failed",
