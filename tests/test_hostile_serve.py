@@ -80,7 +80,7 @@ async def test_two_daemons_with_the_same_settings_one_stands_by_then_takes_over(
                 process.kill()
                 process.wait(10)
     logs = "\n".join(p.read_text() for p in tmp_path.glob("daemon-*.log"))
-    assert "standing by" in logs and "took over" in logs and "Traceback" not in logs
+    assert "standing by" in logs and "took partitions" in logs and "Traceback" not in logs
 
 
 async def test_a_current_model_that_does_not_load_starts_on_the_packaged_one_loudly(

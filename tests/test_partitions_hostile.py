@@ -861,3 +861,40 @@ def test_a_refusal_inside_a_pipeline_is_named_by_its_code():
     assert refusal(redis_errors.ResponseError(said)) == "WRONGTYPE"
     assert refusal(redis_errors.ResponseError("NOGROUP No such key")) == "NOGROUP"
     assert refusal(redis_errors.ResponseError("something odd")) == "ERR"
+
+
+async def test_a_cluster_giving_up_on_redirections_mid_read_or_publish_is_an_outage_not_a_bug(
+    redis_client, shipped_engine
+):
+    """While a slot migrates, redis-py can give up following ASK/TRYAGAIN with a ClusterError
+    ("TTL exhausted"): the daemon backs off and rebuilds, it does not end its consume loop."""
+    from redis import exceptions as redis_errors
+
+    keys = Keys("ttlexhausted", partitions=2)
+    await keep_ticks(redis_client, keys)
+    producer = Producer(redis_client, keys)
+    daemon = replica(redis_client, shipped_engine, keys, "a")
+    failures = {"read": 2, "write": 2}
+    read, write = daemon.source.read, daemon.sink.write
+
+    async def flaky_read(*args, **kwargs):
+        if failures["read"]:
+            failures["read"] -= 1
+            raise redis_errors.ClusterError("('TTL exhausted.',)")
+        return await read(*args, **kwargs)
+
+    async def flaky_write(batch):
+        if failures["write"]:
+            failures["write"] -= 1
+            raise redis_errors.ClusterError("('TTL exhausted.',)")
+        return await write(batch)
+
+    daemon.source.read = flaky_read  # type: ignore[method-assign]
+    daemon.sink.write = flaky_write  # type: ignore[method-assign]
+    async with daemon:
+        await producer.send(80, pause_s=0.002)
+        await all_forecast(redis_client, keys)
+        assert not daemon._tasks[0].done(), "the consume loop ended"
+        assert failures == {"read": 0, "write": 0}
+        assert sample(daemon.metrics, "streamcast_redis_errors_total") >= 3
+    await check_exactly_once(redis_client, keys, SYMBOLS)

@@ -27,6 +27,7 @@ import numpy as np
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN
 from streamcast.intervals import Calibrator, IntervalConfig, wire
 from streamcast.keys import Keys
@@ -93,6 +94,23 @@ class Calibration:
         # per partition, the resolved forecasts of this batch: horizon, forecast, truth, price, vol
         self._resolved: dict[int, list[tuple[int, float, float, float, float]]] = {}
         self._versions: list[str] = []  # oldest first; the newest KEEP_VERSIONS are exported
+
+    @classmethod
+    def of(
+        cls, redis: Redis, keys: Keys, metrics: Metrics, config: DaemonConfig
+    ) -> Calibration | None:
+        """The daemon's, from its config; None when no interval levels are configured."""
+        if not config.interval_levels:
+            return None
+        levels = tuple(level / 100 for level in config.interval_levels)
+        return cls(
+            redis,
+            keys,
+            metrics,
+            config=IntervalConfig(horizons=config.path_steps, levels=levels),
+            horizons=config.skill_horizons,
+            window=config.skill_window,
+        )
 
     # -- the partitions' calibrators ---------------------------------------------------------
 

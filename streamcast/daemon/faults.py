@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from redis import exceptions as redis_errors
 
-# the connection is down or slow: back off and rebuild, nothing is wrong with the data
-REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+# the connection is down or slow, or a Redis Cluster is moving slots (redis-py gives up
+# following redirections with a ClusterError, "TTL exhausted"): back off and rebuild, nothing is
+# wrong with the data
+REDIS_DOWN = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterError,
+    OSError,
+)
 
 
 class LeaseLost(Exception):

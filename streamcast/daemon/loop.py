@@ -34,7 +34,6 @@ from streamcast.daemon.sink import ForecastSink, Sink
 from streamcast.daemon.source import Source, TickSource
 from streamcast.daemon.trim import Trimmer
 from streamcast.engine import Engine
-from streamcast.intervals import IntervalConfig
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
@@ -73,13 +72,10 @@ class Daemon:
         refused: str | None = None,
         publisher: Redis | None = None,
     ) -> None:
-        self.redis = redis
-        self.engine = engine
-        self.metrics = metrics
+        self.redis, self.engine, self.metrics = redis, engine, metrics
         self.keys = keys = keys or Keys()
         self.config = cfg = config or DaemonConfig()
-        self.clock = clock
-        self.group = keys.group
+        self.clock, self.group = clock, keys.group
         self.stats = Stats()
         self.source: Source = TickSource(redis, keys, cfg, metrics, clock)
         self.planner = Planner(redis, keys, cfg, metrics, self.stats, engine, clock)
@@ -88,17 +84,7 @@ class Daemon:
         )
         self.ownership = Ownership(redis, keys, cfg, metrics, clock)
         self.trimmer = Trimmer(redis, keys, metrics)
-        self.calibration: Calibration | None = None  # the forecasts' bands (issue 15)
-        if cfg.interval_levels:
-            levels = tuple(level / 100 for level in cfg.interval_levels)
-            self.calibration = Calibration(
-                redis,
-                keys,
-                metrics,
-                config=IntervalConfig(horizons=cfg.path_steps, levels=levels),
-                horizons=cfg.skill_horizons,
-                window=cfg.skill_window,
-            )
+        self.calibration = Calibration.of(redis, keys, metrics, cfg)  # the forecasts' bands
         self.skill = SkillTracker(
             metrics, horizons=cfg.skill_horizons, window=cfg.skill_window, symbols=cfg.skill_symbols
         )
@@ -335,31 +321,11 @@ class Daemon:
 
     async def _redis_failed(self, exc: Exception, backoff: float) -> float:
         """Say what Redis did, wait, and return the next backoff."""
-        self.redis_ok = False
-        if isinstance(exc, redis_errors.ResponseError):
-            reason = refusal(exc)
-            if reason == "NOGROUP":
-                self.redis_ok = True
-                self._say(
-                    logging.WARNING,
-                    "nogroup",
-                    "consumer group %s on a partition stream is gone (%s); recreating it",
-                    self.group,
-                    str(exc)[:120],
-                )
-                await self._pause(0.1)  # a loop of DELs cannot spin us
-                return backoff
-            self.metrics.redis_refusals.labels(reason).inc()
-            log.warning(
-                "redis refused a command (%s); not ready, retrying in %.1f s",
-                str(exc)[:160],
-                backoff,
-            )
-        else:
-            self.metrics.redis_errors.inc()
-            log.warning("redis unavailable (%s); retrying in %.1f s", type(exc).__name__, backoff)
-        await self._pause(backoff)
-        return min(backoff * 2, 5.0)
+        self.redis_ok, pause, after = redis_failed(
+            exc, backoff, self.metrics, self._say, self.group
+        )
+        await self._pause(pause)
+        return after
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once when stopping."""
@@ -441,3 +407,28 @@ async def hand_over(
             ",".join(str(p) for p in sorted(own.active)),
             source.consumer,
         )
+
+
+def redis_failed(
+    exc: Exception, backoff: float, metrics: Metrics, say: RateLimitedLog, group: str
+) -> tuple[bool, float, float]:
+    """Say what Redis did; (whether Redis is up, how long to wait, the next backoff)."""
+    if isinstance(exc, redis_errors.ResponseError):
+        reason = refusal(exc)
+        if reason == "NOGROUP":
+            say(
+                logging.WARNING,
+                "nogroup",
+                "consumer group %s on a partition stream is gone (%s); recreating it",
+                group,
+                str(exc)[:120],
+            )
+            return True, 0.1, backoff  # a short pause: a loop of DELs cannot spin us
+        metrics.redis_refusals.labels(reason).inc()
+        log.warning(
+            "redis refused a command (%s); not ready, retrying in %.1f s", str(exc)[:160], backoff
+        )
+    else:
+        metrics.redis_errors.inc()
+        log.warning("redis unavailable (%s); retrying in %.1f s", type(exc).__name__, backoff)
+    return False, backoff, min(backoff * 2, 5.0)

@@ -57,10 +57,7 @@ class Ownership:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.config = config
-        self.metrics = metrics
+        self.redis, self.keys, self.config, self.metrics = redis, keys, config, metrics
         self.clock = clock
         self.token = config.consumer
         self.ttl_s = config.lease_ttl_s
@@ -192,6 +189,7 @@ class Ownership:
                 self.changed.set()
         elif len(self.held) < self.share:
             await self._acquire(members)
+        self._say_standing_by()
         self._gauges()
 
     async def _same_partitions(self) -> bool:
@@ -308,19 +306,25 @@ class Ownership:
             self.metrics.rebalances.labels("acquired").inc(len(taken))
             self.changed.set()
             log.info(
-                "took partitions %s (share %d of %d among %d replicas)",
+                "took partitions %s (share %d of %d among %d replicas; any a replica that "
+                "stopped or died left pending are taken over)",
                 _listed(taken),
                 self.share,
                 partitions,
                 self.member_count,
             )
-        elif not self.held and time.monotonic() - self._said_standby >= 60.0:
-            self._said_standby = time.monotonic()
-            log.warning(
-                "every partition is held by another live replica: standing by, not ready; this "
-                "one takes one within %.0f s of a replica stopping or dying",
-                self.ttl_s + self.round_s,
-            )
+
+    def _say_standing_by(self) -> None:
+        if self.held or self.cooling or time.monotonic() - self._said_standby < 60.0:
+            return
+        self._said_standby = time.monotonic()
+        log.warning(
+            "the other live replicas hold every partition (%d of them, %d replicas): standing "
+            "by, not ready; this one takes one within %.0f s of a replica stopping or dying",
+            self.keys.partitions,
+            self.member_count,
+            self.ttl_s + self.round_s,
+        )
 
     def _forget(self, p: int) -> None:
         self.held.pop(p, None)
