@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from redis import exceptions as redis_errors
 
 from streamcast.connect import make_redis
 from streamcast.keys import Keys
@@ -64,11 +65,18 @@ class PacedFeed:
     async def run(self, rounds: int) -> None:
         start = time.monotonic()
         while self.rounds < rounds and not self.stop.is_set():
-            pipe = self.redis.pipeline(transaction=False)
-            for row, symbol in enumerate(SYMBOLS):
-                price = float(self.prices[row, self.rounds])
-                pipe.xadd(self.keys.ticks_for(symbol), Tick.encode(symbol, price))
-            await pipe.execute()
+            for attempt in range(20):
+                pipe = self.redis.pipeline(transaction=False)
+                for row, symbol in enumerate(SYMBOLS):
+                    price = float(self.prices[row, self.rounds])
+                    pipe.xadd(self.keys.ticks_for(symbol), Tick.encode(symbol, price))
+                try:
+                    await pipe.execute()
+                    break
+                except redis_errors.ClusterError:
+                    # a slot moving: redis-py gave up following it; a producer tries again
+                    # (some ticks of the round may land twice: each is its own tick)
+                    await asyncio.sleep(0.05 * (attempt + 1))
             self.rounds += 1
             delay = start + self.rounds * self.interval - time.monotonic()
             if delay > 0:
