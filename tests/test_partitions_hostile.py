@@ -20,6 +20,7 @@ from streamcast.connect import make_redis
 from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
+from streamcast.tasks import cancelled
 from streamcast.wire import Tick
 
 from .helpers import check_exactly_once, feed, keep_ticks, sample, wait_for, wait_settled
@@ -746,7 +747,8 @@ async def crash(daemon: Daemon) -> None:
     """As kill -9: every task stops at once; no lease is released, nothing is published."""
     for task in daemon._tasks:
         task.cancel()
-    await asyncio.gather(*daemon._tasks, return_exceptions=True)
+    # bounded, cancelling again: a task inside a Redis call may take one cancellation in
+    await cancelled(daemon._tasks)
     daemon._tasks = []
     daemon._started = False
 

@@ -178,7 +178,7 @@ async def feed_through_outages(
                 while True:
                     try:
                         eid = await client.xadd(
-                            keys.ticks(0), Tick.encode(name, float(paths[s, t]))
+                            keys.ticks_for(name), Tick.encode(name, float(paths[s, t]))
                         )
                         break
                     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
@@ -203,7 +203,7 @@ async def test_redis_restart_with_aof_mid_replay_loses_nothing_it_kept(tmp_path)
     aof = ("--appendonly", "yes", "--appendfsync", "always")
     server = start_redis_server(tmp_path, *aof)
     port, url = server.port, server.url
-    keys, names = Keys("aof"), [f"A{i}" for i in range(6)]
+    keys, names = Keys("aof", partitions=2), [f"A{i}" for i in range(6)]
     client = make_redis(url)
     await keep_ticks(client, keys)
     http_ports = [free_port(), free_port()]
@@ -213,6 +213,8 @@ async def test_redis_restart_with_aof_mid_replay_loses_nothing_it_kept(tmp_path)
             "aof",
             http_ports[i],
             tmp_path,
+            STREAMCAST_PARTITIONS="2",
+            STREAMCAST_ASSIGNMENT="static",  # replica i of 2 owns partition i
             STREAMCAST_SHARD_INDEX=str(i),
             STREAMCAST_SHARD_COUNT="2",
             STREAMCAST_REDIS_TIMEOUT_S="1",
@@ -242,7 +244,7 @@ async def test_redis_restart_with_aof_mid_replay_loses_nothing_it_kept(tmp_path)
         for i, d in enumerate(daemons):
             await wait_ready(http_ports[i], d, timeout_s=60)
         acknowledged, retries = await producer
-        kept = [eid.decode() for eid, _ in await client.xrange(keys.ticks(0))]
+        kept = [eid.decode() for ticks in keys.all_ticks() for eid, _ in await client.xrange(ticks)]
         # appendfsync always: every tick Redis acknowledged survived; a tick retried after a
         # lost reply may be there twice, under an id the feed never saw
         assert set(acknowledged) <= set(kept), "acknowledged ticks lost"
@@ -274,7 +276,7 @@ async def test_redis_restart_with_aof_mid_replay_loses_nothing_it_kept(tmp_path)
 async def test_three_replicas_one_killed_mid_sp500_replay_exactly_once(
     redis_server, redis_client, tmp_path, shared_data
 ):
-    keys = Keys("three")
+    keys = Keys("three", partitions=3)
     await keep_ticks(redis_client, keys)
     series = load_series(shared_data / "sp500.csv")[:600]
     names = [f"SPX.{i}" for i in range(12)]
@@ -287,6 +289,8 @@ async def test_three_replicas_one_killed_mid_sp500_replay_exactly_once(
             "three",
             ports[i],
             tmp_path,
+            STREAMCAST_PARTITIONS="3",
+            STREAMCAST_ASSIGNMENT="static",  # replica i of 3 owns partition i
             STREAMCAST_SHARD_INDEX=str(i),
             STREAMCAST_SHARD_COUNT="3",
         )

@@ -152,22 +152,9 @@ class Ownership:
             try:
                 await self.round()
                 self.round_ok = True
-            except REDIS_DOWN as exc:
+            except Exception as exc:
                 self.round_ok = False
-                self._say(logging.WARNING, "down", "partition round: redis unavailable (%s)", exc)
-            except redis_errors.ResponseError as exc:
-                # e.g. OOM at maxmemory: no lease can be taken or renewed; say so, and count it
-                self.round_ok = False
-                self.metrics.redis_refusals.labels(refusal(exc)).inc()
-                self._say(
-                    logging.WARNING,
-                    "refused",
-                    "partition round: redis refused a command (%s); retrying",
-                    str(exc)[:160],
-                )
-            except Exception:
-                self.round_ok = False
-                log.exception("the partition round failed")
+                round_failed(exc, self.metrics, self._say, self.round_s)
             await asyncio.sleep(self.round_s)
 
     async def round(self) -> None:
@@ -407,3 +394,19 @@ async def _drop_unless_zset(redis: Redis, key: str) -> None:
 
 def _listed(partitions: set[int] | list[int]) -> str:
     return ",".join(str(p) for p in sorted(partitions))
+
+
+def round_failed(exc: Exception, metrics: Metrics, say: RateLimitedLog, retry_s: float) -> None:
+    """Count and say why a round failed. Owning nothing, the consume loop does not touch Redis,
+    so an outage or a refusal (e.g. OOM at maxmemory: no lease can be taken or renewed) is
+    counted and said here."""
+    if isinstance(exc, REDIS_DOWN):
+        metrics.redis_errors.inc()
+        name = type(exc).__name__
+        say(logging.WARNING, "down", "redis unavailable (%s); retrying in %.1f s", name, retry_s)
+    elif isinstance(exc, redis_errors.ResponseError):
+        metrics.redis_refusals.labels(refusal(exc)).inc()
+        said = str(exc)[:160]
+        say(logging.WARNING, "refused", "redis refused a command (%s); retrying", said)
+    else:
+        log.error("the partition round failed", exc_info=exc)
