@@ -191,7 +191,10 @@ async def feed_through_outages(
     return acknowledged, retries
 
 
-RETRY_DELAY = re.compile(r"redis unavailable \(\w+\); retrying in ([0-9.]+) s")
+# the consume loop's backoff (the ownership rounds retry each second, in their own lines)
+RETRY_DELAY = re.compile(
+    r"streamcast\.daemon\.loop: redis unavailable \(\w+\); retrying in ([0-9.]+) s"
+)
 
 
 def retry_delays(log_path: Path) -> list[float]:
