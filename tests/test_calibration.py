@@ -221,7 +221,9 @@ async def test_forecasts_carry_bands_end_to_end_and_the_calibration_survives_a_r
     )
     assert resolved == 4 * 100, "every 1-step forecast but each symbol's last met its truth"
     stored = {p: json.loads(await redis_client.get(keys.calibration(p))) for p in range(2)}
-    assert all(s["model_version"] == version and s["seen"][0] > 0 for s in stored.values()), [(s["model_version"], s["seen"][:3], version) for s in stored.values()]
+    assert all(s["model_version"] == version and s["seen"][0] > 0 for s in stored.values()), [
+        (s["model_version"], s["seen"][:3], version) for s in stored.values()
+    ]
     second = replica("b")
     async with second:
         await send(150, 151)

@@ -98,7 +98,8 @@ async def test_malformed_entries_become_dead_letters_and_valid_ticks_are_forecas
         valid_ids.append(
             (
                 await redis_client.xadd(
-                    keys.ticks(0), {"symbol": "M0", "price": repr(float(price)), "ts": str(10_000 + i)}
+                    keys.ticks(0),
+                    {"symbol": "M0", "price": repr(float(price)), "ts": str(10_000 + i)},
                 )
             ).decode()
         )

@@ -386,7 +386,9 @@ async def test_absurd_prices_are_dead_letters_at_the_edge(redis_client, shipped_
 async def test_a_far_future_ts_is_a_dead_letter_and_changes_no_state(redis_client, shipped_engine):
     keys = Keys("future")
     now_ms = int(time.time() * 1000)
-    await redis_client.xadd(keys.ticks(0), {"symbol": "Z", "price": "10", "ts": str(now_ms + 10**9)})
+    await redis_client.xadd(
+        keys.ticks(0), {"symbol": "Z", "price": "10", "ts": str(now_ms + 10**9)}
+    )
     await redis_client.xadd(keys.ticks(0), {"symbol": "Z", "price": "10", "ts": str(now_ms * 1000)})
     for i in range(60):
         await redis_client.xadd(
@@ -409,7 +411,9 @@ async def test_a_far_future_ts_already_in_history_does_not_lock_the_symbol(
     await redis_client.xadd(keys.history("Y"), {"price": "10", "ts": str(now_ms * 1000)}, id="1-0")
     daemon = daemon_for(redis_client, shipped_engine, keys)
     for i in range(60):
-        await redis_client.xadd(keys.ticks(0), {"symbol": "Y", "price": "10.5", "ts": str(now_ms + i)})
+        await redis_client.xadd(
+            keys.ticks(0), {"symbol": "Y", "price": "10.5", "ts": str(now_ms + i)}
+        )
     async with daemon:
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("Y"), 12))
     assert await redis_client.xlen(keys.dead(0)) == 0
