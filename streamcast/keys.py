@@ -2,7 +2,7 @@
 
 Ticks go to ``partitions`` partition streams; a symbol's partition is a stable hash of its name
 (:func:`partition_of`). Every key one batch's transaction touches for a partition (its ticks
-stream, its symbols' forecasts and history, its dead letters, its acknowledged mark, its lease)
+stream, its symbols' forecasts, paths and history, its dead letters, its acknowledged mark, its lease)
 carries the partition's hash tag ``{p<n>}``, so on Redis Cluster they share one slot and the
 publish stays one MULTI/EXEC. The registry's keys share the tag ``{models}`` for the same reason.
 """
@@ -51,6 +51,11 @@ class Keys:
 
     def forecasts(self, symbol: str) -> str:
         return f"{self._p(self.partition(symbol))}:forecasts:{symbol}"
+
+    def paths(self, symbol: str) -> str:
+        """The symbol's multi-step paths, each entry keyed by the id of the tick it starts from
+        (published apart from the 1-step forecasts, by the daemon's path lane)."""
+        return f"{self._p(self.partition(symbol))}:paths:{symbol}"
 
     def history(self, symbol: str) -> str:
         return f"{self._p(self.partition(symbol))}:history:{symbol}"

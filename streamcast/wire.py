@@ -204,10 +204,12 @@ def check_price(
 
 @dataclass(frozen=True, slots=True)
 class Forecast:
-    """What the daemon publishes for one tick: the next price and, when due, a multi-step path.
+    """What the daemon publishes for one tick: an entry of the symbol's forecasts stream with the
+    next price, or an entry of its paths stream with a multi-step path (:meth:`path_of`).
 
     ``next`` and ``path`` are None when not computed or withheld: a forecast never carries NaN or
-    infinity, and ``reason`` then says why. Its entry id in the forecasts stream is the tick's id.
+    infinity, and ``reason`` then says why. Its entry id in either stream is the tick's id: a path
+    starts from the tick whose id it bears, and the tick's own forecast entry holds its ``next``.
     """
 
     tick: Tick
@@ -243,6 +245,23 @@ class Forecast:
         if bands is not None and (nxt is None or values is None):
             bands = _bands_without(bands, nxt is None, values is None)
         return cls(tick, model, nxt, values, "; ".join(reasons) or None, None, bands)
+
+    @classmethod
+    def path_of(
+        cls,
+        tick: Tick,
+        model: str,
+        path: Sequence[float],
+        bands: Mapping[str, Any] | None = None,
+    ) -> Forecast:
+        """A path entry (the paths stream's): the multi-step path from ``tick``'s window, without
+        ``next`` (that is in the tick's forecast entry); withheld, with a reason, if not finite."""
+        values: tuple[float, ...] | None = tuple(path)
+        reason = None
+        if not all(math.isfinite(v) for v in values or ()):
+            values, reason = None, "path is not finite"
+            bands = None
+        return cls(tick, model, None, values, reason, None, bands or None)
 
     @property
     def path_withheld(self) -> bool:
