@@ -532,21 +532,26 @@ async def _check_redis(redis: Any, shown_url: str) -> None:
 
 
 def _add_watch(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("watch", help="print each forecast of the given symbols as it arrives")
+    p = sub.add_parser(
+        "watch", help="print each forecast and path of the given symbols as it arrives"
+    )
     p.add_argument("symbols", nargs="+", metavar="SYMBOL")
-    p.add_argument("--from-start", action="store_true", help="print the stored forecasts first")
+    p.add_argument(
+        "--from-start", action="store_true", help="print the stored forecasts and paths first"
+    )
     p.add_argument(
         "--count",
         "--limit",
         dest="count",
         type=_positive_int,
         metavar="N",
-        help="exit after N forecasts",
+        help="exit after N forecasts (the paths between them are not counted)",
     )
     p.add_argument(
         "--json",
         action="store_true",
-        help="a JSON object per forecast per line (the forecast entry's fields), flushed",
+        help='a JSON object per forecast or path per line ("kind": "forecast" or "path", then '
+        "the entry's fields), flushed",
     )
     p.set_defaults(func=_watch)
 

@@ -1,17 +1,30 @@
-"""The public client: publish ticks and read forecasts, on one Redis server or a Redis Cluster.
+"""The public client: publish ticks and read forecasts and paths, on one Redis server or a Redis
+Cluster.
 
 Everything that produces ticks or reads forecasts goes through :class:`Client` (``replay``,
 ``watch``, the live page, the demo, the benchmarks' producers), so the key layout lives in one
-place. A tick goes to its symbol's partition stream (:meth:`Keys.ticks_for`); a symbol's forecasts
-are read from its own stream. On one server one blocking XREAD reads every symbol at once; on a
-cluster a command may touch one slot only, so symbols of several partitions are read with one
-non-blocking XREAD per partition, swept in turn (a blocking read of one partition would hold back
-the others' forecasts).
+place. A tick goes to its symbol's partition stream (:meth:`Keys.ticks_for`); a symbol's 1-step
+forecasts are read from its forecasts stream and its multi-step paths from its paths stream
+(published apart, later, and not for every tick). On one server one blocking XREAD reads every
+stream at once; on a cluster a command may touch one slot only, so symbols of several partitions
+are read with one non-blocking XREAD per partition, swept in turn (a blocking read of one
+partition would hold back the others' forecasts). A symbol's forecasts and paths share its
+partition's hash tag: one read takes both.
+
+Telling paths from forecasts: a subscription that follows paths (``paths=True``) returns the
+entries of both streams, each as it came; one read from a paths stream is a :class:`PathForecast`
+(a :class:`~streamcast.wire.Forecast` with ``next`` None, ``path`` set unless withheld, its tick
+the one the path starts from), one read from a forecasts stream a plain ``Forecast``. So
+``isinstance(f, PathForecast)`` says which stream an entry came from, without guessing from its
+fields (a forecast with a withheld ``next`` has no ``next`` either).
 
     async with await Client.connect("redis://127.0.0.1:6379/0") as client:
         await client.publish("ACME", 101.5)
-        async for forecast in client.forecasts(["ACME"], block_ms=5000):
-            print(forecast.tick.price, forecast.next)
+        async for f in client.forecasts(["ACME"], block_ms=5000, paths=True):
+            if isinstance(f, PathForecast):
+                print("path from", f.tick.price, "to", f.path and f.path[-1])
+            else:
+                print(f.tick.price, f.next)
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -39,6 +53,16 @@ SWEEP_PAUSE_S = 0.02  # a cluster sweep that found nothing waits this long befor
 TickInput = tuple[str, float] | tuple[str, float, int | None]
 
 
+@dataclass(frozen=True, slots=True)
+class PathForecast(Forecast):
+    """An entry read from a symbol's paths stream: its multi-step path (None if withheld, with a
+    ``reason``) and its bands' ``path`` part, from the tick it starts from (``tick``, whose id is
+    the entry's); ``next`` is always None (the tick's forecast entry has it).
+
+    Only the client makes these (a :class:`Forecast` otherwise): it knows the stream it read.
+    Not equal to a plain ``Forecast`` of the same fields."""
+
+
 async def deployed_partitions(redis: Redis, prefix: str) -> int | None:
     """The partition count the deployment's daemon wrote (``{prefix}:meta``); None if none did."""
     raw = await redis.hget(Keys(prefix).meta, "partitions")
@@ -46,7 +70,7 @@ async def deployed_partitions(redis: Redis, prefix: str) -> int | None:
 
 
 class Client:
-    """Publishes ticks to the partition streams and reads the forecast streams.
+    """Publishes ticks to the partition streams and reads the forecasts and paths streams.
 
     Args:
         redis: from :func:`streamcast.connect.make_redis` (one server or a cluster); closed by
@@ -144,6 +168,20 @@ class Client:
         entry_id, fields = entries[0]
         return self._decode(self.forecast_stream(symbol), text(entry_id), fields)
 
+    def path_stream(self, symbol: str) -> str:
+        """The stream the daemon publishes ``symbol``'s multi-step paths to."""
+        return self.keys.paths(symbol)
+
+    async def latest_path(self, symbol: str) -> Forecast | None:
+        """``symbol``'s newest path entry (a :class:`PathForecast`: ``next`` None, ``path`` from
+        ``tick``); None when it has none (or the newest does not parse)."""
+        stream = self.path_stream(symbol)
+        entries = await self.redis.xrevrange(stream, count=1)
+        if not entries:
+            return None
+        entry_id, fields = entries[0]
+        return self._decode(stream, text(entry_id), fields, PathForecast)
+
     async def symbols(self) -> list[str]:
         """Every symbol with history, over all partitions, sorted."""
         pipe = self.redis.pipeline(transaction=False)
@@ -152,13 +190,17 @@ class Client:
         members = await pipe.execute()
         return sorted({text(m) for found in members for m in found})
 
-    def subscribe(self, symbols: Sequence[str], *, start: str = "$") -> Subscription:
+    def subscribe(
+        self, symbols: Sequence[str], *, start: str = "$", paths: bool = False
+    ) -> Subscription:
         """Cursors over ``symbols``' forecast streams, read with :meth:`Subscription.read`.
 
         Args:
             start: ``"$"``: forecasts published from now on; ``"0"``: every stored one first.
+            paths: follow each symbol's paths stream too: its entries come back as
+                :class:`PathForecast` among the forecasts.
         """
-        return Subscription(self, symbols, start)
+        return Subscription(self, symbols, start, paths=paths)
 
     async def forecasts(
         self,
@@ -167,15 +209,18 @@ class Client:
         start: str = "$",
         block_ms: int | None = None,
         count: int | None = None,
+        paths: bool = False,
     ) -> AsyncIterator[Forecast]:
         """Each forecast of ``symbols`` as it arrives, in order within each symbol.
 
         Args:
             start: ``"$"``: from now on; ``"0"``: every stored forecast first.
             block_ms: the iteration ends when no forecast arrives for this long (None: never).
-            count: the iteration ends after this many forecasts (None: never).
+            count: the iteration ends after this many entries (None: never).
+            paths: each path entry too, as a :class:`PathForecast` (after its tick's forecast
+                when both are read together); ``count`` counts them.
         """
-        subscription = self.subscribe(symbols, start=start)
+        subscription = self.subscribe(symbols, start=start, paths=paths)
         given = 0
         while count is None or given < count:
             wanted = READ_COUNT if count is None else min(READ_COUNT, count - given)
@@ -186,9 +231,11 @@ class Client:
                 given += 1
                 yield forecast
 
-    def _decode(self, stream: str, entry_id: str, fields: Any) -> Forecast | None:
+    def _decode(
+        self, stream: str, entry_id: str, fields: Any, kind: type[Forecast] = Forecast
+    ) -> Forecast | None:
         try:
-            forecast = Forecast.decode(fields)
+            forecast = kind.decode(fields)
             id_key(forecast.tick.id)  # a stream id: its time is the tick's arrival
             return forecast
         except (ValueError, TypeError, KeyError) as exc:  # json's errors are ValueErrors
@@ -200,43 +247,67 @@ class Client:
 
 
 class Subscription:
-    """Where reading ``symbols``' forecast streams has got to: each read goes on from there.
+    """Where reading ``symbols``' forecast streams (and, following paths, their paths streams)
+    has got to: each read goes on from there.
 
     Made by :meth:`Client.subscribe`. Entries that do not parse as forecasts are skipped (and
-    counted in ``skipped``).
+    counted in ``skipped``); those of a paths stream come back as :class:`PathForecast`.
     """
 
-    def __init__(self, client: Client, symbols: Sequence[str], start: str) -> None:
+    def __init__(
+        self, client: Client, symbols: Sequence[str], start: str, *, paths: bool = False
+    ) -> None:
         keys = client.keys
         self._client = client
-        self._cursors: dict[str, str] = {keys.forecasts(s): start for s in dict.fromkeys(symbols)}
+        self._symbols = list(dict.fromkeys(symbols))
+        self._paths: set[str] = set()
+        self._cursors: dict[str, str] = {}
         self._by_partition: dict[int, list[str]] = {}
-        for symbol in dict.fromkeys(symbols):
-            self._by_partition.setdefault(keys.partition(symbol), []).append(keys.forecasts(symbol))
+        for symbol in self._symbols:
+            # the forecasts stream first: of a tick's two entries read together (the same id),
+            # the forecast comes before the path (the sort by id is stable)
+            streams = [keys.forecasts(symbol)]
+            if paths:
+                streams.append(keys.paths(symbol))
+                self._paths.add(keys.paths(symbol))
+            self._cursors.update(dict.fromkeys(streams, start))
+            self._by_partition.setdefault(keys.partition(symbol), []).extend(streams)
         self._resolved = "$" not in self._cursors.values()
         self.skipped = 0
 
-    async def recent(self, count: int) -> list[Forecast]:
-        """The newest ``count`` forecasts of each symbol, symbol by symbol, each oldest first;
-        reading goes on after them."""
-        if count < 1:
-            raise ValueError(f"count must be at least 1 (got {count})")
+    async def recent(self, count: int, *, paths: int = 1) -> list[Forecast]:
+        """The newest ``count`` forecasts of each symbol and, following paths, its newest
+        ``paths`` path entries (the newest is the one to show), symbol by symbol, each
+        symbol's oldest first (by tick id; a path after its tick's forecast); reading goes on
+        after them."""
+        if count < 1 or paths < 1:
+            raise ValueError(f"count and paths must be at least 1 (got {count}, {paths})")
         streams = list(self._cursors)
         pipe = self._client.redis.pipeline(transaction=False)
         for stream in streams:
-            pipe.xrevrange(stream, count=count)
+            pipe.xrevrange(stream, count=paths if stream in self._paths else count)
+        replies = dict(zip(streams, await pipe.execute(), strict=True))
+        keys = self._client.keys
         out = []
-        for stream, entries in zip(streams, await pipe.execute(), strict=True):
-            self._cursors[stream] = text(entries[0][0]) if entries else "0-0"
-            triples = [(stream, text(entry_id), fields) for entry_id, fields in reversed(entries)]
-            out += self._take(triples, ordered=False)
+        for symbol in self._symbols:
+            triples = []
+            for stream in (keys.forecasts(symbol), keys.paths(symbol)):
+                if stream not in replies:
+                    continue
+                entries = replies[stream]
+                self._cursors[stream] = text(entries[0][0]) if entries else "0-0"
+                triples += [
+                    (stream, text(entry_id), fields) for entry_id, fields in reversed(entries)
+                ]
+            out += self._take(triples)
         self._resolved = True
         return out
 
     async def read(self, block_ms: int | None = 0, *, count: int = READ_COUNT) -> list[Forecast]:
-        """The forecasts published since the last read, in order within each symbol (and by
-        tick id across symbols); waits up to ``block_ms`` for one (0: not at all; None: until
-        one comes). At most ``count`` from each stream."""
+        """The forecasts (and, following paths, path entries) published since the last read, in
+        order within each symbol (and by tick id across symbols and streams); waits up to
+        ``block_ms`` for one (0: not at all; None: until one comes). At most ``count`` from each
+        stream."""
         if not self._resolved:
             await self._resolve()
         loop = asyncio.get_running_loop()
@@ -284,15 +355,15 @@ class Subscription:
             self._cursors[stream] = text(entries[0][0]) if entries else "0-0"
         self._resolved = True
 
-    def _take(
-        self, entries: list[tuple[str, str, dict[Any, Any]]], *, ordered: bool = True
-    ) -> list[Forecast]:
-        if ordered:  # stable: each stream's entries keep their order
-            entries = sorted(entries, key=lambda entry: id_key(entry[1]))
+    def _take(self, entries: list[tuple[str, str, dict[Any, Any]]]) -> list[Forecast]:
+        # stable: each stream's entries keep their order, and a tick's forecast its place
+        # before its path (streams are listed forecasts first)
+        entries = sorted(entries, key=lambda entry: id_key(entry[1]))
         out = []
         for stream, entry_id, fields in entries:
             self._cursors[stream] = entry_id
-            forecast = self._client._decode(stream, entry_id, fields)
+            kind = PathForecast if stream in self._paths else Forecast
+            forecast = self._client._decode(stream, entry_id, fields, kind)
             if forecast is None:
                 self.skipped += 1
             else:

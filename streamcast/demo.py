@@ -2,8 +2,9 @@
 
 Without ``STREAMCAST_REDIS_URL`` it starts fakeredis's TCP server (so ``redis-cli`` and
 ``streamcast watch`` can connect to it), replays a synthetic multi-symbol feed into it, runs the
-daemon and its HTTP endpoints, and shows live forecasts until Ctrl+C: a table redrawn in place
-on a terminal, a line each otherwise.
+daemon and its HTTP endpoints, and shows live forecasts and paths until Ctrl+C (``watch``, which
+follows each symbol's paths stream too): a table redrawn in place on a terminal, each row with its
+symbol's newest path, a line per forecast and per path otherwise.
 
 It stops in order, each step bounded: the service drains and stops; the feed and the watch end
 (cancelled, again if need be, when they do not); their client closes; the embedded server stops
@@ -81,7 +82,7 @@ async def run_demo(
 
     Args:
         table: a live table redrawn in place (default: when stdout is a terminal), else a line
-            per forecast.
+            per forecast and per path.
         notes: the lines to show under the table (the command line passes the newest log lines).
     """
     with contextlib.ExitStack() as stack:

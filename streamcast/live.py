@@ -1,18 +1,24 @@
-"""The live page: ``/`` draws a chart per symbol, fed by server-sent events from the forecast streams.
+"""The live page: ``/`` draws a chart per symbol, fed by server-sent events from the forecasts and
+paths streams.
 
 * ``GET /`` and ``GET /static/{app.js,style.css}``: the page, served from the package (no CDN).
 * ``GET /api/symbols``: the symbols with history in every partition, sorted (at most
   ``max_symbols``).
 * ``GET /events?symbols=A,B``: ``text/event-stream``. First the recent forecasts of each symbol
-  (``forecast`` events, oldest first), then each new one as it is published (read through
-  :class:`streamcast.client.Client`: one blocking XREAD on one server, a sweep of the symbols'
-  partitions on a Redis Cluster), and every ``skill_every_s`` a ``skill`` event with the replica's
+  (``forecast`` events, oldest first) and its newest path (a ``path`` event, after its tick's
+  forecast), then each new forecast and path as it is published (read through
+  :class:`streamcast.client.Client`, following the paths streams: one blocking XREAD on one
+  server, a sweep of the symbols' partitions on a Redis Cluster). A ``path`` event is a paths
+  stream entry (:class:`streamcast.client.PathForecast`): ``tick_id`` (and ``id``) the tick the
+  path starts from, ``price`` that tick's, ``path`` and the ``path`` part of ``bands``, no
+  ``next``; it is no new tick (app.js draws it from the tick with that id, on the chart already,
+  and moves no price). Every ``skill_every_s`` a ``skill`` event with the replica's
   online skill by version and horizon and a ``status`` event with the header's numbers
   (``{"redis": true, ...}`` from the ``status`` callable: throughput, lag, p99 latency, model;
   ``{"redis": false}`` while Redis cannot be read).
 
 The page draws a price scale and a time axis per chart, each symbol's 1-step skill over the
-forecasts it shows, and the forecasts' prediction intervals where they carry ``bands`` (shaded
+forecasts it shows, and the prediction intervals where the entries carry ``bands`` (shaded
 around the 1-step forecasts and the newest path, the wider level lighter; app.js).
 :class:`MetricsStatus` computes the header's numbers from a Prometheus registry, by the names the
 daemon exports (README, "Metrics"): this module touches no daemon object, and serve passes it in.
@@ -20,7 +26,7 @@ daemon exports (README, "Metrics"): this module touches no daemon object, and se
 Symbols in a request must match the wire contract's symbol pattern (anything else is a 400), so
 nothing a browser sends reaches Redis but a validated stream key; at most ``max_clients`` event
 streams are open at once (503 beyond). A stream ends within a poll (``poll_ms``) of its client
-going away, so the cap counts connected pages only. A forecast entry is sent as it is: one without
+going away, so the cap counts connected pages only. An entry is sent as it is: a forecast without
 ``next`` (the daemon publishes none when the model's output is not finite) has no ``next``, a
 non-finite number is sent as null (in ``bands`` too: the page draws no band with a null bound),
 an older entry without ``bands`` is sent without, and an entry that does not parse is skipped
@@ -46,7 +52,7 @@ from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from streamcast.client import Client
+from streamcast.client import Client, PathForecast
 from streamcast.keys import Keys
 from streamcast.wire import SYMBOL_RE, Forecast
 
@@ -146,7 +152,7 @@ class LivePage:
     async def _stream(
         self, request: web.Request, response: web.StreamResponse, symbols: list[str]
     ) -> None:
-        subscription = self.client.subscribe(symbols)
+        subscription = self.client.subscribe(symbols, paths=True)
         try:
             recent = await subscription.recent(self.history)
         except (redis_errors.RedisError, OSError):
@@ -182,8 +188,9 @@ class LivePage:
 
 
 async def _send_forecast(response: web.StreamResponse, forecast: Forecast) -> None:
-    # the entry's id is the tick's (the daemon publishes it so)
-    await _send(response, "forecast", {**forecast.as_dict(), "id": forecast.tick.id})
+    # the entry's id is the tick's (the daemon publishes it so): for a path, its origin's
+    kind = "path" if isinstance(forecast, PathForecast) else "forecast"
+    await _send(response, kind, {**forecast.as_dict(), "id": forecast.tick.id})
 
 
 def _connected(request: web.BaseRequest) -> bool:

@@ -1,6 +1,11 @@
 """Simulated feeds: replay a CSV (or the synthetic series) as ticks, evenly paced; and watch
-forecasts, as lines, as JSON lines or as a live table redrawn in place on a terminal. Both go
-through :class:`streamcast.client.Client`, so they work on one server and on a Redis Cluster."""
+forecasts and paths, as lines, as JSON lines or as a live table redrawn in place on a terminal.
+Both go through :class:`streamcast.client.Client`, so they work on one server and on a Redis
+Cluster.
+
+The watch follows each symbol's forecasts stream and its paths stream (a path comes apart from
+its tick's forecast, later, and not for every tick): a forecast updates the symbol's price, next,
+error and latency; a path entry (a :class:`~streamcast.client.PathForecast`) the path shown."""
 
 from __future__ import annotations
 
@@ -13,13 +18,13 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 import numpy as np
 from redis.asyncio import Redis
 
-from streamcast.client import Client, Subscription
+from streamcast.client import Client, PathForecast, Subscription
 from streamcast.data import synthetic_prices
 from streamcast.keys import Keys
 from streamcast.wire import Forecast, id_key, text
@@ -168,7 +173,20 @@ def next_band(f: Forecast, level: str = BAND_LEVEL) -> tuple[float, float] | Non
     """The ``level`` % band of the forecast's ``next`` (its ``bands``), or None: an older entry
     has none, and a band that is not two finite numbers is not shown."""
     band = f.bands.get(level) if isinstance(f.bands, Mapping) else None
-    pair = band.get("next") if isinstance(band, Mapping) else None
+    return _pair(band.get("next") if isinstance(band, Mapping) else None)
+
+
+def path_end_band(f: Forecast, level: str = BAND_LEVEL) -> tuple[float, float] | None:
+    """The ``level`` % band of the last step of ``f``'s path, or None (none published, one not
+    as long as the path, or not two finite numbers)."""
+    band = f.bands.get(level) if isinstance(f.bands, Mapping) else None
+    steps = band.get("path") if isinstance(band, Mapping) else None
+    if not f.path or not isinstance(steps, list | tuple) or len(steps) != len(f.path):
+        return None
+    return _pair(steps[-1])
+
+
+def _pair(pair: Any) -> tuple[float, float] | None:
     if not isinstance(pair, list | tuple) or len(pair) != 2:
         return None
     if not all(_is_number(v) and math.isfinite(v) for v in pair):
@@ -187,8 +205,16 @@ def _band_text(band: tuple[float, float] | None) -> str:
 def format_forecast(f: Forecast, now_ms: int) -> str:
     """One forecast as a line, with its next value's 80 % band when it has one
     (``next 101.2000 [100.9000, 101.5000]``); the latency is from the tick's arrival in Redis
-    (its id)."""
+    (its id). A path entry's line has no ``next``: ``path end 104.1000 (+50)`` and its last
+    step's 80 % band follow the price of the tick the path starts from."""
     end = f"{f.path[-1]:.4f} (+{len(f.path)})" if f.path else "-"
+    if isinstance(f, PathForecast):
+        band = path_end_band(f)
+        end = end if band is None else f"{end} {_band_text(band)}"
+        return (
+            f"{f.tick.symbol:<12} {f.tick.id:<18} price {f.tick.price:<12.4f} path end {end:<50} "
+            f"model {f.model}  latency {now_ms - id_key(f.tick.id)[0]} ms"
+        )
     nxt = f"{f.next:.4f}" if f.next is not None else "-"
     band = next_band(f)
     if band is not None:
@@ -200,8 +226,9 @@ def format_forecast(f: Forecast, now_ms: int) -> str:
 
 
 def forecast_json(f: Forecast) -> str:
-    """One forecast as a line of JSON (its entry's fields, :meth:`Forecast.as_dict`, its
-    ``bands`` too); a non-finite number, which JSON has not, is null."""
+    """One forecast as a line of JSON: ``kind`` (``"forecast"``, or ``"path"`` for an entry of
+    the paths stream) and its entry's fields (:meth:`Forecast.as_dict`, its ``bands`` too); a
+    non-finite number, which JSON has not, is null."""
 
     def finite(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
@@ -210,7 +237,8 @@ def forecast_json(f: Forecast) -> str:
             return {k: finite(v) for k, v in value.items()}
         return [finite(v) for v in value] if isinstance(value, list) else value
 
-    return json.dumps(finite(f.as_dict()), allow_nan=False)
+    kind = "path" if isinstance(f, PathForecast) else "forecast"
+    return json.dumps(finite({"kind": kind, **f.as_dict()}), allow_nan=False)
 
 
 # -- the live table: one row per symbol, redrawn in place on a terminal -------------------------
@@ -224,7 +252,7 @@ class Row:
     price: float
     next: float | None
     error: float | None  # this price less the symbol's previous 1-step forecast
-    path_end: float | None  # the newest path's last step (not every forecast carries a path)
+    path_end: float | None  # the newest path's last step (paths come apart, not every tick)
     path_steps: int
     latency_ms: int  # from the tick's arrival in Redis (its id) to the forecast's being read
     model: str
@@ -273,10 +301,15 @@ def _number(value: float | None, sign: str = "") -> str:
 
 
 class Board:
-    """The live table's state: the newest row of each symbol, and the forecasts' recent rate."""
+    """The live table's state: the newest row of each symbol, and the forecasts' recent rate.
+
+    A forecast makes the symbol's row (price, next, error, latency); a path entry sets the row's
+    path only (one that comes before its symbol's first forecast waits for it), and is not
+    counted as a forecast. A withheld path leaves the last one shown."""
 
     def __init__(self, window_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.rows: dict[str, Row] = {}
+        self.paths: dict[str, tuple[float, int]] = {}  # symbol -> the newest path's end, steps
         self.forecasts = 0
         self.window_s = window_s
         self._clock = clock
@@ -284,15 +317,21 @@ class Board:
         self._arrivals: deque[float] = deque()
 
     def add(self, f: Forecast, now_ms: int) -> None:
-        before = self.rows.get(f.tick.symbol)
+        symbol = f.tick.symbol
+        before = self.rows.get(symbol)
+        if f.path:  # a path entry's, or an older forecast entry's (the path rode on it then)
+            self.paths[symbol] = (f.path[-1], len(f.path))
+        if isinstance(f, PathForecast):
+            if before is not None and symbol in self.paths:
+                end, steps = self.paths[symbol]
+                self.rows[symbol] = replace(before, path_end=end, path_steps=steps)
+            return
         error = None
         if before is not None and before.next is not None:
             error = f.tick.price - before.next
-        path_end, steps = (f.path[-1], len(f.path)) if f.path else (None, 0)
-        if path_end is None and before is not None:
-            path_end, steps = before.path_end, before.path_steps
-        self.rows[f.tick.symbol] = Row(
-            f.tick.symbol,
+        path_end, steps = self.paths.get(symbol, (None, 0))
+        self.rows[symbol] = Row(
+            symbol,
             f.tick.price,
             f.next,
             error,
@@ -404,7 +443,8 @@ async def watch(
     title: Sequence[str] = (),
     notes: Callable[[], Sequence[str]] = tuple,
 ) -> int:
-    """Show each forecast of ``symbols`` on ``out`` (stdout) as it arrives; return how many.
+    """Show each forecast and each path of ``symbols`` on ``out`` (stdout) as it arrives; return
+    how many forecasts (``limit``: stop after that many; the paths shown are not counted).
 
     A line each (``as_json``: a JSON object each), or (``table``; by default when ``out`` is a
     terminal) a live table redrawn in place at most every half second, with ``title`` above
@@ -412,7 +452,7 @@ async def watch(
     no lag shown) in its header, and the lines ``notes()`` returns below it.
     """
     out = sys.stdout if out is None else out  # at the call: a test may have replaced it
-    subscription = Client(redis, keys).subscribe(symbols, start=start)
+    subscription = Client(redis, keys).subscribe(symbols, start=start, paths=True)
     if as_json or not (out.isatty() if table is None else table):
         return await _print_lines(subscription, out, stop, limit, as_json)
     board, screen = Board(), Screen(out)
@@ -434,7 +474,9 @@ async def watch(
     while not _done(stop, board.forecasts, limit):
         forecasts = await subscription.read(WATCH_READ_MS)
         now_ms = int(time.time() * 1000)
-        for forecast in forecasts[: None if limit is None else limit - board.forecasts]:
+        for forecast in forecasts:
+            if _done(None, board.forecasts, limit):
+                break
             board.add(forecast, now_ms)
         if time.monotonic() - drawn >= 0.5:
             drawn = time.monotonic()
@@ -450,14 +492,16 @@ async def _print_lines(
     limit: int | None,
     as_json: bool,
 ) -> int:
-    printed = 0
+    printed = 0  # forecasts: the paths between them are shown, not counted
     while not _done(stop, printed, limit):
         forecasts = await subscription.read(WATCH_READ_MS)
         now_ms = int(time.time() * 1000)
-        for forecast in forecasts[: None if limit is None else limit - printed]:
+        for forecast in forecasts:
+            if _done(None, printed, limit):
+                break
             line = forecast_json(forecast) if as_json else format_forecast(forecast, now_ms)
             out.write(line + "\n")
-            printed += 1
+            printed += not isinstance(forecast, PathForecast)
             if as_json:
                 out.flush()  # a line at a time to whatever reads the pipe
         out.flush()

@@ -1,6 +1,7 @@
 """The public client against a real redis-server and a real 3-master Redis Cluster: ticks land
-in their symbol's partition stream, forecasts come back in order (one XREAD on a server, a sweep
-of the partitions on a cluster), the newest forecast, and the partition count from the meta hash."""
+in their symbol's partition stream, forecasts (and, followed, paths, told apart by their type)
+come back in order (one XREAD on a server, a sweep of the partitions on a cluster), the newest
+forecast and path, and the partition count from the meta hash."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import zlib
 import pytest
 from redis.exceptions import ClusterCrossSlotError, RedisClusterException
 
-from streamcast.client import Client, deployed_partitions
+from streamcast.client import Client, PathForecast, deployed_partitions
 from streamcast.connect import is_cluster, make_redis
 from streamcast.keys import Keys
 from streamcast.wire import Forecast, Tick
@@ -44,8 +45,20 @@ def crc_partition(symbol: str, partitions: int) -> int:
 async def put_forecast(redis, keys: Keys, symbol: str, tick_id: str, price: float) -> None:
     """A forecast as the daemon publishes it: the entry id is the tick's id."""
     tick = Tick(tick_id, symbol, price, 1_700_000_000_000)
-    fields = Forecast.of(tick, "v1", price + 0.5, [price + 1.0, price + 2.0]).encode(now_ms=7)
+    fields = Forecast.of(tick, "v1", price + 0.5).encode(now_ms=7)
     await redis.xadd(keys.forecasts(symbol), fields, id=tick_id)
+
+
+# a 2-step path's bands, as the daemon publishes them on a path entry (the "path" part only)
+PATH_BANDS = {"80": {"path": [[0.5, 1.5], [1.0, 3.0]]}, "95": {"path": [[0.0, 2.0], [0.5, 3.5]]}}
+
+
+async def put_path(redis, keys: Keys, symbol: str, tick_id: str, price: float) -> None:
+    """A path as the daemon publishes it: to the paths stream, its entry id the tick's it starts
+    from (published after that tick's forecast)."""
+    tick = Tick(tick_id, symbol, price, 1_700_000_000_000)
+    path = Forecast.path_of(tick, "v1", [price + 1.0, price + 2.0], PATH_BANDS)
+    await redis.xadd(keys.paths(symbol), path.encode(now_ms=9), id=tick_id)
 
 
 async def put_forecasts(redis, keys: Keys, rounds: int) -> dict[str, list[str]]:
@@ -130,7 +143,8 @@ async def test_forecasts_come_in_order_per_symbol_on_one_server(redis_client):
     assert (first.tick.symbol, first.tick.id, first.tick.price, first.tick.ts) == (
         "C0", "1000-0", 100.0, 1_700_000_000_000)  # fmt: skip
     assert (first.next, first.path, first.model, first.published_ms) == (
-        100.5, (101.0, 102.0), "v1", 7)  # fmt: skip
+        100.5, None, "v1", 7)  # fmt: skip
+    assert not any(isinstance(f, PathForecast) for f in got)
     # across symbols too, by tick id: the round robin as written
     assert [f.tick.id for f in got] == [i for r in range(4) for i in (f"{1000 + r}-{k}"
                                                                      for k in range(10))]  # fmt: skip
@@ -203,6 +217,100 @@ async def test_recent_gives_each_symbols_newest_then_reading_goes_on_after_them(
     assert [f.tick.id for f in await subscription.read(1000)] == ["9000-0"]
 
 
+async def test_followed_paths_come_among_the_forecasts_as_path_forecasts(redis_client):
+    keys = Keys("paths", partitions=4)
+    client = Client(redis_client, keys)
+    for k, (symbol, price) in enumerate([("C1", 10.0), ("C4", 40.0)]):
+        await put_forecast(redis_client, keys, symbol, f"100-{k}", price)
+        await put_forecast(redis_client, keys, symbol, f"101-{k}", price + 1)
+    await put_path(redis_client, keys, "C1", "100-0", 10.0)  # from C1's first tick
+    assert keys.paths("C1") == f"paths:{{p{crc_partition('C1', 4)}}}:paths:C1"
+    assert client.path_stream("C1") == keys.paths("C1")
+    # not followed: the forecasts alone, as before
+    alone = await client.subscribe(["C1", "C4"], start="0").read(0)
+    assert [(type(f), f.tick.id) for f in alone] == [
+        (Forecast, "100-0"), (Forecast, "100-1"), (Forecast, "101-0"), (Forecast, "101-1")]  # fmt: skip
+    # followed: the path after its tick's forecast (the same id), by tick id across the rest
+    subscription = client.subscribe(["C1", "C4"], start="0", paths=True)
+    got = await subscription.read(0)
+    assert [(type(f), f.tick.symbol, f.tick.id) for f in got] == [
+        (Forecast, "C1", "100-0"), (PathForecast, "C1", "100-0"), (Forecast, "C4", "100-1"),
+        (Forecast, "C1", "101-0"), (Forecast, "C4", "101-1")]  # fmt: skip
+    path = got[1]
+    assert path == PathForecast(Tick("100-0", "C1", 10.0, 1_700_000_000_000), "v1", None,
+                                (11.0, 12.0), None, 9, PATH_BANDS)  # fmt: skip
+    assert isinstance(path, Forecast) and path != got[0]
+    # a path published later, for a tick read before: the next read has it, alone
+    await put_path(redis_client, keys, "C4", "101-1", 41.0)
+    later = await subscription.read(1000)
+    assert [(type(f), f.tick.id, f.tick.price, f.next, f.path) for f in later] == [
+        (PathForecast, "101-1", 41.0, None, (42.0, 43.0))]  # fmt: skip
+    # from now on ("$"): neither stream's stored entries, then each new one of both
+    fresh = client.subscribe(["C1"], paths=True)
+    assert await fresh.read(0) == []
+    await put_forecast(redis_client, keys, "C1", "200-0", 20.0)
+    await put_path(redis_client, keys, "C1", "200-0", 20.0)
+    assert [type(f) for f in await fresh.read(1000)] == [Forecast, PathForecast]
+    # the iterator too; count counts the paths
+    got = [f async for f in client.forecasts(["C1"], start="0", count=4, paths=True)]
+    assert [(type(f).__name__, f.tick.id) for f in got] == [
+        ("Forecast", "100-0"), ("PathForecast", "100-0"), ("Forecast", "101-0"),
+        ("Forecast", "200-0")]  # fmt: skip
+
+
+async def test_a_withheld_path_is_a_path_forecast_with_its_reason(redis_client):
+    keys = Keys("withheld")
+    tick = Tick("5-0", "W", 3.0, None)
+    entry = Forecast.path_of(tick, "v1", [4.0, float("nan")], PATH_BANDS).encode(now_ms=1)
+    await redis_client.xadd(keys.paths("W"), entry, id="5-0")
+    # what the paths stream holds: no next, no path, no bands; the reason
+    assert "next" not in entry and "path" not in entry and "bands" not in entry
+    [got] = await Client(redis_client, keys).subscribe(["W"], start="0", paths=True).read(0)
+    assert isinstance(got, PathForecast)
+    assert (got.next, got.path, got.reason, got.bands) == (None, None, "path is not finite", None)
+
+
+async def test_latest_path_is_the_newest_path_or_none(redis_client):
+    keys = Keys("lpath", partitions=4)
+    client = Client(redis_client, keys)
+    assert await client.latest_path("C1") is None
+    await put_forecast(redis_client, keys, "C1", "10-0", 100.0)
+    assert await client.latest_path("C1") is None  # a forecast is no path
+    for i in range(3):
+        await put_path(redis_client, keys, "C1", f"{10 + i}-0", 100.0 + i)
+    await put_forecast(redis_client, keys, "C1", "20-0", 110.0)  # newer than every path
+    newest = await client.latest_path("C1")
+    assert isinstance(newest, PathForecast)
+    assert (newest.tick.id, newest.tick.price, newest.next, newest.path, newest.bands) == (
+        "12-0", 102.0, None, (103.0, 104.0), PATH_BANDS)  # fmt: skip
+    latest = await client.latest("C1")
+    assert latest is not None and not isinstance(latest, PathForecast)
+    assert (latest.tick.id, latest.next) == ("20-0", 110.5)
+
+
+async def test_recent_with_paths_gives_each_symbols_newest_path_after_its_forecasts(redis_client):
+    keys = Keys("rpath", partitions=2)
+    client = Client(redis_client, keys)
+    written = await put_forecasts(redis_client, keys, rounds=5)
+    for tick_id in written["C1"][1:4]:  # paths from C1's 2nd, 3rd and 4th ticks
+        await put_path(redis_client, keys, "C1", tick_id, 1.0)
+    subscription = client.subscribe(["C1", "C4"], paths=True)
+    recent = await subscription.recent(3)
+    c1, c4 = written["C1"], written["C4"]
+    # C1's newest path (from its 4th tick) among its newest 3 forecasts, by tick id; C4 has none
+    assert [(type(f).__name__, f.tick.id) for f in recent] == [
+        ("Forecast", c1[2]), ("Forecast", c1[3]), ("PathForecast", c1[3]), ("Forecast", c1[4]),
+        ("Forecast", c4[2]), ("Forecast", c4[3]), ("Forecast", c4[4])]  # fmt: skip
+    assert [f.tick.id for f in await client.subscribe(["C1"], paths=True).recent(1, paths=3)] == [
+        c1[1], c1[2], c1[3], c1[4]]  # fmt: skip
+    # reading goes on after them, on both streams
+    assert await subscription.read(0) == []
+    await put_path(redis_client, keys, "C4", c4[4], 2.0)
+    await put_forecast(redis_client, keys, "C4", "9000-0", 1.0)
+    assert [(type(f).__name__, f.tick.id) for f in await subscription.read(1000)] == [
+        ("PathForecast", c4[4]), ("Forecast", "9000-0")]  # fmt: skip
+
+
 async def test_symbols_are_gathered_from_every_partition(redis_client):
     keys = Keys("names", partitions=4)
     for symbol in SYMBOLS:
@@ -254,6 +362,23 @@ async def test_forecasts_come_in_order_on_a_cluster_over_six_partitions(cluster,
         )
         newest = await client.latest("C4")
         assert newest is not None and newest.tick.id == "7000-4"
+        # paths, followed: in the same sweep (a symbol's paths share its partition's slot)
+        followed = client.subscribe(SYMBOLS, paths=True)
+        assert await followed.read(0) == []
+        for k, symbol in enumerate(SYMBOLS):
+            await put_path(cluster_client, keys, symbol, f"7000-{k}", 7.0 + k)
+        await put_forecast(cluster_client, keys, "C2", "8000-0", 8.0)
+        paths: list[Forecast] = []
+        for _ in range(20):  # a sweep a read, each read waits 500 ms at most
+            if len(paths) >= 11:
+                break
+            paths += await followed.read(500)
+        assert sorted((type(f).__name__, f.tick.symbol, f.tick.id) for f in paths) == sorted(
+            [("PathForecast", s, f"7000-{k}") for k, s in enumerate(SYMBOLS)]
+            + [("Forecast", "C2", "8000-0")]
+        )
+        latest_path = await client.latest_path("C9")
+        assert isinstance(latest_path, PathForecast) and latest_path.path == (17.0, 18.0)
 
 
 async def collect(forecasts) -> list[Forecast]:

@@ -36,15 +36,24 @@ SCREENSHOT_ENV = "STREAMCAST_LIVE_SCREENSHOT"  # also save the screenshot here (
 STATUS = {"throughput_per_s": 12.5, "p99_latency_ms": 48.0, "lag": 3.0, "model": "v1"}
 
 
-async def put_forecast(redis, keys: Keys, symbol: str, price: float, path=None, bands=None) -> str:
+async def put_forecast(redis, keys: Keys, symbol: str, price: float, bands=None) -> str:
     """A tick and its forecast, as the daemon publishes them; the forecast's id."""
     tick = {"symbol": symbol, "price": repr(price)}
     tick_id = (await redis.xadd(keys.ticks_for(symbol), tick)).decode()
-    forecast = Forecast.of(Tick(tick_id, symbol, price, None), "v1", price * 1.01, path, bands)
+    forecast = Forecast.of(Tick(tick_id, symbol, price, None), "v1", price * 1.01, bands=bands)
     fields = forecast.encode(0)
     await redis.xadd(keys.forecasts(symbol), fields, id=tick_id)
     await redis.sadd(keys.symbols(keys.partition(symbol)), symbol)
     return tick_id
+
+
+async def put_path(
+    redis, keys: Keys, symbol: str, tick_id: str, price: float, path, bands=None
+) -> None:
+    """A path as the daemon publishes it, apart from (after) its tick's forecast: to the paths
+    stream, its entry id the tick's it starts from."""
+    entry = Forecast.path_of(Tick(tick_id, symbol, price, None), "v1", path, bands)
+    await redis.xadd(keys.paths(symbol), entry.encode(5), id=tick_id)
 
 
 @pytest.fixture
@@ -91,11 +100,12 @@ async def test_page_and_assets_are_served_by_the_daemon_with_nothing_external(pa
         assert b"import" not in response  # no source file's text
 
 
-# the prediction intervals of a forecast at 100.0 (next 101.0) with a 2-step path, as the daemon
-# publishes them (streamcast.intervals.wire)
-BANDS = {
-    "80": {"next": [100.5, 101.5], "path": [[100.5, 101.5], [100.75, 103.25]]},
-    "95": {"next": [100.0, 102.0], "path": [[100.0, 102.0], [100.0, 104.0]]},
+# the prediction intervals of a forecast at 100.0 (next 101.0) and of a 2-step path from it, as
+# the daemon publishes them (streamcast.intervals.wire): the forecast entry's and the path entry's
+NEXT_BANDS = {"80": {"next": [100.5, 101.5]}, "95": {"next": [100.0, 102.0]}}
+PATH_BANDS = {
+    "80": {"path": [[100.5, 101.5], [100.75, 103.25]]},
+    "95": {"path": [[100.0, 102.0], [100.0, 104.0]]},
 }
 
 
@@ -103,7 +113,10 @@ async def test_events_stream_recent_and_new_forecasts_then_skill_and_status(
     page_server, redis_client
 ):
     base, keys = page_server
-    first = await put_forecast(redis_client, keys, "L0", 100.0, path=[101.0, 102.0], bands=BANDS)
+    old = await put_forecast(redis_client, keys, "L0", 99.0)
+    await put_path(redis_client, keys, "L0", old, 99.0, [98.0, 97.0])  # older: not sent
+    first = await put_forecast(redis_client, keys, "L0", 100.0, bands=NEXT_BANDS)
+    await put_path(redis_client, keys, "L0", first, 100.0, [101.0, 102.0], PATH_BANDS)
     await put_forecast(redis_client, keys, "K9", 50.0)
     assert keys.partition("L0") != keys.partition("K9")
     async with aiohttp.ClientSession() as http:
@@ -124,16 +137,24 @@ async def test_events_stream_recent_and_new_forecasts_then_skill_and_status(
                         if len(events) >= n:
                             return
 
-            await asyncio.wait_for(read_events(3), 10)
+            await asyncio.wait_for(read_events(5), 10)
             second = await put_forecast(redis_client, keys, "L0", 101.0)
-            await asyncio.wait_for(read_events(4), 10)
-    assert events[0][0] == "forecast" and events[0][1]["id"] == first
-    assert events[0][1]["path"] == [101.0, 102.0] and events[0][1]["next"] == pytest.approx(101.0)
-    assert events[0][1]["bands"] == BANDS  # the intervals reach the page as published
-    assert events[1] == ("skill", {"v1": {"1": {"skill": 0.5, "n": 3}}})
-    assert events[2] == ("status", {"redis": True, **STATUS})
-    assert events[3][0] == "forecast" and events[3][1]["id"] == second
-    assert "bands" not in events[3][1]  # a forecast without intervals: no field, not null
+            await put_path(redis_client, keys, "L0", second, 101.0, [100.0, 99.5, 99.0])
+            await asyncio.wait_for(read_events(7), 10)
+    # the recent forecasts, then the newest path (after its tick's forecast)
+    assert [(kind, data["id"]) for kind, data in events[:3]] == [
+        ("forecast", old), ("forecast", first), ("path", first)]  # fmt: skip
+    assert events[1][1]["next"] == pytest.approx(101.0) and "path" not in events[1][1]
+    assert events[1][1]["bands"] == NEXT_BANDS  # the intervals reach the page as published
+    # a path: from its tick (id, tick_id, price), no next, its bands as published
+    assert events[2][1] == {"id": first, "tick_id": first, "symbol": "L0", "price": 100.0,
+                            "model": "v1", "ts": 5, "path": [101.0, 102.0], "bands": PATH_BANDS}  # fmt: skip
+    assert events[3] == ("skill", {"v1": {"1": {"skill": 0.5, "n": 3}}})
+    assert events[4] == ("status", {"redis": True, **STATUS})
+    assert events[5][0] == "forecast" and events[5][1]["id"] == second
+    assert "bands" not in events[5][1]  # a forecast without intervals: no field, not null
+    assert events[6] == ("path", {"id": second, "tick_id": second, "symbol": "L0", "price": 101.0,
+                                  "model": "v1", "ts": 5, "path": [100.0, 99.5, 99.0]})  # fmt: skip
 
 
 async def test_events_and_symbols_on_a_redis_cluster_over_several_partitions(tmp_path):
@@ -159,9 +180,14 @@ async def test_events_and_symbols_on_a_redis_cluster_over_several_partitions(tmp
             async with http.get(base + "/events?symbols=" + ",".join(names)) as r:
                 await asyncio.wait_for(read_sse(r, events, lambda e: e[-1][0] == "status"), 10)
                 new = {n: await put_forecast(redis, keys, n, 20.0 + i) for i, n in enumerate(names)}
+                for i, n in enumerate(names):  # each from its newest tick
+                    await put_path(redis, keys, n, new[n], 20.0 + i, [21.0 + i])
 
                 def all_new(e: list) -> bool:
-                    return {d.get("id") for k, d in e if k == "forecast"} >= set(new.values())
+                    ids = [
+                        {d.get("id") for k, d in e if k == kind} for kind in ("forecast", "path")
+                    ]
+                    return all(got >= set(new.values()) for got in ids)
 
                 await asyncio.wait_for(read_sse(r, events, all_new), 10)
     finally:
@@ -170,6 +196,8 @@ async def test_events_and_symbols_on_a_redis_cluster_over_several_partitions(tmp
     forecasts = [(d["symbol"], d["id"], d["price"]) for k, d in events if k == "forecast"]
     assert forecasts[:4] == [(n, old[n], 10.0 + i) for i, n in enumerate(names)]
     assert sorted(forecasts[4:]) == sorted((n, new[n], 20.0 + i) for i, n in enumerate(names))
+    paths = [(d["symbol"], d["id"], d["path"]) for k, d in events if k == "path"]
+    assert sorted(paths) == sorted((n, new[n], [21.0 + i]) for i, n in enumerate(names))
     assert ("status", {"redis": True, **STATUS}) in events
     assert all(d.get("redis") is not False for k, d in events if k == "status")
 
@@ -240,6 +268,13 @@ async def test_events_carry_forecasts_without_next_or_non_finite_and_skip_unpars
               bands='{"80": {"next": [NaN, 101.0], "path": [[1.0, Infinity]]}}')  # fmt: skip
     await put("3-1", next="not a number")
     await put("4-1", next="104.0")
+    # a hand-written path entry with non-finite numbers (the daemon withholds such a path)
+    await redis_client.xadd(
+        keys.paths("N0"),
+        {**base_fields, "tick_id": "2-1", "path": "[NaN, 101.5]",
+         "bands": '{"80": {"path": [[1.0, Infinity], [2.0, 3.0]]}}'},
+        id="2-1",
+    )  # fmt: skip
     events: list = []
     async with aiohttp.ClientSession() as http, http.get(base + "/events?symbols=N0") as r:
         assert r.status == 200
@@ -257,6 +292,11 @@ async def test_events_carry_forecasts_without_next_or_non_finite_and_skip_unpars
     assert forecasts["2-1"]["next"] is None and forecasts["2-1"]["path"] == [None, 101.5, None]
     assert forecasts["2-1"]["bands"] == {"80": {"next": [None, 101.0], "path": [[1.0, None]]}}
     assert forecasts["4-1"]["next"] == 104.0 and forecasts["7-1"]["next"] == 106.0
+    # the path, sent as it is, its non-finite numbers null
+    paths = [data for kind, data in events if kind == "path"]
+    assert paths == [{"id": "2-1", "tick_id": "2-1", "symbol": "N0", "price": 100.0, "model": "v1",
+                      "ts": 0, "path": [None, 101.5],
+                      "bands": {"80": {"path": [[1.0, None], [2.0, 3.0]]}}}]  # fmt: skip
     # the live page reads through the client, which logs a bad entry once per page
     warnings = [r for r in caplog.records if r.name == "streamcast.client"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING  # once, not per entry
@@ -302,7 +342,7 @@ def test_metrics_status_reads_the_header_numbers_over_a_sliding_window():
         "window_s": 0.0,
     }
     metrics.forecasts.labels("next").inc(50)
-    metrics.forecasts.labels("path").inc(7)  # paths ride on forecasts: not counted again
+    metrics.forecasts.labels("path").inc(7)  # paths are no forecasts: not counted
     for _ in range(100):
         metrics.latency.observe(0.03)  # in the bucket (0.025, 0.05]
     metrics.stream_lag.set(7)
@@ -414,12 +454,14 @@ def run_page_script(tmp_path: Path, events: list) -> dict:
 
 def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_without_next(tmp_path):
     events = [
-        ("forecast", {"symbol": "A", "price": 100.0, "next": 101.0, "path": [101.0, 102.0],
-                      "model": "v1", "id": "1-0"}),
+        ("forecast", {"symbol": "A", "price": 100.0, "next": 101.0, "model": "v1", "id": "1-0"}),
+        ("path", {"symbol": "A", "price": 100.0, "path": [101.0, 102.0], "model": "v1",
+                  "id": "1-0", "tick_id": "1-0"}),
         ("forecast", {"symbol": "A", "price": 101.0, "model": "v1", "id": "2-0",
                       "reason": "model output not finite"}),
-        ("forecast", {"symbol": "A", "price": 102.0, "next": None, "path": [None, 103.0],
-                      "model": "v1", "id": "3-0"}),
+        ("forecast", {"symbol": "A", "price": 102.0, "next": None, "model": "v1", "id": "3-0"}),
+        ("path", {"symbol": "A", "price": 102.0, "path": [None, 103.0], "model": "v1",
+                  "id": "3-0", "tick_id": "3-0"}),
         ("skill", {"v1": {"1": {"skill": None, "n": 0}, "5": {"n": 2}, "10": None}}),
         ("forecast", {"symbol": "A", "price": 103.0, "next": 104.0, "model": "v1", "id": "4-0"}),
         ("status", {"redis": True, "throughput_per_s": 12.345, "p99_latency_ms": 48.4, "lag": 3.0,
@@ -428,15 +470,18 @@ def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_withou
     result = run_page_script(tmp_path, events)
     assert result["errors"] == []
     state = result["state"]
-    assert (state["events"], state["forecasts"], state["skill"]) == (6, 4, events[3][1])
-    assert state["status"] == events[5][1]
+    assert (state["events"], state["forecasts"], state["paths"]) == (8, 4, 2)
+    assert state["skill"] == events[5][1] and state["status"] == events[7][1]
+    # four prices (the paths are none); the newest path drawn from its tick, the 3rd
+    assert state["prices"] == {"A": 4}
+    assert state["path"] == {"A": {"from": "3-0", "at": 2, "steps": 2}}
     assert result["header"] == ["live", "12.3 forecasts/s", "3 ticks", "48 ms", "v1"]
     # only 100 -> 101 was forecast and then seen (the other forecasts had no next): the model
     # was exact where no change was off by 1 %, so its skill is 1
     assert state["symbolSkill"] == {"A": {"skill": 1.0, "n": 1}}
     assert result["captions"] == ["A  price 103.00  next 104.00  skill h1 +1.000 (n=1)  model v1"]
     # prices 100..104 in steps of 1; the newest tick's time (tick ids 1..4 ms after the epoch,
-    # UTC) and the end of the newest path, 2 ticks ahead
+    # UTC) and the end of the newest path, 2 ticks ahead of its tick
     assert state["axes"] == {"A": {"price": ["100", "101", "102", "103", "104"],
                                   "time": ["00:00:00", "+2 ticks"]}}  # fmt: skip
     assert set(state["axes"]["A"]["price"] + state["axes"]["A"]["time"]) <= set(result["texts"])
@@ -449,14 +494,53 @@ def test_the_page_script_draws_axes_skill_and_header_and_skips_a_forecast_withou
     }
 
 
+def test_the_page_script_draws_a_path_from_its_own_tick_and_moves_no_price(tmp_path):
+    def tick(k: int, **more) -> tuple:
+        return ("forecast", {"symbol": "P", "price": 100.0 + k, "next": 101.0 + k, "model": "v1",
+                             "id": f"{k}-0", "tick_id": f"{k}-0", **more})  # fmt: skip
+
+    def path(k: int, steps: int, **more) -> tuple:
+        return ("path", {"symbol": "P", "price": 100.0 + k, "path": [200.0] * steps,
+                         "model": "v1", "id": f"{k}-0", "tick_id": f"{k}-0", **more})  # fmt: skip
+
+    ticks = [tick(k) for k in range(1, 6)]
+    # a path from the 3rd tick, come after the 5th: drawn from the 3rd, the 5 prices as they were
+    result = run_page_script(tmp_path, [*ticks, path(3, 4)])
+    state = result["state"]
+    assert result["errors"] == [] and result["finite"]
+    assert (state["forecasts"], state["paths"], state["prices"]) == (5, 1, {"P": 5})
+    assert state["path"] == {"P": {"from": "3-0", "at": 2, "steps": 4}}
+    # no new price, no new forecast: the caption is the 5th tick's, its skill over 4 scored
+    assert result["captions"] == ["P  price 105.00  next 106.00  skill h1 +1.000 (n=4)  model v1"]
+    # one from a tick the chart does not have, one older than the path shown, and a withheld
+    # one (no path): the path shown stays
+    later = [path(9, 7), path(2, 5), ("path", {**path(4, 1)[1], "path": None,
+                                                "reason": "path is not finite"})]  # fmt: skip
+    state = run_page_script(tmp_path, [*ticks, path(3, 4), *later])["state"]
+    assert state["path"] == {"P": {"from": "3-0", "at": 2, "steps": 4}} and state["prices"] == {
+        "P": 5}  # fmt: skip
+    # a path of a symbol with no chart yet makes none
+    state = run_page_script(tmp_path, [("path", {**path(1, 2)[1], "symbol": "Q"}), *ticks])["state"]
+    assert list(state["prices"]) == ["P"] and state["path"] == {"P": None}
+    # the prices scroll left (200 kept): the path's origin with them, then off the chart
+    many = [tick(k) for k in range(1, 201)]
+    state = run_page_script(tmp_path, [*many, path(150, 3), tick(201), tick(202)])["state"]
+    assert state["prices"] == {"P": 200}
+    assert state["path"] == {"P": {"from": "150-0", "at": 147, "steps": 3}}
+    state = run_page_script(tmp_path, [*many, path(2, 3), tick(201), tick(202)])["state"]
+    assert state["path"] == {"P": None}  # from the 2nd tick: scrolled off with it
+
+
 NEXT_FILL, PATH_FILL = "rgba(79, 195, 247, 0.16)", "rgba(255, 183, 77, 0.2)"  # app.js's
 
 
 def test_the_page_script_shades_the_bands_and_skips_those_it_cannot_draw(tmp_path):
     events = [
-        # with its bands and a 2-step path's
-        ("forecast", {"symbol": "A", "price": 100.0, "next": 101.0, "path": [101.0, 102.0],
-                      "model": "v1", "id": "1-0", "bands": BANDS}),
+        # with its bands, and a 2-step path from it with its bands
+        ("forecast", {"symbol": "A", "price": 100.0, "next": 101.0, "model": "v1", "id": "1-0",
+                      "bands": NEXT_BANDS}),
+        ("path", {"symbol": "A", "price": 100.0, "path": [101.0, 102.0], "model": "v1",
+                  "id": "1-0", "tick_id": "1-0", "bands": PATH_BANDS}),
         ("forecast", {"symbol": "A", "price": 101.0, "next": 101.5, "model": "v1", "id": "2-0"}),
         ("forecast", {"symbol": "A", "price": 102.0, "next": 103.0, "model": "v1", "id": "3-0",
                       "bands": {"80": {"next": [102.5, 103.5]}, "95": {"next": [102.0, 104.0]}}}),
@@ -582,11 +666,11 @@ KNOWN_CHART = """(() => {
   const t0 = Date.UTC(2026, 10, 29, 12, 0, 0);
   for (let i = 0; i < 150; i++) {
     const price = 100 + 0.1 * i;
-    const f = {symbol: 'AX', price, next: price + 0.05, model: 'vX', tick_ts: t0 + 1000 * i,
-               tick_id: '1-' + i};
-    if (i === 149) f.path = Array.from({length: 50}, (_, k) => 115 + 0.1 * k);
-    onForecast(f);
+    onForecast({symbol: 'AX', price, next: price + 0.05, model: 'vX', tick_ts: t0 + 1000 * i,
+                tick_id: '1-' + i});
   }
+  onPath({symbol: 'AX', price: 114.9, model: 'vX', tick_id: '1-149',
+          path: Array.from({length: 50}, (_, k) => 115 + 0.1 * k)});
   return new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done({
     axes: window.streamcast.axes.AX,
     skill: window.streamcast.symbolSkill.AX,
@@ -604,15 +688,11 @@ KNOWN_CHART = """(() => {
 BANDS_CHART = """(() => {
   const band = (lo, hi, n) => Array.from({length: n}, () => [lo, hi]);
   for (let i = 0; i < 60; i++) {
-    const f = {symbol: 'BX', price: 100, next: 100, model: 'vX', tick_id: '1-' + i,
-               bands: {'80': {next: [99, 101]}, '95': {next: [98, 102]}}};
-    if (i === 59) {
-      f.path = Array(50).fill(100);
-      f.bands['80'].path = band(99, 101, 50);
-      f.bands['95'].path = band(98, 102, 50);
-    }
-    onForecast(f);
+    onForecast({symbol: 'BX', price: 100, next: 100, model: 'vX', tick_id: '1-' + i,
+                bands: {'80': {next: [99, 101]}, '95': {next: [98, 102]}}});
   }
+  onPath({symbol: 'BX', price: 100, model: 'vX', tick_id: '1-59', path: Array(50).fill(100),
+          bands: {'80': {path: band(99, 101, 50)}, '95': {path: band(98, 102, 50)}}});
   return new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => {
     const figure = [...document.querySelectorAll('figure')]
       .find((e) => e.querySelector('figcaption').textContent.startsWith('BX '));
@@ -778,16 +858,20 @@ async def test_the_live_page_in_headless_chromium(redis_server, redis_client, tm
                 charts = await tools.value("document.querySelectorAll('canvas').length")
                 status = await tools.value("document.getElementById('status').textContent")
                 shot = await tools.call("Page.captureScreenshot", format="png")
-                # forecasts as the daemon publishes them when the model's output is not finite
-                # (no next, no path) or as an older entry with NaN reaches the page (null): the
-                # page draws on, two frames later, without an error
+                # entries as the daemon publishes them when the model's output is not finite (a
+                # forecast without next, a path without path) or as a hand-written one with NaN
+                # reaches the page (null): the page draws on, two frames later, without an error
                 injected = await tools.call(
                     "Runtime.evaluate",
                     expression=(
                         "onForecast({symbol: 'SYN.0', price: 100.5, model: 'v1',"
                         " reason: 'model output not finite'});"
-                        "onForecast({symbol: 'SYN.1', price: 100.5, next: null,"
-                        " path: [null, 101.0], model: 'v1'});"
+                        "onForecast({symbol: 'SYN.1', price: 100.5, next: null, model: 'v1',"
+                        " tick_id: '1-1'});"
+                        "onPath({symbol: 'SYN.1', price: 100.5, path: [null, 101.0],"
+                        " model: 'v1', tick_id: '1-1'});"
+                        "onPath({symbol: 'SYN.2', price: 100.5, model: 'v1', tick_id: '1-1',"
+                        " reason: 'path is not finite'});"
                         "new Promise((done) => requestAnimationFrame("
                         "() => requestAnimationFrame(() => done(true))))"
                     ),

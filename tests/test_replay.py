@@ -1,6 +1,6 @@
 """The simulated feed and the watch: even pacing against a real redis-server, each tick in its
-symbol's partition stream, the live table as text, plain lines when the output is not a terminal,
-and ``streamcast watch --json --count``."""
+symbol's partition stream, the live table as text (each symbol's newest path from its paths
+stream), plain lines when the output is not a terminal, and ``streamcast watch --json --count``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from streamcast.cli import main
+from streamcast.client import PathForecast
 from streamcast.keys import Keys
 from streamcast.replay import (
     Board,
@@ -156,6 +157,17 @@ def forecast_fields(symbol: str, price: float, nxt: float | None, tick_id: str, 
     return forecast(symbol, price, nxt, tick_id=tick_id, bands=bands).encode(now_ms=1000)
 
 
+def path_entry(symbol: str, price: float, path, tick_id: str, bands=None) -> PathForecast:
+    """A path entry as the client reads it from the paths stream (from the tick ``tick_id``)."""
+    return PathForecast(Tick(tick_id, symbol, price, None), "v1", None, tuple(path), bands=bands)
+
+
+def path_fields(symbol: str, price: float, path, tick_id: str, bands=None) -> dict:
+    """A paths stream entry's fields, as the daemon publishes them."""
+    tick = Tick(tick_id, symbol, price, None)
+    return Forecast.path_of(tick, "v1", path, bands).encode(now_ms=2000)
+
+
 def bands_around(nxt: float) -> dict:
     """Prediction intervals of a 1-step forecast ``nxt``, as the daemon publishes them."""
     return {"80": {"next": [nxt - 0.25, nxt + 0.25]}, "95": {"next": [nxt - 0.5, nxt + 0.5]}}
@@ -164,12 +176,28 @@ def bands_around(nxt: float) -> dict:
 def test_the_board_scores_each_forecast_against_the_next_price_and_keeps_the_last_path():
     now = [0.0]
     board = Board(window_s=5.0, clock=lambda: now[0])
-    board.add(forecast("A", 100.0, 101.0, path=(102.0, 103.0)), now_ms=1040)
+    board.add(forecast("A", 100.0, 101.0), now_ms=1040)
+    assert board.rows["A"] == Row("A", 100.0, 101.0, None, None, 0, 40, "v1")
+    # the path from that tick, published apart, later: the row's path only, not a forecast
+    board.add(path_entry("A", 100.0, (102.0, 103.0), "1000-0"), now_ms=1900)
     assert board.rows["A"] == Row("A", 100.0, 101.0, None, 103.0, 2, 40, "v1")
     board.add(forecast("A", 100.5, 100.25, tick_id="1100-0"), now_ms=1110)
-    # this price less the previous 1-step forecast; a forecast without a path keeps the last
+    # this price less the previous 1-step forecast; the path shown stays until the next one
     assert board.rows["A"] == Row("A", 100.5, 100.25, -0.5, 103.0, 2, 10, "v1")
-    assert board.forecasts == 2
+    board.add(path_entry("A", 100.5, (99.0, 98.0, 97.5), "1100-0"), now_ms=1500)
+    assert board.rows["A"] == Row("A", 100.5, 100.25, -0.5, 97.5, 3, 10, "v1")
+    # a withheld path leaves the last one shown
+    withheld = PathForecast(Tick("1100-0", "A", 100.5, None), "v1", reason="path is not finite")
+    board.add(withheld, now_ms=1600)
+    assert board.rows["A"].path_end == 97.5 and board.forecasts == 2
+
+
+def test_a_path_before_its_symbols_first_forecast_waits_for_it():
+    board = Board(window_s=5.0, clock=lambda: 0.0)
+    board.add(path_entry("B", 50.0, (51.0, 52.0), "900-0"), now_ms=1000)
+    assert board.rows == {} and board.forecasts == 0  # no row without a price and a forecast
+    board.add(forecast("B", 50.5, 51.0, tick_id="1000-0"), now_ms=1020)
+    assert board.rows["B"] == Row("B", 50.5, 51.0, None, 52.0, 2, 20, "v1")
 
 
 def test_the_board_shows_each_forecasts_own_80_percent_band_and_none_where_it_has_none():
@@ -197,6 +225,18 @@ def test_a_forecast_line_shows_the_80_percent_band_after_next_when_there_is_one(
     assert with_band.index("path end") == without.index("path end")  # columns stay aligned
     only_95 = {"95": {"next": [100.5, 101.5]}}  # STREAMCAST_INTERVAL_LEVELS=95: no 80 % band
     assert "[" not in format_forecast(forecast("A", 100.0, 101.0, bands=only_95), 1040)
+
+
+def test_a_path_line_shows_its_end_and_the_80_percent_band_of_its_last_step_and_no_next():
+    bands = {"80": {"path": [[100.0, 102.0], [101.0, 105.0]]}, "95": {"path": [[1, 2], [3, 4]]}}
+    line = format_forecast(path_entry("A", 100.0, (101.0, 103.0), "1000-0", bands), 1250)
+    assert line == (
+        "A            1000-0             price 100.0000     path end "
+        f"{'103.0000 (+2) [101.0000, 105.0000]':<50} model v1  latency 250 ms"
+    )
+    assert " next " not in line
+    withheld = PathForecast(Tick("1000-0", "A", 100.0, None), "v1", reason="path is not finite")
+    assert "price 100.0000     path end - " in format_forecast(withheld, 1250)
 
 
 def test_the_board_rate_is_over_the_last_seconds():
@@ -261,18 +301,28 @@ async def publish(
     )
 
 
+async def publish_path(redis, keys: Keys, symbol: str, price: float, path, tick_id: str) -> None:
+    """A path as the daemon publishes it: to the paths stream, its entry id the tick's it starts
+    from."""
+    await redis.xadd(keys.paths(symbol), path_fields(symbol, price, path, tick_id), id=tick_id)
+
+
 async def test_watch_writes_plain_lines_when_the_output_is_not_a_terminal(redis_client):
     keys = Keys("lines", partitions=3)
     for i in range(3):
         await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i, f"{1000 + i}-0")
     await publish(redis_client, keys, "A", 103.0, 104.0, "1003-0", bands=bands_around(104.0))
+    await publish_path(redis_client, keys, "A", 101.0, [102.0, 106.5], "1001-0")
     out = io.StringIO()
     assert await watch(redis_client, keys, ["A"], out=out, start="0", limit=4) == 4
     lines = out.getvalue().splitlines()
-    assert len(lines) == 4 and "\x1b" not in out.getvalue()
-    assert lines[2].startswith("A ") and "1002-0" in lines[2]
-    assert "price 102.0000" in lines[2] and "next 105.0000 " in lines[2] and "[" not in lines[2]
-    assert "price 103.0000     next 104.0000 [103.7500, 104.2500] " in lines[3]
+    # four forecasts, and the path (not counted) after its tick's forecast
+    assert len(lines) == 5 and "\x1b" not in out.getvalue()
+    assert lines[2].startswith("A ") and "1001-0" in lines[2]
+    assert "price 101.0000     path end 106.5000 (+2) " in lines[2] and " next " not in lines[2]
+    assert lines[3].startswith("A ") and "1002-0" in lines[3]
+    assert "price 102.0000" in lines[3] and "next 105.0000 " in lines[3] and "[" not in lines[3]
+    assert "price 103.0000     next 104.0000 [103.7500, 104.2500] " in lines[4]
 
 
 async def test_watch_writes_a_json_object_per_forecast_per_line_even_on_a_terminal(redis_client):
@@ -283,17 +333,25 @@ async def test_watch_writes_a_json_object_per_forecast_per_line_even_on_a_termin
     raw = {"tick_id": "7-0", "symbol": "A", "price": "102.0", "model": "v2", "next": "nan",
            "bands": '{"80": {"next": [NaN, 103.0]}}'}  # fmt: skip
     await redis_client.xadd(keys.forecasts("A"), raw, id="7-0")
+    path_bands = {"80": {"path": [[100.5, 101.5], [100.0, 103.0]]}}
+    await redis_client.xadd(
+        keys.paths("A"), path_fields("A", 100.0, [101.0, 102.0], "5-0", path_bands), id="5-0"
+    )
     out = _Terminal()
     assert (
         await watch(redis_client, keys, ["A", "B"], out=out, start="0", as_json=True, limit=3) == 3
     )
     assert "\x1b" not in out.getvalue()
     assert [json.loads(line) for line in out.getvalue().splitlines()] == [
-        {"tick_id": "5-0", "symbol": "A", "price": 100.0, "model": "v1", "ts": 1000, "next": 101.0},
-        {"tick_id": "6-0", "symbol": "B", "price": 200.0, "model": "v1", "ts": 1000, "next": 201.5,
+        {"kind": "forecast", "tick_id": "5-0", "symbol": "A", "price": 100.0, "model": "v1",
+         "ts": 1000, "next": 101.0},
+        {"kind": "path", "tick_id": "5-0", "symbol": "A", "price": 100.0, "model": "v1",
+         "ts": 2000, "path": [101.0, 102.0], "bands": path_bands},
+        {"kind": "forecast", "tick_id": "6-0", "symbol": "B", "price": 200.0, "model": "v1",
+         "ts": 1000, "next": 201.5,
          "bands": {"80": {"next": [201.25, 201.75]}, "95": {"next": [201.0, 202.0]}}},
-        {"tick_id": "7-0", "symbol": "A", "price": 102.0, "model": "v2", "next": None,
-         "bands": {"80": {"next": [None, 103.0]}}},
+        {"kind": "forecast", "tick_id": "7-0", "symbol": "A", "price": 102.0, "model": "v2",
+         "next": None, "bands": {"80": {"next": [None, 103.0]}}},
     ]  # fmt: skip
 
 
@@ -314,8 +372,8 @@ def test_streamcast_watch_json_count_prints_n_forecasts_and_exits(
     assert main(["watch", "A", "B", "--from-start", "--json", "--count", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"tick_id": f"{10 + i}-0", "symbol": s, "price": 100.0 + i, "model": "v1", "ts": 1000,
-         "next": 100.5 + i}
+        {"kind": "forecast", "tick_id": f"{10 + i}-0", "symbol": s, "price": 100.0 + i,
+         "model": "v1", "ts": 1000, "next": 100.5 + i}
         for i, s in enumerate(["A", "B", "A"])
     ]  # fmt: skip
     # --limit is the same; a partition count other than the deployment's is refused
@@ -347,7 +405,10 @@ def test_streamcast_replay_names_the_partition_streams_it_wrote(redis_server, mo
         assert sum(sync.xlen(keys.ticks(p)) for p in used) == 15
 
 
-async def test_watch_draws_the_table_on_a_terminal_with_the_lag_over_every_partition(redis_client):
+async def test_watch_draws_the_table_on_a_terminal_with_the_lag_over_every_partition(
+    redis_client, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "160")  # the path's column too
     keys = Keys("table", partitions=2)
     for p, (added, read) in enumerate([(5, 2), (3, 0)]):
         await redis_client.xgroup_create(keys.ticks(p), keys.group, id="0", mkstream=True)
@@ -357,14 +418,20 @@ async def test_watch_draws_the_table_on_a_terminal_with_the_lag_over_every_parti
             await redis_client.xreadgroup(keys.group, "c", {keys.ticks(p): ">"}, count=read)
     for i in range(3):
         await publish(redis_client, keys, "A", 100.0 + i, 101.0 + 2 * i, f"{1000 + i}-0")
+    await publish_path(redis_client, keys, "A", 101.0, [101.5] * 49 + [108.25], "1001-0")
     out = _Terminal()
     assert (
         await watch(redis_client, keys, ["A"], out=out, start="0", limit=3, group=keys.group) == 3
     )
     last = out.getvalue().rsplit("\x1b[H", 1)[1]
-    # partition 0: 3 not delivered + 2 pending; partition 1: 3 not delivered
+    # partition 0: 3 not delivered + 2 pending; partition 1: 3 not delivered; the path is no
+    # forecast
     assert "forecasts 3  " in last and "lag 8 ticks" in last
-    assert "A                102.0000     105.0000                      -     -1.0000" in last
+    # the newest forecast's price, next and error, and the newest path (from the tick before)
+    assert (
+        "A                102.0000     105.0000                      -     -1.0000"
+        "       108.2500 (+50)" in last
+    )
 
 
 async def test_ticks_behind_is_none_until_the_group_exists_then_summed_over_partitions(

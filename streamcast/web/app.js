@@ -1,20 +1,23 @@
 // streamcast live page: one chart per symbol from the /events server-sent event stream, each with
-// a price scale, a time axis and the symbol's 1-step skill, and the forecasts' prediction intervals
-// shaded where the daemon publishes them (`bands`: 80 % and 95 % by default, the wider lighter);
-// the header shows the replica's throughput, lag, p99 latency and model version (the server's
-// `status` events). No libraries.
+// a price scale, a time axis and the symbol's 1-step skill, and the prediction intervals shaded
+// where the daemon publishes them (`bands`: 80 % and 95 % by default, the wider lighter); the
+// header shows the replica's throughput, lag, p99 latency and model version (the server's
+// `status` events). A `forecast` event is a tick's (a price and its 1-step forecast); a `path`
+// event is the multi-step path from an earlier tick, published apart and later (no `next`, no new
+// price): the chart draws it from that tick. No libraries.
 "use strict";
 
 const KEEP = 200; // points per chart
 const AHEAD = 50; // room to the right of the last price for the newest path
-const charts = new Map(); // symbol -> {symbol, prices, nexts, nextBands, times, scored, path, ...}
+const charts = new Map(); // symbol -> {symbol, prices, nexts, nextBands, times, ids, path, ...}
 // what the page shows, for a reader (and the tests): counts, the last skill and status events,
-// each chart's axis labels, each symbol's skill and the bands drawn (by symbol, in objects without
-// a prototype: a symbol may be named __proto__)
+// each chart's axis labels, each symbol's skill, the bands drawn, the prices drawn (how many)
+// and the path drawn (the tick it starts from, that tick's index among the prices, its steps; by
+// symbol, in objects without a prototype: a symbol may be named __proto__)
 const bySymbol = () => Object.create(null);
 window.streamcast = {
-  events: 0, forecasts: 0, skill: null, status: null,
-  axes: bySymbol(), symbolSkill: bySymbol(), bands: bySymbol(),
+  events: 0, forecasts: 0, paths: 0, skill: null, status: null,
+  axes: bySymbol(), symbolSkill: bySymbol(), bands: bySymbol(), prices: bySymbol(), path: bySymbol(),
 };
 
 function chart(symbol) {
@@ -26,24 +29,27 @@ function chart(symbol) {
   const canvas = document.createElement("canvas");
   figure.append(caption, canvas);
   document.getElementById("charts").append(figure);
+  // ids: each price's tick id (a path starts from one of them); pathAt: the index of the newest
+  // path's origin among the prices
   c = {
-    symbol, prices: [], nexts: [], nextBands: [], times: [], scored: [], path: null, pathBands: null,
-    pathAt: 0, canvas, caption, model: "",
+    symbol, prices: [], nexts: [], nextBands: [], times: [], ids: [], scored: [], path: null,
+    pathBands: null, pathAt: 0, canvas, caption, model: "",
   };
   charts.set(symbol, c);
   return c;
 }
 
 // A number to draw, or null: the server sends null for a non-finite value, and a forecast whose
-// model output was not finite comes without `next` (with a `reason`) and often without `path`.
+// model output was not finite comes without `next` (with a `reason`), a path without `path`.
 const finite = (v) => (Number.isFinite(v) ? v : null);
 const fmt = (v, digits) => (Number.isFinite(v) ? v.toFixed(digits) : "-");
 const signed = (v) => (Number.isFinite(v) ? (v >= 0 ? "+" : "") + v.toFixed(3) : "-");
 
-// Prediction intervals. A forecast's `bands` is {"80": {"next": [lo, hi], "path": [[lo, hi], ...]},
-// "95": ...}; an older entry has none. A band is kept only whole: finite, lo <= hi, and a path band
-// as long as the path it bounds (anything else, e.g. a null the server sent for a non-finite
-// number, is not drawn). Returns {next, path}, each {level: ...} or null.
+// Prediction intervals. A forecast's `bands` is {"80": {"next": [lo, hi]}, "95": ...}, a path's
+// {"80": {"path": [[lo, hi], ...]}, ...}; an older entry has none. A band is kept only whole:
+// finite, lo <= hi, and a path band as long as the path it bounds (anything else, e.g. a null the
+// server sent for a non-finite number, is not drawn). Returns {next, path}, each {level: ...} or
+// null.
 const pair = (p) =>
   Array.isArray(p) && p.length === 2 && Number.isFinite(p[0]) && Number.isFinite(p[1]) && p[0] <= p[1]
     ? [p[0], p[1]] : null;
@@ -68,11 +74,14 @@ const levelsOf = (...bands) =>
 // the band the caption shows: 80 % when published, else the narrowest
 const captionLevel = (next) => (next ? ("80" in next ? "80" : levelsOf(next).pop()) : null);
 
+// The id of the entry's tick (the entry's own id: the daemon publishes it so).
+const tickId = (f) => String(f.tick_id || f.id || "");
+
 // When the price was observed: the tick's event time (ts) when it had one, else its arrival in
 // Redis (the milliseconds of its stream id).
 function tickTime(f) {
   if (Number.isFinite(f.tick_ts)) return f.tick_ts;
-  const ms = parseInt(String(f.tick_id || f.id || "").split("-")[0], 10);
+  const ms = parseInt(tickId(f).split("-")[0], 10);
   return Number.isFinite(ms) ? ms : null;
 }
 
@@ -105,11 +114,14 @@ function onForecast(f) {
   const bands = bandsOf(f);
   c.nextBands.push(bands.next);
   c.times.push(tickTime(f));
-  if (c.prices.length > KEEP) { c.prices.shift(); c.nexts.shift(); c.nextBands.shift(); c.times.shift(); }
-  if (Array.isArray(f.path)) {
-    c.path = f.path.map(finite); c.pathBands = bands.path; c.pathAt = c.prices.length - 1;
+  c.ids.push(tickId(f));
+  if (c.prices.length > KEEP) {
+    for (const kept of [c.prices, c.nexts, c.nextBands, c.times, c.ids]) kept.shift();
+    // the path's origin moved left with the prices; once it is off the chart, so is the path
+    if (c.path && --c.pathAt < 0) { c.path = null; c.pathBands = null; c.pathAt = 0; }
   }
-  else if (c.path) { c.pathAt = Math.max(0, c.pathAt - (c.prices.length >= KEEP ? 1 : 0)); }
+  // a forecast entry of a daemon from before the paths stream carried its path itself
+  if (Array.isArray(f.path)) setPath(c, f, bands.path, c.prices.length - 1);
   c.model = typeof f.model === "string" ? f.model : "";
   const s = (window.streamcast.symbolSkill[f.symbol] = symbolSkill(c));
   const level = captionLevel(bands.next);
@@ -117,6 +129,23 @@ function onForecast(f) {
   const next = fmt(f.next, 2) + band + (f.reason ? ` (${f.reason})` : "");
   c.caption.textContent =
     `${f.symbol}  price ${fmt(f.price, 2)}  next ${next}  skill h1 ${signed(s.skill)} (n=${s.n})  model ${c.model}`;
+  c.dirty = true;
+}
+
+function setPath(c, f, bands, at) {
+  c.path = f.path.map(finite); c.pathBands = bands; c.pathAt = at;
+}
+
+// A path entry: the newest path of the symbol, from the tick with its tick_id. It moves no price
+// and adds no forecast: it is drawn from that tick where the chart has it (the path comes after
+// its tick's forecast); one whose tick the chart does not have (scrolled off, or never shown) or
+// that is withheld (no `path`: the reason says why) leaves the path shown as it is.
+function onPath(f) {
+  if (!f || typeof f.symbol !== "string" || !Array.isArray(f.path)) return;
+  const c = charts.get(f.symbol);
+  const at = c ? c.ids.lastIndexOf(tickId(f)) : -1;
+  if (at < 0 || (c.path && at < c.pathAt)) return; // nowhere to start it, or older than the one shown
+  setPath(c, f, bandsOf(f).path, at);
   c.dirty = true;
 }
 
@@ -193,6 +222,9 @@ function draw(c) {
     ctx.stroke();
   };
   window.streamcast.bands[c.symbol] = shade(c, ctx, x, y, dpr);
+  window.streamcast.prices[c.symbol] = c.prices.length;
+  window.streamcast.path[c.symbol] =
+    c.path ? { from: c.ids[c.pathAt], at: c.pathAt, steps: c.path.length } : null;
   line(c.prices.map((v, i) => [i, v]), "#e8e8e8", 1.5);
   line(c.nexts.map((v, i) => [i + 1, v]), "#4fc3f7", 1);
   if (c.path && c.path.length) line(c.path.map((v, k) => [c.pathAt + 1 + k, v]), "#ffb74d", 1.5);
@@ -320,6 +352,7 @@ async function start() {
   if (!symbols) { status.textContent = "no symbols yet: start a feed (streamcast replay)"; setTimeout(start, 2000); return; }
   const events = new EventSource("/events?symbols=" + encodeURIComponent(symbols));
   events.addEventListener("forecast", (e) => { window.streamcast.events++; window.streamcast.forecasts++; onForecast(JSON.parse(e.data)); });
+  events.addEventListener("path", (e) => { window.streamcast.events++; window.streamcast.paths++; onPath(JSON.parse(e.data)); });
   events.addEventListener("skill", (e) => { window.streamcast.events++; showSkill(JSON.parse(e.data)); });
   events.addEventListener("status", (e) => { window.streamcast.events++; showStatus(JSON.parse(e.data)); });
   events.onopen = () => { status.textContent = "live"; };
