@@ -8,15 +8,15 @@ from streamcast.wire import REASONS
 
 # label values known in advance: each series exists at 0 from the start, so a dashboard panel
 # shows 0 rather than "No data" and increase() sees the first event
-TICK_OUTCOMES = ("forecast", "filling", "dead", "duplicate")
+TICK_OUTCOMES = ("forecast", "filling", "dead", "duplicate", "conflated")
 FORECAST_KINDS = ("next", "path")
-STAGES = ("ingest", "wait", "compute", "publish")
+STAGES = ("ingest", "wait", "compute", "publish", "path_wait", "path_compute", "path_publish")
 RETRAIN_RESULTS = ("promoted", "rejected", "failed", "skipped")
 LOAD_FAILURES = ("invalid", "mismatch", "error")
 HOLDOUT_MODELS = ("candidate", "current", "naive")
 RECOVERIES = ("group_recreated", "lease_lost", "start_fallback")
 REFUSALS = ("OOM", "READONLY", "MISCONF", "BUSY", "NOSCRIPT", "EXECABORT", "MASTERDOWN", "ERR")
-WRITES = ("forecast", "history", "symbols", "dead", "acked", "ack")
+WRITES = ("forecast", "history", "symbols", "dead", "acked", "ack", "path")
 
 # Tick-to-forecast latency: milliseconds to seconds, finer where the objective (250 ms) lies.
 LATENCY_BUCKETS = (
@@ -34,7 +34,8 @@ class Metrics:
         self.ticks = Counter(
             "streamcast_ticks",
             "Ticks read, by outcome: forecast, filling (window not full yet), dead, duplicate "
-            "(already forecast before a restart)",
+            "(already forecast before a restart), conflated (STREAMCAST_CONFLATE: a newer tick "
+            "of its symbol in the same read was forecast instead)",
             ["outcome"],
             registry=prometheus,
         )
@@ -112,7 +113,8 @@ class Metrics:
         )
         self.path_age = Gauge(
             "streamcast_path_age_max_seconds",
-            "Age of the stalest 50-step path among symbols with a full window",
+            "Of symbols waiting for a new path (they ticked since their last one was due): the "
+            "longest wait since their last path was published",
             registry=prometheus,
         )
         self.symbols = Gauge(
@@ -220,7 +222,9 @@ class Metrics:
             "streamcast_stage_seconds",
             "Time per stage: ingest (tick in Redis until its batch's first read), wait (first "
             "read until compute starts: the batch fill wait and validation, per batch), compute "
-            "(per batch), publish (compute end until written, per batch)",
+            "(per batch), publish (compute end until written, per batch); the path lane's: "
+            "path_wait (a path's tick published until its path computation starts), "
+            "path_compute (per group of paths), path_publish (computed until written)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=prometheus,

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from streamcast.connect import make_redis
 from streamcast.daemon import Daemon
+from streamcast.daemon.paths import lane_steps
 from streamcast.engine import Engine
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
@@ -52,10 +53,11 @@ def load_engine(settings: Settings, path: Path | None = None) -> Any:
         path, workers=settings.engine_workers or None, batching=settings.engine_batching
     )
     started = time.perf_counter()
-    # every bucket a batch or its chunks can round to, for 1-step forecasts and for paths:
+    # every bucket a batch or its chunks can round to, for 1-step forecasts and the path lane's
+    # steps:
     # a compile in the middle of serving would stall every tick behind it for seconds
     sizes = engine.bucket_sizes(settings.batch_max_size)
-    engine.warmup(batch_sizes=sizes, steps=(1, settings.path_steps))
+    engine.warmup(batch_sizes=sizes, steps=lane_steps(settings.path_steps))
     log.info(
         "model %s on %s (%s, chunk %d x %d workers), %d programs compiled in %.1f s",
         engine.version,

@@ -120,15 +120,43 @@ class Settings(BaseSettings):
     shard_count: int = Field(default(_D, "shard_count"), ge=1, le=1024)
     consumer_name: str = Field("", pattern=r"^[A-Za-z0-9._:-]{0,64}$")
     batch_max_size: int = Field(default(_D, "batch_max_size"), ge=1, le=65536)
-    batch_max_wait_ms: int = Field(default(_D, "batch_max_wait_ms"), ge=0, le=10_000)
+    batch_max_wait_ms: int = Field(
+        default(_D, "batch_max_wait_ms"),
+        ge=0,
+        le=10_000,
+        description="the most a busy read waits for its batch to fill (0: never waits)",
+    )
+    batch_fill_min: int = Field(
+        default(_D, "batch_fill_min"),
+        ge=1,
+        le=1_000_000,
+        description="a read that found fewer ticks than this does not wait to fill its batch",
+    )
+    conflate: bool = Field(
+        default(_D, "conflate"),
+        description="under load, forecast only each symbol's newest tick of a read (the others "
+        "are acknowledged, kept in history and counted as conflated); off: every tick forecast",
+    )
     path_steps: int = Field(default(_D, "path_steps"), ge=1, le=1000)
     path_refresh_s: float = Field(
         default(_D, "path_refresh_s"),
         ge=0,
         le=3600,
-        description="least time between two paths of one symbol (0: every batch)",
+        description="least time between two paths of one symbol (0: as often as the lane can)",
     )
-    paths_per_batch_max: int = Field(default(_D, "paths_per_batch_max"), ge=1, le=65536)
+    paths_per_batch_max: int = Field(
+        default(_D, "paths_per_batch_max"),
+        ge=1,
+        le=65536,
+        description="paths the path lane computes together (the stalest first)",
+    )
+    path_chunk_ms: float = Field(
+        default(_D, "path_chunk_ms"),
+        gt=0,
+        le=10_000,
+        description="about how long one step of the path lane holds the engine: the most a "
+        "1-step batch waits for a path computation",
+    )
     history_maxlen: int = Field(default(_D, "history_maxlen"), ge=50, le=100_000_000)
     forecasts_maxlen: int = Field(default(_D, "forecasts_maxlen"), ge=10, le=100_000_000)
     dead_maxlen: int = Field(default(_D, "dead_maxlen"), ge=10, le=100_000_000)

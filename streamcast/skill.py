@@ -88,15 +88,19 @@ class SkillTracker:
         if not paths:
             return
         for path in paths:
-            path.elapsed += 1
-            if path.elapsed in self.path_horizons:
-                k = self.path_horizons.index(path.elapsed)
-                value = float(path.values[k])
-                if value == value:  # not NaN: the path reached this horizon
-                    self._score(symbol, path.version, path.elapsed, value, path.origin, price)
+            self._step(symbol, path, price)
         last = self.path_horizons[-1]
         while paths and paths[0].elapsed >= last:
             paths.popleft()
+
+    def _step(self, symbol: str, path: _Path, price: float) -> None:
+        """One more tick of ``symbol`` after ``path``'s origin: scored at a tracked horizon."""
+        path.elapsed += 1
+        if path.elapsed in self.path_horizons:
+            k = self.path_horizons.index(path.elapsed)
+            value = float(path.values[k])
+            if value == value:  # not NaN: the path reached this horizon
+                self._score(symbol, path.version, path.elapsed, value, path.origin, price)
 
     def forecast(
         self,
@@ -115,6 +119,27 @@ class SkillTracker:
                 [path[h - 1] if h <= len(path) else np.nan for h in self.path_horizons]
             )
             self._paths.setdefault(symbol, deque()).append(_Path(values, price, version))
+
+    def path(
+        self,
+        symbol: str,
+        price: float,
+        path: Sequence[float],
+        version: str,
+        after: Sequence[float] = (),
+    ) -> None:
+        """A path from the window ending at ``price``, published (by the path lane) when the
+        prices ``after`` had already followed it: those are scored at once, the rest as ticks
+        arrive."""
+        self._see_version(version)
+        if not self.path_horizons:
+            return
+        values = np.array([path[h - 1] if h <= len(path) else np.nan for h in self.path_horizons])
+        pending = _Path(values, price, version)
+        for truth in after:
+            self._step(symbol, pending, truth)
+        if pending.elapsed < self.path_horizons[-1]:
+            self._paths.setdefault(symbol, deque()).append(pending)
 
     def forget(self, symbols: Iterable[str]) -> None:
         for symbol in symbols:

@@ -199,18 +199,38 @@ async def test_forecasts_carry_bands_end_to_end_and_the_calibration_survives_a_r
     async with first:
         await send(0, 150)
         await wait_for(lambda: _at_least(forecast_count, 4 * 101), timeout_s=60)
+
+        async def paths_done() -> bool:  # the path lane's, from each symbol's last tick
+            for name in names:
+                newest = await redis_client.xrevrange(keys.paths(name), count=1)
+                last = await redis_client.xrevrange(keys.forecasts(name), count=1)
+                if not newest or newest[0][0] != last[0][0]:
+                    return False
+            return True
+
+        await wait_for(paths_done, timeout_s=60)
         await asyncio.sleep(0.2)
     version = shipped_engine.version
     for name in names:
         entries = await redis_client.xrange(keys.forecasts(name))
         last = Forecast.decode(entries[-1][1])
         assert last.bands is not None and set(last.bands) == {"80", "95"}
+        assert all(set(band) == {"next"} for band in last.bands.values())
         lo, hi = last.bands["80"]["next"]
         lo95, hi95 = last.bands["95"]["next"]
         assert lo95 <= lo <= last.next <= hi <= hi95
-        assert last.path is not None and len(last.bands["95"]["path"]) == 50
+        path = Forecast.decode((await redis_client.xrevrange(keys.paths(name), count=1))[0][1])
+        assert path.path is not None and path.bands is not None
+        assert all(set(band) == {"path"} for band in path.bands.values())
+        assert len(path.bands["95"]["path"]) == 50
         assert all(
-            a <= v <= b for (a, b), v in zip(last.bands["95"]["path"], last.path, strict=True)
+            a <= v <= b for (a, b), v in zip(path.bands["95"]["path"], path.path, strict=True)
+        )
+        assert all(
+            a95 <= a <= b <= b95
+            for (a, b), (a95, b95) in zip(
+                path.bands["80"]["path"], path.bands["95"]["path"], strict=True
+            )
         )
     resolved = sample(
         first.metrics,

@@ -39,7 +39,15 @@ async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
             return sample(metrics, "streamcast_ticks_total", outcome="forecast") >= eligible
 
         await wait_for(done, timeout_s=120)
-    ticks = await tick_ids_by_symbol(redis_client, keys)
+        ticks = await tick_ids_by_symbol(redis_client, keys)
+
+        async def last_paths():  # the path lane's: each symbol's path from its last tick
+            newest = [await redis_client.xrevrange(keys.paths(n), count=1) for n in names]
+            return all(
+                e and e[0][0].decode() == ticks[n][-1] for n, e in zip(names, newest, strict=True)
+            )
+
+        await wait_for(last_paths, timeout_s=60)
     for name in names:
         entries = await redis_client.xrange(keys.forecasts(name))
         ids = [eid.decode() for eid, _ in entries]
@@ -47,10 +55,20 @@ async def test_sp500_as_three_symbols_every_eligible_tick_forecast_once(
             f"{name}: forecasts are not exactly the ticks from the 50th on"
         )
         last = Forecast.decode(entries[-1][1])
-        assert last.path is not None and len(last.path) == 50 and np.isfinite(last.path).all()
+        assert last.path is None, "paths are published apart, in the paths stream"
         nexts = [Forecast.decode(f).next for _, f in entries]
         assert np.isfinite(nexts).all()
         assert last.model == shipped_engine.version
+        paths = await redis_client.xrange(keys.paths(name))
+        assert {eid.decode() for eid, _ in paths} <= set(ticks[name][49:])
+        path = Forecast.decode(paths[-1][1])
+        assert path.next is None and path.tick.id == ticks[name][-1]
+        assert path.path is not None and len(path.path) == 50 and np.isfinite(path.path).all()
+        assert path.model == shipped_engine.version
+        # the same window's 50-step rollout in one call: the lane's steps add up to it
+        window = np.array([Forecast.decode(f).tick.price for _, f in entries[-50:]])
+        whole = shipped_engine.rollout(window[None, :], 50)[0]
+        assert np.allclose(path.path, whole, rtol=1e-5), "float32 agreement"
     assert sample(metrics, "streamcast_ticks_total", outcome="filling") == 3 * 49
     # online skill: every 1-step forecast but each symbol's last has met its truth
     version = shipped_engine.version
@@ -205,26 +223,27 @@ async def test_entries_left_pending_by_a_dead_consumer_are_reclaimed(redis_clien
     assert (await redis_client.xpending(keys.ticks(0), group))["pending"] == 0
 
 
-def test_the_sink_counts_the_paths_of_forecasts_made_not_of_windows_due():
-    """A due window the engine failed on has no forecast and no path: it is a dead letter, not a
-    path (it used to be counted as one)."""
+def test_the_sink_counts_forecasts_and_withheld_nexts_not_paths():
+    """Paths are the path lane's (counted when it publishes them); the sink counts what the
+    batch published: forecasts, withheld nexts and dead letters."""
     from streamcast.daemon.batch import Batch, Stats
     from streamcast.daemon.sink import ForecastSink
     from streamcast.wire import DeadLetter, Tick
 
     ticks = [Tick(f"{i}-0", "S", 100.0, None) for i in (1, 2, 3)]
-    batch = Batch(ready=ticks, due=[0, 1, 2])
+    batch = Batch(ready=ticks)
     batch.forecasts = [
-        Forecast.of(ticks[0], "v", 101.0, [101.0, 102.0]),
-        Forecast.of(ticks[1], "v", 101.0, [101.0, float("nan")]),  # withheld
+        Forecast.of(ticks[0], "v", 101.0),
+        Forecast.of(ticks[1], "v", float("nan")),  # withheld
     ]
     batch.dead_letter("S", DeadLetter("3-0", "unforecastable", "boom", {"symbol": "S"}))
     metrics, stats = Metrics(CollectorRegistry()), Stats()
     sink = ForecastSink(None, None, Keys("t"), "g", DaemonConfig(), metrics, stats)  # type: ignore[arg-type]
     sink._count(batch)
-    assert (stats.paths, stats.forecasts, stats.dead) == (2, 2, 1)
-    assert sample(metrics, "streamcast_forecasts_total", kind="path") == 1
-    assert sample(metrics, "streamcast_forecasts_withheld_total", kind="path") == 1
+    assert (stats.paths, stats.forecasts, stats.dead) == (0, 2, 1)
+    assert sample(metrics, "streamcast_forecasts_total", kind="next") == 1
+    assert sample(metrics, "streamcast_forecasts_withheld_total", kind="next") == 1
+    assert sample(metrics, "streamcast_forecasts_total", kind="path") == 0
 
 
 async def test_stop_after_the_consume_loop_failed_still_releases_the_lease(

@@ -274,4 +274,5 @@ def test_engine_batching_defaults_to_the_engines_and_reaches_it(monkeypatch):
     monkeypatch.setenv("STREAMCAST_BATCH_MAX_SIZE", "2")  # two buckets to warm up, not ten
     with load_engine(load_settings(_env_file=None)) as engine:
         assert (engine.batching, engine.chunk_size, engine.workers) == ("one_call", 4096, 1)
-        assert engine.compiled_shapes == [(1, 1), (1, 50), (2, 1), (2, 50)]
+        # the 1-step batches' and the path lane's step counts (paths roll 1 or 5 steps a call)
+        assert engine.compiled_shapes == [(1, 1), (1, 5), (2, 1), (2, 5)]

@@ -30,7 +30,6 @@ class Batch:
     accepted: list[Tick] = field(default_factory=list)  # appended to history
     ready: list[Tick] = field(default_factory=list)  # with a full window: forecast
     windows: list[np.ndarray] = field(default_factory=list)  # one per ready tick
-    due: list[int] = field(default_factory=list)  # indices into ready that get a path
     forecasts: list[Forecast] = field(default_factory=list)  # computed: one per ready tick
     version: str = ""  # of the model that computed the forecasts
     # each band's volatility, by symbol and tick id (partitions' ids are not unique in a batch)
@@ -66,9 +65,18 @@ class Batch:
         self.forecasts = [
             f for f in self.forecasts if partition_of(f.tick.symbol) not in partitions
         ]
-        # after compute: the windows and paths due were used; what is left is what is published
-        self.ready = [t for t in self.ready if partition_of(t.symbol) not in partitions]
-        self.windows, self.due = [], []
+        kept = [i for i, t in enumerate(self.ready) if partition_of(t.symbol) not in partitions]
+        self.ready = [self.ready[i] for i in kept]
+        self.windows = [self.windows[i] for i in kept]
+
+    def newest(self) -> dict[str, tuple[Tick, np.ndarray]]:
+        """Each symbol's newest forecast tick and its window (where its path starts)."""
+        made = {(f.tick.symbol, f.tick.id) for f in self.forecasts if f.next is not None}
+        return {
+            t.symbol: (t, w)
+            for t, w in zip(self.ready, self.windows, strict=True)
+            if (t.symbol, t.id) in made
+        }
 
 
 @dataclass
@@ -80,10 +88,12 @@ class Stats:
     paths: int = 0
     dead: int = 0
     duplicates: int = 0
+    conflated: int = 0  # ticks not forecast: a newer tick of their symbol was (conflation)
     accepted: int = 0  # ticks appended to history (the retrain schedule counts them)
 
     def __str__(self) -> str:
         return (
             f"{self.batches} batches, {self.forecasts} forecasts, {self.paths} paths, "
             f"{self.dead} dead letters, {self.duplicates} duplicates skipped"
+            + (f", {self.conflated} conflated" if self.conflated else "")
         )

@@ -192,6 +192,13 @@ class Calibration:
                 out[r] = made[k]
         return out, vols
 
+    def path_bands(
+        self, ticks: Sequence[Tick], windows: np.ndarray, paths: Sequence[np.ndarray]
+    ) -> tuple[list[dict[str, Any] | None], np.ndarray]:
+        """The path lane's: each path's bands ({level: {"path": ...}}) and window volatility."""
+        nothing = np.full(len(ticks), np.nan)  # no ``next`` band: that is the tick's entry's
+        return self.bands(ticks, windows, nothing, dict(enumerate(paths)))
+
     # -- truths --------------------------------------------------------------------------------
 
     def record(
@@ -215,6 +222,27 @@ class Calibration:
                 cal.update(h, cal.score(value, truth, price, vol))
         self._resolved.clear()
 
+    def remember_path(self, forecast: Forecast, vol: float, after: Sequence[float] = ()) -> None:
+        """A path published by the path lane when the prices ``after`` had already followed its
+        tick: those resolve its first steps at once (fed to the calibrator with the next
+        batch's), the rest resolve as ticks arrive."""
+        if forecast.path is None or not forecast.bands:
+            return
+        tick = forecast.tick
+        self._see(forecast.model)
+        pending = _Pending(
+            np.asarray(forecast.path),
+            tick.price,
+            vol,
+            forecast.model,
+            self.keys.partition(tick.symbol),
+            forecast.bands,
+        )
+        for truth in after:
+            self._step(pending, truth)
+        if pending.elapsed < len(pending.values):
+            self._paths.setdefault(tick.symbol, deque()).append(pending)
+
     def forget_symbols(self, symbols: Iterable[str]) -> None:
         for symbol in symbols:
             self._next.pop(symbol, None)
@@ -222,8 +250,7 @@ class Calibration:
 
     def _remember(self, forecast: Forecast, vol: float) -> None:
         tick = forecast.tick
-        if forecast.model not in self._versions:
-            self._versions = [*self._versions, forecast.model][-KEEP_VERSIONS:]
+        self._see(forecast.model)
         p = self.keys.partition(tick.symbol)
         if forecast.next is not None:
             self._next[tick.symbol] = _Pending(
@@ -235,6 +262,10 @@ class Calibration:
             )
             self._paths.setdefault(tick.symbol, deque()).append(pending)
 
+    def _see(self, version: str) -> None:
+        if version not in self._versions:
+            self._versions = [*self._versions, version][-KEEP_VERSIONS:]
+
     def _observe(self, symbol: str, price: float) -> None:
         pending = self._next.pop(symbol, None)
         if pending is not None:
@@ -243,13 +274,14 @@ class Calibration:
         if not paths:
             return
         for path in paths:
-            path.elapsed += 1
-            if 2 <= path.elapsed <= len(path.values):  # step 1 is ``next``'s, scored above
-                self._resolve(
-                    path, path.elapsed, float(path.values[path.elapsed - 1]), price, "path"
-                )
+            self._step(path, price)
         while paths and paths[0].elapsed >= len(paths[0].values):
             paths.popleft()
+
+    def _step(self, path: _Pending, price: float) -> None:
+        path.elapsed += 1
+        if 2 <= path.elapsed <= len(path.values):  # step 1 is ``next``'s, scored with it
+            self._resolve(path, path.elapsed, float(path.values[path.elapsed - 1]), price, "path")
 
     def _resolve(self, f: _Pending, h: int, value: float, truth: float, kind: str) -> None:
         scale = abs(f.price) or 1.0

@@ -1,4 +1,5 @@
-"""The engine's part of a batch, off the event loop: 1-step forecasts and the due paths."""
+"""The engine's part of a batch, off the event loop: its 1-step forecasts (paths are the path
+lane's, streamcast.daemon.paths)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ async def compute(
     batch: Batch,
     engine: Engine,
     *,
-    steps: int,
     executor: Executor | None,
     metrics: Metrics,
     clock: Callable[[], float] = time.time,
@@ -35,29 +35,19 @@ async def compute(
     if not batch.ready:
         return
     windows = np.stack(batch.windows)
-    path_windows = windows[batch.due] if batch.due else None
-
-    def run() -> tuple[np.ndarray, np.ndarray, dict[int, str], dict[int, str]]:
-        nxt, failed = rows_apart(engine.predict_next, windows, ())
-        if path_windows is None:
-            return nxt, np.empty((0, steps)), failed, {}
-        paths, path_failed = rows_apart(lambda w: engine.rollout(w, steps), path_windows, (steps,))
-        return nxt, paths, failed, path_failed
-
     started = time.perf_counter()
     batch.version = engine.version
     batch.compute_started = clock()
     loop = asyncio.get_running_loop()
-    next_prices, paths, failed, path_failed = await loop.run_in_executor(executor, run)
+    next_prices, failed = await loop.run_in_executor(
+        executor, rows_apart, engine.predict_next, windows, ()
+    )
     batch.computed_at = clock()
-    for k in path_failed:
-        paths[k] = np.nan  # published without its path, with the reason
     bands: list[dict[str, Any] | None] = [None] * len(batch.ready)
     if calibration is not None:
-        path_rows = {i: paths[k] for k, i in enumerate(batch.due)}
-        bands, vols = calibration.bands(batch.ready, windows, next_prices, path_rows)
+        bands, vols = calibration.bands(batch.ready, windows, next_prices, {})
         batch.vols = {(t.symbol, t.id): float(v) for t, v in zip(batch.ready, vols, strict=True)}
-    _forecasts(batch, next_prices, paths, failed, bands)
+    _forecasts(batch, next_prices, failed, bands)
     seconds = time.perf_counter() - started
     metrics.engine_seconds.observe(seconds)
     metrics.stage_seconds.labels("wait").observe(max(0.0, batch.compute_started - batch.read_at))
@@ -67,20 +57,16 @@ async def compute(
 def _forecasts(
     batch: Batch,
     next_prices: np.ndarray,
-    paths: np.ndarray,
     failed: dict[int, str],
     bands: list[dict[str, Any] | None],
 ) -> None:
-    path_of = {i: k for k, i in enumerate(batch.due)}
     for i, tick in enumerate(batch.ready):
         why = failed.get(i)
         if why is not None:
             letter = DeadLetter(tick.id, "unforecastable", why, {"symbol": tick.symbol})
             batch.dead_letter(tick.symbol, letter)
             continue
-        k = path_of.get(i)
-        path = None if k is None else paths[k].tolist()
-        batch.forecasts.append(Forecast.of(tick, batch.version, next_prices[i], path, bands[i]))
+        batch.forecasts.append(Forecast.of(tick, batch.version, next_prices[i], None, bands[i]))
 
 
 def rows_apart(

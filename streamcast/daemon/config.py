@@ -21,10 +21,13 @@ class DaemonConfig:
     shard_count: int = 1  # ... of this many; it owns the partitions p with p % count == index
     consumer: str = "replica-0"  # the base of the consumer name (each process adds its own part)
     batch_max_size: int = 512
-    batch_max_wait_ms: int = 20
+    batch_max_wait_ms: int = 20  # the most a busy read waits for its batch to fill
+    batch_fill_min: int = 32  # a read with fewer entries (a quiet stream) does not wait at all
+    conflate: bool = False  # forecast only a symbol's newest tick of a read (the rest: counted)
     path_steps: int = 50
     path_refresh_s: float = 1.0  # least time between two paths of one symbol (0: every batch)
-    paths_per_batch_max: int = 16
+    paths_per_batch_max: int = 64  # paths the path lane computes together, stalest first
+    path_chunk_ms: float = 10.0  # about how long one step of the path lane holds the engine
     history_maxlen: int = 10_000
     forecasts_maxlen: int = 10_000
     dead_maxlen: int = 100_000

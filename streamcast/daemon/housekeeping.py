@@ -13,6 +13,7 @@ from redis import exceptions as redis_errors
 from streamcast.daemon.calibration import Calibration
 from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN
+from streamcast.daemon.paths import PathLane
 from streamcast.daemon.plan import Planner
 from streamcast.daemon.source import Source
 from streamcast.metrics import Metrics
@@ -29,6 +30,7 @@ class Housekeeping:
         source: Source,
         planner: Planner,
         skill: SkillTracker,
+        paths: PathLane,
         config: DaemonConfig,
         metrics: Metrics,
         *,
@@ -41,6 +43,7 @@ class Housekeeping:
         self.source = source
         self.planner = planner
         self.skill = skill
+        self.paths = paths
         self.config = config
         self.metrics = metrics
         self.ready = ready
@@ -80,6 +83,6 @@ class Housekeeping:
         promoted_at = self.promoted_at()
         if promoted_at is not None:
             m.model_age.set(max(0.0, time.time() - promoted_at))
-        m.path_age.set(self.planner.path_age(self.clock()))
+        m.path_age.set(self.paths.path_age(self.clock()))
         m.ready.set(1 if self.ready() else 0)
         m.symbols.set(len(self.planner.windows))

@@ -1,10 +1,13 @@
 """The daemon: wires the tick source, the plan, the engine, the sink, the partitions' ownership
-and the model watcher into one consume loop, and runs housekeeping beside it.
+and the model watcher into one consume loop, and runs the path lane and housekeeping beside it.
 
 The consume loop handles a batch at a time, so every tick of a symbol is handled in stream order;
-it reads, plans and computes batch k+1 while batch k is being published. Between two batches it
-swaps in a new model version when the watcher has one ready, gives up partitions over its share
-(after publishing what it read of them) and sets up the partitions it took.
+it reads, plans and computes batch k+1 while batch k is being published. A read that found the
+stream busy waits up to ``batch_max_wait_ms`` for its batch to fill, while the batch before it is
+published; one that found it nearly empty does not wait. Between two batches it swaps in a new
+model version when the watcher has one ready, gives up partitions over its share (after
+publishing what it read of them) and sets up the partitions it took. Multi-step paths are
+computed by the path lane, between the 1-step batches, never inside one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, refusal
 from streamcast.daemon.housekeeping import Housekeeping
 from streamcast.daemon.models import ModelWatcher, RetrainSchedule
 from streamcast.daemon.ownership import Ownership
+from streamcast.daemon.paths import PathLane
 from streamcast.daemon.plan import Planner
 from streamcast.daemon.sink import ForecastSink, Sink
 from streamcast.daemon.source import Source, TickSource
@@ -75,8 +79,7 @@ class Daemon:
         self.redis, self.engine, self.metrics = redis, engine, metrics
         self.keys = keys = keys or Keys()
         self.config = cfg = config or DaemonConfig()
-        self.clock, self.group = clock, keys.group
-        self.stats = Stats()
+        self.clock, self.group, self.stats = clock, keys.group, Stats()
         self.source: Source = TickSource(redis, keys, cfg, metrics, clock)
         self.planner = Planner(redis, keys, cfg, metrics, self.stats, engine, clock)
         self.sink: Sink = ForecastSink(
@@ -88,6 +91,8 @@ class Daemon:
         self.skill = SkillTracker(
             metrics, horizons=cfg.skill_horizons, window=cfg.skill_window, symbols=cfg.skill_symbols
         )
+        self.paths = PathLane(redis, keys, cfg, metrics, self.skill, self.calibration, self.stats)
+        self.paths.serve(lambda: self.engine, lambda: self._executor, self.ownership.valid)
         self.models: ModelWatcher | None = None
         if registry is not None and loader is not None:
             self.models = ModelWatcher(registry, keys, loader, cfg, metrics, lambda: self.engine)
@@ -99,6 +104,7 @@ class Daemon:
             self.source,
             self.planner,
             self.skill,
+            self.paths,
             cfg,
             metrics,
             calibration=self.calibration,
@@ -150,6 +156,7 @@ class Daemon:
             "consume": self._consume_forever(),
             "housekeeping": self.housekeeping.run_forever(),
             "lease": self.ownership.keep_forever(),
+            "paths": self.paths.run_forever(),
         }
         if self.config.ticks_trim_interval_s > 0:
             jobs["trim"] = self.trimmer.run_forever(
@@ -226,7 +233,10 @@ class Daemon:
             except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
                 self._in_flight = None  # unacknowledged: it will be read again from pending
                 self._set_up = False  # the batch may not have landed: rebuild windows
-                self._backoff = await self._redis_failed(exc, self._backoff)
+                self.redis_ok, pause, self._backoff = redis_failed(
+                    exc, self._backoff, self.metrics, self._say, self.group
+                )
+                await self._pause(pause)
                 if self._stopping.is_set():
                     return
 
@@ -248,6 +258,7 @@ class Daemon:
             self._flush,
             self.calibration,
             self.engine.version,
+            self.paths,
         )
         partitions = self.ownership.readable()
         if not partitions:  # standing by: the ownership rounds take one when they can
@@ -257,7 +268,10 @@ class Daemon:
             return True
         if self.source.rereads_in_flight:
             await self._flush()
-        entries = await self.source.read(partitions, block=self._in_flight is None)
+        # a busy stream's batch fills while the one before it is published
+        entries = await self.source.read(
+            partitions, block=self._in_flight is None, meanwhile=self._flush
+        )
         self.redis_ok = True
         self._backoff = 0.1
         if not entries:
@@ -269,7 +283,6 @@ class Daemon:
             compute(
                 batch,
                 self.engine,
-                steps=self.config.path_steps,
                 executor=self._executor,
                 metrics=self.metrics,
                 clock=self.clock,
@@ -295,6 +308,7 @@ class Daemon:
         # windows are rebuilt from history as their symbols' ticks arrive: after a failed batch
         # they are never trusted
         self.planner.reset()
+        self.paths.reset()
         self._set_up = True
 
     async def _flush(self) -> None:
@@ -316,16 +330,9 @@ class Daemon:
         self.skill.record(batch.accepted, batch.forecasts)
         if self.calibration is not None:
             self.calibration.record(batch.accepted, batch.forecasts, batch.vols)
+        self.paths.offer(batch)  # published: its symbols' newest windows may get a path
         self.metrics.queue_depth.set(0)
         self.metrics.symbols.set(len(self.planner.windows))
-
-    async def _redis_failed(self, exc: Exception, backoff: float) -> float:
-        """Say what Redis did, wait, and return the next backoff."""
-        self.redis_ok, pause, after = redis_failed(
-            exc, backoff, self.metrics, self._say, self.group
-        )
-        await self._pause(pause)
-        return after
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once when stopping."""
@@ -341,12 +348,19 @@ class Daemon:
             self.calibration.model_changed(self.engine.version)
 
     def _evict(self, protect: set[str]) -> None:
-        gone = self.planner.evict(self.clock(), protect)
-        for symbols in gone.values():
-            if symbols:
-                self.skill.forget(symbols)
-                if self.calibration is not None:
-                    self.calibration.forget_symbols(symbols)
+        for symbols in self.planner.evict(self.clock(), protect).values():
+            forget_symbols(symbols, self.skill, self.paths, self.calibration)
+
+
+def forget_symbols(
+    symbols: list[str], skill: SkillTracker, paths: PathLane, calibration: Calibration | None
+) -> None:
+    """What this replica tracks of ``symbols`` (evicted): their pending scores and paths."""
+    if symbols:
+        skill.forget(symbols)
+        paths.forget(symbols)
+        if calibration is not None:
+            calibration.forget_symbols(symbols)
 
 
 async def drain(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
@@ -380,6 +394,7 @@ async def hand_over(
     flush: Callable[[], Awaitable[None]],
     calibration: Calibration | None = None,
     version: str = "",
+    paths: PathLane | None = None,
 ) -> None:
     """At a batch boundary: publish (``flush``), then give up the partitions over this
     replica's share and forget the lost ones; set up the partitions taken (with their interval
@@ -394,12 +409,16 @@ async def hand_over(
         await own.release(giving | lost)  # a lost one is released only if still ours
         source.forget(lost | giving)
         planner.forget_partitions(lost | giving)
+        if paths is not None:
+            paths.forget_partitions(lost | giving)
     adopt = await source.setup(own.to_adopt(), sink.acked_high)
     if adopt:
         if calibration is not None:
             await calibration.adopt(adopt, version)
         # another replica may have moved these on since this one last held them
         planner.forget_partitions(adopt)
+        if paths is not None:
+            paths.forget_partitions(adopt)
         own.active |= adopt
         own.changed.clear()
         log.info(

@@ -1,4 +1,4 @@
-"""The batch plan: validate entries, keep the symbols' windows, choose which windows get a path.
+"""The batch plan: validate entries, keep the symbols' windows, conflate when asked.
 
 The windows are this replica's state. They are rebuilt from the symbols' history streams as
 their ticks arrive (after a start, a failed batch or an eviction), never trusted after a failure.
@@ -49,7 +49,6 @@ class Planner:
         self.stats = stats
         self.clock = clock
         self.windows = Windows(engine.seq_len)
-        self.last_path: dict[str, float] = {}
         self.limits = replace(config.limits, positive=engine.normalise)
         self._say = RateLimitedLog(log)
         self._idle_checked = 0.0
@@ -58,7 +57,6 @@ class Planner:
     def reset(self) -> None:
         """Forget every window: after a failed batch they are never trusted."""
         self.windows = Windows(self.windows.seq_len)
-        self.last_path.clear()
 
     def forget_partitions(self, partitions: set[int]) -> None:
         """Forget the windows of ``partitions``' symbols: given up, lost, or just taken (another
@@ -67,8 +65,6 @@ class Planner:
             return
         gone = [s for s in self.windows.symbols() if self.keys.partition(s) in partitions]
         self.windows.forget(gone)
-        for symbol in gone:
-            self.last_path.pop(symbol, None)
 
     def model_changed(self, normalise: bool) -> None:
         self.limits = replace(self.limits, positive=normalise)
@@ -148,8 +144,8 @@ class Planner:
         read_at: float,
         partition_of: Callable[[str], int],
     ) -> Batch:
-        """Validate entries, push prices into windows, and choose which windows get a path;
-        ``partition_of`` names the partition of a stream."""
+        """Validate entries and push prices into windows; ``partition_of`` names the partition
+        of a stream. Conflating, only each symbol's newest tick with a full window is forecast."""
         batch = Batch(read_at=read_at or self.clock(), partition_of=self.keys.partition)
         now = self.clock()
         for stream, entry_id, fields in entries:
@@ -157,7 +153,8 @@ class Planner:
             part.ack_ids.append(entry_id)
             if fields:  # empty: deleted from the stream while pending
                 self._take(batch, part, partition_of(stream), entry_id, fields, now)
-        self._choose_paths(batch, now)
+        if self.config.conflate:
+            self._conflate(batch)
         self.metrics.queue_depth.set(len(entries))
         return batch
 
@@ -210,18 +207,18 @@ class Planner:
         else:
             self.metrics.ticks.labels("filling").inc()
 
-    def _choose_paths(self, batch: Batch, now: float) -> None:
-        """Paths only for the newest window of a symbol in the batch (older ones are coalesced
-        into it), for symbols whose path is due, stalest first, at most paths_per_batch_max."""
-        cfg = self.config
+    def _conflate(self, batch: Batch) -> None:
+        """Forecast only each symbol's newest ready tick; the others stay accepted (history,
+        the ack) and are counted."""
         newest = {tick.symbol: i for i, tick in enumerate(batch.ready)}
-        due = [
-            i for s, i in newest.items() if now - self.last_path.get(s, 0.0) >= cfg.path_refresh_s
-        ]
-        due.sort(key=lambda i: self.last_path.get(batch.ready[i].symbol, 0.0))
-        batch.due = due[: cfg.paths_per_batch_max]
-        for i in batch.due:
-            self.last_path[batch.ready[i].symbol] = now
+        if len(newest) == len(batch.ready):
+            return
+        keep = sorted(newest.values())
+        skipped = len(batch.ready) - len(keep)
+        batch.ready = [batch.ready[i] for i in keep]
+        batch.windows = [batch.windows[i] for i in keep]
+        self.stats.conflated += skipped
+        self.metrics.ticks.labels("conflated").inc(skipped)
 
     # -- forgetting ------------------------------------------------------------------------------
 
@@ -239,8 +236,6 @@ class Planner:
         for why, symbols in gone.items():
             if not symbols:
                 continue
-            for symbol in symbols:
-                self.last_path.pop(symbol, None)
             self.metrics.symbols_evicted.labels(why).inc(len(symbols))
             self._say(
                 logging.INFO,
@@ -252,12 +247,3 @@ class Planner:
                 symbols[0],
             )
         return gone
-
-    def path_age(self, now: float) -> float:
-        """Age of the stalest path among symbols that ticked since their path was computed (a
-        symbol that stopped ticking has a path of its newest window: not stale)."""
-        stale = 0.0
-        for symbol, at in self.last_path.items():
-            if self.windows.touched(symbol) > at:
-                stale = max(stale, now - at)
-        return stale

@@ -169,33 +169,24 @@ class ForecastSink:
 
     def _count(self, batch: Batch) -> None:
         m, forecasts = self.metrics, batch.forecasts
-        withheld = {
-            "next": sum(f.next is None for f in forecasts),
-            "path": sum(f.path_withheld for f in forecasts),
-        }
-        # paths of forecasts made, not of due windows: a tick the engine failed on has none
-        paths = sum(f.path is not None for f in forecasts) + withheld["path"]
+        withheld = sum(f.next is None for f in forecasts)
         self.stats.batches += 1
         self.stats.forecasts += len(forecasts)
-        self.stats.paths += paths
         self.stats.dead += len(batch.dead)
         self.stats.accepted += len(batch.accepted)
         m.batch_size.observe(len(batch.ack_ids))
         m.ticks.labels("forecast").inc(len(forecasts))
         m.ticks.labels("dead").inc(len(batch.dead))
-        m.forecasts.labels("next").inc(len(forecasts) - withheld["next"])
-        m.forecasts.labels("path").inc(paths - withheld["path"])
-        for kind, n in withheld.items():
-            if n:
-                m.forecasts_withheld.labels(kind).inc(n)
-                self._say(
-                    logging.WARNING,
-                    f"withheld-{kind}",
-                    "the model's %s was not finite for %d ticks of this batch: published without "
-                    "it, with a reason",
-                    kind,
-                    n,
-                )
+        m.forecasts.labels("next").inc(len(forecasts) - withheld)
+        if withheld:
+            m.forecasts_withheld.labels("next").inc(withheld)
+            self._say(
+                logging.WARNING,
+                "withheld-next",
+                "the model's next was not finite for %d ticks of this batch: published without "
+                "it, with a reason",
+                withheld,
+            )
         for letter in batch.dead:
             m.dead_letters.labels(letter.reason).inc()
         done_ms = int(self.clock() * 1000)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
@@ -49,11 +49,41 @@ class Source(Protocol):
 
     def forget(self, partitions: set[int]) -> None: ...
 
-    async def read(self, partitions: list[int], block: bool = True) -> Entries: ...
+    async def read(
+        self,
+        partitions: list[int],
+        block: bool = True,
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+    ) -> Entries: ...
 
     async def reclaim(self, partitions: list[int]) -> None: ...
 
     async def measure_lag(self, partitions: list[int]) -> None: ...
+
+
+class FillWait:
+    """How long a read waits for its batch to fill: flush on size or deadline, as serving
+    systems batch, and not at all when the stream is nearly empty (batching would not pay)."""
+
+    def __init__(self, config: DaemonConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config, self.clock = config, clock
+        self.rate = 0.0  # new entries a second, as the reads found them (a moving average)
+        self._last = 0.0
+
+    def wait(self, found: int, count: int) -> float:
+        """Seconds a read of up to ``count`` entries that found ``found`` waits for more: none
+        below ``batch_fill_min`` or at ``count``; else up to ``batch_max_wait_ms``, no longer
+        than the arrival rate needs to fill the read."""
+        cfg = self.config
+        now = self.clock()
+        elapsed, self._last = now - self._last, now
+        if elapsed > 0:
+            self.rate = 0.8 * self.rate + 0.2 * found / elapsed
+        room = count - found
+        if found < cfg.batch_fill_min or room <= 0 or cfg.batch_max_wait_ms <= 0:
+            return 0.0
+        wait = cfg.batch_max_wait_ms / 1000
+        return min(wait, room / self.rate) if self.rate > 0 else wait
 
 
 class TickSource:
@@ -81,6 +111,7 @@ class TickSource:
         self._read_count = min(config.batch_max_size, 64)  # grows while entries are small
         self._retry_at: dict[int, float] = {}  # partitions whose set-up failed: when to retry
         self._watch_until: dict[int, float] = {}  # taken lately: look for strays until then
+        self.fill = FillWait(config, clock)
         self._say = RateLimitedLog(log)
 
     def partition_of(self, stream: str) -> int:
@@ -236,10 +267,16 @@ class TickSource:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def read(self, partitions: list[int], block: bool = True) -> Entries:
-        """Our pending entries of ``partitions`` first, then new ones (waiting
-        ``batch_max_wait_ms`` for a small batch to fill when ``block``)."""
-        cfg = self.config
+    async def read(
+        self,
+        partitions: list[int],
+        block: bool = True,
+        meanwhile: Callable[[], Awaitable[None]] | None = None,
+    ) -> Entries:
+        """Our pending entries of ``partitions`` first, then new ones. A read that found the
+        stream busy (at least ``batch_fill_min`` new entries, room for more) waits a little for
+        its batch to fill, running ``meanwhile`` (the publish of the batch before) as it waits;
+        one that found it nearly empty returns at once: no tick waits on a quiet stream."""
         pending = {p: c for p, c in self._pending_from.items() if p in partitions}
         if pending:
             # our own pending entries, from a cursor: the batch read last is not acknowledged
@@ -259,15 +296,18 @@ class TickSource:
             if entries:
                 return entries
         streams = {self.keys.ticks(p): ">" for p in partitions}
-        entries = await self._read_group(
-            streams, self._read_count, cfg.read_block_ms if block else None
-        )
+        block_ms = self.config.read_block_ms if block else None
+        entries = await self._read_group(streams, self._read_count, block_ms)
         self.read_at = self.clock()  # a batch's wait (the fill below, prepare) counts from here
-        room = self._read_count - len(entries)
-        if block and entries and room > 0 and cfg.batch_max_wait_ms > 0:
-            # flush on size or deadline: give a small batch a moment to fill
-            await asyncio.sleep(cfg.batch_max_wait_ms / 1000)
-            entries += await self._read_group(streams, room)
+        wait = self.fill.wait(len(entries), self._read_count)
+        if wait > 0:
+            # flush on size or deadline, as serving systems batch: the batch before is
+            # published meanwhile
+            if meanwhile is None:
+                await asyncio.sleep(wait)
+            else:
+                await asyncio.gather(meanwhile(), asyncio.sleep(wait))
+            entries += await self._read_group(streams, self._read_count - len(entries))
         return await self._without_strays(entries)
 
     async def _without_strays(self, entries: Entries) -> Entries:
