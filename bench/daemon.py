@@ -9,7 +9,8 @@
    --symbols symbols for --seconds, then waits for the backlog to drain.
 3. Reads every forecast back: sustained throughput, tick-to-forecast latency (publish time minus
    the tick's stream id time, both in ms), and the age of each symbol's newest 50-step path
-   sampled every 100 ms.
+   (published to its own paths stream; older code: forecast entries that carry one) sampled
+   every 100 ms.
 4. Capacity: once the load has drained, writes --capacity-ticks ticks at once and times how fast
    the daemon works off that backlog (saturated, unlike the paced load).
 5. Runs a consumer written the tutorial's way (one `model.predict` per tick) for
@@ -73,15 +74,18 @@ def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def spawn_serve(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """`streamcast serve` as its own process, its output in ``log_path``."""
+def spawn_serve(env: dict[str, str], log_path: Path, checkout: Path = ROOT) -> subprocess.Popen:
+    """`streamcast serve` as its own process, its output in ``log_path``; the code of
+    ``checkout`` (another one, e.g. a `git worktree` of an older commit, goes on PYTHONPATH)."""
+    if checkout != ROOT:
+        env = {**env, "PYTHONPATH": str(checkout)}
     with open(log_path, "w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "streamcast.cli", "serve"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=checkout,
         )
 
 
@@ -139,30 +143,39 @@ async def forecasts_count(redis, keys: Keys, names: list[str]) -> int:
     return sum(await pipe.execute())
 
 
+async def entries_of(redis, key: str):
+    """Every entry of a stream, oldest first, read 5,000 at a time."""
+    cursor = "-"
+    while True:
+        entries = await redis.xrange(key, min=cursor, count=5000)
+        for entry in entries:
+            yield entry
+        if len(entries) < 5000:
+            return
+        ms, seq = entries[-1][0].decode().split("-")
+        cursor = f"{ms}-{int(seq) + 1}"
+
+
 async def collect(
     redis, keys: Keys, names: list[str]
 ) -> tuple[np.ndarray, dict[str, list[int]], list[int]]:
-    """Latencies (ms), path publish times per symbol (ms), and publish times of all forecasts."""
+    """Latencies (ms), path publish times per symbol (ms), and publish times of all forecasts.
+
+    A path's publish time is its paths stream entry's ``ts``; a symbol whose paths stream is
+    empty (code before the path lane) has its paths in the forecast entries that carry one."""
     latencies, published = [], []
     paths: dict[str, list[int]] = {}
     for name in names:
-        cursor = "-"
-        while True:
-            entries = await redis.xrange(keys.forecasts(name), min=cursor, count=5000)
-            if not entries:
-                break
-            for eid, fields in entries:
-                tick_ms = int(eid.split(b"-")[0])
-                ts = int(fields[b"ts"])
-                latencies.append(ts - tick_ms)
-                published.append(ts)
-                if b"path" in fields:
-                    paths.setdefault(name, []).append(ts)
-            last = entries[-1][0].decode()
-            ms, seq = last.split("-")
-            cursor = f"{ms}-{int(seq) + 1}"
-            if len(entries) < 5000:
-                break
+        inline = []
+        async for eid, fields in entries_of(redis, keys.forecasts(name)):
+            ts = int(fields[b"ts"])
+            latencies.append(ts - int(eid.split(b"-")[0]))
+            published.append(ts)
+            if b"path" in fields:
+                inline.append(ts)
+        own = [int(fields[b"ts"]) async for _, fields in entries_of(redis, keys.paths(name))]
+        if own or inline:
+            paths[name] = own or inline
     return np.array(latencies), paths, published
 
 
@@ -210,10 +223,30 @@ async def tutorial_consumer(
     return done
 
 
+def scrape_metrics(port: int) -> str:
+    """The daemon's /metrics text ("" when it does not answer)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
 async def run_daemon(
-    redis, url: str, tmp: str, prefix: str, names: list[str], feed: np.ndarray, args, extra_env
+    redis,
+    url: str,
+    tmp: str,
+    prefix: str,
+    names: list[str],
+    feed: np.ndarray,
+    args,
+    extra_env,
+    checkout: Path = ROOT,
 ) -> dict:
-    """Start `streamcast serve`, offer the load, drain, read back; the measurements."""
+    """Start `streamcast serve` (``checkout``'s code), offer the load, drain, read back; the
+    measurements, with the daemon's /metrics as they were once the load had drained."""
     keys = Keys(prefix)
     history = args.history_points if args.retrain else 50
     await seed_history(redis, keys, names, feed[:, :history])
@@ -230,7 +263,7 @@ async def run_daemon(
         key, _, value = item.partition("=")
         env[key] = value
     log_path = Path(tmp) / f"daemon-{prefix}.log"
-    daemon = spawn_serve(env, log_path)
+    daemon = spawn_serve(env, log_path, checkout)
     try:
         await wait_ready(http_port, daemon)
         start_ms = int(time.time() * 1000)
@@ -242,6 +275,7 @@ async def run_daemon(
         ) < sent and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         drained_ms = int(time.time() * 1000)
+        metrics = await asyncio.to_thread(scrape_metrics, http_port)
         latencies, paths, published = await collect(redis, keys, names)
         capacity = await measure_capacity(redis, keys, names, feed, done, args.capacity_ticks)
         daemon.terminate()
@@ -268,6 +302,7 @@ async def run_daemon(
         "end_ms": end_ms,
         "lifecycle": lifecycle,
         "capacity": capacity,
+        "metrics": metrics,
     }
 
 
@@ -417,12 +452,13 @@ async def main() -> None:
     out(f"capacity ratio (both saturated) streamcast / tutorial: {capacity / tutorial_rate:,.0f}x")
     ok = (
         ours["done"] == ours["sent"]
-        and np.percentile(latencies, 99) <= 250
+        and np.percentile(latencies, 99) <= 100
         and np.percentile(ages, 99) <= 10
     )
     out(
-        "target (every tick forecast, p99 latency <= 250 ms, p99 path age <= 10 s): "
-        f"{'met' if ok else 'NOT met'}"
+        f"target at {args.rate:,.0f} ticks/s over {args.symbols} symbols (issue 16's, set for "
+        "2,000 ticks/s over 500: every tick forecast, p99 latency <= 100 ms, p99 path age "
+        f"<= 10 s): {'met' if ok else 'NOT met'}"
     )
     out.save(args.record)
 
