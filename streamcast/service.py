@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -58,6 +59,10 @@ def load_engine(settings: Settings, path: Path | None = None) -> Any:
     # a compile in the middle of serving would stall every tick behind it for seconds
     sizes = engine.bucket_sizes(settings.batch_max_size)
     engine.warmup(batch_sizes=sizes, steps=lane_steps(settings.path_steps))
+    # the engine's objects live as long as it does: out of the collector's sight. With TensorFlow
+    # loaded a full collection walks ~4e5 objects (~0.3 s on this project's CI machine), a stall
+    # of the event loop and so of every tick in flight (bench/latency.py found it)
+    gc.freeze()
     log.info(
         "model %s on %s (%s, chunk %d x %d workers), %d programs compiled in %.1f s",
         engine.version,

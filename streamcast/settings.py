@@ -150,6 +150,13 @@ class Settings(BaseSettings):
         le=65536,
         description="paths the path lane computes together (the stalest first)",
     )
+    path_share: float = Field(
+        default(_D, "path_share"),
+        gt=0,
+        le=1,
+        description="while ticks flow, the most of the engine's time the path lane takes (1: "
+        "no limit)",
+    )
     path_chunk_ms: float = Field(
         default(_D, "path_chunk_ms"),
         gt=0,

@@ -240,7 +240,10 @@ async def test_a_tick_forecast_waits_for_at_most_one_path_step_not_for_paths(
         assert len(waited) <= 2, f"the tick waited for {len(waited)} path calls"
         assert waited == [1] * len(waited), "30 ms a step is over the 10 ms budget: 1 a call"
         # the group was still being computed: the tick did not wait for its paths
-        assert any(what == "path" and t > answered for what, t, _ in engine.calls)
+        await wait_for(
+            lambda: any(what == "path" and t > answered for what, t, _ in engine.calls),
+            timeout_s=10,
+        )
         await wait_for(lambda: redis_client.xlen(keys.paths("W63")), timeout_s=60)
 
 

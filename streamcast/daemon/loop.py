@@ -92,7 +92,6 @@ class Daemon:
             metrics, horizons=cfg.skill_horizons, window=cfg.skill_window, symbols=cfg.skill_symbols
         )
         self.paths = PathLane(redis, keys, cfg, metrics, self.skill, self.calibration, self.stats)
-        self.paths.serve(lambda: self.engine, lambda: self._executor, self.ownership.valid)
         self.models: ModelWatcher | None = None
         if registry is not None and loader is not None:
             self.models = ModelWatcher(registry, keys, loader, cfg, metrics, lambda: self.engine)
@@ -150,7 +149,9 @@ class Daemon:
         if self._started:
             return
         self._started = True
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._executor = executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        lane, engine = self.paths, lambda: self.engine
+        lane.serve(engine, lambda: executor, self.ownership.valid, self.source.fill.flowing)
         self.metrics.model_info.labels(self.engine.version).set(1)
         jobs = {
             "consume": self._consume_forever(),

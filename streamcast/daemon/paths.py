@@ -5,7 +5,9 @@ each of its symbols is offered here; a symbol is queued when its path is due (``
 since its last one), and a queued symbol's window is replaced by each newer one. The lane takes
 up to ``paths_per_batch_max`` queued symbols, the longest waiting first, and rolls their windows
 forward a few steps at a time on the engine's one thread: each step is sized to take about
-``path_chunk_ms``, so a 1-step batch submitted meanwhile waits for one step at most. A finished
+``path_chunk_ms``, so a 1-step batch submitted meanwhile waits for one step at most. While ticks
+flow, the lane pauses after each step so that it takes at most ``path_share`` of the engine's
+time (and of the CPU): paths never starve the 1-step forecasts; on a quiet stream it runs on. A finished
 path goes to its symbol's paths stream (``Keys.paths``), its entry id the tick it starts from.
 
 Paths are refreshes, not deliveries: a path lost to a crash, a Redis error or a partition given
@@ -45,6 +47,7 @@ from streamcast.wire import Forecast, Tick
 log = logging.getLogger(__name__)
 
 LANE_STEPS = (1, 5)  # a call rolls 1 or 5 steps: the step counts compiled at start
+ENCODE_SLICE = 8  # path entries encoded between two turns of the event loop
 
 
 @dataclass
@@ -79,6 +82,7 @@ class PathLane:
         self.engine: Callable[[], Engine] = lambda: _no_engine()
         self.executor: Callable[[], Executor | None] = lambda: None
         self.owned: Callable[[int], bool] = lambda partition: True
+        self.busy: Callable[[], bool] = lambda: False  # whether ticks are flowing
         self.queue: dict[str, Job] = {}
         self.computing: dict[str, Job] = {}  # the group in flight
         self.last_path: dict[str, float] = {}  # when each symbol's last path was due
@@ -91,10 +95,12 @@ class PathLane:
         engine: Callable[[], Engine],
         executor: Callable[[], Executor | None],
         owned: Callable[[int], bool],
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         """Compute with ``engine()`` on ``executor()`` (the 1-step batches' thread); publish
-        only for partitions ``owned``."""
-        self.engine, self.executor, self.owned = engine, executor, owned
+        only for partitions ``owned``; while ``busy()`` (ticks flowing), take at most
+        ``path_share`` of the engine's time."""
+        self.engine, self.executor, self.owned, self.busy = engine, executor, owned, busy
 
     # -- fed by the consume loop -----------------------------------------------------------------
 
@@ -201,7 +207,11 @@ class PathLane:
                 part, bad = await loop.run_in_executor(
                     self.executor(), rows_apart, _rollout(engine, k), state, (k,)
                 )
-                self._timed(len(windows), k, time.perf_counter() - began)
+                took = time.perf_counter() - began
+                self._timed(len(windows), k, took)
+                if self.busy():  # ticks are flowing: the lane takes its share of the engine
+                    share = self.config.path_share
+                    await asyncio.sleep(took * (1 - share) / share)
                 for row, why in bad.items():
                     failed.setdefault(row, why)
                     part[row] = state[row, -1]  # a failed row rolls on flat; withheld below
@@ -246,7 +256,11 @@ class PathLane:
         now_ms = int(self.clock() * 1000)
         cfg, keys = self.config, self.keys
         pipe = self.redis.pipeline(transaction=False)
-        for f in forecasts:
+        for k, f in enumerate(forecasts):
+            if k and k % ENCODE_SLICE == 0:
+                # a path entry is ~250 numbers to text (~0.3 ms): the consume loop runs between
+                # slices instead of waiting for the whole group's
+                await asyncio.sleep(0)
             fields: dict[Any, Any] = f.encode(now_ms)
             pipe.xadd(
                 keys.paths(f.tick.symbol),

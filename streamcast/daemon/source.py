@@ -41,6 +41,8 @@ class Source(Protocol):
     @property
     def rereads_in_flight(self) -> bool: ...
 
+    fill: FillWait  # how long reads wait to fill; whether ticks are flowing
+
     def partition_of(self, stream: str) -> int: ...
 
     async def setup(
@@ -84,6 +86,10 @@ class FillWait:
             return 0.0
         wait = cfg.batch_max_wait_ms / 1000
         return min(wait, room / self.rate) if self.rate > 0 else wait
+
+    def flowing(self) -> bool:
+        """Whether ticks are arriving (about one a second or more, as the reads found them)."""
+        return self.rate >= 1.0
 
 
 class TickSource:
@@ -273,10 +279,11 @@ class TickSource:
         block: bool = True,
         meanwhile: Callable[[], Awaitable[None]] | None = None,
     ) -> Entries:
-        """Our pending entries of ``partitions`` first, then new ones. A read that found the
-        stream busy (at least ``batch_fill_min`` new entries, room for more) waits a little for
-        its batch to fill, running ``meanwhile`` (the publish of the batch before) as it waits;
-        one that found it nearly empty returns at once: no tick waits on a quiet stream."""
+        """Our pending entries of ``partitions`` first, then new ones. ``meanwhile`` (the publish
+        of the batch before) runs side by side with a read that does not block. A read that
+        found the stream busy (at least ``batch_fill_min`` new entries, room for more) waits a
+        little for its batch to fill; one that found it nearly empty returns at once: no tick
+        waits on a quiet stream."""
         pending = {p: c for p, c in self._pending_from.items() if p in partitions}
         if pending:
             # our own pending entries, from a cursor: the batch read last is not acknowledged
@@ -296,13 +303,19 @@ class TickSource:
             if entries:
                 return entries
         streams = {self.keys.ticks(p): ">" for p in partitions}
-        block_ms = self.config.read_block_ms if block else None
-        entries = await self._read_group(streams, self._read_count, block_ms)
+        if block or meanwhile is None:
+            block_ms = self.config.read_block_ms if block else None
+            entries = await self._read_group(streams, self._read_count, block_ms)
+        else:  # a batch waits to be published: at once, side by side with this read
+            entries, _ = await asyncio.gather(
+                self._read_group(streams, self._read_count), meanwhile()
+            )
+            meanwhile = None
         self.read_at = self.clock()  # a batch's wait (the fill below, prepare) counts from here
         wait = self.fill.wait(len(entries), self._read_count)
         if wait > 0:
             # flush on size or deadline, as serving systems batch: the batch before is
-            # published meanwhile
+            # published meanwhile, if it was not yet
             if meanwhile is None:
                 await asyncio.sleep(wait)
             else:
