@@ -100,6 +100,8 @@ async def seed_history(redis, keys: Keys, names: list[str], warm: np.ndarray) ->
     for name, row in zip(names, warm, strict=True):
         for t, price in enumerate(row):
             pipe.xadd(keys.history(name), {"price": repr(float(price))}, id=f"{t + 1}-0")
+        if len(pipe) >= 20_000:  # full histories (500 x 5,000): one pipeline would time out
+            await pipe.execute()
     pipe.sadd(keys.symbols(0), *names)
     await pipe.execute()
 
@@ -375,6 +377,7 @@ async def main() -> None:
         "--capacity-ticks", type=int, default=30_000, help="backlog for the capacity (0: none)"
     )
     parser.add_argument("--record", action="store_true", help="write docs/results/NAME.md")
+    parser.add_argument("--result", help="NAME of the recorded result (default: daemon, retrain)")
     parser.add_argument(
         "--retrain",
         action="store_true",
@@ -433,7 +436,7 @@ async def main() -> None:
             redis_proc.wait(10)
 
     latencies, ages = ours["latencies"], ours["ages"]
-    out = Report("daemon" if not args.env else "daemon-" + "-".join(
+    out = Report(args.result or "daemon" if not args.env else "daemon-" + "-".join(
         e.split("=")[0].removeprefix("STREAMCAST_").lower().replace("_", "-") for e in args.env
     ))  # fmt: skip
     out(header(args))
@@ -505,7 +508,7 @@ async def retrain_comparison(redis, url, tmp, names, feed, args) -> None:
         max(0, min(end, busy["end_ms"]) - max(start, busy["start_ms"]))
         for start, end, _ in busy["retrains"]
     ) / max(1, busy["end_ms"] - busy["start_ms"])
-    out = Report("retrain")
+    out = Report(args.result or "retrain")
     out(header(args))
     out(HEADER)
     out(row("idle (no retrain)", idle, args.seconds))

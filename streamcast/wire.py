@@ -242,8 +242,9 @@ class Forecast:
         if values is not None and not all(math.isfinite(v) for v in values):
             values = None
             reasons.append("path is not finite")
-        if bands is not None and (nxt is None or values is None):
-            bands = _bands_without(bands, nxt is None, values is None)
+        path_gone = path is not None and values is None
+        if bands is not None and (nxt is None or path_gone):
+            bands = _bands_without(bands, nxt is None, path_gone)
         return cls(tick, model, nxt, values, "; ".join(reasons) or None, None, bands)
 
     @classmethod

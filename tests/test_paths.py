@@ -107,6 +107,25 @@ def test_a_read_of_a_quiet_stream_never_waits_a_busy_one_waits_at_most_the_deadl
     assert never.wait(100, 512) == 0.0
 
 
+def test_the_lane_takes_its_share_while_ticks_flow_and_a_quarter_of_it_when_backlogged():
+    now = [100.0]
+    fill = FillWait(DaemonConfig(), lambda: now[0])
+    lane, _, _ = _lane(None, DaemonConfig(path_share=0.4))
+    lane.load = fill.load
+    assert fill.load() == "quiet" and lane._share() == 1.0, "a quiet stream: paths run on"
+    for _ in range(10):
+        now[0] += 0.1
+        fill.wait(5, 512)  # 50 ticks a second
+    assert fill.load() == "flowing" and lane._share() == 0.4
+    now[0] += 0.1
+    fill.wait(512, 512)  # a full read: ticks are waiting
+    assert fill.load() == "backlogged" and lane._share() == 0.1
+    for _ in range(40):
+        now[0] += 1.0
+        fill.wait(0, 512)
+    assert fill.load() == "quiet"
+
+
 # -- the lane, alone -------------------------------------------------------------------------------
 
 

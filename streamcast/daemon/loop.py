@@ -151,7 +151,7 @@ class Daemon:
         self._started = True
         self._executor = executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         lane, engine = self.paths, lambda: self.engine
-        lane.serve(engine, lambda: executor, self.ownership.valid, self.source.fill.flowing)
+        lane.serve(engine, lambda: executor, self.ownership.valid, self.source.fill.load)
         self.metrics.model_info.labels(self.engine.version).set(1)
         jobs = {
             "consume": self._consume_forever(),

@@ -7,7 +7,8 @@ up to ``paths_per_batch_max`` queued symbols, the longest waiting first, and rol
 forward a few steps at a time on the engine's one thread: each step is sized to take about
 ``path_chunk_ms``, so a 1-step batch submitted meanwhile waits for one step at most. While ticks
 flow, the lane pauses after each step so that it takes at most ``path_share`` of the engine's
-time (and of the CPU): paths never starve the 1-step forecasts; on a quiet stream it runs on. A finished
+time (and of the CPU), a quarter of that while ticks are backlogged: paths never starve the
+1-step forecasts; on a quiet stream it runs on. A finished
 path goes to its symbol's paths stream (``Keys.paths``), its entry id the tick it starts from.
 
 Paths are refreshes, not deliveries: a path lost to a crash, a Redis error or a partition given
@@ -82,7 +83,7 @@ class PathLane:
         self.engine: Callable[[], Engine] = lambda: _no_engine()
         self.executor: Callable[[], Executor | None] = lambda: None
         self.owned: Callable[[int], bool] = lambda partition: True
-        self.busy: Callable[[], bool] = lambda: False  # whether ticks are flowing
+        self.load: Callable[[], str] = lambda: "quiet"  # quiet, flowing or backlogged
         self.queue: dict[str, Job] = {}
         self.computing: dict[str, Job] = {}  # the group in flight
         self.last_path: dict[str, float] = {}  # when each symbol's last path was due
@@ -95,12 +96,12 @@ class PathLane:
         engine: Callable[[], Engine],
         executor: Callable[[], Executor | None],
         owned: Callable[[int], bool],
-        busy: Callable[[], bool] = lambda: False,
+        load: Callable[[], str] = lambda: "quiet",
     ) -> None:
         """Compute with ``engine()`` on ``executor()`` (the 1-step batches' thread); publish
-        only for partitions ``owned``; while ``busy()`` (ticks flowing), take at most
-        ``path_share`` of the engine's time."""
-        self.engine, self.executor, self.owned, self.busy = engine, executor, owned, busy
+        only for partitions ``owned``; take at most ``path_share`` of the engine's time while
+        ``load()`` says ticks are flowing, a quarter of that while they are backlogged."""
+        self.engine, self.executor, self.owned, self.load = engine, executor, owned, load
 
     # -- fed by the consume loop -----------------------------------------------------------------
 
@@ -209,8 +210,8 @@ class PathLane:
                 )
                 took = time.perf_counter() - began
                 self._timed(len(windows), k, took)
-                if self.busy():  # ticks are flowing: the lane takes its share of the engine
-                    share = self.config.path_share
+                share = self._share()
+                if share < 1:  # ticks are flowing: the lane takes its share of the engine
                     await asyncio.sleep(took * (1 - share) / share)
                 for row, why in bad.items():
                     failed.setdefault(row, why)
@@ -223,6 +224,13 @@ class PathLane:
             else:
                 out[list(failed)] = np.nan  # published without a path, with the reason
                 return out, engine.version
+
+    def _share(self) -> float:
+        load = self.load()
+        if load == "quiet":
+            return 1.0
+        share = self.config.path_share
+        return share / 4 if load == "backlogged" else share
 
     def _chunk(self, rows: int, left: int) -> int:
         """Steps for the next call: the most of :data:`LANE_STEPS` (the step counts the engine

@@ -41,7 +41,7 @@ class Source(Protocol):
     @property
     def rereads_in_flight(self) -> bool: ...
 
-    fill: FillWait  # how long reads wait to fill; whether ticks are flowing
+    fill: FillWait  # how long reads wait to fill; how loaded the stream is
 
     def partition_of(self, stream: str) -> int: ...
 
@@ -70,6 +70,7 @@ class FillWait:
     def __init__(self, config: DaemonConfig, clock: Callable[[], float] = time.time) -> None:
         self.config, self.clock = config, clock
         self.rate = 0.0  # new entries a second, as the reads found them (a moving average)
+        self.full = False  # whether the last read came back full
         self._last = 0.0
 
     def wait(self, found: int, count: int) -> float:
@@ -82,14 +83,18 @@ class FillWait:
         if elapsed > 0:
             self.rate = 0.8 * self.rate + 0.2 * found / elapsed
         room = count - found
+        self.full = room <= 0
         if found < cfg.batch_fill_min or room <= 0 or cfg.batch_max_wait_ms <= 0:
             return 0.0
         wait = cfg.batch_max_wait_ms / 1000
         return min(wait, room / self.rate) if self.rate > 0 else wait
 
-    def flowing(self) -> bool:
-        """Whether ticks are arriving (about one a second or more, as the reads found them)."""
-        return self.rate >= 1.0
+    def load(self) -> str:
+        """What the reads found lately: ``quiet`` (about a tick a second or fewer), ``flowing``,
+        or ``backlogged`` (the last read came back full: ticks are waiting)."""
+        if self.full:
+            return "backlogged"
+        return "flowing" if self.rate >= 1.0 else "quiet"
 
 
 class TickSource:
