@@ -204,11 +204,10 @@ class PathLane:
             failed: dict[int, str] = {}
             while done < steps:
                 k = self._chunk(len(windows), steps - done)
-                began = time.perf_counter()
-                part, bad = await loop.run_in_executor(
-                    self.executor(), rows_apart, _rollout(engine, k), state, (k,)
+                # timed on the engine's thread: the wait behind 1-step batches is not the lane's
+                (part, bad), took = await loop.run_in_executor(
+                    self.executor(), _run_timed, rows_apart, _rollout(engine, k), state, (k,)
                 )
-                took = time.perf_counter() - began
                 self._timed(len(windows), k, took)
                 share = self._share()
                 if share < 1:  # ticks are flowing: the lane takes its share of the engine
@@ -358,6 +357,13 @@ def _no_engine() -> Engine:
 def lane_steps(path_steps: int) -> tuple[int, ...]:
     """The step counts the lane calls the engine with (the engine compiles each at start)."""
     return tuple(sorted({k for k in LANE_STEPS if k <= path_steps}))
+
+
+def _run_timed(call: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``call(*args)`` and the seconds it took (on the thread that ran it)."""
+    began = time.perf_counter()
+    out = call(*args)
+    return out, time.perf_counter() - began
 
 
 def _rollout(engine: Engine, steps: int) -> Callable[[np.ndarray], np.ndarray]:
