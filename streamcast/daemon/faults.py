@@ -38,3 +38,10 @@ def refusal(exc: Exception) -> str:
     said = said.split("caused error: ", 1)[-1] if said.startswith("Command # ") else said
     word = said.split(" ", 1)[0]
     return word if word.isupper() and word.isalpha() and len(word) <= 16 else "ERR"
+
+
+def write_refusal(exc: Exception) -> str:
+    """Why Redis refused a write, as a metric label: ``duplicate_id`` for an XADD whose id is not
+    after the stream's last (a redelivery, or a stray later entry), else :func:`refusal`'s code
+    in lower case."""
+    return "duplicate_id" if "equal or smaller" in str(exc) else refusal(exc).lower()

@@ -37,7 +37,7 @@ from streamcast.daemon.batch import Batch, Stats
 from streamcast.daemon.calibration import Calibration
 from streamcast.daemon.compute import rows_apart
 from streamcast.daemon.config import DaemonConfig
-from streamcast.daemon.faults import REDIS_DOWN, refusal
+from streamcast.daemon.faults import REDIS_DOWN, write_refusal
 from streamcast.engine import Engine
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
@@ -321,7 +321,7 @@ class PathLane:
                 written.append(True)
                 continue
             said = str(result)
-            reason = "duplicate_id" if "equal or smaller" in said else refusal(result).lower()
+            reason = write_refusal(result)
             self.metrics.write_errors.labels("path", reason).inc()
             if reason != "duplicate_id":  # a duplicate: written already (a hand-over)
                 self._say(

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from streamcast.connect import is_cluster
 from streamcast.daemon.batch import Batch, Stats
 from streamcast.daemon.config import DaemonConfig
-from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, refusal
+from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, write_refusal
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
@@ -206,7 +206,7 @@ class ForecastSink:
             if not isinstance(result, Exception):
                 continue
             said = str(result)
-            reason = "duplicate_id" if "equal or smaller" in said else refusal(result).lower()
+            reason = write_refusal(result)
             self.metrics.write_errors.labels(what, reason).inc()
             if reason == "duplicate_id":
                 if what == "forecast":
