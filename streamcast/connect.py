@@ -55,6 +55,14 @@ def make_redis(
     return Redis.from_url(url, **options)
 
 
+def outage_behind(exc: redis_errors.WatchError) -> None:
+    """redis-py reports a connection lost while watching (Redis died or restarted between WATCH
+    and EXEC) as a WatchError raised while handling the connection error: that is an outage
+    (back off, retry), not a watched key that changed. Raises it as one; returns otherwise."""
+    if isinstance(exc.__context__, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        raise redis_errors.ConnectionError(f"connection lost while watching ({exc})") from exc
+
+
 def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 

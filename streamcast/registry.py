@@ -41,6 +41,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from streamcast.connect import outage_behind
 from streamcast.keys import Keys
 from streamcast.model import MODEL_FILE, SIDECAR_FILE, ModelError, ModelInfo, sha256_file
 from streamcast.wire import text
@@ -364,7 +365,8 @@ class Registry:
             pipe.xadd(keys.model_log, fields, maxlen=LOG_MAXLEN, approximate=True)
             try:
                 await pipe.execute()
-            except redis_errors.WatchError:
+            except redis_errors.WatchError as exc:
+                outage_behind(exc)  # Redis went away mid-promotion: not a conflict
                 raise PromotionConflict(
                     "the current version changed during the promotion"
                 ) from None

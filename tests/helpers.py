@@ -26,6 +26,7 @@ from streamcast.demo import free_port
 from streamcast.keys import Keys
 
 if TYPE_CHECKING:
+    from streamcast.daemon import Daemon
     from streamcast.metrics import Metrics
 
 # the consumer group that never reads: see keep_ticks
@@ -398,3 +399,19 @@ def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterNodes:
         raise
     cluster.stop()
     pytest.fail("the Redis Cluster did not come up (cluster_state:ok) within 30 s")
+
+
+async def crash(daemon: Daemon) -> None:
+    """As kill -9: every task stops at once, the publish in flight with them; no lease is
+    released, nothing more is published."""
+    from streamcast.tasks import cancelled
+
+    tasks = list(daemon._tasks)
+    if daemon._writing is not None and not daemon._writing.done():
+        tasks.append(daemon._writing)  # a killed process does not finish its publish
+    for task in tasks:
+        task.cancel()
+    # bounded, cancelling again: a task inside a Redis call may take one cancellation in
+    await cancelled(tasks)
+    daemon._tasks = []
+    daemon._started = False

@@ -11,10 +11,9 @@ from prometheus_client import CollectorRegistry
 from streamcast.daemon import Daemon, DaemonConfig
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
-from streamcast.tasks import cancelled
 from streamcast.wire import Tick
 
-from .helpers import check_exactly_once, feed, keep_ticks, sample, wait_for, wait_settled
+from .helpers import check_exactly_once, crash, feed, keep_ticks, sample, wait_for, wait_settled
 
 SYMBOLS = [f"S{i:02d}" for i in range(12)]
 
@@ -97,16 +96,6 @@ async def test_three_replicas_share_six_partitions_fairly_and_forecast_each_tick
         for d in daemons:
             await d.stop()
     await check_exactly_once(redis_client, keys, SYMBOLS)
-
-
-async def crash(daemon: Daemon) -> None:
-    """As kill -9: every task stops at once; no lease is released, nothing is published."""
-    for task in daemon._tasks:
-        task.cancel()
-    # bounded, cancelling again: a task inside a Redis call may take one cancellation in
-    await cancelled(daemon._tasks)
-    daemon._tasks = []
-    daemon._started = False
 
 
 async def test_a_dead_replicas_partitions_are_taken_over_and_a_new_one_gets_a_share(

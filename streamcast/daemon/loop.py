@@ -269,6 +269,7 @@ class Daemon:
             return True
         if self.source.rereads_in_flight:
             await self._flush()
+        tenure = dict(self.ownership.tenure)  # a batch is published under the tenure it was read
         # a busy stream's batch fills while the one before it is published
         entries = await self.source.read(
             partitions, block=self._in_flight is None, meanwhile=self._flush
@@ -280,6 +281,7 @@ class Daemon:
             return True
         await self.planner.restore(entries)
         batch = self.planner.prepare(entries, self.source.read_at, self.source.partition_of)
+        batch.tenure = tenure
         computing = asyncio.ensure_future(
             compute(
                 batch,
@@ -323,7 +325,9 @@ class Daemon:
         # we are cancelled mid-way: a crash before EXEC redelivers, never loses
         # a partition whose local deadline passed (this replica stalled) may be another's now:
         # its share is not published, and it is taken again only through a fresh lease
-        stale = {p for p in batch.parts if not self.ownership.valid(p)}
+        # so is one lost and taken again since the batch was read: the batch before it, dropped,
+        # is read again, and this one's ticks must not reach history first
+        stale = {p for p in batch.parts if not self.ownership.valid(p, batch.tenure.get(p))}
         batch.drop(stale)
         self.ownership.drop(stale)
         self._writing = asyncio.ensure_future(self.sink.write(batch))

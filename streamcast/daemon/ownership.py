@@ -67,6 +67,10 @@ class Ownership:
             Lease(redis, keys.lease(p), self.token, ttl_ms) for p in range(keys.partitions)
         ]
         self.held: dict[int, float] = {}  # partition -> monotonic deadline: surely ours until then
+        # partition -> which taking of it this is: a batch read under one is published only
+        # under the same (lost and taken again meanwhile, its windows may be ahead of history)
+        self.tenure: dict[int, int] = {}
+        self._takings = 0
         self.active: set[int] = set()  # set up by the consume loop and read
         self.releasing: set[int] = set()
         self.lost: set[int] = set()
@@ -88,7 +92,10 @@ class Ownership:
         """Owning nothing: the others hold every partition (or none is reachable yet)."""
         return not self.held
 
-    def valid(self, partition: int) -> bool:
+    def valid(self, partition: int, tenure: int | None = None) -> bool:
+        """Surely ours now (and, given ``tenure``, held without a break since that taking)."""
+        if tenure is not None and self.tenure.get(partition) != tenure:
+            return False
         return time.monotonic() <= self.held.get(partition, -1.0)
 
     def readable(self) -> list[int]:
@@ -288,6 +295,8 @@ class Ownership:
             asked = time.monotonic()
             if await self.leases[p].acquire():
                 self.held[p] = asked + self._valid_s()
+                self._takings += 1
+                self.tenure[p] = self._takings
                 taken.append(p)
         if taken:
             self.metrics.rebalances.labels("acquired").inc(len(taken))
@@ -315,6 +324,7 @@ class Ownership:
 
     def _forget(self, p: int) -> None:
         self.held.pop(p, None)
+        self.tenure.pop(p, None)
         self.active.discard(p)
         self.releasing.discard(p)
         self.metrics.partition_owned.labels(str(p)).set(0)

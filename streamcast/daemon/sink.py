@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from streamcast.connect import is_cluster
+from streamcast.connect import is_cluster, outage_behind
 from streamcast.daemon.batch import Batch, Stats
 from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, write_refusal
@@ -95,27 +95,28 @@ class ForecastSink:
             live = [p for p in partitions if p not in lost]
             if not live:
                 return lost
-            async with self.publisher.pipeline(transaction=True) as pipe:
-                leases = [self.keys.lease(p) for p in live]
-                await pipe.watch(*leases)
-                holders = await _holders(pipe, leases)
-                lost |= {
-                    p
-                    for p, holder in zip(live, holders, strict=True)
-                    if holder is None or text(holder) != self.token
-                }
-                if lost & set(live):
-                    await pipe.unwatch()
-                    continue
-                pipe.multi()
-                ops, highs = self._queue(pipe, batch, set(live), int(self.clock() * 1000))
-                try:
+            try:
+                async with self.publisher.pipeline(transaction=True) as pipe:
+                    leases = [self.keys.lease(p) for p in live]
+                    await pipe.watch(*leases)
+                    holders = await _holders(pipe, leases)
+                    lost |= {
+                        p
+                        for p, holder in zip(live, holders, strict=True)
+                        if holder is None or text(holder) != self.token
+                    }
+                    if lost & set(live):
+                        await pipe.unwatch()
+                        continue
+                    pipe.multi()
+                    ops, highs = self._queue(pipe, batch, set(live), int(self.clock() * 1000))
                     results = await pipe.execute(raise_on_error=False)
-                except redis_errors.WatchError:
-                    # a lease key changed between the check and EXEC: most often our own
-                    # renewal; look again
-                    self.metrics.write_errors.labels("fence", "watch_retry").inc()
-                    continue
+            except redis_errors.WatchError as exc:
+                outage_behind(exc)
+                # a lease key changed between the check and EXEC: most often our own renewal;
+                # look again
+                self.metrics.write_errors.labels("fence", "watch_retry").inc()
+                continue
             await self._errors(ops, results, batch)
             for p, high in highs.items():
                 if high > self.acked_high.get(p, (0, 0)):
