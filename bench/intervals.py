@@ -8,8 +8,9 @@ has just arrived are scored and learnt, then the new forecasts get their bands. 
 each a half-width around the same forecast:
 
 * ``calibrator``: streamcast.intervals with its defaults (log-score quantile tracker per horizon,
-  scaled by the window's volatility);
-* ``calibrator, unscaled``: the same without the volatility scaling (an ablation);
+  scaled by the window's volatility where that gives the lower running interval score);
+* ``calibrator, always scaled`` and ``calibrator, unscaled``: the same with the scaling forced
+  on and off (ablations);
 * ``rolling quantile``: the conformal quantile of the newest 1,000 resolved relative errors at
   that horizon (all symbols pooled);
 * ``split conformal``: the conformal quantile of the relative errors resolved in the first 15 %
@@ -146,7 +147,7 @@ def calibrator_bands(rep: Replay, config: IntervalConfig) -> dict[float, np.ndar
         h, m = horizons[ok], made[ok]
         fc, truth = rep.forecast[m, :, h - 1], rep.truth[m, :, h - 1]  # (n, S)
         scores = cal.score(fc, truth, rep.origin[m], rep.vol[m])
-        cal.update(np.repeat(h, fc.shape[1]), scores.reshape(-1))
+        cal.update(np.repeat(h, fc.shape[1]), scores.reshape(-1, 2))
         bands = cal.bands(rep.origin[t], rep.forecast[t, :, 0], rep.forecast[t], rep.vol[t])
         for level, band in bands.items():
             assert band.path_lo is not None and band.path_hi is not None
@@ -227,7 +228,10 @@ def compare(rep: Replay, out: Report) -> list[tuple[str, bool]]:
     started = time.perf_counter()
     methods = {
         "calibrator": calibrator_bands(rep, IntervalConfig(horizons=H)),
-        "calibrator, unscaled": calibrator_bands(rep, IntervalConfig(horizons=H, scaled=False)),
+        "calibrator, always scaled": calibrator_bands(
+            rep, IntervalConfig(horizons=H, scaling="volatility")
+        ),
+        "calibrator, unscaled": calibrator_bands(rep, IntervalConfig(horizons=H, scaling="none")),
         f"rolling quantile ({ROLLING:,})": rolling_bands(rep, SHOWN),
         "split conformal (first 15%)": split_bands(rep, SHOWN),
         "random walk z.sigma.sqrt(h)": random_walk_bands(rep),
@@ -280,7 +284,10 @@ def quiet_and_wild(returns: np.ndarray, engine: object, naive: bool, out: Report
     rep = replay(name, prices_of(scaled), engine, H, naive)
     methods = {
         "calibrator": calibrator_bands(rep, IntervalConfig(horizons=H)),
-        "calibrator, unscaled": calibrator_bands(rep, IntervalConfig(horizons=H, scaled=False)),
+        "calibrator, always scaled": calibrator_bands(
+            rep, IntervalConfig(horizons=H, scaling="volatility")
+        ),
+        "calibrator, unscaled": calibrator_bands(rep, IntervalConfig(horizons=H, scaling="none")),
         f"rolling quantile ({ROLLING:,})": rolling_bands(rep, (1, H)),
     }
     out(f"## {name}")
@@ -343,7 +350,10 @@ def volatility_jump(
     jump_tick = jump_at + 1  # the price index of the first tripled return
     methods = {
         "calibrator": calibrator_bands(rep, IntervalConfig(horizons=1)),
-        "calibrator, unscaled": calibrator_bands(rep, IntervalConfig(horizons=1, scaled=False)),
+        "calibrator, always scaled": calibrator_bands(
+            rep, IntervalConfig(horizons=1, scaling="volatility")
+        ),
+        "calibrator, unscaled": calibrator_bands(rep, IntervalConfig(horizons=1, scaling="none")),
         f"rolling quantile ({ROLLING:,})": rolling_bands(rep, (1,)),
         "split conformal (first 15%)": split_bands(rep, (1,)),
         "random walk z.sigma.sqrt(h)": random_walk_bands(rep),
@@ -416,7 +426,7 @@ def compute(engine: object, prices: np.ndarray, naive: bool, out: Report) -> lis
     def calibrate() -> None:
         vol = cal.volatility(windows)
         cal.bands(price, nxt, path, vol)
-        cal.update(horizons, cal.score(path, truth, price[:, None], vol[:, None]).reshape(-1))
+        cal.update(horizons, cal.score(path, truth, price[:, None], vol[:, None]).reshape(-1, 2))
 
     def next_only() -> None:
         vol = cal.volatility(windows)

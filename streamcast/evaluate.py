@@ -115,7 +115,9 @@ def online_intervals(
             assert band.path_lo is not None and band.path_hi is not None
             lo[level][i], hi[level][i] = band.path_lo[0], band.path_hi[0]
         calibrator.update(horizons, calibrator.score(paths[i], true_paths[i], price[i], vol[i]))
-    summary: dict[str, Any] = {"method": "log-score quantile tracker, volatility-scaled"}
+    summary: dict[str, Any] = {
+        "method": "log-score quantile tracker, volatility-scaled where that narrows the band"
+    }
     for level in calibrator.levels:
         width = hi[level] - lo[level]
         covered = (lo[level] <= true_paths) & (true_paths <= hi[level])

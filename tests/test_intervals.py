@@ -134,6 +134,8 @@ def test_to_dict_and_from_dict_round_trip_exactly_through_json():
         back = Calibrator.from_dict(json.loads(json.dumps(state, allow_nan=False)))
         assert back.to_dict() == state and back.model_version == "v1"
         assert np.array_equal(back.log_q, cal.log_q) and np.array_equal(back.seen, cal.seen)
+        assert np.array_equal(back.log_q_raw, cal.log_q_raw)
+        assert np.array_equal(back.interval_score, cal.interval_score)
         assert np.array_equal(back.quantiles(), cal.quantiles())
         # and they go on learning alike
         assert (
@@ -232,3 +234,43 @@ def test_window_volatility_weighs_the_newest_changes_most_and_refuses_nothing():
     bad = np.array([[1.0, np.nan, 2.0], [1.0, 2.0, np.inf]])
     assert np.isnan(window_volatility(bad)).all()
     assert np.isnan(window_volatility(np.ones((2, 1)))).all()
+
+
+def run_pairs(cal: Calibrator, errors: np.ndarray, vols: np.ndarray) -> np.ndarray:
+    """Feed (relative error, volatility) pairs at horizon 1 in batches of 10; (n, L) whether
+    each error was inside the band in force before it was learnt."""
+    covered = np.empty((len(errors), len(cal.levels)), dtype=bool)
+    for i in range(0, len(errors), 10):
+        e, v = errors[i : i + 10], vols[i : i + 10]
+        half = cal.bands(np.ones(len(e)), np.ones(len(e)), vol=v)
+        covered[i : i + 10] = np.stack(
+            [e <= half[level].next_hi - 1.0 for level in cal.levels], axis=1
+        )
+        cal.update(np.ones(len(e)), cal.score(np.ones(len(e)), 1.0 + e, np.ones(len(e)), v))
+    return covered
+
+
+@pytest.mark.parametrize("follows_vol", [True, False])
+def test_auto_scaling_bands_with_the_score_that_gives_the_narrower_calibrated_band(follows_vol):
+    """Errors proportional to each window's volatility (a quiet and a wild symbol): the scaled
+    score is the better band. Errors that ignore it (the volatility is noise): the unscaled.
+    Either way coverage holds, and the chosen band is the one with the lower interval score."""
+    rng = np.random.default_rng(3)
+    n = 6000
+    vols = rng.choice([0.5, 2.0], n) * rng.lognormal(0.0, 0.1, n)
+    base = np.abs(rng.normal(size=n))
+    errors = base * vols if follows_vol else base * rng.lognormal(0.0, 0.05, n)
+    if not follows_vol:
+        vols = rng.lognormal(0.0, 0.6, n)  # a noisy volatility, unrelated to the errors
+    auto = Calibrator(IntervalConfig(horizons=1))
+    covered = run_pairs(auto, errors, vols)
+    assert bool(auto.scaled()[0, 0]) is follows_vol
+    assert covered[-3000:].mean(axis=0) == pytest.approx([0.8, 0.95], abs=0.025)
+    widths = {}
+    for scaling in ("volatility", "none"):
+        forced = Calibrator(IntervalConfig(horizons=1, scaling=scaling))
+        run_pairs(forced, errors, vols)
+        band = forced.bands(np.ones(n), np.ones(n), vol=vols)[0.95]
+        widths[scaling] = float(np.mean(band.next_hi - band.next_lo))
+    better = "volatility" if follows_vol else "none"
+    assert widths[better] < 0.9 * widths[{"volatility": "none", "none": "volatility"}[better]]
