@@ -334,42 +334,44 @@ class Registry:
         event: dict[str, Any],
     ) -> None:
         keys = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(keys.model_current, keys.model_promotions)
-            raw = await pipe.hget(keys.model_current, "version")
-            now = text(raw) if raw is not None else None
-            if expect is not False and now != expect:
-                await pipe.reset()
-                raise PromotionConflict(
-                    f"the current version is {now or 'none'}, not {expect or 'none'}: "
-                    "someone else changed it"
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(keys.model_current, keys.model_promotions)
+                raw = await pipe.hget(keys.model_current, "version")
+                now = text(raw) if raw is not None else None
+                if expect is not False and now != expect:
+                    await pipe.reset()
+                    raise PromotionConflict(
+                        f"the current version is {now or 'none'}, not {expect or 'none'}: "
+                        "someone else changed it"
+                    )
+                pipe.multi()
+                promoted_at = time.time()
+                pipe.hset(
+                    keys.model_current,
+                    mapping={
+                        "version": version,
+                        "promoted_at": repr(promoted_at),
+                        "reason": reason,
+                    },
                 )
-            pipe.multi()
-            promoted_at = time.time()
-            pipe.hset(
-                keys.model_current,
-                mapping={"version": version, "promoted_at": repr(promoted_at), "reason": reason},
-            )
-            if push:
-                pipe.lpush(keys.model_promotions, version)
-            else:
-                pipe.lpop(keys.model_promotions)
-            pipe.ltrim(keys.model_promotions, 0, 999)
-            fields: dict[Any, Any] = {
-                "event": kind,
-                "version": version,
-                "previous": now or "",
-                "reason": reason,
-            }
-            fields.update({k: _field(v) for k, v in event.items() if v is not None})
-            pipe.xadd(keys.model_log, fields, maxlen=LOG_MAXLEN, approximate=True)
-            try:
+                if push:
+                    pipe.lpush(keys.model_promotions, version)
+                else:
+                    pipe.lpop(keys.model_promotions)
+                pipe.ltrim(keys.model_promotions, 0, 999)
+                fields: dict[Any, Any] = {
+                    "event": kind,
+                    "version": version,
+                    "previous": now or "",
+                    "reason": reason,
+                }
+                fields.update({k: _field(v) for k, v in event.items() if v is not None})
+                pipe.xadd(keys.model_log, fields, maxlen=LOG_MAXLEN, approximate=True)
                 await pipe.execute()
-            except redis_errors.WatchError as exc:
-                outage_behind(exc)  # Redis went away mid-promotion: not a conflict
-                raise PromotionConflict(
-                    "the current version changed during the promotion"
-                ) from None
+        except redis_errors.WatchError as exc:
+            outage_behind(exc)  # Redis went away mid-promotion: not a conflict
+            raise PromotionConflict("the current version changed during the promotion") from None
         log.info("%s model %s (was %s): %s", kind, version, now or "none", reason)
         await self._announce(version)
 

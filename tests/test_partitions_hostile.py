@@ -982,3 +982,46 @@ async def test_a_batch_read_before_its_partition_was_lost_and_taken_again_is_not
     assert written == [{1}]
     assert own.lost == {0} and 0 not in own.held, "set up again: its windows are ahead"
     assert own.valid(1, 1) and not own.valid(1, 2) and not own.valid(0)
+
+
+async def test_a_partition_past_its_local_deadline_is_not_set_up(redis_client, shipped_engine):
+    """After an outage longer than the lease, a partition still listed as held may be another
+    replica's: setting it up would claim that one's pending entries (read later, after newer
+    ticks, they would be skipped as seen). Only partitions surely still ours are set up."""
+    own = replica(redis_client, shipped_engine, Keys("deadline", partitions=2), "a").ownership
+    own.held = {0: time.monotonic() - 1.0, 1: time.monotonic() + 60}
+    own.tenure = {0: 1, 1: 2}
+    assert own.to_adopt() == {1}
+
+
+async def test_a_partition_found_lost_by_a_publish_that_then_failed_is_still_known_lost(
+    redis_client, shipped_engine
+):
+    """The fence finds partition 0 another's, then Redis fails on the next try: the loop must
+    still learn 0 is lost (else it sets it up again after the outage and claims the holder's
+    pending entries)."""
+    from redis import exceptions as redis_errors
+
+    from streamcast.daemon import sink as sink_module
+    from streamcast.daemon.batch import Batch, Part
+
+    keys = Keys("foundlost", partitions=2)
+    daemon = replica(redis_client, shipped_engine, keys, "a")
+    await redis_client.set(keys.lease(0), "someone-else")
+    await redis_client.set(keys.lease(1), "a")
+    holders, calls = sink_module._holders, []
+
+    async def then_down(pipe, leases):
+        calls.append(leases)
+        if len(calls) > 1:
+            raise redis_errors.ConnectionError("Redis went away")
+        return await holders(pipe, leases)
+
+    sink_module._holders = then_down
+    try:
+        batch = Batch(parts={0: Part(ack_ids=["1-0"]), 1: Part(ack_ids=["1-1"])})
+        with pytest.raises(redis_errors.ConnectionError):
+            await daemon.sink.write(batch)
+    finally:
+        sink_module._holders = holders
+    assert daemon.sink.found_lost == {0} and len(calls) == 2

@@ -32,7 +32,7 @@ class Batch:
     windows: list[np.ndarray] = field(default_factory=list)  # one per ready tick
     forecasts: list[Forecast] = field(default_factory=list)  # computed: one per ready tick
     version: str = ""  # of the model that computed the forecasts
-    tenure: dict[int, int] = field(default_factory=dict)  # each partition's, when it was read
+    tenure: dict[int, int | None] = field(default_factory=dict)  # each partition's, when read
     # each band's volatility, by symbol and tick id (partitions' ids are not unique in a batch)
     vols: dict[tuple[str, str], float] = field(default_factory=dict)
     read_at: float = 0.0  # wall-clock times of the stages, for the per-stage latency

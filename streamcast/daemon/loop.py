@@ -232,6 +232,9 @@ class Daemon:
                 self._in_flight, self._set_up = None, False
                 await self._pause(0.1)
             except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
+                # a partition a failed publish had found another's is not set up again
+                self.ownership.drop(self.sink.found_lost)
+                self.sink.found_lost = set()
                 self._in_flight = None  # unacknowledged: it will be read again from pending
                 self._set_up = False  # the batch may not have landed: rebuild windows
                 self.redis_ok, pause, self._backoff = redis_failed(
@@ -268,8 +271,12 @@ class Daemon:
             await self.ownership.wait_for_change()
             return True
         if self.source.rereads_in_flight:
-            await self._flush()
-        tenure = dict(self.ownership.tenure)  # a batch is published under the tenure it was read
+            await self._flush()  # it may drop (fence) partitions: read only what is still held
+            partitions = self.ownership.readable()
+            if not partitions:
+                return True
+        # a batch is published under the tenure its partitions were read in (no await between)
+        tenure = {p: self.ownership.tenure.get(p) for p in partitions}
         # a busy stream's batch fills while the one before it is published
         entries = await self.source.read(
             partitions, block=self._in_flight is None, meanwhile=self._flush
@@ -327,7 +334,11 @@ class Daemon:
         # its share is not published, and it is taken again only through a fresh lease
         # so is one lost and taken again since the batch was read: the batch before it, dropped,
         # is read again, and this one's ticks must not reach history first
-        stale = {p for p in batch.parts if not self.ownership.valid(p, batch.tenure.get(p))}
+        stale = {
+            p
+            for p in batch.parts
+            if p not in batch.tenure or not self.ownership.valid(p, batch.tenure[p])
+        }
         batch.drop(stale)
         self.ownership.drop(stale)
         self._writing = asyncio.ensure_future(self.sink.write(batch))

@@ -103,7 +103,9 @@ class Ownership:
         return sorted(p for p in self.active if p not in self.releasing and self.valid(p))
 
     def to_adopt(self) -> set[int]:
-        return set(self.held) - self.active - self.releasing
+        """Held, not yet set up, and surely still ours (after an outage longer than the lease,
+        another replica may hold it: setting it up would claim that one's pending entries)."""
+        return {p for p in set(self.held) - self.active - self.releasing if self.valid(p)}
 
     def take_lost(self) -> set[int]:
         lost, self.lost = self.lost, set()

@@ -41,6 +41,8 @@ class Sink(Protocol):
     """What the consume loop calls on the place forecasts go."""
 
     acked_high: dict[int, tuple[int, int]]  # by partition: the newest tick id acknowledged here
+    # partitions the last write found another's, even if it then failed (an outage)
+    found_lost: set[int]
 
     async def write(self, batch: Batch) -> set[int]: ...
 
@@ -74,12 +76,14 @@ class ForecastSink:
         self.clock = clock
         self.cluster = is_cluster(publisher)
         self.acked_high: dict[int, tuple[int, int]] = {}  # by partition, acknowledged here
+        self.found_lost: set[int] = set()
         self._say = RateLimitedLog(log)
 
     async def write(self, batch: Batch) -> set[int]:
         """Publish the batch and acknowledge its entries, fenced by the partitions' leases; then
         count what was published. Returns the partitions found lost (dropped from the batch)."""
         partitions = sorted(batch.parts)
+        self.found_lost = set()
         # one transaction on one server; one per partition (slot) on a cluster, side by side
         groups = [[p] for p in partitions] if self.cluster else [partitions]
         outcomes = await asyncio.gather(*(self._write(g, batch) for g in groups if g))
@@ -105,6 +109,7 @@ class ForecastSink:
                         for p, holder in zip(live, holders, strict=True)
                         if holder is None or text(holder) != self.token
                     }
+                    self.found_lost |= lost  # known even if a later try fails
                     if lost & set(live):
                         await pipe.unwatch()
                         continue
