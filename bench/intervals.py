@@ -324,8 +324,16 @@ def jump_recovery(
     covered = (rep.error[:, :, 0] <= half[:, :, 0]).mean(axis=1)  # per tick made
     resolved_at = np.arange(len(covered)) + SEQ_LEN  # the price index of each 1-step truth
     ok = np.isfinite(rep.error[:, 0, 0]) & np.isfinite(half[:, 0, 0])
-    sliding = np.convolve(covered[ok], np.ones(JUMP_WINDOW) / JUMP_WINDOW, mode="valid")
-    ticks = resolved_at[ok][JUMP_WINDOW - 1 :]
+    return sliding_recovery(covered[ok], resolved_at[ok], level, jump_tick)
+
+
+def sliding_recovery(
+    covered: np.ndarray, ticks: np.ndarray, level: float, jump_tick: int
+) -> tuple[int | None, float]:
+    """:func:`jump_recovery` from ``covered`` (T,), each tick's share of 1-step bands that held
+    their truth, and ``ticks`` (T,), the price index each resolved at."""
+    sliding = np.convolve(covered, np.ones(JUMP_WINDOW) / JUMP_WINDOW, mode="valid")
+    ticks = ticks[JUMP_WINDOW - 1 :]
     after = ticks >= jump_tick
     off = np.abs(sliding[after] - level) > 0.03
     lowest = float(sliding[after].min())

@@ -48,7 +48,10 @@ the one its band was made with, ``h`` ticks earlier; and the errors of the ``h``
 a row overlap (they share most of their future), so misses at long horizons come in runs. A
 tracker stepping at full rate on such runs overshoots and swings: the step at horizon ``h`` is
 ``learning_rate / h`` (on the S&P closes forecast by "no change", the 50-step coverage at the
-80 % level went from 75 % with a step of ``learning_rate`` to 80 %).
+80 % level went from 75 % with a step of ``learning_rate`` to 80 %). Where not every tick's
+forecast reaches ``h`` (the daemon refreshes a symbol's path now and then) fewer overlap, and a
+step of ``lr / h`` would leave the band where it started: the divisor is ``h`` times the share of
+horizon 1's resolved count that horizon ``h`` has (:meth:`Calibrator.overlap`), at least 1.
 
 **Batches**: a batch's scores at one horizon step together. A batch of more than ``batch_cap``
 scores at one horizon takes the step of ``batch_cap`` scores with the batch's miss rate: hundreds
@@ -284,13 +287,15 @@ class Calibrator:
         else:
             raise ValueError(f"{steps.size} horizons for {given.size} scores")
         e, vol = pairs[:, 0], pairs[:, 1]
-        ok = np.isfinite(e) & (e >= 0) & np.isfinite(vol) & (vol > 0)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            scaled = e / vol
+        ok = np.isfinite(e) & (e >= 0) & np.isfinite(vol) & (vol > 0) & np.isfinite(scaled)
         keep = ok & (steps >= 1) & (steps <= self.config.horizons)
         h = steps[keep].astype(np.int64) - 1
-        s = np.stack([e[keep] / vol[keep], e[keep]])  # (2, n): scaled, unscaled
+        e, vol = e[keep], vol[keep]
         warming = ~self.warm()[h]
-        self._collect(h[warming], s[:, warming])
-        self._track(h[~warming], s[:, ~warming], vol[keep][~warming])
+        self._collect(h[warming], np.stack([scaled[keep], e])[:, warming])
+        self._track(h[~warming], e[~warming], vol[~warming])
         return int(h.size)
 
     def _collect(self, h: np.ndarray, s: np.ndarray) -> None:
@@ -317,25 +322,26 @@ class Calibrator:
         ranks = [min(n, math.ceil((n + 1) * level)) - 1 for level in self.levels]
         return np.clip(np.sort(scores, axis=1)[:, ranks], Q_MIN, Q_MAX)
 
-    def _track(self, h: np.ndarray, s: np.ndarray, vol: np.ndarray) -> None:
-        """The quantile trackers' step for every (horizon, level) the scores ``s`` (2, n)
-        fall in, and the running interval scores of both trackers' bands."""
+    def _track(self, h: np.ndarray, e: np.ndarray, vol: np.ndarray) -> None:
+        """The quantile trackers' step for every (horizon, level) the relative errors ``e``
+        (n,) fall in (made with volatilities ``vol``), and both trackers' running interval
+        scores."""
         if h.size == 0:
             return
         horizons = self.config.horizons
         counts = np.bincount(h, minlength=horizons).astype(np.float64)
         alpha = 1.0 - np.asarray(self.levels)
         shrink = np.minimum(1.0, self.config.batch_cap / np.maximum(counts, 1.0))
-        rate = self.config.learning_rate / np.arange(1, horizons + 1)  # see "Delay" above
+        rate = self.config.learning_rate / self.overlap()  # see "Delay" above
         # the running interval scores remember about SCORE_MEMORY scores of each horizon
         keep = (1.0 - 1.0 / SCORE_MEMORY) ** counts[:, None]
-        for kind, (log_q, unit) in enumerate(
-            ((self.log_q, vol), (self.log_q_raw, np.ones_like(vol)))
-        ):
-            q = np.exp(log_q[h])  # (n, L)
-            score = s[kind][:, None]
-            # in units of the price: 2 w + (2 / alpha) * max(0, |e| - w)
-            interval = (2 * q + 2 / alpha * np.maximum(0.0, score - q)) * unit[:, None]
+        err = e[:, None]
+        units = (vol[:, None], np.ones((len(vol), 1)))
+        for kind, (log_q, unit) in enumerate(zip((self.log_q, self.log_q_raw), units, strict=True)):
+            # the half-width relative to the price (bounded: an absurd one is no band anyway)
+            half = np.minimum(np.exp(log_q[h]) * unit, Q_MAX)  # (n, L)
+            # relative to the price: 2 w + (2 / alpha) * max(0, |e| - w)
+            interval = np.minimum(2 * half + 2 / alpha * np.maximum(0.0, err - half), 1e300)
             misses, intervals = (
                 np.stack(
                     [
@@ -344,7 +350,7 @@ class Calibrator:
                     ],
                     axis=1,
                 )
-                for x in (score > q, interval)
+                for x in (err > half, interval)
             )
             step = rate[:, None] * (misses - counts[:, None] * alpha) * shrink[:, None]
             log_q[:] = np.clip(log_q + step, math.log(Q_MIN), math.log(Q_MAX))
@@ -355,6 +361,14 @@ class Calibrator:
                 keep * self.interval_score[kind] + (1 - keep) * mean,
                 self.interval_score[kind],
             )
+
+    def overlap(self) -> np.ndarray:
+        """(H,) how many resolved forecasts at each horizon share most of their future: ``h``
+        where every tick's forecast reaches that horizon, fewer where only some do (the daemon's
+        paths are refreshes), estimated by each horizon's resolved count against horizon 1's."""
+        steps = np.arange(1, self.config.horizons + 1)
+        share = np.minimum(1.0, self.seen / max(int(self.seen[0]), 1))
+        return np.maximum(1.0, steps * share)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -405,11 +419,10 @@ class Calibrator:
                 cal.seen.shape,
             ):
                 raise ValueError("log_q, log_q_raw, interval_score or seen has the wrong shape")
-            if (
-                not all(np.isfinite(a).all() for a in (log_q, log_q_raw, interval))
-                or (seen < 0).any()
-            ):
-                raise ValueError("log_q, log_q_raw or interval_score not finite, or seen negative")
+            if not all(np.isfinite(a).all() for a in (log_q, log_q_raw, interval, seen)):
+                raise ValueError("log_q, log_q_raw, interval_score or seen not finite")
+            if (seen < 0).any() or (seen != np.round(seen)).any():
+                raise ValueError("seen holds a negative or fractional count")
             cal.log_q, cal.log_q_raw, cal.interval_score = log_q, log_q_raw, interval
             cal.seen = seen.astype(np.int64)
             for key, scores in data["warmup"].items():

@@ -274,3 +274,37 @@ def test_auto_scaling_bands_with_the_score_that_gives_the_narrower_calibrated_ba
         widths[scaling] = float(np.mean(band.next_hi - band.next_lo))
     better = "volatility" if follows_vol else "none"
     assert widths[better] < 0.9 * widths[{"volatility": "none", "none": "volatility"}[better]]
+
+
+def test_absurd_errors_and_volatilities_leave_the_state_finite_and_saveable():
+    """A flat window (volatility at its floor) then a jump gives a scaled score past any float:
+    such a pair is skipped, and huge but finite ones bound the interval score, so the state
+    always saves as JSON (the daemon stores it without NaN or inf)."""
+    cal = Calibrator(IntervalConfig(horizons=2, warmup_scores=2))
+    pairs = np.array([[1e300, 1e-9], [1e300, 1e-300], [0.01, 1e-9], [0.02, 0.01]] * 3)
+    cal.update(np.tile([1, 2], 6), pairs)
+    cal.update(np.ones(4), np.array([[1e200, 1e-9], [1.0, 1e200], [0.0, 0.01], [0.5, 0.01]]))
+    state = json.dumps(cal.to_dict(), allow_nan=False)
+    assert np.isfinite(cal.interval_score).all() and np.isfinite(cal.log_q_raw).all()
+    back = Calibrator.from_dict(json.loads(state))
+    assert back.to_dict() == cal.to_dict()
+
+
+def test_a_stored_state_with_a_count_that_is_not_a_whole_number_is_refused():
+    state = Calibrator(IntervalConfig(horizons=2)).to_dict()
+    for bad in (float("nan"), 1.5, -1):
+        with pytest.raises(ValueError):
+            Calibrator.from_dict({**state, "seen": [bad, 0]})
+
+
+def test_the_step_at_a_horizon_few_forecasts_reach_is_not_divided_by_the_horizon():
+    """Every tick's forecast reaches horizon 1, one in 25 reaches horizon 50 (paths refreshed
+    now and then): those seldom overlap, so horizon 50 steps as horizon 2 would, not 25x
+    slower; where every forecast reaches it, the divisor is the horizon."""
+    cal = Calibrator(IntervalConfig(horizons=50, warmup_scores=10))
+    cal.update(np.ones(1000), np.full(1000, 0.01))
+    cal.update(np.full(40, 50), np.full(40, 0.01))
+    assert cal.overlap()[0] == 1.0 and cal.overlap()[49] == pytest.approx(2.0)
+    dense = Calibrator(IntervalConfig(horizons=50, warmup_scores=10))
+    dense.update(np.repeat(np.arange(1, 51), 100), np.full(5000, 0.01))
+    assert dense.overlap() == pytest.approx(np.arange(1, 51))

@@ -150,7 +150,12 @@ class Calibration:
             return
         pipe = self.redis.pipeline(transaction=False)
         for p, cal in mine.items():
-            pipe.set(self.keys.calibration(p), json.dumps(cal.to_dict(), allow_nan=False))
+            try:
+                state = json.dumps(cal.to_dict(), allow_nan=False)
+            except ValueError as exc:  # a bug: a value that is not finite; keep serving
+                log.error("calibration of partition %d not saved: %s", p, exc)
+                continue
+            pipe.set(self.keys.calibration(p), state)
         try:
             await pipe.execute()
         except (*REDIS_DOWN, redis_errors.RedisError) as exc:
