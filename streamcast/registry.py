@@ -240,7 +240,7 @@ class Registry:
         Raises :class:`ModelError` (:class:`VersionError` for a bad name) for a version that is
         missing, corrupt, or whose sidecar names another version.
         """
-        target = self._cache_path(version)
+        target = cache_path(self.cache_dir, version)
         if (target / SIDECAR_FILE).is_file() and (target / MODEL_FILE).is_file():
             try:
                 info = ModelInfo.read(target / SIDECAR_FILE)
@@ -273,24 +273,13 @@ class Registry:
             (staging / SIDECAR_FILE).write_bytes(
                 sidecar if isinstance(sidecar, bytes) else str(sidecar).encode()
             )
-            target = self._cache_path(version)  # again: the cache may have changed meanwhile
+            target = cache_path(
+                self.cache_dir, version
+            )  # again: the cache may have changed meanwhile
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return target
-
-    def _cache_path(self, version: str) -> Path:
-        """The cache directory of ``version``, refused unless it lies directly in the cache."""
-        check_version(version)
-        root = self.cache_dir.resolve()
-        target = self.cache_dir / version
-        # defence in depth: a name that passed the check, or a link planted in the cache, must
-        # still not make fetch remove and replace a directory elsewhere
-        if target.resolve().parent != root or target.is_symlink():
-            raise ModelError(
-                f"model {version}: cache path {target} leads outside the cache {root}; refused"
-            )
         return target
 
     # -- changing the current version --------------------------------------------------------
@@ -396,6 +385,20 @@ class Registry:
 
 class PromotionConflict(ModelError):
     """The current version was not what the caller expected (another replica got there first)."""
+
+
+def cache_path(cache_dir: Path, version: str) -> Path:
+    """The cache directory of ``version``, refused unless it lies directly in ``cache_dir``."""
+    check_version(version)
+    root = cache_dir.resolve()
+    target = cache_dir / version
+    # defence in depth: a name that passed the check, or a link planted in the cache, must
+    # still not make fetch remove and replace a directory elsewhere
+    if target.resolve().parent != root or target.is_symlink():
+        raise ModelError(
+            f"model {version}: cache path {target} leads outside the cache {root}; refused"
+        )
+    return target
 
 
 def _field(value: Any) -> str:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +32,7 @@ from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, refusal
 from streamcast.daemon.housekeeping import Housekeeping
 from streamcast.daemon.models import ModelWatcher, RetrainSchedule
 from streamcast.daemon.ownership import Ownership
+from streamcast.daemon.ownership import stale as stale_partitions
 from streamcast.daemon.paths import PathLane
 from streamcast.daemon.plan import Planner
 from streamcast.daemon.sink import ForecastSink, Sink
@@ -254,16 +255,7 @@ class Daemon:
             self._swap()  # between batches: none is being computed
         if not self._set_up:
             await self._setup()
-        await hand_over(
-            self.ownership,
-            self.source,
-            self.planner,
-            self.sink,
-            self._flush,
-            self.calibration,
-            self.engine.version,
-            self.paths,
-        )
+        await hand_over(self)
         partitions = self.ownership.readable()
         if not partitions:  # standing by: the ownership rounds take one when they can
             await self._flush()
@@ -330,15 +322,8 @@ class Daemon:
     async def _publish(self, batch: Batch) -> None:
         # forecasts, history, dead letters and the ack land together or not at all, even if
         # we are cancelled mid-way: a crash before EXEC redelivers, never loses
-        # a partition whose local deadline passed (this replica stalled) may be another's now:
-        # its share is not published, and it is taken again only through a fresh lease
-        # so is one lost and taken again since the batch was read: the batch before it, dropped,
-        # is read again, and this one's ticks must not reach history first
-        stale = {
-            p
-            for p in batch.parts
-            if p not in batch.tenure or not self.ownership.valid(p, batch.tenure[p])
-        }
+        # a partition not surely ours since the batch was read is not published (Ownership.stale)
+        stale = stale_partitions(self.ownership, batch.parts, batch.tenure)
         batch.drop(stale)
         self.ownership.drop(stale)
         self._writing = asyncio.ensure_future(self.sink.write(batch))
@@ -402,19 +387,12 @@ async def drain(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
     await cancelled(tasks)
 
 
-async def hand_over(
-    own: Ownership,
-    source: Source,
-    planner: Planner,
-    sink: Sink,
-    flush: Callable[[], Awaitable[None]],
-    calibration: Calibration | None = None,
-    version: str = "",
-    paths: PathLane | None = None,
-) -> None:
-    """At a batch boundary: publish (``flush``), then give up the partitions over this
-    replica's share and forget the lost ones; set up the partitions taken (with their interval
-    calibration, of model ``version``)."""
+async def hand_over(daemon: Daemon) -> None:
+    """At a batch boundary: publish, then give up the partitions over this replica's share and
+    forget the lost ones; set up the partitions taken (with their interval calibration, of the
+    model in use)."""
+    own, source, planner, paths = daemon.ownership, daemon.source, daemon.planner, daemon.paths
+    calibration, flush = daemon.calibration, daemon._flush
     lost = own.take_lost()
     giving = set(own.releasing)
     if lost or giving:
@@ -425,16 +403,14 @@ async def hand_over(
         await own.release(giving | lost)  # a lost one is released only if still ours
         source.forget(lost | giving)
         planner.forget_partitions(lost | giving)
-        if paths is not None:
-            paths.forget_partitions(lost | giving)
-    adopt = await source.setup(own.to_adopt(), sink.acked_high)
+        paths.forget_partitions(lost | giving)
+    adopt = await source.setup(own.to_adopt(), daemon.sink.acked_high)
     if adopt:
         if calibration is not None:
-            await calibration.adopt(adopt, version)
+            await calibration.adopt(adopt, daemon.engine.version)
         # another replica may have moved these on since this one last held them
         planner.forget_partitions(adopt)
-        if paths is not None:
-            paths.forget_partitions(adopt)
+        paths.forget_partitions(adopt)
         own.active |= adopt
         own.changed.clear()
         log.info(

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -422,3 +422,11 @@ def round_failed(exc: Exception, metrics: Metrics, say: RateLimitedLog, retry_s:
         say(logging.WARNING, "refused", "redis refused a command (%s); retrying", said)
     else:
         log.error("the partition round failed", exc_info=exc)
+
+
+def stale(own: Ownership, partitions: Iterable[int], tenure: dict[int, int | None]) -> set[int]:
+    """Of a batch's ``partitions``, read under ``tenure``, those not to publish. One whose local
+    deadline passed (this replica stalled) may be another's now; it is taken again only through
+    a fresh lease. So is one lost and taken again since the batch was read: the batch before it
+    was dropped and is read again, and this one's ticks must not reach history first."""
+    return {p for p in partitions if p not in tenure or not own.valid(p, tenure[p])}
