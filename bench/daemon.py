@@ -447,6 +447,8 @@ async def main() -> None:
         f"{tutorial_rate:,.1f} | - | - | - | - | - |"
     )
     out()
+    out(by_slice(ours, args.seconds, "streamcast serve"))
+    out(by_slice(ours, min(args.seconds, 5.0), "its first 5 s", 1.0))
     capacity = ours["capacity"]
     out(
         f"capacity, streamcast serve draining a backlog of {args.capacity_ticks:,} ticks: "
@@ -464,6 +466,17 @@ async def main() -> None:
         f"<= 10 s): {'met' if ok else 'NOT met'}"
     )
     out.save(args.record)
+
+
+def by_slice(run: dict, seconds: float, name: str, width_s: float = 5.0) -> str:
+    """The p99 latency of the forecasts published in each ``width_s`` slice of the load."""
+    offset = (run["published"] - run["start_ms"]) // int(width_s * 1000)
+    slices = [
+        f"{np.percentile(run['latencies'][offset == k], 99):.0f}"
+        for k in range(int(seconds // width_s))
+        if (offset == k).any()
+    ]
+    return f"p99 latency (ms) by {width_s:g} s slice, {name}: {' '.join(slices)}"
 
 
 def header(args) -> str:
@@ -522,13 +535,7 @@ async def retrain_comparison(redis, url, tmp, names, feed, args) -> None:
         )
     out(f"share of the load window with a retrain running: {active:.0%}")
     for name, run in (("idle", idle), ("retraining", busy)):
-        offset = (run["published"] - run["start_ms"]) // 5000
-        slices = [
-            f"{np.percentile(run['latencies'][offset == k], 99):.0f}"
-            for k in range(int(args.seconds // 5))
-            if (offset == k).any()
-        ]
-        out(f"p99 latency (ms) by 5 s slice, {name}: {' '.join(slices)}")
+        out(by_slice(run, args.seconds, name))
     out("\nthe retraining daemon's log, model lifecycle lines:")
     for line in busy["lifecycle"]:
         out("    " + line[:220])

@@ -104,8 +104,14 @@ class Windows:
         window = self.get(symbol)
         window.touched = now
         self._windows.move_to_end(symbol)
-        for entry_id, price, ts in entries:
-            self.push(symbol, entry_id, price, ts)
+        rows = list(entries)
+        if not rows:
+            return
+        window.prices.extend(price for _, price, _ in rows)
+        window.last_id = id_key(rows[-1][0])
+        stamps = [ts for _, _, ts in rows if ts is not None]
+        if stamps:
+            window.last_ts = stamps[-1]
 
     def symbols(self) -> list[str]:
         return list(self._windows)

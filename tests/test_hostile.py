@@ -274,6 +274,27 @@ async def test_bad_price_in_history_is_skipped_and_other_symbols_forecast(
     assert np.isfinite(nexts).all()
 
 
+async def test_a_restored_window_is_the_newest_valid_history_and_older_entries_are_not_read(
+    redis_client, shipped_engine
+):
+    keys = Keys("restore")
+    # 120 entries: a bad one among the newest 50 (skipped, one older fills in), another far older
+    # than the window needs (never decoded, so not counted)
+    for i in range(120):
+        price = {110: "nan", 5: "0"}.get(i, repr(100.0 + i))
+        await redis_client.xadd(
+            keys.history("R"), {"price": price, "ts": str(1000 + i)}, id=f"0-{i + 1}"
+        )
+    daemon = daemon_for(redis_client, shipped_engine, keys)
+    ticks = keys.ticks_for("R")
+    await daemon.planner.restore([(ticks, "1-0", {b"symbol": b"R", b"price": b"1"})])
+    window = daemon.planner.windows.get("R")
+    expected = [100.0 + i for i in range(69, 120) if i != 110]
+    assert list(window.prices) == expected
+    assert window.last_id == (0, 120) and window.last_ts == 1119
+    assert sample(daemon.metrics, "streamcast_history_skipped_total") == 1
+
+
 def test_an_engine_failure_on_one_window_fails_only_that_row():
     def compute(windows: np.ndarray) -> np.ndarray:
         if (windows[:, 0] <= 0).any():
