@@ -390,6 +390,13 @@ async def main() -> None:
         "--retrain-symbols", type=int, default=20, help="symbols the --retrain run trains on"
     )
     parser.add_argument(
+        "--max-ratio",
+        type=float,
+        default=2.0,
+        help="--retrain's target: p99 with a retrain at most this times the idle p99 "
+        "(issue 16 set 1.5 for 2,000 ticks/s over 500 symbols with full histories)",
+    )
+    parser.add_argument(
         "--retrain-env",
         action="append",
         default=[],
@@ -544,7 +551,10 @@ async def retrain_comparison(redis, url, tmp, names, feed, args) -> None:
     ratio = p99_busy / p99_idle
     out(f"p99 latency ratio retraining / idle: {ratio:.2f}x")
     out("p99 latency ratio = max(p99 while the trainer ran, p99 of the whole run) / idle p99")
-    out(f"target (at most 2x the idle p99): {'met' if ratio <= 2 else 'NOT met'}")
+    out(
+        f"target (at most {args.max_ratio:g}x the idle p99): "
+        f"{'met' if ratio <= args.max_ratio else 'NOT met'}"
+    )
     out.save(args.record)
 
 

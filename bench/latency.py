@@ -191,6 +191,7 @@ async def main() -> None:
     parser.add_argument(
         "--record", action="store_true", help="write docs/results/latency.md (latency-before.md)"
     )
+    parser.add_argument("--result", help="NAME of the recorded result (docs/results/NAME.md)")
     args = parser.parse_args()
     loads = parse_loads(args.loads)
 
@@ -214,7 +215,7 @@ async def main() -> None:
     stages: list[str] = []
     for r in runs:
         stages += [s for s in r["stages"] if s not in stages]
-    out = Report("latency-before" if args.before else "latency")
+    out = Report(args.result or ("latency-before" if args.before else "latency"))
     out(header(args, loads))
     out(
         "| code | symbols | ticks/s | ticks offered | forecast | p50 (ms) | p99 (ms) | max (ms) | "
