@@ -1,6 +1,6 @@
 """Conflation under overload (issue 16): what a live consumer sees with and without it, side by side.
 
-    python bench/conflation.py [--symbols 500] [--rate 3000] [--seconds 30] [--record]
+    python bench/conflation.py [--symbols 500] [--rate 7000] [--seconds 30] [--record]
 
 One private redis-server; `streamcast serve` twice on fresh key prefixes, default settings and
 then ``STREAMCAST_CONFLATE=true``, each offered the same paced load (10 ms slices, bench/daemon.py's
@@ -58,7 +58,7 @@ async def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--symbols", type=int, default=500)
-    parser.add_argument("--rate", type=float, default=3000.0, help="ticks/s offered")
+    parser.add_argument("--rate", type=float, default=7000.0, help="ticks/s offered")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--drain-timeout", type=float, default=60.0)
     parser.add_argument("--record", action="store_true", help="write docs/results/conflation.md")

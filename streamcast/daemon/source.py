@@ -29,7 +29,16 @@ from streamcast.wire import id_key, parse_stream_reply, text
 log = logging.getLogger(__name__)
 
 Entries = list[tuple[str, str, dict[Any, Any]]]  # (stream, entry id, fields)
-CLUSTER_POLL_MS = 5  # on a cluster, how long an empty sweep of the partitions waits
+CLUSTER_POLL_MS = 5
+# conflating, a read may hold this many batches' worth: each symbol's newest tick is forecast, so
+# a backlog of many ticks a symbol costs one forecast a symbol, not one a tick
+CONFLATE_READ_FACTOR = 8  # on a cluster, how long an empty sweep of the partitions waits
+
+
+def read_cap(config: DaemonConfig) -> int:
+    """The most entries one read takes: a batch, or ``CONFLATE_READ_FACTOR`` batches when
+    conflating (it forecasts at most one tick a symbol of them)."""
+    return config.batch_max_size * (CONFLATE_READ_FACTOR if config.conflate else 1)
 
 
 class Source(Protocol):
@@ -394,5 +403,5 @@ class TickSource:
             )
             per_entry = max(1.0, size / len(entries))
             fits = max(1, int(self.config.read_max_bytes / per_entry))
-            self._read_count = max(1, min(self.config.batch_max_size, fits, self._read_count * 2))
+            self._read_count = max(1, min(read_cap(self.config), fits, self._read_count * 2))
         return entries
