@@ -87,9 +87,10 @@ def test_varying_batch_sizes_reuse_bucketed_programs(tiny_model):
     with Forecaster(tiny_model, normalise=True, chunk_size=16, workers=2) as forecaster:
         for rows in (1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 40):
             assert forecaster.predict_next(random_prices(rows)).shape == (rows,)
-        # a batch is split over the 2 workers in power-of-two chunks of at most 16 rows
-        # (3 -> 2 + 1, 9 -> 8 + 1, 40 -> 16 + 16 + 8): five programs serve every size
-        assert forecaster.compiled_shapes == [(1, 1), (2, 1), (4, 1), (8, 1), (16, 1)]
+        # up to 8 rows one call padded to a power of two (3 -> 4); more split over the 2
+        # workers in power-of-two chunks of 8 to 16 rows (9 -> 8 + 1, 40 -> 16 + 16 + 8):
+        # four programs serve every size
+        assert forecaster.compiled_shapes == [(1, 1), (4, 1), (8, 1), (16, 1)]
 
 
 def test_bad_inputs_are_refused_with_the_reason(tiny_model):
@@ -133,14 +134,35 @@ def test_load_the_shipped_model_and_forecast_finite_prices(shipped_engine):
 
 def test_bucket_sizes_warm_every_chunk_program(tiny_model):
     with Forecaster(tiny_model, normalise=True, chunk_size=8, workers=2) as forecaster:
-        assert forecaster.bucket_sizes(512) == (2, 4, 8, 16)
-        assert forecaster.bucket_sizes(5) == (2, 4, 8)
+        assert forecaster.bucket_sizes(512) == (1, 2, 4, 8, 16)
+        assert forecaster.bucket_sizes(5) == (1, 2, 4, 8, 16)
         forecaster.warmup(forecaster.bucket_sizes(512), steps=(1,))
         assert forecaster.compiled_shapes == [(1, 1), (2, 1), (4, 1), (8, 1)]
         for rows in (1, 3, 6, 11, 17, 100):
             forecaster.predict_next(random_prices(rows))
         assert forecaster.compiled_shapes == [(1, 1), (2, 1), (4, 1), (8, 1)], (
             "no compile after warm-up"
+        )
+
+
+def test_a_small_batch_is_one_call_and_a_bigger_one_is_spread_over_the_workers(tiny_model):
+    with Forecaster(tiny_model, normalise=True, chunk_size=64, workers=2) as forecaster:
+        sizes = {
+            n: [len(c) for c in forecaster._chunks(random_prices(n))]
+            for n in (1, 3, 8, 9, 16, 100, 300)
+        }
+        assert sizes == {
+            1: [1],
+            3: [4],  # padded to its bucket
+            8: [8],
+            9: [8, 1],
+            16: [8, 8],
+            100: [64, 64],
+            300: [64] * 5,
+        }
+        one = random_prices(5, seed=3)
+        np.testing.assert_allclose(
+            forecaster.predict_next(one)[:2], forecaster.predict_next(one[:2]), rtol=1e-7
         )
 
 
