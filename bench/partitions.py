@@ -289,6 +289,7 @@ async def main() -> None:
         "--no-foreign", action="store_true", help="skip case C (only other partitions' ticks)"
     )
     parser.add_argument("--record", action="store_true", help="write docs/results/partitions.md")
+    parser.add_argument("--result", help="NAME of the recorded result (docs/results/NAME.md)")
     args = parser.parse_args()
     if args.warmup >= args.seconds:
         sys.exit("--warmup must be shorter than --seconds")
@@ -308,7 +309,7 @@ async def main() -> None:
             redis_proc.terminate()
             redis_proc.wait(10)
 
-    out = Report("partitions")
+    out = Report(args.result or "partitions")
     out(f"# bench/partitions.py on {platform.node()}, {os.cpu_count()} CPUs")
     out(
         f"# {args.symbols} symbols over {args.partitions} partitions; a producer process offers "
