@@ -26,7 +26,9 @@ from redis.asyncio import Redis
 
 from streamcast.connect import make_redis
 from streamcast.daemon import Daemon
+from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.paths import lane_steps
+from streamcast.daemon.source import read_cap
 from streamcast.engine import Engine
 from streamcast.http import HttpServer
 from streamcast.keys import Keys
@@ -39,6 +41,13 @@ from streamcast.settings import Settings, build, daemon_config, retrain_config
 from streamcast.tasks import within
 
 log = logging.getLogger(__name__)
+
+
+def most_rows(settings: Settings) -> int:
+    """The most windows one engine call of the daemon holds: a read's (up to one more per
+    partition: COUNT is per stream), conflating reads included, or a group of the path lane."""
+    read = read_cap(build(DaemonConfig, settings)) + settings.partitions
+    return max(read, settings.paths_per_batch_max)
 
 
 class ServeError(RuntimeError):
@@ -55,9 +64,8 @@ def load_engine(settings: Settings, path: Path | None = None) -> Any:
     )
     started = time.perf_counter()
     # every bucket a batch or its chunks can round to, for 1-step forecasts and the path lane's
-    # steps:
-    # a compile in the middle of serving would stall every tick behind it for seconds
-    sizes = engine.bucket_sizes(settings.batch_max_size)
+    # steps: a compile in the middle of serving would stall every tick behind it for seconds
+    sizes = engine.bucket_sizes(most_rows(settings))
     engine.warmup(batch_sizes=sizes, steps=lane_steps(settings.path_steps))
     # the engine's objects live as long as it does: out of the collector's sight. With TensorFlow
     # loaded a full collection walks ~4e5 objects (~0.3 s on this project's CI machine), a stall

@@ -267,3 +267,21 @@ def test_the_one_call_branch_forecasts_as_the_chunked_branch_does(shipped_engine
 def test_an_unknown_batching_is_refused_naming_the_choices(tiny_model):
     with pytest.raises(ValueError, match="batching must be one of auto, one_call, chunked"):
         Forecaster(tiny_model, normalise=True, batching="gpu")  # type: ignore[arg-type]
+
+
+def test_the_warm_up_covers_a_conflating_read_and_the_path_lanes_groups(tiny_model):
+    """A conflating read may hold 8 batches' worth of symbols in one engine call, the path lane
+    up to paths_per_batch_max: neither may compile while serving (one call per batch, as on a
+    GPU, is where a bigger call needs a bigger program)."""
+    from streamcast.service import most_rows
+    from streamcast.settings import Settings
+
+    settings = Settings(_env_file=None, batch_max_size=8, conflate=True, partitions=3)  # type: ignore[call-arg]
+    assert most_rows(settings) == 8 * 8 + 3, "a read of 3 partitions rounds COUNT up per stream"
+    lanes = Settings(_env_file=None, batch_max_size=8, paths_per_batch_max=100)  # type: ignore[call-arg]
+    assert most_rows(lanes) == 100
+    with Forecaster(tiny_model, normalise=True, chunk_size=4096, workers=1) as forecaster:
+        forecaster.warmup(forecaster.bucket_sizes(most_rows(settings)), steps=(1,))
+        compiled = forecaster.compiled_shapes
+        forecaster.predict_next(random_prices(67))
+        assert forecaster.compiled_shapes == compiled, "no compile while serving"

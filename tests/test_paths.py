@@ -105,6 +105,10 @@ def test_a_read_of_a_quiet_stream_never_waits_a_busy_one_waits_at_most_the_deadl
     assert 0 < fast < 0.010
     never = FillWait(DaemonConfig(batch_max_wait_ms=0), lambda: now[0])
     assert never.wait(100, 512) == 0.0
+    # conflating, a read may ask for 8 batches' worth: a batch's worth found is still full
+    conflating = FillWait(DaemonConfig(conflate=True, batch_max_size=512), lambda: now[0])
+    assert conflating.wait(600, 4096) == 0.0 and conflating.load() == "backlogged"
+    assert conflating.wait(100, 4096) > 0 and conflating.load() == "flowing"
 
 
 def test_the_lane_takes_its_share_while_ticks_flow_and_a_quarter_of_it_when_backlogged():

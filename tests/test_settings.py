@@ -271,8 +271,11 @@ def test_engine_batching_defaults_to_the_engines_and_reaches_it(monkeypatch):
     assert settings.engine_batching == default(Forecaster, "batching") == "auto"
     assert settings.engine_workers == 0 and default(Forecaster, "workers") is None
     monkeypatch.setenv("STREAMCAST_ENGINE_BATCHING", "one_call")
-    monkeypatch.setenv("STREAMCAST_BATCH_MAX_SIZE", "2")  # two buckets to warm up, not ten
+    monkeypatch.setenv("STREAMCAST_BATCH_MAX_SIZE", "2")  # three buckets to warm up, not ten
+    monkeypatch.setenv("STREAMCAST_PATHS_PER_BATCH_MAX", "2")
+    monkeypatch.setenv("STREAMCAST_PARTITIONS", "2")
     with load_engine(load_settings(_env_file=None)) as engine:
         assert (engine.batching, engine.chunk_size, engine.workers) == ("one_call", 4096, 1)
-        # the 1-step batches' and the path lane's step counts (paths roll 1 or 5 steps a call)
-        assert engine.compiled_shapes == [(1, 1), (1, 5), (2, 1), (2, 5)]
+        # the 1-step batches' and the path lane's step counts (paths roll 1 or 5 steps a call);
+        # a read of 2 partitions may return 2 + 2 entries (COUNT rounds up per stream): 4 rows
+        assert engine.compiled_shapes == [(1, 1), (1, 5), (2, 1), (2, 5), (4, 1), (4, 5)]

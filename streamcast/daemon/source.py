@@ -29,15 +29,16 @@ from streamcast.wire import id_key, parse_stream_reply, text
 log = logging.getLogger(__name__)
 
 Entries = list[tuple[str, str, dict[Any, Any]]]  # (stream, entry id, fields)
-CLUSTER_POLL_MS = 5
 # conflating, a read may hold this many batches' worth: each symbol's newest tick is forecast, so
 # a backlog of many ticks a symbol costs one forecast a symbol, not one a tick
-CONFLATE_READ_FACTOR = 8  # on a cluster, how long an empty sweep of the partitions waits
+CONFLATE_READ_FACTOR = 8
+CLUSTER_POLL_MS = 5  # on a cluster, how long an empty sweep of the partitions waits
 
 
 def read_cap(config: DaemonConfig) -> int:
-    """The most entries one read takes: a batch, or ``CONFLATE_READ_FACTOR`` batches when
-    conflating (it forecasts at most one tick a symbol of them)."""
+    """The most entries one read asks for: a batch, or ``CONFLATE_READ_FACTOR`` batches when
+    conflating (it forecasts at most one tick a symbol of them). A read of several partitions
+    may return up to one more per partition (COUNT is per stream, rounded up)."""
     return config.batch_max_size * (CONFLATE_READ_FACTOR if config.conflate else 1)
 
 
@@ -92,8 +93,9 @@ class FillWait:
         if elapsed > 0:
             self.rate = 0.8 * self.rate + 0.2 * found / elapsed
         room = count - found
-        self.full = room <= 0
-        if found < cfg.batch_fill_min or room <= 0 or cfg.batch_max_wait_ms <= 0:
+        # a batch's worth is full even when a conflating read may take more (ticks are waiting)
+        self.full = room <= 0 or found >= cfg.batch_max_size
+        if found < cfg.batch_fill_min or self.full or cfg.batch_max_wait_ms <= 0:
             return 0.0
         wait = cfg.batch_max_wait_ms / 1000
         return min(wait, room / self.rate) if self.rate > 0 else wait
