@@ -295,6 +295,26 @@ async def test_a_restored_window_is_the_newest_valid_history_and_older_entries_a
     assert sample(daemon.metrics, "streamcast_history_skipped_total") == 1
 
 
+async def test_after_a_failure_the_pending_scores_are_forgotten_with_the_windows(
+    redis_client, shipped_engine
+):
+    """A publish whose EXEC reply was lost may have landed: its forecasts were never recorded
+    for scoring, so the pending ones of its symbols would be scored against the wrong ticks."""
+    keys = Keys("pendingreset")
+    feed = Feed(redis_client, keys, ["Q1"])
+    daemon = daemon_for(redis_client, shipped_engine, keys, path_refresh_s=0.0)
+    async with daemon:
+        await feed.send(55)
+        await wait_for(
+            lambda: xlen_at_least(redis_client, keys.forecasts("Q1"), 6), what="forecasts"
+        )
+        await wait_for(lambda: "Q1" in daemon.skill._next, what="a pending 1-step score")
+        assert daemon.calibration is not None and "Q1" in daemon.calibration._next
+        await daemon._setup()  # what the loop does after an outage
+        assert "Q1" not in daemon.skill._next and "Q1" not in daemon.skill._paths
+        assert "Q1" not in daemon.calibration._next and "Q1" not in daemon.calibration._paths
+
+
 def test_an_engine_failure_on_one_window_fails_only_that_row():
     def compute(windows: np.ndarray) -> np.ndarray:
         if (windows[:, 0] <= 0).any():

@@ -308,7 +308,8 @@ class Daemon:
         from history."""
         self.ownership.reset()
         # windows are rebuilt from history as their symbols' ticks arrive: after a failed batch
-        # they are never trusted
+        # they are never trusted, nor the pending scores (which of its ticks landed is unknown)
+        forget_symbols(self.planner.windows.symbols(), self.skill, self.paths, self.calibration)
         self.planner.reset()
         self.paths.reset()
         self._set_up = True
