@@ -47,5 +47,16 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T | None:
     return None
 
 
+async def settled(*awaitables: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather`` of ``awaitables``, except that when one raises, the others still run to
+    their end before its error is raised: none is left running unseen (a publish that lands after
+    the consume loop moved on to its outage handling, an error never retrieved)."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
 def _name(task: asyncio.Future[Any]) -> str:
     return task.get_name() if isinstance(task, asyncio.Task) else repr(task)

@@ -725,3 +725,24 @@ async def test_stop_is_bounded_when_releasing_the_lease_gets_no_reply(redis_clie
     await asyncio.wait_for(daemon.stop(), timeout=30)
     assert time.monotonic() - started < 15
     assert calls == 3 and not daemon.ownership.held
+
+
+async def test_settled_lets_the_others_finish_before_it_raises_the_first_error():
+    """The consume loop reads the next batch side by side with the publish of the one before: a
+    read that fails must not leave that publish running unseen after the loop moved on."""
+    from streamcast.tasks import settled
+
+    finished: list[str] = []
+
+    async def publish() -> str:
+        await asyncio.sleep(0.05)
+        finished.append("publish")
+        return "published"
+
+    async def read() -> str:
+        raise ConnectionError("the read's connection dropped")
+
+    with pytest.raises(ConnectionError, match="dropped"):
+        await settled(read(), publish())
+    assert finished == ["publish"], "the publish ran to its end before the error was raised"
+    assert await settled(publish(), asyncio.sleep(0, "slept")) == ["published", "slept"]

@@ -13,7 +13,6 @@ and logged; a forecast that was not written becomes a ``publish_failed`` dead le
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, write_refusal
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
+from streamcast.tasks import settled
 from streamcast.wire import DeadLetter, HistoryEntry, id_key, text
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class ForecastSink:
         self.found_lost = set()
         # one transaction on one server; one per partition (slot) on a cluster, side by side
         groups = [[p] for p in partitions] if self.cluster else [partitions]
-        outcomes = await asyncio.gather(*(self._write(g, batch) for g in groups if g))
+        outcomes = await settled(*(self._write(g, batch) for g in groups if g))
         lost = set().union(*outcomes) if outcomes else set()
         batch.drop(lost)
         self._count(batch)  # after the write: only what is durable is counted

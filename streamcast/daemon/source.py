@@ -24,6 +24,7 @@ from streamcast.daemon.config import DaemonConfig
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
+from streamcast.tasks import settled
 from streamcast.wire import id_key, parse_stream_reply, text
 
 log = logging.getLogger(__name__)
@@ -323,9 +324,7 @@ class TickSource:
             block_ms = self.config.read_block_ms if block else None
             entries = await self._read_group(streams, self._read_count, block_ms)
         else:  # a batch waits to be published: at once, side by side with this read
-            entries, _ = await asyncio.gather(
-                self._read_group(streams, self._read_count), meanwhile()
-            )
+            entries, _ = await settled(self._read_group(streams, self._read_count), meanwhile())
             meanwhile = None
         self.read_at = self.clock()  # a batch's wait (the fill below, prepare) counts from here
         wait = self.fill.wait(len(entries), self._read_count)
@@ -335,7 +334,7 @@ class TickSource:
             if meanwhile is None:
                 await asyncio.sleep(wait)
             else:
-                await asyncio.gather(meanwhile(), asyncio.sleep(wait))
+                await settled(meanwhile(), asyncio.sleep(wait))
             entries += await self._read_group(streams, self._read_count - len(entries))
         return await self._without_strays(entries)
 
