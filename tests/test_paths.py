@@ -270,18 +270,25 @@ async def test_a_tick_forecast_waits_for_at_most_one_path_step_not_for_paths(
         await wait_for(lambda: redis_client.xlen(keys.paths("W63")), timeout_s=60)
 
 
+async def backlog(redis, keys: Keys, names, ticks: int, seed: int) -> None:
+    """Each symbol's window full in history (50 prices), then ``ticks`` ticks of it (prices 100,
+    101, ...) queued in its partition's stream before a daemon starts."""
+    rng = np.random.default_rng(seed)
+    pipe = redis.pipeline(transaction=False)
+    for name in names:
+        for t, price in enumerate(100 + np.cumsum(rng.normal(0, 0.5, 50))):
+            pipe.xadd(keys.history(name), {"price": repr(float(price))}, id=f"{t + 1}-0")
+        for k in range(ticks):
+            pipe.xadd(keys.ticks_for(name), Tick.encode(name, 100.0 + k))
+    await pipe.execute()
+
+
 async def test_conflation_forecasts_each_symbols_newest_tick_and_counts_the_rest(
     redis_client, shipped_engine
 ):
     keys = Keys("conflate")
-    rng = np.random.default_rng(4)
-    pipe = redis_client.pipeline(transaction=False)
-    for name in ("C1", "C2"):
-        for t, price in enumerate(100 + np.cumsum(rng.normal(0, 0.5, 50))):
-            pipe.xadd(keys.history(name), {"price": repr(float(price))}, id=f"{t + 1}-0")
-        for k in range(5):  # queued before the daemon starts: one read takes them all
-            pipe.xadd(keys.ticks_for(name), Tick.encode(name, 100.0 + k))
-    await pipe.execute()
+    # queued before the daemon starts: one read takes them all
+    await backlog(redis_client, keys, ("C1", "C2"), ticks=5, seed=4)
     metrics = Metrics(CollectorRegistry())
     config = DaemonConfig(conflate=True, path_refresh_s=3600)
     async with Daemon(redis_client, shipped_engine, metrics, keys=keys, config=config) as daemon:
@@ -305,14 +312,7 @@ async def test_a_conflating_read_takes_several_batches_worth_so_a_backlog_costs_
     conflating it saves nothing (bench/conflation.py at 7,000 ticks/s over 500 symbols: 2 %
     conflated, the backlog grew as without it). A conflating read may hold 8 batches' worth."""
     keys = Keys("conflatebig")
-    rng = np.random.default_rng(5)
-    pipe = redis_client.pipeline(transaction=False)
-    for name in ("D1", "D2"):
-        for t, price in enumerate(100 + np.cumsum(rng.normal(0, 0.5, 50))):
-            pipe.xadd(keys.history(name), {"price": repr(float(price))}, id=f"{t + 1}-0")
-        for k in range(60):  # a backlog of 60 ticks a symbol, queued before the daemon starts
-            pipe.xadd(keys.ticks_for(name), Tick.encode(name, 100.0 + k))
-    await pipe.execute()
+    await backlog(redis_client, keys, ("D1", "D2"), ticks=60, seed=5)
     metrics = Metrics(CollectorRegistry())
     config = DaemonConfig(conflate=True, path_refresh_s=3600, batch_max_size=8)
     async with Daemon(redis_client, shipped_engine, metrics, keys=keys, config=config) as daemon:
