@@ -9,7 +9,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from streamcast.daemon.calibration import Calibration
-from streamcast.intervals import Calibrator, IntervalConfig
+from streamcast.intervals import Calibrator, IntervalConfig, window_volatility
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.wire import Forecast, Tick
@@ -61,9 +61,14 @@ def test_no_band_for_a_partition_this_replica_does_not_hold():
     symbols = ["A", "B", "C", "D", "E", "F"]
     windows = windows_of(len(symbols))
     ticks = [Tick(f"{i + 1}-0", s, float(windows[i, -1]), None) for i, s in enumerate(symbols)]
-    bands, _ = cal.bands(ticks, windows, windows[:, -1], {})
-    for tick, band in zip(ticks, bands, strict=True):
-        assert (band is None) == (cal.keys.partition(tick.symbol) == 1)
+    bands, vols = cal.bands(ticks, windows, windows[:, -1], {})
+    own = window_volatility(windows, cal.config.volatility_halflife_ticks)
+    held = [cal.keys.partition(tick.symbol) != 1 for tick in ticks]
+    assert 0 < sum(held) < len(ticks), "both kinds of row in the batch"
+    for k, (band, vol) in enumerate(zip(bands, vols, strict=True)):
+        assert (band is None) == (not held[k])
+        # its window's volatility where it has a band (what its score will be scaled by)
+        assert vol == own[k] if held[k] else np.isnan(vol)
 
 
 def forecast_of(cal: Calibration, symbol: str, n: int, window: np.ndarray, nxt: float, path=None):

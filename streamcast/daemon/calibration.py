@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN
-from streamcast.intervals import Calibrator, IntervalConfig, wire
+from streamcast.intervals import Calibrator, IntervalConfig, window_volatility, wire
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.wire import Forecast, Tick
@@ -182,17 +182,19 @@ class Calibration:
         volatility; ``paths`` maps a row to its path."""
         n = len(ticks)
         out: list[dict[str, Any] | None] = [None] * n
-        vols = np.full(n, np.nan)
         if n == 0:
-            return out, vols
-        parts = np.array([self.keys.partition(t.symbol) for t in ticks])
-        for p in np.unique(parts):
-            cal = self.calibrators.get(int(p))
+            return out, np.full(0, np.nan)
+        rows_of: dict[int, list[int]] = {}  # by partition (a batch holds a few: no numpy here)
+        for r, tick in enumerate(ticks):
+            rows_of.setdefault(self.keys.partition(tick.symbol), []).append(r)
+        # every calibrator has this config: one pass for the batch
+        vols = window_volatility(windows, self.config.volatility_halflife_ticks)
+        for p, rows in rows_of.items():
+            cal = self.calibrators.get(p)
             if cal is None:
+                vols[rows] = np.nan
                 continue
-            rows = [int(r) for r in np.flatnonzero(parts == p)]
-            vol = cal.volatility(windows[rows])
-            vols[rows] = vol
+            vol = vols[rows]
             steps = max((len(paths[r]) for r in rows if r in paths), default=0)
             grid = None
             if steps:
