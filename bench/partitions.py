@@ -1,7 +1,7 @@
 """Read cost follows the partitions a replica owns (issue 14).
 
     python bench/partitions.py [--symbols 500] [--partitions 8] [--rate 2000] [--seconds 30]
-                               [--warmup 5] [--record]
+                               [--warmup 5] [--cases A,B,D,C] [--env STREAMCAST_X=Y] [--record]
 
 Before partitions, every replica read and decoded every tick of one stream and dropped the other
 shards' symbols: a replica owning 1/50 of 500 symbols spent 28 % of a core on 2,000 ticks/s just
@@ -16,6 +16,10 @@ and a replica reads only the streams of the partitions it owns.
    B. owning 1 of them (STREAMCAST_SHARD_INDEX=0, STREAMCAST_SHARD_COUNT=--partitions),
    C. (unless --no-foreign) as B, but the load has no tick of its partition: all --rate
       ticks/s go to the partitions it does not own (what the issue measured as waste),
+   D. owning all partitions, offered only what B receives: B's number of symbols (spread over
+      all partitions) at B's ticks/s. CPU(B)/CPU(D) is what owning a share costs of its own
+      (1.0: nothing); CPU(D)/CPU(A) is how one replica's CPU follows its load,
+   (--cases picks and orders them: A,B,D,C by default),
    samples the replica's CPU while idle, then a producer in its own process (so its CPU is not
    the replica's) offers --rate ticks/s round-robin over --symbols symbols, evenly in 10 ms
    slices (one pipeline of XADDs to `keys.ticks_for(symbol)` per slice) for --seconds.
@@ -25,7 +29,8 @@ and a replica reads only the streams of the partitions it owns.
    duplicate; cross-checked with XINFO GROUPS entries-read) against the entries added to the
    streams of the partitions it owns (XINFO STREAM entries-added, which trimming does not lower),
    what its group read on the partitions it does not own, the ticks it forecast, and its batches
-   (streamcast_batch_size_count) and 50-step paths.
+   (streamcast_batch_size_count), 50-step paths, and the p99 tick-to-forecast latency over the
+   window to its histogram's resolution (the bound of the bucket that holds it).
 """
 
 from __future__ import annotations
@@ -84,6 +89,25 @@ def metric_values(port: int, name: str) -> dict[str, float]:
             series, value = line.rsplit(" ", 1)
             values[series[len(name) :]] = float(value)
     return values
+
+
+def latency_buckets(port: int) -> dict[float, float]:
+    """streamcast_tick_to_forecast_seconds's cumulative bucket counts, by upper bound."""
+    out = {}
+    for labels, value in metric_values(port, "streamcast_tick_to_forecast_seconds_bucket").items():
+        bound = labels.split('le="', 1)[1].split('"', 1)[0]
+        out[float(bound)] = value
+    return out
+
+
+def p99_bound(before: dict[float, float], after: dict[float, float]) -> float:
+    """The upper bound of the histogram bucket that holds the p99 of what was observed between
+    two scrapes (the histogram's resolution: 10, 25, 50, 75, 100 ms, ...)."""
+    counts = {b: after[b] - before.get(b, 0.0) for b in sorted(after)}
+    total = counts.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan")
+    return next(b for b, c in counts.items() if c >= 0.99 * total)
 
 
 def ticks_read(port: int) -> dict[str, int]:
@@ -179,16 +203,27 @@ async def stream_counts(redis, keys: Keys, mine: list[int]) -> dict[str, int]:
 
 
 async def run_case(
-    redis, url: str, tmp: str, case: str, shard_count: int, args, foreign: bool = False
+    redis,
+    url: str,
+    tmp: str,
+    case: str,
+    shard_count: int,
+    args,
+    foreign: bool = False,
+    symbols: int | None = None,
+    rate: float | None = None,
 ) -> dict:
     """One replica, replica 0 of ``shard_count``; with ``foreign``, the load has no tick of its
-    partitions (all --rate ticks/s go to the others)."""
+    partitions (all ``rate`` ticks/s go to the others). ``symbols`` and ``rate``: --symbols and
+    --rate unless given."""
+    symbols = symbols or args.symbols
+    rate = rate or args.rate
     prefix = f"partitions-{case}-{int(time.time())}"
     keys = Keys(prefix, args.partitions)
-    names = names_for(args.symbols)
+    names = names_for(symbols)
     mine = owned(0, shard_count, args.partitions)
     share = 0.0 if foreign else sum(1 for n in names if keys.partition(n) in mine) / len(names)
-    await seed_history(redis, keys, names, bench.prices(args.symbols, 2000, seed=1)[:, :HISTORY])
+    await seed_history(redis, keys, names, bench.prices(symbols, 2000, seed=1)[:, :HISTORY])
     port = free_port()
     env = {
         **os.environ,
@@ -222,16 +257,18 @@ async def run_case(
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             at = time.time() + 5.0  # the producer's start-up is not load time
             producer = loop.run_in_executor(
-                pool, produce, url, prefix, args.partitions, args.symbols, args.rate,
+                pool, produce, url, prefix, args.partitions, symbols, rate,
                 args.seconds, at, tuple(mine) if foreign else (),
             )  # fmt: skip
             await asyncio.sleep(max(0.0, at + args.warmup - time.time()))
             t0, c0 = time.monotonic(), cpu_seconds(replica.pid)
             batches_before = metric_values(port, "streamcast_batch_size_count")
+            latency_before = latency_buckets(port)
             await asyncio.sleep(max(0.0, at + args.seconds - time.time()))
             t1, c1 = time.monotonic(), cpu_seconds(replica.pid)
             load_during = os.getloadavg()[0]
             batches_during = metric_values(port, "streamcast_batch_size_count")
+            p99 = p99_bound(latency_before, latency_buckets(port))
             sent, took = await producer
         counts = await stream_counts(redis, keys, mine)
         deadline = time.monotonic() + args.drain_timeout
@@ -253,6 +290,7 @@ async def run_case(
             replica.kill()
     return {
         "case": case,
+        "symbols": symbols,
         "mine": mine,
         "owned_gauge": next(iter(owned_gauge.values()), float("nan")),
         "share": share,
@@ -265,6 +303,7 @@ async def run_case(
         "outcomes": read,
         "load": (load_before, load_during),
         "paths": int(paths),
+        "p99": p99,
         "batches": int(batches),
         "batch_rate": (batches_during.get("", 0.0) - batches_before.get("", 0.0)) / (t1 - t0),
         **counts,
@@ -288,22 +327,37 @@ async def main() -> None:
     parser.add_argument(
         "--no-foreign", action="store_true", help="skip case C (only other partitions' ticks)"
     )
+    parser.add_argument("--cases", default="A,B,D,C", help="which cases, in this order")
     parser.add_argument("--record", action="store_true", help="write docs/results/partitions.md")
     parser.add_argument("--result", help="NAME of the recorded result (docs/results/NAME.md)")
     args = parser.parse_args()
     if args.warmup >= args.seconds:
         sys.exit("--warmup must be shorter than --seconds")
 
-    results = []
+    cases = [c for c in args.cases.split(",") if c and not (c == "C" and args.no_foreign)]
+    if not cases or not set(cases) <= {"A", "B", "C", "D"}:
+        sys.exit("--cases: a comma-separated list of A, B, C, D")
+    # D: what B receives (its symbols, its ticks/s) on a replica that owns every partition
+    keys = Keys("bench", args.partitions)
+    b_symbols = sum(
+        1
+        for n in names_for(args.symbols)
+        if keys.partition(n) in owned(0, args.partitions, args.partitions)
+    )
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, url = bench.start_redis(tmp)
         redis = make_redis(url)
         try:
-            cases = [("A", 1, False), ("B", args.partitions, False)]
-            if not args.no_foreign:
-                cases.append(("C", args.partitions, True))
-            for case, count, foreign in cases:
-                results.append(await run_case(redis, url, tmp, case, count, args, foreign))
+            for case in cases:
+                if case == "A":
+                    r = await run_case(redis, url, tmp, case, 1, args)
+                elif case == "D":
+                    rate = args.rate * b_symbols / args.symbols
+                    r = await run_case(redis, url, tmp, case, 1, args, symbols=b_symbols, rate=rate)
+                else:
+                    r = await run_case(redis, url, tmp, case, args.partitions, args, case == "C")
+                results[case] = r
         finally:
             await redis.aclose()
             redis_proc.terminate()
@@ -326,15 +380,16 @@ async def main() -> None:
     out(
         "| case | partitions owned | share of ticks | ticks offered (rate) | CPU idle | CPU under "
         "load | entries read | entries in owned partitions | read == owned | read from other "
-        "partitions | forecasts | 50-step paths | batches (per s in the window) | 1-min load avg "
-        "(before / end) |"
+        "partitions | forecasts | 50-step paths | batches (per s in the window) | p99 latency "
+        "in the window | 1-min load avg (before / end) |"
     )
-    out("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    for r in results:
+    out("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in results.values():
         label = {
             "A": "A: owns all",
             "B": f"B: owns 1 of {args.partitions}",
             "C": f"C: owns 1 of {args.partitions}, no tick of its own offered",
+            "D": f"D: owns all, offered only what B gets ({r['symbols']} symbols)",
         }[r["case"]]
         same = r["read"] == r["added_mine"] == r["group_read_mine"]
         out(
@@ -342,35 +397,45 @@ async def main() -> None:
             f"({r['rate']:,.0f}/s) | {r['idle']:.1%} | {r['cpu']:.1%} | {r['read']:,} | "
             f"{r['added_mine']:,} | {'yes' if same else 'NO'} | {r['group_read_other']:,} | "
             f"{r['outcomes'].get('forecast', 0):,} | {r['paths']:,} | {r['batches']:,} "
-            f"({r['batch_rate']:.0f}/s) | {r['load'][0]:.2f} / {r['load'][1]:.2f} |"
+            f"({r['batch_rate']:.0f}/s) | <= {1000 * r['p99']:.0f} ms | {r['load'][0]:.2f} / "
+            f"{r['load'][1]:.2f} |"
         )
-    a, b = results[:2]
     out()
-    out(
-        f"CPU(B) / CPU(A) = {b['cpu']:.1%} / {a['cpu']:.1%} = {b['cpu'] / a['cpu']:.3f} "
-        f"(1/{a['cpu'] / b['cpu']:.1f}); B's share of the ticks: {b['share'] / a['share']:.3f} "
-        f"(target: CPU follows the share, about 1/{args.partitions})"
-    )
-    busy_a, busy_b = a["cpu"] - a["idle"], b["cpu"] - b["idle"]
-    out(
-        f"above idle: {busy_b:.1%} / {busy_a:.1%} = {busy_b / busy_a:.3f}"
-        if busy_a > 0
-        else "above idle: n/a"
-    )
-    for r in results[:2]:
+    a, b, d = (results.get(k) for k in "ABD")
+    if a and b:
+        out(
+            f"CPU(B) / CPU(A) = {b['cpu']:.1%} / {a['cpu']:.1%} = {b['cpu'] / a['cpu']:.3f} "
+            f"(1/{a['cpu'] / b['cpu']:.1f}); B's share of the ticks: {b['read'] / a['read']:.3f} "
+            f"(target: CPU follows the share, about 1/{args.partitions})"
+        )
+        busy_a, busy_b = a["cpu"] - a["idle"], b["cpu"] - b["idle"]
+        if busy_a > 0:
+            out(f"above idle: {busy_b:.1%} / {busy_a:.1%} = {busy_b / busy_a:.3f}")
+    if b and d:
+        out(
+            f"CPU(B) / CPU(D) = {b['cpu']:.1%} / {d['cpu']:.1%} = {b['cpu'] / d['cpu']:.3f}: "
+            "the same ticks on a replica owning 1 partition and on one owning all (1.0: owning a "
+            "share costs nothing of its own)"
+        )
+    if a and d:
+        out(
+            f"CPU(D) / CPU(A) = {d['cpu'] / a['cpu']:.3f} for {d['read'] / a['read']:.3f} of the "
+            "ticks: what one replica's CPU does when its load drops (batches shrink)"
+        )
+    for r in results.values():
         if r["batches"]:
             out(
                 f"{r['case']}: {r['read'] / r['batches']:.1f} ticks per batch on average "
                 "(a batch is one engine call, plus a rollout when some symbol's path is due)"
             )
-    if len(results) > 2:
-        c = results[2]
+    if c := results.get("C"):
         out(
-            f"C: {c['sent']:,} ticks offered ({c['rate']:,.0f}/s), all to partitions it does not own: CPU {c['cpu']:.1%} under the load vs {c['idle']:.1%} "
-            "idle, what the ticks that are not its own cost it (before issue 14: 28 % of a core "
-            "for a replica owning 1/50 of the symbols)"
+            f"C: {c['sent']:,} ticks offered ({c['rate']:,.0f}/s), all to partitions it does not "
+            f"own: CPU {c['cpu']:.1%} under the load vs {c['idle']:.1%} idle, what the ticks "
+            "that are not its own cost it (before issue 14: 28 % of a core for a replica owning "
+            "1/50 of the symbols)"
         )
-    for r in results:
+    for r in results.values():
         out(
             f"{r['case']}: outcomes {r['outcomes']}; group entries-read on owned partitions "
             f"{r['group_read_mine']:,}, pending {r['pending']}; partitions_owned gauge "
