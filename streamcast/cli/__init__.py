@@ -1,0 +1,77 @@
+"""The ``streamcast`` command line: a parser and a function for each command.
+
+The commands live by kind: ``tutorial`` (train, evaluate, experiment), ``service`` (serve,
+replay, watch, demo, check) and ``ops`` (history import, retrain, models); ``common`` holds
+what they share.
+
+Only the two programs configure logging: this one and the retrain trainer, which runs as its own
+process (``python -m streamcast.retrain``).
+
+Heavy imports (TensorFlow, matplotlib) happen inside the commands that need them, so ``--help``
+and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from streamcast.cli.common import LOG_FORMAT, UserError, _quiet_tensorflow, _tensorflow_logging
+from streamcast.cli.ops import _add_history, _add_models, _add_retrain
+from streamcast.cli.service import _add_check, _add_demo, _add_replay, _add_serve, _add_watch
+from streamcast.cli.tutorial import _add_evaluate, _add_experiment, _add_train
+from streamcast.data import DataError
+from streamcast.version import __version__
+
+__all__ = ["UserError", "_quiet_tensorflow", "_tensorflow_logging", "build_parser", "main"]
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamcast",
+        description="Streaming online LSTM forecaster: Redis streams in, batched forecasts out.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamcast {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_demo,
+        _add_serve,
+        _add_check,
+        _add_replay,
+        _add_watch,
+        _add_experiment,
+        _add_train,
+        _add_evaluate,
+        _add_history,
+        _add_retrain,
+        _add_models,
+    ):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _tensorflow_logging(args.verbose)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=LOG_FORMAT,
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    from streamcast.model import ModelError
+    from streamcast.service import ServeError
+
+    try:
+        return func(args)
+    except (UserError, DataError, ModelError, ServeError) as exc:
+        print(f"streamcast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"streamcast {args.command}: interrupted", file=sys.stderr)
+        return 130

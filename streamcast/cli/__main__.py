@@ -1,0 +1,7 @@
+"""``python -m streamcast.cli``: the ``streamcast`` command."""
+
+import sys
+
+from streamcast.cli import main
+
+sys.exit(main())
