@@ -33,7 +33,7 @@ PASSWORD = "s3cret/pw@x:y"  # characters a URL must escape
 KEEPING_TRAINER = """
 import json, os, shutil, stat, sys
 from pathlib import Path
-from streamcast.retrain import worker_main
+from streamcast.trainer import worker_main
 keep, job = Path(sys.argv[1]), Path(sys.argv[2])
 (keep / "child.json").write_text(json.dumps({
     "argv": sys.orig_argv,

@@ -5,7 +5,7 @@ replay, watch, demo, check) and ``ops`` (history import, retrain, models); ``com
 what they share.
 
 Only the two programs configure logging: this one and the retrain trainer, which runs as its own
-process (``python -m streamcast.retrain``).
+process (``python -m streamcast.trainer``).
 
 Heavy imports (TensorFlow, matplotlib) happen inside the commands that need them, so ``--help``
 and argument errors answer at once.
