@@ -414,6 +414,9 @@ def test_compose_file_validates_and_wires_the_stack():
     assert "--appendonly" in services["redis"]["command"]
     assert services["replay"]["command"][:2] == ["replay", "/data/sp500.csv"]
     assert any(v.endswith(":/data/sp500.csv:ro") for v in _volumes(services["replay"]))
+    # the replay serves no /readyz for the image's HEALTHCHECK (tests/test_compose.py runs the
+    # stack; the replay stops on the SIGTERM of `stop`: tests/test_replay.py)
+    assert services["replay"]["healthcheck"] == {"test": ["NONE"]}
     assert services["streamcast"]["environment"]["STREAMCAST_REDIS_URL"] == "redis://redis:6379/0"
     # `up --scale streamcast=3`: no fixed name, no fixed host port, one partition count for all
     streamcast = services["streamcast"]

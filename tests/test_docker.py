@@ -4,24 +4,20 @@ in the grace period) and `demo` with no network at all.
 
 No image can be pulled here: deploy/docker/base-image.sh makes the base from Debian's packages
 first (a real base image of that name is used as it is). The image is tagged by a hash of what
-goes into it and rebuilt only when that changes. Skipped only where no engine can run: not root,
-or no dockerd and no apt-get to install Debian's docker.io. The tests without a mark check, in a
+goes into it and rebuilt only when that changes (tests/dockerlib.py; the fixtures `docker` and
+`image` are in tests/conftest.py). Skipped only where no engine can run: not root, or no dockerd
+and no apt-get to install Debian's docker.io. The tests without a mark check, in a
 moment, what the image leaves out: matplotlib (the `plots` extra) and tensorflow's CUDA kernels.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -30,112 +26,11 @@ from streamcast.keys import Keys
 from streamcast.replay import replay, symbol_names
 from streamcast.wire import Forecast
 
+from .dockerlib import BUILD_TIMEOUT_S, DOCKER_DIR, ROOT, inspect, run
 from .helpers import feed, http_get, wait_for, wait_total
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCKER_DIR = ROOT / "deploy" / "docker"
-# what goes into the image (the build context of .dockerignore, and the base's recipe)
-INPUTS = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "deploy/docker")
-REPOSITORY = "streamcast"
-TAG_PREFIX = "test-"
 GRACE_S = 30  # docker stop's grace: over the daemon's 10 s shutdown timeout and TF's teardown
 UID = 10001
-
-# the first build downloads TensorFlow: minutes, over the suite's per-test timeout
-BUILD_TIMEOUT_S = 1800
-
-
-def run(*args: str, timeout_s: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s)
-    if check:
-        assert out.returncode == 0, f"{' '.join(args)}: exit {out.returncode}\n{out.stderr[-3000:]}"
-    return out
-
-
-def answers(docker: str) -> bool:
-    return run(docker, "info", timeout_s=30, check=False).returncode == 0
-
-
-@pytest.fixture(scope="module")
-def docker(tmp_path_factory) -> Iterator[str]:
-    """The docker client of an engine that answers; dockerd started here (and stopped after the
-    module) when none runs."""
-    client = shutil.which("docker")
-    if client is not None and answers(client):
-        yield client
-        return
-    if os.geteuid() != 0:
-        pytest.skip("no Docker engine answers, and only root can start dockerd")
-    if shutil.which("dockerd") is None or client is None:
-        if shutil.which("apt-get") is None:
-            pytest.skip("no dockerd, and no apt-get to install Debian's docker.io")
-        pytest.fail("dockerd is not installed (apt-get install -y docker.io; .ci/run does it)")
-    log_path = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
-    with open(log_path, "w") as log:
-        daemon = subprocess.Popen(
-            ["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while not answers(client):
-            tail = log_path.read_text()[-3000:]
-            assert daemon.poll() is None, f"dockerd exited {daemon.returncode}:\n{tail}"
-            assert time.monotonic() < deadline, f"dockerd did not answer in 90 s:\n{tail}"
-            time.sleep(0.5)
-        yield client
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(10)
-
-
-def source_hash(base_id: str) -> str:
-    """A hash of the base image and of every file the image is built from."""
-    digest = hashlib.sha256(base_id.encode())
-    for path in (ROOT / p for p in (*INPUTS, "streamcast")):
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if file.is_file() and "__pycache__" not in file.parts:
-                digest.update(str(file.relative_to(ROOT)).encode() + b"\0")
-                digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-@pytest.fixture(scope="module")
-def image(docker: str, tmp_path_factory) -> str:
-    """streamcast:test-HASH, built now unless an image of that tag exists."""
-    base = run(str(DOCKER_DIR / "base-image.sh"), timeout_s=900)  # no-op when up to date
-    from_line = next(
-        line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("FROM ")
-    )
-    base_id = run(docker, "image", "inspect", "-f", "{{.Id}}", from_line.split()[1]).stdout
-    tag = f"{REPOSITORY}:{TAG_PREFIX}{source_hash(base_id.strip())}"
-    if run(docker, "image", "inspect", tag, check=False).returncode == 0:
-        return tag
-    log_path = tmp_path_factory.mktemp("build") / "build.log"
-    with open(log_path, "w") as log:
-        # the legacy builder: no buildx plugin needed, and --network host for pip's registry
-        built = subprocess.run(
-            [docker, "build", "--network", "host", "-t", tag, str(ROOT)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "DOCKER_BUILDKIT": "0"},
-            timeout=BUILD_TIMEOUT_S - 300,
-        )
-    assert built.returncode == 0, f"{base.stdout}\ndocker build:\n{log_path.read_text()[-4000:]}"
-    # earlier test builds: their layers under this one's are kept, the rest freed
-    tags = run(docker, "image", "ls", REPOSITORY, "--format", "{{.Tag}}").stdout.split()
-    stale = [f"{REPOSITORY}:{t}" for t in tags if t.startswith(TAG_PREFIX)]
-    stale.remove(tag)
-    if stale:
-        run(docker, "image", "rm", *stale, check=False)
-    return tag
-
-
-def inspect(docker: str, container: str) -> dict:
-    return json.loads(run(docker, "inspect", container).stdout)[0]
 
 
 @pytest.mark.parametrize(

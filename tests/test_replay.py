@@ -405,6 +405,40 @@ def test_streamcast_replay_names_the_partition_streams_it_wrote(redis_server, mo
         assert sum(sync.xlen(keys.ticks(p)) for p in used) == 15
 
 
+async def test_streamcast_replay_stops_on_sigterm_at_once(redis_server, redis_client, tmp_path):
+    """As a container's process 1, which ignores a signal it has no handler for: `docker stop`
+    (SIGTERM) must not wait out its grace period and kill a looping replay."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "STREAMCAST_REDIS_URL": redis_server.url, "STREAMCAST_KEY_PREFIX": "term"}
+    command = [sys.executable, "-m", "streamcast.cli", "replay", "--symbol", "T", "--loop"]
+    replaying = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        stream = Keys("term").ticks_for("T")
+
+        async def sending() -> bool:
+            assert replaying.poll() is None, replaying.communicate()[1]
+            return await redis_client.xlen(stream) > 0
+
+        await wait_for(sending, 60, what="the replay's first ticks")
+        started = time.monotonic()
+        replaying.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(replaying.communicate, None, 10)
+        took = time.monotonic() - started
+    finally:
+        replaying.kill()
+        replaying.wait(10)
+    assert replaying.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "streamcast replay: terminated"
+    assert "Traceback" not in err and took < 5
+
+
 async def test_watch_draws_the_table_on_a_terminal_with_the_lag_over_every_partition(
     redis_client, monkeypatch
 ):

@@ -13,8 +13,9 @@
 # those are web addresses. Builds FROM the stand-in carry that pip.conf: it is for local builds.
 #
 # An image of that name that this script did not make (the real one, pulled) is left alone; one
-# it made is rebuilt only when its recipe changes (this script, the CA bundle, the pip settings),
-# so a second run takes a second. DEBIAN_MIRROR overrides the mirror read from apt's sources.
+# it made is rebuilt only when its recipe changes (this script and stand-in.sh, the CA bundle,
+# the pip settings), so a second run takes a second. DEBIAN_MIRROR overrides the mirror read
+# from apt's sources.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,6 +25,8 @@ label=org.streamcast.stand-in
 base=$(awk 'toupper($1) == "FROM" { print $2; exit }' "$repo/Dockerfile")
 [ -n "$base" ] || { echo "base-image.sh: no FROM line in $repo/Dockerfile" >&2; exit 1; }
 docker=${DOCKER:-docker}
+name=base-image.sh
+. "$here/stand-in.sh"
 
 # The CA bundle this machine's pip and apt use.
 bundle=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
@@ -52,51 +55,10 @@ pip_conf=$(
     [ -z "${PIP_DEFAULT_TIMEOUT:-}" ] || echo "timeout = $PIP_DEFAULT_TIMEOUT"
 )
 
-recipe=$({ cat "$0" "$bundle"; printf '%s\n' "$pip_conf"; } | sha256sum | cut -c1-16)
+recipe=$({ cat "$0" "$here/stand-in.sh" "$bundle"; printf '%s\n' "$pip_conf"; } | sha256sum | cut -c1-16)
 
-if "$docker" image inspect "$base" >/dev/null 2>&1; then
-    made=$("$docker" image inspect -f "{{ index .Config.Labels \"$label\" }}" "$base")
-    case "$made" in
-        "" | "<no value>")
-            echo "base-image.sh: $base is present and not a stand-in: left as it is"
-            exit 0 ;;
-        "$recipe")
-            echo "base-image.sh: the stand-in $base is up to date"
-            exit 0 ;;
-    esac
-fi
-
-[ "$(id -u)" = 0 ] || { echo "base-image.sh: debootstrap needs root" >&2; exit 1; }
-command -v debootstrap >/dev/null || {
-    echo "base-image.sh: debootstrap is not installed (apt-get install -y debootstrap)" >&2
-    exit 1
-}
-
-mirror=${DEBIAN_MIRROR:-}
-if [ -z "$mirror" ] && [ -f /etc/apt/sources.list.d/debian.sources ]; then
-    mirror=$(awk '$1 == "URIs:" { print $2; exit }' /etc/apt/sources.list.d/debian.sources)
-fi
-if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
-    mirror=$(awk '$1 == "deb" && $3 ~ /^bookworm$/ { print $2; exit }' /etc/apt/sources.list)
-fi
-
-rootfs=$(mktemp -d /var/tmp/streamcast-base.XXXXXX)
-cleanup() {
-    # a debootstrap that failed midway can leave its mounts behind: never delete through them
-    for mount in proc sys dev/pts dev; do umount "$rootfs/$mount" 2>/dev/null || true; done
-    rm -rf --one-file-system "$rootfs"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-echo "base-image.sh: debootstrap bookworm into $rootfs (${mirror:-debootstrap's default mirror})"
-debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,passwd \
-    bookworm "$rootfs" ${mirror:+"$mirror"} >"$rootfs.log" 2>&1 || {
-    tail -n 30 "$rootfs.log" >&2
-    echo "base-image.sh: debootstrap failed (log: $rootfs.log)" >&2
-    exit 1
-}
-rm -f "$rootfs.log"
+stand_in_needed "$base" "$recipe"
+debootstrap_rootfs python3,python3-venv,python3-pip,ca-certificates,passwd
 
 # Trust what the machine trusts; its own added certificates survive an update-ca-certificates run
 # inside the image.
@@ -106,9 +68,7 @@ if [ -d /usr/local/share/ca-certificates ]; then
 fi
 printf '%s\n' "$pip_conf" >"$rootfs/etc/pip.conf"
 
-# As the official slim images: no package lists or caches; the engine supplies the rest.
-rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/* "$rootfs"/usr/share/man/* \
-    "$rootfs"/usr/share/info/* "$rootfs/etc/resolv.conf" "$rootfs/etc/hostname"
+slim_rootfs
 
 tar -C "$rootfs" --numeric-owner -c . | "$docker" import \
     --change "LABEL $label=$recipe" \

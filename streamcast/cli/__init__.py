@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from streamcast.cli.common import LOG_FORMAT, UserError, _quiet_tensorflow, _tensorflow_logging
@@ -55,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(SystemExit):
+    """SIGTERM (``docker stop``, ``kill``): a command stops as on Ctrl+C, at once. ``serve`` and
+    ``demo`` put their own handlers over this one while they run, and stop in order."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streamcast.model import ModelError
     from streamcast.service import ServeError
 
+    # without a handler, a process 1 (a container's) ignores SIGTERM: `docker stop` would wait
+    # out its grace period and kill a replay or a watch
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return func(args)
     except (UserError, DataError, ModelError, ServeError) as exc:
@@ -75,3 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"streamcast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"streamcast {args.command}: terminated", file=sys.stderr)
+        return int(exc.code or 143)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
