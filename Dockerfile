@@ -36,7 +36,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
 
 COPY README.md ./
 COPY streamcast ./streamcast
-# Installed, not run from /src: `python -m streamcast.retrain` (the retrain child) must import
+# Installed, not run from /src: `python -m streamcast.trainer` (the retrain child) must import
 # the installed package, whatever the working directory.
 RUN pip install --no-deps . && cd / && rm -rf /src
 

@@ -216,8 +216,8 @@ async def run_case(
     """One replica, replica 0 of ``shard_count``; with ``foreign``, the load has no tick of its
     partitions (all ``rate`` ticks/s go to the others). ``symbols`` and ``rate``: --symbols and
     --rate unless given."""
-    symbols = symbols or args.symbols
-    rate = rate or args.rate
+    symbols = args.symbols if symbols is None else symbols
+    rate = args.rate if rate is None else rate
     prefix = f"partitions-{case}-{int(time.time())}"
     keys = Keys(prefix, args.partitions)
     names = names_for(symbols)
@@ -335,8 +335,8 @@ async def main() -> None:
         sys.exit("--warmup must be shorter than --seconds")
 
     cases = [c for c in args.cases.split(",") if c and not (c == "C" and args.no_foreign)]
-    if not cases or not set(cases) <= {"A", "B", "C", "D"}:
-        sys.exit("--cases: a comma-separated list of A, B, C, D")
+    if not cases or not set(cases) <= {"A", "B", "C", "D"} or len(set(cases)) != len(cases):
+        sys.exit("--cases: a comma-separated list of A, B, C, D, each at most once")
     # D: what B receives (its symbols, its ticks/s) on a replica that owns every partition
     keys = Keys("bench", args.partitions)
     b_symbols = sum(
@@ -344,6 +344,8 @@ async def main() -> None:
         for n in names_for(args.symbols)
         if keys.partition(n) in owned(0, args.partitions, args.partitions)
     )
+    if "D" in cases and b_symbols == 0:
+        sys.exit("case D: replica 0's partition holds none of the symbols (more --symbols)")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, url = bench.start_redis(tmp)

@@ -303,7 +303,8 @@ async def _run(daemon: Daemon, stop: asyncio.Event) -> int:
 
 @contextlib.contextmanager
 def _signals(stop: asyncio.Event, install: bool) -> Iterator[None]:
-    """The first SIGTERM/SIGINT sets ``stop``; a second SIGINT exits at once."""
+    """The first SIGTERM/SIGINT sets ``stop``; a second SIGINT exits at once. After, the handlers
+    from before (the command line's: a SIGTERM while closing ends the process, ``terminated``)."""
     if not install:
         yield
         return
@@ -319,10 +320,13 @@ def _signals(stop: asyncio.Event, install: bool) -> Iterator[None]:
         log.info("%s: stopping (finishing the batch in flight)", signal.Signals(signum).name)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum in before:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         yield
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        for signum, handler in before.items():
+            loop.remove_signal_handler(signum)  # which leaves the default, not what was before
+            if handler is not None:
+                signal.signal(signum, handler)

@@ -244,3 +244,25 @@ def test_password_in_the_url_works_and_a_wrong_one_is_refused_clearly(tmp_path):
     finally:
         server.process.terminate()
         server.process.wait(10)
+
+
+async def test_the_daemons_signal_handlers_give_back_the_ones_from_before():
+    """While the daemon runs its handler stops it in order; after, the command line's is back
+    (a SIGTERM while closing ends the process as `terminated`, not by the default action)."""
+    from streamcast.service import _signals
+
+    def before(signum, frame):  # stands for streamcast.cli's
+        raise AssertionError("not called")
+
+    saved = signal.signal(signal.SIGTERM, before)
+    try:
+        stop = asyncio.Event()
+        interrupt = signal.getsignal(signal.SIGINT)  # asyncio.run's, here
+        with _signals(stop, install=True):
+            assert signal.getsignal(signal.SIGTERM) is not before
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(stop.wait(), 5)  # the daemon's: stop, in order
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGINT) is interrupt
+    finally:
+        signal.signal(signal.SIGTERM, saved)

@@ -12,9 +12,10 @@
 # `redis-server ARGS...` (or only the ARGS: the entrypoint puts redis-server before an option),
 # redis-cli is on the PATH (the healthcheck), /data is a volume and the working directory (so the
 # append-only file lands in the named volume), the server runs as the user redis (the entrypoint
-# gives /data to it first, as the official one does), and protected mode is off unless a config
-# file says otherwise (the official image is built so: clients come from other containers, never
-# from the loopback address that protected mode lets in).
+# gives /data to it first, as the official one does), and protected mode is off when the server
+# is started with options only, as the Compose file does (the official image is built so: clients
+# come from other containers, never from the loopback address that protected mode lets in); given
+# a config file, this stand-in leaves protected mode to the file (on, unless the file says no).
 #
 # An image of that name that this script did not make (the real one, pulled) is left alone; one
 # it made is rebuilt only when this script or stand-in.sh changes, so a second run takes a second.
@@ -45,7 +46,7 @@ mkdir -p "$rootfs/data"
 chroot "$rootfs" chown redis:redis /data
 
 # The official image's entrypoint, in short: options alone run redis-server; redis-server runs as
-# the user redis, with protected mode off unless a config file (which must come first) sets it.
+# the user redis, with protected mode off unless a config file (which must come first) is given.
 cat >"$rootfs/usr/local/bin/docker-entrypoint.sh" <<'EOF'
 #!/bin/sh
 set -e

@@ -8,6 +8,12 @@
 # `old` to the image id a new stand-in replaces (empty when there is none).
 stand_in_needed() {
     old=
+    # an engine that does not answer (yet) must not read as "no such image": a real one would
+    # then be replaced
+    "$docker" info >/dev/null 2>&1 || {
+        echo "$name: the Docker engine does not answer ($docker info)" >&2
+        exit 1
+    }
     "$docker" image inspect "$1" >/dev/null 2>&1 || return 0
     old=$("$docker" image inspect -f '{{.Id}}' "$1")
     made=$("$docker" image inspect -f "{{ index .Config.Labels \"$label\" }}" "$1")

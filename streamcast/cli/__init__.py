@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(SystemExit):
-    """SIGTERM (``docker stop``, ``kill``): a command stops as on Ctrl+C, at once. ``serve`` and
-    ``demo`` put their own handlers over this one while they run, and stop in order."""
+    """SIGTERM (``docker stop``, ``kill``): a command stops as on Ctrl+C, at once. While the
+    daemon runs (``serve``, and ``demo`` once its model is loaded) its own handler stands over
+    this one and the first SIGTERM stops it in order (drained); this one is back for the
+    closing. Installed and removed by :func:`main` alone: code that calls the commands' parts
+    directly (tests) gets none."""
 
 
 def _terminate(signum: int, frame: object) -> None:

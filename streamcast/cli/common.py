@@ -4,13 +4,10 @@ the settings."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
-
-log = logging.getLogger("streamcast")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
