@@ -50,7 +50,10 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T | None:
 async def settled(*awaitables: Awaitable[Any]) -> list[Any]:
     """``asyncio.gather`` of ``awaitables``, except that when one raises, the others still run to
     their end before its error is raised: none is left running unseen (a publish that lands after
-    the consume loop moved on to its outage handling, an error never retrieved)."""
+    the consume loop moved on to its outage handling, an error never retrieved). One awaitable is
+    awaited as it is (a publish on one server, every batch: no task around it)."""
+    if len(awaitables) == 1:
+        return [await awaitables[0]]
     results = await asyncio.gather(*awaitables, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):

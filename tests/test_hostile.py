@@ -746,3 +746,7 @@ async def test_settled_lets_the_others_finish_before_it_raises_the_first_error()
         await settled(read(), publish())
     assert finished == ["publish"], "the publish ran to its end before the error was raised"
     assert await settled(publish(), asyncio.sleep(0, "slept")) == ["published", "slept"]
+    assert await settled(publish()) == ["published"]  # one: awaited as it is
+    with pytest.raises(ConnectionError, match="dropped"):
+        await settled(read())
+    assert await settled() == []
