@@ -184,10 +184,13 @@ async def test_events_and_symbols_on_a_redis_cluster_over_several_partitions(tmp
                     await put_path(redis, keys, n, new[n], 20.0 + i, [21.0 + i])
 
                 def all_new(e: list) -> bool:
-                    ids = [
-                        {d.get("id") for k, d in e if k == kind} for kind in ("forecast", "path")
+                    # by symbol and id: two partitions' streams can give two ticks one id
+                    wanted = set(new.items())
+                    seen = [
+                        {(d.get("symbol"), d.get("id")) for k, d in e if k == kind}
+                        for kind in ("forecast", "path")
                     ]
-                    return all(got >= set(new.values()) for got in ids)
+                    return all(got >= wanted for got in seen)
 
                 await asyncio.wait_for(read_sse(r, events, all_new), 10)
     finally:
