@@ -70,12 +70,5 @@ printf '%s\n' "$pip_conf" >"$rootfs/etc/pip.conf"
 
 slim_rootfs
 
-tar -C "$rootfs" --numeric-owner -c . | "$docker" import \
-    --change "LABEL $label=$recipe" \
-    --change "ENV LANG=C.UTF-8" \
-    --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    --change 'CMD ["python3"]' \
-    - "$base" >/dev/null
-# the stand-in this one replaces, unless a container still uses it
-[ -z "$old" ] || "$docker" image rm "$old" >/dev/null 2>&1 || true
+import_stand_in "$base" --change 'CMD ["python3"]'
 echo "base-image.sh: imported the stand-in as $base ($("$docker" run --rm --network none "$base" python3 --version))"

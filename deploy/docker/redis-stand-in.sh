@@ -71,16 +71,10 @@ chmod 755 "$rootfs/usr/local/bin/docker-entrypoint.sh"
 
 slim_rootfs
 
-tar -C "$rootfs" --numeric-owner -c . | "$docker" import \
-    --change "LABEL $label=$recipe" \
-    --change "ENV LANG=C.UTF-8" \
-    --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+import_stand_in "$image" \
     --change "VOLUME /data" \
     --change "WORKDIR /data" \
     --change "EXPOSE 6379" \
     --change 'ENTRYPOINT ["docker-entrypoint.sh"]' \
-    --change 'CMD ["redis-server"]' \
-    - "$image" >/dev/null
-# the stand-in this one replaces, unless a container still uses it
-[ -z "$old" ] || "$docker" image rm "$old" >/dev/null 2>&1 || true
+    --change 'CMD ["redis-server"]'
 echo "redis-stand-in.sh: imported the stand-in as $image ($("$docker" run --rm --network none "$image" redis-server --version | cut -d' ' -f1-3))"

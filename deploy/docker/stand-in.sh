@@ -1,7 +1,8 @@
 # What base-image.sh and redis-stand-in.sh share (sourced by both, not run): whether an image
 # needs a stand-in at all, and a Debian bookworm root file system made by debootstrap.
 #
-# Each caller sets `name` (its own, for messages), `docker` (the client) and `label` first.
+# Each caller sets `name` (its own, for messages), `docker` (the client) and `label` first, and
+# `recipe` before import_stand_in.
 
 # stand_in_needed IMAGE RECIPE: exits the calling script (0) when IMAGE is present and either not
 # a stand-in (a real image, pulled: left alone) or a stand-in of this RECIPE (up to date); sets
@@ -60,6 +61,32 @@ _remove_rootfs() {
     # a debootstrap that failed midway can leave its mounts behind: never delete through them
     for mount in proc sys dev/pts dev; do umount "$rootfs/$mount" 2>/dev/null || true; done
     rm -rf --one-file-system "$rootfs"
+    rm -f "$rootfs.tar"
+}
+
+# import_stand_in IMAGE [--change INSTRUCTION]...: the root file system imported as IMAGE, labelled
+# with the recipe, UTF-8 and the usual PATH, plus the caller's instructions; the stand-in it
+# replaces is removed (unless a container still uses it). The archive is written to a file first:
+# sh has no pipefail, and a tar that failed inside a pipe would import a truncated image.
+import_stand_in() {
+    image_name=$1
+    shift
+    tar -C "$rootfs" --numeric-owner -cf "$rootfs.tar" . || {
+        rm -f "$rootfs.tar"
+        echo "$name: could not archive $rootfs" >&2
+        exit 1
+    }
+    "$docker" import \
+        --change "LABEL $label=$recipe" \
+        --change "ENV LANG=C.UTF-8" \
+        --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+        "$@" "$rootfs.tar" "$image_name" >/dev/null || {
+        rm -f "$rootfs.tar"
+        echo "$name: docker import of $image_name failed" >&2
+        exit 1
+    }
+    rm -f "$rootfs.tar"
+    [ -z "$old" ] || "$docker" image rm "$old" >/dev/null 2>&1 || true
 }
 
 # slim_rootfs: as the official slim images, no package lists or caches; the engine supplies the
