@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import sys
 import threading
@@ -42,7 +43,41 @@ FEED_POINTS = 5000
 PARTS_GRACE_S = 5.0
 
 
+# free_port hands out ports below the kernel's ephemeral range, where bind(port 0) never lands:
+# a port handed out here, not yet bound, cannot be taken by a server binding port 0 meanwhile
+# (the embedded Redis does), and none is handed out twice by one process
+_PORTS_FROM, _PORTS_TO = 20000, 32767
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(part) for part in f.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on, for a server to be started later (a
+    test's, a benchmark's). Not one the kernel gives a bind to port 0 and not one this process
+    handed out before; the OS's own pick (port 0) when no such port is free."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(_PORTS_FROM, _PORTS_TO + 1) if not low <= p <= high]
+    rng = random.Random()
+    with _handed_out_lock:
+        for port in rng.sample(candidates, min(len(candidates), 200)):
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -50,11 +85,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def embedded_redis(port: int = 0, host: str = "127.0.0.1") -> Iterator[str]:
-    """fakeredis's TCP server on ``host:port`` in a thread; yields its URL."""
+    """fakeredis's TCP server on ``host:port`` (a port the OS picks when 0) in a thread; yields
+    its URL."""
     from fakeredis import TcpFakeServer
 
-    port = port or free_port(host)
     server = TcpFakeServer((host, port), server_type="redis")
+    port = int(server.server_address[1])
     thread = threading.Thread(target=server.serve_forever, name="embedded-redis", daemon=True)
     thread.start()
     try:
