@@ -282,7 +282,10 @@ class Forecaster:
 
         spec = tf.TensorSpec((rows, self.seq_len), tf.float64)
         # XLA only for the fused fast path; an arbitrary Keras model may hold ops XLA lacks.
-        return tf.function(rollout, input_signature=[spec], jit_compile=self.fast_path)
+        # The one concrete function, called directly: a tf.function call would match its input
+        # against the signature on every call (~0.13 ms of a 1-row call's ~0.47)
+        function = tf.function(rollout, input_signature=[spec], jit_compile=self.fast_path)
+        return function.get_concrete_function()
 
 
 class StagedWeights:
