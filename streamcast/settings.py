@@ -150,6 +150,13 @@ class Settings(BaseSettings):
         le=65536,
         description="paths the path lane computes together (the stalest first)",
     )
+    path_gather_s: float = Field(
+        default(_D, "path_gather_s"),
+        ge=0,
+        le=60,
+        description="the most a due path waits for others to come due and roll with it (one "
+        "path alone costs several times its share of a group's rollout); 0: no wait",
+    )
     path_share: float = Field(
         default(_D, "path_share"),
         gt=0,

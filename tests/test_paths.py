@@ -173,6 +173,49 @@ def test_the_lane_steps_the_engine_in_calls_of_one_or_five_steps_within_the_budg
     assert lane._chunk(4, 50) == 1
 
 
+async def _groups_of_trickling_paths(engine, config: DaemonConfig, symbols: int) -> list[int]:
+    """The row counts of the lane's path groups when ``symbols`` paths come due 20 ms apart."""
+    rows: list[int] = []
+    lane, _, _ = _lane(engine, config)
+
+    async def publish(group, version, computed):
+        rows.append(len(group))
+
+    lane._publish = publish  # type: ignore[method-assign]
+    running = asyncio.create_task(lane.run_forever())
+    try:
+        for k in range(symbols):
+            lane.offer(_batch({f"S{k}": [100.0 + k]}, first_id=10 * k + 1))
+            await asyncio.sleep(0.02)
+        await wait_for(lambda: sum(rows) >= symbols, 20, what="every path computed")
+    finally:
+        running.cancel()
+    return rows
+
+
+async def test_paths_that_come_due_one_by_one_roll_together_within_the_gather_time(
+    shipped_engine,
+):
+    """A lightly loaded replica's paths come due one or two at a time; rolled as they come, each
+    pays a whole rollout's calls alone. The lane waits up to ``path_gather_s`` from the first
+    one queued, or until ``paths_per_batch_max`` are queued, and rolls them as one group."""
+    config = dict(path_refresh_s=0.0, path_steps=5)
+    alone = await _groups_of_trickling_paths(
+        shipped_engine, DaemonConfig(**config, path_gather_s=0.0), 6
+    )
+    assert alone[0] == 1, "no gathering: the first path rolls on its own"
+    together = await _groups_of_trickling_paths(
+        shipped_engine, DaemonConfig(**config, path_gather_s=2.0), 6
+    )
+    assert together == [6], "six paths due within 0.1 s: one group"
+    started = time.monotonic()
+    full = await _groups_of_trickling_paths(
+        shipped_engine, DaemonConfig(**config, path_gather_s=60.0, paths_per_batch_max=3), 6
+    )
+    assert full == [3, 3], "a whole group queued: it rolls at once"
+    assert time.monotonic() - started < 30, "not after the gather time"
+
+
 async def test_a_model_swapped_mid_path_restarts_the_path_with_the_new_model(shipped_engine):
     old = Recording(shipped_engine, version="old")
     new = Recording(shipped_engine, version="new")

@@ -27,6 +27,7 @@ class DaemonConfig:
     path_steps: int = 50
     path_refresh_s: float = 1.0  # least time between two paths of one symbol (0: every batch)
     paths_per_batch_max: int = 64  # paths the path lane computes together, stalest first
+    path_gather_s: float = 0.25  # the most a due path waits for others to roll with (0: none)
     path_chunk_ms: float = 10.0  # about how long one step of the path lane holds the engine
     path_share: float = 0.5  # of the engine's time, the most the path lane takes while ticks flow
     history_maxlen: int = 10_000

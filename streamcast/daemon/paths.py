@@ -2,8 +2,11 @@
 
 A tick's 1-step forecast never waits for a path. Once a batch is published, the newest window of
 each of its symbols is offered here; a symbol is queued when its path is due (``path_refresh_s``
-since its last one), and a queued symbol's window is replaced by each newer one. The lane takes
-up to ``paths_per_batch_max`` queued symbols, the longest waiting first, and rolls their windows
+since its last one), and a queued symbol's window is replaced by each newer one. The lane waits
+until ``paths_per_batch_max`` are queued or the first one queued has waited ``path_gather_s``
+(on a lightly loaded replica paths come due one by one, and a path rolled alone costs several
+times its share of a group's rollout), takes up to ``paths_per_batch_max`` queued symbols, the
+longest waiting first, and rolls their windows
 forward a few steps at a time on the engine's one thread: each step is sized to take about
 ``path_chunk_ms``, so a 1-step batch submitted meanwhile waits for one step at most. While ticks
 flow, the lane pauses after each step so that it takes at most ``path_share`` of the engine's
@@ -21,6 +24,7 @@ computed is started again with the new one: no path mixes two versions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -59,6 +63,7 @@ class Job:
     window: np.ndarray  # (seq_len,) raw prices ending at the tick
     waiting_since: float  # when the symbol's previous path was published, or first queued
     offered_at: float  # when this window was offered (its tick published)
+    queued_at: float  # when the symbol was queued (its path came due and a tick arrived)
     after: list[float] = field(default_factory=list)  # prices published since the tick
 
 
@@ -88,6 +93,7 @@ class PathLane:
         self.computing: dict[str, Job] = {}  # the group in flight
         self.last_path: dict[str, float] = {}  # when each symbol's last path was due
         self._ready = asyncio.Event()
+        self._full = asyncio.Event()  # a whole group is queued
         self._call_s: dict[tuple[int, int], float] = {}  # by (group size, steps)
         self._say = RateLimitedLog(log)
 
@@ -127,9 +133,11 @@ class PathLane:
             last = self.last_path.get(symbol)
             if last is not None and now - last < refresh:
                 continue
-            self.queue[symbol] = Job(tick, window, now if last is None else last, now)
+            self.queue[symbol] = Job(tick, window, now if last is None else last, now, now)
         if self.queue:
             self._ready.set()
+        if len(self.queue) >= self.config.paths_per_batch_max:
+            self._full.set()
 
     def forget(self, symbols: Iterable[str]) -> None:
         for symbol in symbols:
@@ -156,7 +164,9 @@ class PathLane:
         try:
             while True:
                 await self._ready.wait()
-                if not self.queue:
+                if self.queue:
+                    await self._gather()
+                if not self.queue:  # forgotten meanwhile
                     self._ready.clear()
                     continue
                 await self._one_group()
@@ -165,6 +175,22 @@ class PathLane:
         except Exception:
             log.exception("the path lane failed")  # a bug: the 1-step forecasts go on
             raise
+
+    async def _gather(self) -> None:
+        """Let due paths gather into a group: wait until ``paths_per_batch_max`` are queued or
+        the first one queued has waited ``path_gather_s``. A path rolled alone costs several
+        times what it costs in a group (an engine call's overhead, 50 steps over), and on a
+        lightly loaded replica due paths trickle in one or two at a time. A queued window is
+        replaced by each newer one, so the wait delays a path, it does not age its start."""
+        gather = self.config.path_gather_s
+        if gather <= 0 or len(self.queue) >= self.config.paths_per_batch_max:
+            return
+        first = min(job.queued_at for job in self.queue.values())
+        left = first + gather - self.clock()
+        if left > 0:
+            self._full.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), left)
 
     async def _one_group(self) -> None:
         cfg = self.config
@@ -288,7 +314,7 @@ class PathLane:
                 str(exc)[:120],
             )
             return
-        written = self._errors(forecasts, results)
+        written = _written(forecasts, results, self.metrics, self._say)
         self.metrics.stage_seconds.labels("path_publish").observe(max(0.0, self.clock() - computed))
         made = [f for f, ok in zip(forecasts, written, strict=True) if ok]
         withheld = sum(f.path is None for f in made)
@@ -314,27 +340,6 @@ class PathLane:
         ]
         return made, vols
 
-    def _errors(self, forecasts: list[Forecast], results: list[object]) -> list[bool]:
-        written = []
-        for f, result in zip(forecasts, results, strict=True):
-            if not isinstance(result, Exception):
-                written.append(True)
-                continue
-            said = str(result)
-            reason = write_refusal(result)
-            self.metrics.write_errors.labels("path", reason).inc()
-            if reason != "duplicate_id":  # a duplicate: written already (a hand-over)
-                self._say(
-                    logging.ERROR,
-                    "err-path",
-                    "writing the path of %s %s failed: %s",
-                    f.tick.symbol,
-                    f.tick.id,
-                    said[:200],
-                )
-            written.append(False)
-        return written
-
     def _record(
         self, group: list[tuple[Job, np.ndarray]], made: list[Forecast], vols: np.ndarray
     ) -> None:
@@ -348,6 +353,32 @@ class PathLane:
             self.skill.path(f.tick.symbol, f.tick.price, f.path, f.model, job.after)
             if self.calibration is not None:
                 self.calibration.remember_path(f, float(vols[k]), job.after)
+
+
+def _written(
+    forecasts: list[Forecast], results: list[object], metrics: Metrics, say: RateLimitedLog
+) -> list[bool]:
+    """Which path entries were written; each refusal counted (a duplicate id: written before,
+    by the replica that computed it first) and, but for a duplicate, said."""
+    written = []
+    for f, result in zip(forecasts, results, strict=True):
+        if not isinstance(result, Exception):
+            written.append(True)
+            continue
+        said = str(result)
+        reason = write_refusal(result)
+        metrics.write_errors.labels("path", reason).inc()
+        if reason != "duplicate_id":  # a duplicate: written already (a hand-over)
+            say(
+                logging.ERROR,
+                "err-path",
+                "writing the path of %s %s failed: %s",
+                f.tick.symbol,
+                f.tick.id,
+                said[:200],
+            )
+        written.append(False)
+    return written
 
 
 def _no_engine() -> Engine:
