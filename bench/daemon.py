@@ -89,6 +89,24 @@ def spawn_serve(env: dict[str, str], log_path: Path, checkout: Path = ROOT) -> s
         )
 
 
+def worktree(ref: str, directory: Path) -> Path:
+    """A detached `git worktree` of ``ref`` (removed by :func:`remove_worktree`)."""
+    path = directory / f"before-{ref.replace('/', '-')}"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return path
+
+
+def remove_worktree(path: Path) -> None:
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False
+    )
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
+
+
 def prices(symbols: int, points: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     start = rng.uniform(20, 500, size=(symbols, 1))

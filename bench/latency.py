@@ -23,7 +23,6 @@ import asyncio
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -157,24 +156,6 @@ def targets(runs: list[dict], out: Report) -> None:
         out("  no load this run judges")
 
 
-def worktree(ref: str, directory: Path) -> Path:
-    """A detached `git worktree` of ``ref`` (removed by :func:`remove_worktree`)."""
-    path = directory / f"before-{ref.replace('/', '-')}"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return path
-
-
-def remove_worktree(path: Path) -> None:
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False
-    )
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=False)
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -197,7 +178,7 @@ async def main() -> None:
 
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        old = worktree(args.before, Path(tmp)) if args.before else None
+        old = bench.worktree(args.before, Path(tmp)) if args.before else None
         redis_proc, url = bench.start_redis(tmp)
         redis = make_redis(url)
         try:
@@ -210,7 +191,7 @@ async def main() -> None:
             redis_proc.terminate()
             redis_proc.wait(10)
             if old is not None:
-                remove_worktree(old)
+                bench.remove_worktree(old)
 
     stages: list[str] = []
     for r in runs:

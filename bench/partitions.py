@@ -1,7 +1,8 @@
 """Read cost follows the partitions a replica owns (issue 14).
 
     python bench/partitions.py [--symbols 500] [--partitions 8] [--rate 2000] [--seconds 30]
-                               [--warmup 5] [--cases A,B,D,C] [--env STREAMCAST_X=Y] [--record]
+                               [--warmup 5] [--cases A,B,D,C] [--env STREAMCAST_X=Y]
+                               [--before REF] [--record]
 
 Before partitions, every replica read and decoded every tick of one stream and dropped the other
 shards' symbols: a replica owning 1/50 of 500 symbols spent 28 % of a core on 2,000 ticks/s just
@@ -31,6 +32,10 @@ and a replica reads only the streams of the partitions it owns.
    what its group read on the partitions it does not own, the ticks it forecast, and its batches
    (streamcast_batch_size_count), 50-step paths, and the p99 tick-to-forecast latency over the
    window to its histogram's resolution (the bound of the bucket that holds it).
+
+--before REF runs each case also with the replica of commit REF (a `git worktree` of it in a temp
+dir, same venv), just before the current code's run of that case: before, current, before,
+current..., so the two are compared side by side in one run on the same machine.
 """
 
 from __future__ import annotations
@@ -212,13 +217,15 @@ async def run_case(
     foreign: bool = False,
     symbols: int | None = None,
     rate: float | None = None,
+    code: str = "current",
+    checkout: Path = ROOT,
 ) -> dict:
     """One replica, replica 0 of ``shard_count``; with ``foreign``, the load has no tick of its
     partitions (all ``rate`` ticks/s go to the others). ``symbols`` and ``rate``: --symbols and
-    --rate unless given."""
+    --rate unless given. ``checkout``: the code the replica runs (``code`` names it)."""
     symbols = args.symbols if symbols is None else symbols
     rate = args.rate if rate is None else rate
-    prefix = f"partitions-{case}-{int(time.time())}"
+    prefix = f"partitions-{case}-{code}-{int(time.time())}"
     keys = Keys(prefix, args.partitions)
     names = names_for(symbols)
     mine = owned(0, shard_count, args.partitions)
@@ -241,7 +248,7 @@ async def run_case(
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value
-    replica = bench.spawn_serve(env, Path(tmp) / f"serve-{case}.log")
+    replica = bench.spawn_serve(env, Path(tmp) / f"serve-{case}-{code}.log", checkout)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -290,6 +297,7 @@ async def run_case(
             replica.kill()
     return {
         "case": case,
+        "code": code,
         "symbols": symbols,
         "mine": mine,
         "owned_gauge": next(iter(owned_gauge.values()), float("nan")),
@@ -328,6 +336,9 @@ async def main() -> None:
         "--no-foreign", action="store_true", help="skip case C (only other partitions' ticks)"
     )
     parser.add_argument("--cases", default="A,B,D,C", help="which cases, in this order")
+    parser.add_argument(
+        "--before", metavar="REF", help="also run each case with the replica of commit REF"
+    )
     parser.add_argument("--record", action="store_true", help="write docs/results/partitions.md")
     parser.add_argument("--result", help="NAME of the recorded result (docs/results/NAME.md)")
     args = parser.parse_args()
@@ -346,32 +357,52 @@ async def main() -> None:
     )
     if "D" in cases and b_symbols == 0:
         sys.exit("case D: replica 0's partition holds none of the symbols (more --symbols)")
-    results = {}
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, url = bench.start_redis(tmp)
         redis = make_redis(url)
+        old = bench.worktree(args.before, Path(tmp)) if args.before else None
+        codes = [("before", old), ("current", ROOT)] if old is not None else [("current", ROOT)]
         try:
             for case in cases:
-                if case == "A":
-                    r = await run_case(redis, url, tmp, case, 1, args)
-                elif case == "D":
-                    rate = args.rate * b_symbols / args.symbols
-                    r = await run_case(redis, url, tmp, case, 1, args, symbols=b_symbols, rate=rate)
-                else:
-                    r = await run_case(redis, url, tmp, case, args.partitions, args, case == "C")
-                results[case] = r
+                for code, checkout in codes:
+                    where = {"code": code, "checkout": checkout}
+                    if case == "A":
+                        r = await run_case(redis, url, tmp, case, 1, args, **where)
+                    elif case == "D":
+                        rate = args.rate * b_symbols / args.symbols
+                        r = await run_case(
+                            redis, url, tmp, case, 1, args, symbols=b_symbols, rate=rate, **where
+                        )
+                    else:
+                        r = await run_case(
+                            redis, url, tmp, case, args.partitions, args, case == "C", **where
+                        )
+                    runs.append(r)
         finally:
             await redis.aclose()
             redis_proc.terminate()
             redis_proc.wait(10)
+            if old is not None:
+                bench.remove_worktree(old)
+    report(args, runs)
 
+
+def report(args, runs: list[dict]) -> None:
     out = Report(args.result or "partitions")
     out(f"# bench/partitions.py on {platform.node()}, {os.cpu_count()} CPUs")
     out(
         f"# {args.symbols} symbols over {args.partitions} partitions; a producer process offers "
         f"{args.rate:,.0f} ticks/s evenly in 10 ms slices for {args.seconds:.0f} s per case; one "
         "`streamcast serve` replica with static assignment; redis, the producer and the replica "
-        "share the machine" + (f"; replica settings {' '.join(args.env)}" if args.env else "")
+        "share the machine"
+        + (f"; replica settings {' '.join(args.env)}" if args.env else "")
+        + (
+            f"; 'before' rows: the replica of {args.before}, each run just before the current "
+            "code's run of the case"
+            if args.before
+            else ""
+        )
     )
     out(
         f"# CPU: the replica's utime+stime per wall second over the last "
@@ -379,14 +410,19 @@ async def main() -> None:
         "entries read: its streamcast_ticks_total (forecast+filling+dead+duplicate) after the drain"
     )
     out()
+    before = bool(args.before)
     out(
-        "| case | partitions owned | share of ticks | ticks offered (rate) | CPU idle | CPU under "
+        ("| code " if before else "")
+        + "| case | partitions owned | share of ticks | ticks offered (rate) | CPU idle | CPU under "
         "load | entries read | entries in owned partitions | read == owned | read from other "
         "partitions | forecasts | 50-step paths | batches (per s in the window) | p99 latency "
         "in the window | 1-min load avg (before / end) |"
     )
-    out("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in results.values():
+    out(
+        ("|---" if before else "")
+        + "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for r in runs:
         label = {
             "A": "A: owns all",
             "B": f"B: owns 1 of {args.partitions}",
@@ -395,7 +431,8 @@ async def main() -> None:
         }[r["case"]]
         same = r["read"] == r["added_mine"] == r["group_read_mine"]
         out(
-            f"| {label} | {len(r['mine'])} {r['mine']} | {r['share']:.1%} | {r['sent']:,} "
+            (f"| {r['code']} " if before else "")
+            + f"| {label} | {len(r['mine'])} {r['mine']} | {r['share']:.1%} | {r['sent']:,} "
             f"({r['rate']:,.0f}/s) | {r['idle']:.1%} | {r['cpu']:.1%} | {r['read']:,} | "
             f"{r['added_mine']:,} | {'yes' if same else 'NO'} | {r['group_read_other']:,} | "
             f"{r['outcomes'].get('forecast', 0):,} | {r['paths']:,} | {r['batches']:,} "
@@ -403,12 +440,35 @@ async def main() -> None:
             f"{r['load'][1]:.2f} |"
         )
     out()
+    for code in dict.fromkeys(r["code"] for r in runs):
+        results = {r["case"]: r for r in runs if r["code"] == code}
+        if before:
+            out(f"{code}:")
+        ratios(out, results, args.partitions)
+    if before:
+        out()
+        for case in dict.fromkeys(r["case"] for r in runs):
+            old, new = (
+                next(r for r in runs if r["case"] == case and r["code"] == c)
+                for c in ("before", "current")
+            )
+            out(
+                f"{case}: CPU before / current = {old['cpu']:.1%} / {new['cpu']:.1%} = "
+                f"{old['cpu'] / new['cpu']:.2f}x; paths {old['paths']:,} / {new['paths']:,}; "
+                f"batches {old['batches']:,} / {new['batches']:,}"
+            )
+    out.save(args.record)
+
+
+def ratios(out, results: dict[str, dict], partitions: int) -> None:
+    """CPU(B)/CPU(A), CPU(B)/CPU(D), CPU(D)/CPU(A), ticks per batch, case C and the outcomes of
+    one code's runs."""
     a, b, d = (results.get(k) for k in "ABD")
     if a and b:
         out(
             f"CPU(B) / CPU(A) = {b['cpu']:.1%} / {a['cpu']:.1%} = {b['cpu'] / a['cpu']:.3f} "
             f"(1/{a['cpu'] / b['cpu']:.1f}); B's share of the ticks: {b['read'] / a['read']:.3f} "
-            f"(target: CPU follows the share, about 1/{args.partitions})"
+            f"(target: CPU follows the share, about 1/{partitions})"
         )
         busy_a, busy_b = a["cpu"] - a["idle"], b["cpu"] - b["idle"]
         if busy_a > 0:
@@ -443,7 +503,6 @@ async def main() -> None:
             f"{r['group_read_mine']:,}, pending {r['pending']}; partitions_owned gauge "
             f"{r['owned_gauge']:.0f}; entries in all partitions {r['added_all']:,}"
         )
-    out.save(args.record)
 
 
 if __name__ == "__main__":
