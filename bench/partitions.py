@@ -288,6 +288,9 @@ async def run_case(
         read = ticks_read(port)
         counts = await stream_counts(redis, keys, mine)
         paths = metric_values(port, "streamcast_forecasts_total").get('{kind="path"}', 0.0)
+        groups = metric_values(port, "streamcast_stage_seconds_count").get(
+            '{stage="path_compute"}', 0.0
+        )
         batches = metric_values(port, "streamcast_batch_size_count").get("", 0.0)
     finally:
         replica.terminate()
@@ -311,6 +314,7 @@ async def run_case(
         "outcomes": read,
         "load": (load_before, load_during),
         "paths": int(paths),
+        "path_groups": int(groups),
         "p99": p99,
         "batches": int(batches),
         "batch_rate": (batches_during.get("", 0.0) - batches_before.get("", 0.0)) / (t1 - t0),
@@ -489,6 +493,12 @@ def ratios(out, results: dict[str, dict], partitions: int) -> None:
             out(
                 f"{r['case']}: {r['read'] / r['batches']:.1f} ticks per batch on average "
                 "(a batch is one engine call, plus a rollout when some symbol's path is due)"
+                + (
+                    f"; {r['paths'] / r['path_groups']:.1f} paths per path group "
+                    f"({r['path_groups']:,} groups)"
+                    if r.get("path_groups")
+                    else ""
+                )
             )
     if c := results.get("C"):
         out(
