@@ -363,9 +363,9 @@ async def main() -> None:
         sys.exit("case D: replica 0's partition holds none of the symbols (more --symbols)")
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
+        old = bench.worktree(args.before, Path(tmp)) if args.before else None
         redis_proc, url = bench.start_redis(tmp)
         redis = make_redis(url)
-        old = bench.worktree(args.before, Path(tmp)) if args.before else None
         codes = [("before", old), ("current", ROOT)] if old is not None else [("current", ROOT)]
         try:
             for case in cases:

@@ -43,15 +43,15 @@ FEED_POINTS = 5000
 PARTS_GRACE_S = 5.0
 
 
-# free_port hands out ports below the kernel's ephemeral range, where bind(port 0) never lands:
-# a port handed out here, not yet bound, cannot be taken by a server binding port 0 meanwhile
-# (the embedded Redis does), and none is handed out twice by one process
-_PORTS_FROM, _PORTS_TO = 20000, 32767
+# free_port hands out ports from the PORTS_SPAN below the kernel's ephemeral range, where
+# bind(port 0) never lands: a port handed out here, not yet bound, cannot be taken by a server
+# binding port 0 meanwhile (the embedded Redis does), and none is handed out twice by one process
+PORTS_SPAN = 12_000
 _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def ephemeral_range() -> tuple[int, int]:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low, high = (int(part) for part in f.read().split())
@@ -60,27 +60,36 @@ def _ephemeral_range() -> tuple[int, int]:
     return low, high
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1", below: int | None = None) -> int:
     """A TCP port on ``host`` that nothing listens on, for a server to be started later (a
-    test's, a benchmark's). Not one the kernel gives a bind to port 0 and not one this process
-    handed out before; the OS's own pick (port 0) when no such port is free."""
-    low, high = _ephemeral_range()
-    candidates = [p for p in range(_PORTS_FROM, _PORTS_TO + 1) if not low <= p <= high]
-    rng = random.Random()
-    with _handed_out_lock:
-        for port in rng.sample(candidates, min(len(candidates), 200)):
-            if port in _handed_out:
-                continue
-            with socket.socket() as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    continue
-            _handed_out.add(port)
+    test's, a benchmark's): one of the :data:`PORTS_SPAN` ports below ``below`` (default, and at
+    most: the kernel's ephemeral range), not one this process handed out before. The OS's own
+    pick (port 0) only where no such port is free (an ephemeral range that starts near 1024)."""
+    top = ephemeral_range()[0]
+    if below is not None:
+        top = min(top, below)
+    candidates = range(max(1024, top - PORTS_SPAN), top)
+    for port in random.sample(candidates, min(len(candidates), 200)):
+        if claim_port(port, host):
             return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def claim_port(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``port`` and this process has not handed it out before;
+    then it is handed out (:func:`free_port` will not give it)."""
+    with _handed_out_lock:
+        if port in _handed_out:
+            return False
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                return False
+        _handed_out.add(port)
+        return True
 
 
 @contextlib.contextmanager

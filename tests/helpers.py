@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from streamcast.demo import free_port
+from streamcast.demo import claim_port, ephemeral_range, free_port
 from streamcast.keys import Keys
 
 if TYPE_CHECKING:
@@ -339,17 +339,12 @@ class RedisClusterNodes:
 
 
 def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is a port too, and free."""
+    """A free port whose cluster bus port (port + 10000) is free too, both below the kernel's
+    ephemeral range (where a bind to port 0 or an outgoing connection could take the bus port)."""
     for _ in range(200):
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
+        port = free_port(below=ephemeral_range()[0] - 10000)
+        if claim_port(port + 10000):  # the bus port, free and not handed out meanwhile
+            return port
     raise RuntimeError("no free port pair for a cluster node")
 
 

@@ -117,7 +117,7 @@ def test_free_port_never_gives_a_port_a_bind_to_port_0_can_take():
     """The CI failure at c97b17a: a test's HTTP port from free_port, not yet bound, was the port
     the demo's embedded Redis got from the OS a moment later. free_port now stays below the
     kernel's ephemeral range and hands no port out twice; the embedded server binds port 0."""
-    low, high = streamcast.demo._ephemeral_range()
+    low, high = streamcast.demo.ephemeral_range()
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
     assert not [p for p in ports if low <= p <= high]

@@ -190,6 +190,7 @@ async def _groups_of_trickling_paths(engine, config: DaemonConfig, symbols: int)
         await wait_for(lambda: sum(rows) >= symbols, 20, what="every path computed")
     finally:
         running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
     return rows
 
 
@@ -214,6 +215,17 @@ async def test_paths_that_come_due_one_by_one_roll_together_within_the_gather_ti
     )
     assert full == [3, 3], "a whole group queued: it rolls at once"
     assert time.monotonic() - started < 30, "not after the gather time"
+
+
+async def test_a_clock_stepped_back_does_not_stall_the_lane_past_the_gather_time():
+    """The lane's clock is the wall clock (a path's times are wall times): stepped back an hour
+    after a path was queued, the wait still ends within the gather time."""
+    now = [1000.0]
+    lane, _, _ = _lane(None, DaemonConfig(path_gather_s=0.2))
+    lane.clock = lambda: now[0]
+    lane.offer(_batch({"A": [101.0]}))
+    now[0] -= 3600.0
+    await asyncio.wait_for(lane._gather(), 5.0)
 
 
 async def test_a_model_swapped_mid_path_restarts_the_path_with_the_new_model(shipped_engine):

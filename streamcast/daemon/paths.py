@@ -4,10 +4,10 @@ A tick's 1-step forecast never waits for a path. Once a batch is published, the 
 each of its symbols is offered here; a symbol is queued when its path is due (``path_refresh_s``
 since its last one), and a queued symbol's window is replaced by each newer one. The lane waits
 until ``paths_per_batch_max`` are queued or the first one queued has waited ``path_gather_s``
-(on a lightly loaded replica paths come due one by one, and a path rolled alone costs several
-times its share of a group's rollout), takes up to ``paths_per_batch_max`` queued symbols, the
-longest waiting first, and rolls their windows
-forward a few steps at a time on the engine's one thread: each step is sized to take about
+(on a lightly loaded replica paths come due one by one, and a path rolled alone costs more than
+its share of a group's rollout), takes up to ``paths_per_batch_max`` queued symbols, the longest
+waiting first, and rolls their windows forward a few steps at a time on the engine's one thread:
+each step is sized to take about
 ``path_chunk_ms``, so a 1-step batch submitted meanwhile waits for one step at most. While ticks
 flow, the lane pauses after each step so that it takes at most ``path_share`` of the engine's
 time (and of the CPU), a quarter of that while ticks are backlogged: paths never starve the
@@ -186,7 +186,8 @@ class PathLane:
         if gather <= 0 or len(self.queue) >= self.config.paths_per_batch_max:
             return
         first = min(job.queued_at for job in self.queue.values())
-        left = first + gather - self.clock()
+        # never longer than the gather time: a clock stepped back must not stall the lane
+        left = min(gather, first + gather - self.clock())
         if left > 0:
             self._full.clear()
             with contextlib.suppress(TimeoutError):
