@@ -7,11 +7,10 @@ until ``paths_per_batch_max`` are queued or the first one queued has waited ``pa
 (on a lightly loaded replica paths come due one by one, and a path rolled alone costs more than
 its share of a group's rollout), takes up to ``paths_per_batch_max`` queued symbols, the longest
 waiting first, and rolls their windows forward a few steps at a time on the engine's one thread:
-each step is sized to take about
-``path_chunk_ms``, so a 1-step batch submitted meanwhile waits for one step at most. While ticks
-flow, the lane pauses after each step so that it takes at most ``path_share`` of the engine's
-time (and of the CPU), a quarter of that while ticks are backlogged: paths never starve the
-1-step forecasts; on a quiet stream it runs on. A finished
+each step is sized to take about ``path_chunk_ms``, so a 1-step batch submitted meanwhile waits
+for one step at most. While ticks flow, the lane pauses after each step so that it takes at
+most ``path_share`` of the engine's time (and of the CPU), a quarter of that while ticks are
+backlogged: paths never starve the 1-step forecasts; on a quiet stream it runs on. A finished
 path goes to its symbol's paths stream (``Keys.paths``), its entry id the tick it starts from.
 
 Paths are refreshes, not deliveries: a path lost to a crash, a Redis error or a partition given
@@ -178,10 +177,10 @@ class PathLane:
 
     async def _gather(self) -> None:
         """Let due paths gather into a group: wait until ``paths_per_batch_max`` are queued or
-        the first one queued has waited ``path_gather_s``. A path rolled alone costs several
-        times what it costs in a group (an engine call's overhead, 50 steps over), and on a
-        lightly loaded replica due paths trickle in one or two at a time. A queued window is
-        replaced by each newer one, so the wait delays a path, it does not age its start."""
+        the first one queued has waited ``path_gather_s``. A path rolled alone costs two to
+        three times its share of a group's rollout (each engine call's overhead, ten calls
+        over), and on a lightly loaded replica due paths trickle in. A queued window is replaced
+        by each newer one, so the wait delays a path, it does not age its start."""
         gather = self.config.path_gather_s
         if gather <= 0 or len(self.queue) >= self.config.paths_per_batch_max:
             return
