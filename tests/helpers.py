@@ -365,6 +365,8 @@ def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterNodes:
                     str(node_dir / "nodes.conf"),
                     "--cluster-node-timeout",
                     "5000",
+                    "--logfile",
+                    str(node_dir / "redis.log"),
                     port=_cluster_port(),
                 )
             )

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from streamcast.connect import make_redis
 from streamcast.daemon import Daemon, DaemonConfig
+from streamcast.daemon.sink import PUBLISH_SHA
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.wire import Tick
@@ -28,7 +29,7 @@ SYMBOLS = [f"S{i:02d}" for i in range(12)]
 TTL_S = 2.0
 
 
-def replica(redis, engine, keys: Keys, name: str, **config) -> Daemon:
+def replica(redis, engine, keys: Keys, name: str, publisher=None, **config) -> Daemon:
     config.setdefault("lease_ttl_s", TTL_S)
     config.setdefault("batch_max_size", 64)
     config.setdefault("read_block_ms", 100)
@@ -41,6 +42,7 @@ def replica(redis, engine, keys: Keys, name: str, **config) -> Daemon:
         Metrics(CollectorRegistry()),
         keys=keys,
         config=DaemonConfig(consumer=name, **config),
+        publisher=publisher,
     )
 
 
@@ -918,40 +920,104 @@ async def test_a_cluster_giving_up_on_redirections_mid_read_or_publish_is_an_out
     await check_exactly_once(redis_client, keys, SYMBOLS)
 
 
-async def test_the_publish_connection_dropped_after_watch_is_an_outage_not_a_bug(
+async def test_the_publish_connection_dropped_under_the_script_is_an_outage_not_a_bug(
     redis_client, shipped_engine
 ):
-    """Redis dying (or CLIENT KILL) between the publish's WATCH and its lease check: redis-py
-    says so with a WatchError ("A ConnectionError occurred while watching"), not a
-    ConnectionError. The daemon backs off and publishes the batch again; the consume loop does
-    not end (it did, and the replicas of a Redis restarted mid-replay then never retried)."""
-    from streamcast.daemon import sink as sink_module
+    """Redis dying (or CLIENT KILL) as the publish script is sent: the daemon backs off and
+    publishes the batch again, nothing lost or doubled; the consume loop does not end (under
+    WATCH, redis-py said so with a WatchError, and it did: the replicas of a Redis restarted
+    mid-replay then never retried)."""
+    keys = Keys("scriptdrop", partitions=2)
+    await keep_ticks(redis_client, keys)
+    producer = Producer(redis_client, keys)
+    at = redis_client.connection_pool.connection_kwargs
+    # as the service makes it: its own connection, no retry of its own
+    publisher = make_redis(
+        f"redis://{at['host']}:{at['port']}/0", retries=0, cluster=False, client_name="publish"
+    )
+    daemon = replica(redis_client, shipped_engine, keys, "a", publisher=publisher)
+    drops = {"left": 2}
+    call = daemon.sink._call
 
-    keys = Keys("watchdrop", partitions=2)
+    async def dropped_under_the_script(script, leases):
+        if not drops["left"]:
+            return await call(script, leases)
+        drops["left"] -= 1
+        # the script sent and held (a paused Redis runs no write), its connection killed
+        await redis_client.client_pause(5000, all=False)
+        try:
+            sent = asyncio.ensure_future(call(script, leases))
+            await asyncio.sleep(0.05)
+            for client in await redis_client.client_list():
+                if client["name"] == "publish":
+                    assert client["cmd"] in ("evalsha", "eval"), client
+                    await redis_client.client_kill_filter(_id=client["id"])
+        finally:
+            await redis_client.client_unpause()
+        return await sent
+
+    daemon.sink._call = dropped_under_the_script  # type: ignore[method-assign]
+    async with daemon:
+        await producer.send(80, pause_s=0.002)
+        await all_forecast(redis_client, keys)
+        assert not daemon._tasks[0].done(), "the consume loop ended"
+        assert drops["left"] == 0
+        assert sample(daemon.metrics, "streamcast_redis_errors_total") >= 1
+    await publisher.aclose()
+    await check_exactly_once(redis_client, keys, SYMBOLS)
+
+
+async def test_a_connection_closed_under_the_publish_by_redis_py_is_an_outage(
+    redis_client, shipped_engine
+):
+    """redis-py 8's cluster client, reconnecting lazily after a slot moved, can close a
+    connection while another call is opening it: `_writer` is None, an AttributeError inside
+    redis-py (it ended the consume loop in the slot-migration test). The publish says
+    ConnectionError (the loop backs off and reads the batch again); an AttributeError of our
+    own code stays a bug."""
+    from redis import exceptions as redis_errors
+    from redis.asyncio.connection import Connection
+
+    from streamcast.daemon.batch import Batch, Part
+
+    keys = Keys("closedunder", partitions=2)
+    daemon = replica(redis_client, shipped_engine, keys, "a")
+    await redis_client.set(keys.lease(0), "a")
+    batch = Batch(parts={0: Part(ack_ids=["1-0"])})
+
+    class Publisher:
+        async def evalsha(self, *args):
+            await Connection()._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+
+    daemon.sink.publisher = Publisher()  # type: ignore[assignment]
+    with pytest.raises(redis_errors.ConnectionError, match="closed under the call"):
+        await daemon.sink.write(batch)
+
+    class Buggy:
+        async def evalsha(self, *args):
+            return None.nothing  # type: ignore[attr-defined]
+
+    daemon.sink.publisher = Buggy()  # type: ignore[assignment]
+    with pytest.raises(AttributeError):
+        await daemon.sink.write(batch)
+
+
+async def test_script_flush_under_a_replica_loses_nothing(redis_client, shipped_engine):
+    """SCRIPT FLUSH (or a restarted Redis) empties the script cache: the publish is refused
+    NOSCRIPT by its digest and sent again as text, nothing lost or doubled."""
+    keys = Keys("scriptflush", partitions=2)
     await keep_ticks(redis_client, keys)
     producer = Producer(redis_client, keys)
     daemon = replica(redis_client, shipped_engine, keys, "a")
-    drops = {"left": 2}
-    holders = sink_module._holders
-
-    async def dropped_after_watch(pipe, leases):
-        if drops["left"]:
-            drops["left"] -= 1
-            for client in await redis_client.client_list():
-                if client["cmd"] == "watch":  # the publish's connection, just after its WATCH
-                    await redis_client.client_kill_filter(_id=client["id"])
-        return await holders(pipe, leases)
-
-    sink_module._holders = dropped_after_watch
-    try:
-        async with daemon:
-            await producer.send(80, pause_s=0.002)
-            await all_forecast(redis_client, keys)
-            assert not daemon._tasks[0].done(), "the consume loop ended"
-            assert drops["left"] == 0
-            assert sample(daemon.metrics, "streamcast_redis_errors_total") >= 1
-    finally:
-        sink_module._holders = holders
+    async with daemon:
+        await producer.send(20, pause_s=0.002)
+        await wait_for(lambda: daemon.stats.batches > 0, what="a first publish")
+        for _ in range(3):
+            await redis_client.script_flush()
+            await producer.send(20, pause_s=0.002)
+        await all_forecast(redis_client, keys)
+        assert await redis_client.script_exists(PUBLISH_SHA) == [True]
+    assert sample(daemon.metrics, "streamcast_redis_errors_total") == 0
     await check_exactly_once(redis_client, keys, SYMBOLS)
 
 
@@ -1002,26 +1068,23 @@ async def test_a_partition_found_lost_by_a_publish_that_then_failed_is_still_kno
     pending entries)."""
     from redis import exceptions as redis_errors
 
-    from streamcast.daemon import sink as sink_module
     from streamcast.daemon.batch import Batch, Part
 
     keys = Keys("foundlost", partitions=2)
     daemon = replica(redis_client, shipped_engine, keys, "a")
     await redis_client.set(keys.lease(0), "someone-else")
     await redis_client.set(keys.lease(1), "a")
-    holders, calls = sink_module._holders, []
+    call, calls = daemon.sink._call, []
 
-    async def then_down(pipe, leases):
-        calls.append(leases)
+    async def then_down(script, leases):
+        calls.append(script.keys[:leases])
         if len(calls) > 1:
             raise redis_errors.ConnectionError("Redis went away")
-        return await holders(pipe, leases)
+        return await call(script, leases)
 
-    sink_module._holders = then_down
-    try:
-        batch = Batch(parts={0: Part(ack_ids=["1-0"]), 1: Part(ack_ids=["1-1"])})
-        with pytest.raises(redis_errors.ConnectionError):
-            await daemon.sink.write(batch)
-    finally:
-        sink_module._holders = holders
+    daemon.sink._call = then_down  # type: ignore[method-assign]
+    batch = Batch(parts={0: Part(ack_ids=["1-0"]), 1: Part(ack_ids=["1-1"])})
+    with pytest.raises(redis_errors.ConnectionError):
+        await daemon.sink.write(batch)
+    assert calls == [[keys.lease(0), keys.lease(1)], [keys.lease(1)]]
     assert daemon.sink.found_lost == {0} and len(calls) == 2

@@ -1,40 +1,99 @@
-"""The forecast sink: one MULTI/EXEC with every write a batch makes, and the ack, fenced by the
+"""The forecast sink: one script call with every write a batch makes, and the ack, fenced by the
 partitions' leases.
 
 Forecasts (entry id = tick id), history, the symbol sets, dead letters, the acknowledged marks and
-XACK land together or not at all: a crash before EXEC redelivers the batch, after it the batch is
-done. The transaction WATCHes the lease key of every partition it writes for and first checks
-that each still holds this replica's token: a partition whose lease another replica took (this
-one stalled) is dropped from the batch, unpublished and unacknowledged, and reported lost. On a
-Redis Cluster a transaction may touch one slot only, so each partition gets its own (every key of
-a partition shares its hash tag). Every command Redis refused inside the transaction is counted
-and logged; a forecast that was not written becomes a ``publish_failed`` dead letter.
+XACK land together or not at all: a crash before the call redelivers the batch, after it the batch
+is done. A Lua script runs atomically, as MULTI/EXEC does, and lets the fence be part of the
+transaction: it first checks that the lease key of every partition it writes for still holds this
+replica's token and, if one does not (another replica took it while this one stalled), writes
+nothing and names those partitions; the batch is then written again without them, unpublished and
+unacknowledged there, and they are reported lost. One round trip, where WATCH, the lease read and
+MULTI/EXEC took three, and one reply to parse instead of one a command; a renewal of our own lease
+no longer aborts the write, as it did under WATCH. The script declares flags (Redis 7), so at
+maxmemory Redis refuses it whole, as it refused a whole MULTI. On a Redis Cluster a script may
+touch one slot only, so each partition gets its own call (every key of a partition shares its
+hash tag). Every command Redis refused inside the script is counted and logged; a forecast that
+was not written becomes a ``publish_failed`` dead letter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from streamcast.connect import is_cluster, outage_behind
+from streamcast.connect import is_cluster
 from streamcast.daemon.batch import Batch, Stats
 from streamcast.daemon.config import DaemonConfig
-from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, write_refusal
+from streamcast.daemon.faults import REDIS_DOWN, write_refusal
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.tasks import settled
-from streamcast.wire import DeadLetter, HistoryEntry, id_key, text
+from streamcast.wire import DeadLetter, HistoryEntry, id_key
 
 log = logging.getLogger(__name__)
 
 Op = tuple[str, str, str]  # (what, entry id, key) of each queued command
-FENCE_TRIES = 5  # a transaction aborted by a lease key's change (a renewal) is tried again
+
+# KEYS: the n lease keys, then every key the commands write. ARGV: the token, n, then each
+# command as its name, its key's index in KEYS, its argument count and its arguments.
+# Returns {0, lease indices not held with the token} having written nothing, or {1, replies}
+# (a refused command's reply is its error, the others' still land).
+PUBLISH = """#!lua flags=
+local token, n = ARGV[1], tonumber(ARGV[2])
+local lost = {}
+for i = 1, n do
+  if redis.pcall('GET', KEYS[i]) ~= token then lost[#lost + 1] = i end
+end
+if #lost > 0 then return {0, lost} end
+local out, a = {}, 3
+while a <= #ARGV do
+  local argc = tonumber(ARGV[a + 2])
+  out[#out + 1] = redis.pcall(ARGV[a], KEYS[tonumber(ARGV[a + 1])], unpack(ARGV, a + 3, a + 2 + argc))
+  a = a + 3 + argc
+end
+return {1, out}
+"""
+PUBLISH_SHA = hashlib.sha1(PUBLISH.encode()).hexdigest()
+
+
+class Script:
+    """The keys and arguments of one publish script call, built command by command."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list[Any] = []
+        self._index: dict[str, int] = {}
+
+    def key(self, key: str) -> int:
+        """``key``'s 1-based index in KEYS, declared on first use (a cluster checks them)."""
+        index = self._index.get(key)
+        if index is None:
+            self.keys.append(key)
+            index = self._index[key] = len(self.keys)
+        return index
+
+    def add(self, command: str, key: str, *args: Any) -> None:
+        self.args += (command, self.key(key), len(args), *args)
+
+
+def _inside_redis_py(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in redis-py's own code (its innermost frame)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}redis{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def _flat(fields: Mapping[Any, Any]) -> list[Any]:
+    return [x for pair in fields.items() for x in pair]
 
 
 class Sink(Protocol):
@@ -93,55 +152,60 @@ class ForecastSink:
         return lost
 
     async def _write(self, partitions: list[int], batch: Batch) -> set[int]:
-        """The transaction of ``partitions``' share of the batch; the partitions lost."""
+        """The script call of ``partitions``' share of the batch; the partitions lost."""
         lost: set[int] = set()
-        for _ in range(FENCE_TRIES):
-            live = [p for p in partitions if p not in lost]
-            if not live:
-                return lost
-            try:
-                async with self.publisher.pipeline(transaction=True) as pipe:
-                    leases = [self.keys.lease(p) for p in live]
-                    await pipe.watch(*leases)
-                    holders = await _holders(pipe, leases)
-                    lost |= {
-                        p
-                        for p, holder in zip(live, holders, strict=True)
-                        if holder is None or text(holder) != self.token
-                    }
-                    self.found_lost |= lost  # known even if a later try fails
-                    if lost & set(live):
-                        await pipe.unwatch()
-                        continue
-                    pipe.multi()
-                    ops, highs = self._queue(pipe, batch, set(live), int(self.clock() * 1000))
-                    results = await pipe.execute(raise_on_error=False)
-            except redis_errors.WatchError as exc:
-                outage_behind(exc)
-                # a lease key changed between the check and EXEC: most often our own renewal;
-                # look again
-                self.metrics.write_errors.labels("fence", "watch_retry").inc()
+        while live := [p for p in partitions if p not in lost]:
+            script = Script()
+            for p in live:
+                script.key(self.keys.lease(p))
+            ops, highs = self._queue(script, batch, set(live), int(self.clock() * 1000))
+            done, results = await self._call(script, len(live))
+            if not done:
+                # the leases (1-based) another replica holds: nothing was written; go again
+                # without their partitions
+                lost |= {live[int(i) - 1] for i in results}
+                self.found_lost |= lost  # known even if a later try fails
                 continue
             await self._errors(ops, results, batch)
             for p, high in highs.items():
                 if high > self.acked_high.get(p, (0, 0)):
                     self.acked_high[p] = high
             return lost
-        raise LeaseLost(f"the leases of partitions {live} kept changing under the publish")
+        return lost
+
+    async def _call(self, script: Script, leases: int) -> tuple[bool, list[Any]]:
+        """Run the publish script (by its digest; by its text where Redis has not cached it:
+        after a restart or SCRIPT FLUSH). No retry of its own: one that ran and whose reply was
+        lost would write its dead letters twice."""
+        args = (len(script.keys), *script.keys, self.token, leases, *script.args)
+        try:
+            try:
+                reply = await self.publisher.evalsha(PUBLISH_SHA, *args)
+            except redis_errors.NoScriptError:
+                reply = await self.publisher.eval(PUBLISH, *args)
+        except AttributeError as exc:
+            if not _inside_redis_py(exc):
+                raise
+            # redis-py 8's cluster client, reconnecting lazily after a slot moved, can close a
+            # connection while another call is opening it: to us, a connection lost
+            raise redis_errors.ConnectionError(f"connection closed under the call ({exc})") from exc
+        done, results = reply
+        return bool(done), list(results)
 
     def _queue(
-        self, pipe: Any, batch: Batch, partitions: set[int], now_ms: int
+        self, script: Script, batch: Batch, partitions: set[int], now_ms: int
     ) -> tuple[list[Op], dict[int, tuple[int, int]]]:
         cfg, keys = self.config, self.keys
         ops: list[Op] = []
         mine = keys.partition
+        trim = ("MAXLEN", "~")
         for forecast in batch.forecasts:
             tick = forecast.tick
             if mine(tick.symbol) not in partitions:
                 continue
             key = keys.forecasts(tick.symbol)
             fields = forecast.encode(now_ms)
-            pipe.xadd(key, fields, id=tick.id, maxlen=cfg.forecasts_maxlen, approximate=True)
+            script.add("XADD", key, *trim, cfg.forecasts_maxlen, tick.id, *_flat(fields))
             ops.append(("forecast", tick.id, key))
         symbols: dict[int, set[str]] = {}
         for tick in batch.accepted:
@@ -150,26 +214,27 @@ class ForecastSink:
                 continue
             key = keys.history(tick.symbol)
             fields = HistoryEntry.of(tick).encode()
-            pipe.xadd(key, fields, id=tick.id, maxlen=cfg.history_maxlen, approximate=True)
+            script.add("XADD", key, *trim, cfg.history_maxlen, tick.id, *_flat(fields))
             ops.append(("history", tick.id, key))
             symbols.setdefault(p, set()).add(tick.symbol)
         for p, names in symbols.items():
-            pipe.sadd(keys.symbols(p), *names)
+            script.add("SADD", keys.symbols(p), *names)
             ops.append(("symbols", "", keys.symbols(p)))
         highs: dict[int, tuple[int, int]] = {}
         for p in sorted(partitions):
             part = batch.parts[p]
             for letter in part.dead:
-                pipe.xadd(keys.dead(p), letter.encode(), maxlen=cfg.dead_maxlen, approximate=True)
+                fields = letter.encode()
+                script.add("XADD", keys.dead(p), *trim, cfg.dead_maxlen, "*", *_flat(fields))
                 ops.append(("dead", letter.tick_id, keys.dead(p)))
             if not part.ack_ids:
                 continue
             high = max(id_key(i) for i in part.ack_ids)
             highs[p] = high
             if high > self.acked_high.get(p, (0, 0)):
-                pipe.set(keys.acked(p), f"{high[0]}-{high[1]}")
+                script.add("SET", keys.acked(p), f"{high[0]}-{high[1]}")
                 ops.append(("acked", "", keys.acked(p)))
-            pipe.xack(keys.ticks(p), self.group, *part.ack_ids)
+            script.add("XACK", keys.ticks(p), self.group, *part.ack_ids)
             ops.append(("ack", "", keys.ticks(p)))
         return ops, highs
 
@@ -284,16 +349,3 @@ class ForecastSink:
                 len(failed),
                 exc,
             )
-
-
-async def _holders(pipe: Any, leases: list[str]) -> list[Any]:
-    """The lease keys' values under WATCH; None for a key of another type (no holder's): MGET
-    reads it so, and one key on a cluster (where a pipeline refuses MGET) is read alike."""
-    if len(leases) > 1:
-        return list(await pipe.mget(leases))
-    try:
-        return [await pipe.get(leases[0])]
-    except redis_errors.ResponseError as exc:
-        if "WRONGTYPE" not in str(exc):
-            raise
-        return [None]
