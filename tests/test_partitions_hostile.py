@@ -1002,6 +1002,29 @@ async def test_a_connection_closed_under_the_publish_by_redis_py_is_an_outage(
         await daemon.sink.write(batch)
 
 
+async def test_a_batch_of_more_acks_than_lua_unpacks_is_acknowledged(redis_client, shipped_engine):
+    """A batch may hold up to 65,536 x 8 entries (a conflating read at the largest batch size);
+    the publish script unpacks each command's arguments, and Lua unpacks ~8,000 at most: the
+    acks (and symbol names) go in chunks."""
+    from streamcast.daemon.batch import Batch, Part
+
+    keys = Keys("manyacks", partitions=2)
+    daemon = replica(redis_client, shipped_engine, keys, "a")
+    await redis_client.set(keys.lease(0), daemon.sink.token)
+    pipe = redis_client.pipeline(transaction=False)
+    for k in range(9_000):
+        pipe.xadd(keys.ticks(0), {"symbol": "X", "price": "1.0"}, id=f"1-{k + 1}")
+    await pipe.execute()
+    await redis_client.xgroup_create(keys.ticks(0), keys.group, id="0")
+    read = await redis_client.xreadgroup(keys.group, "c", {keys.ticks(0): ">"}, count=9_000)
+    ids = [entry_id.decode() for entry_id, _ in read[0][1]]
+    assert len(ids) == 9_000
+    assert await daemon.sink.write(Batch(parts={0: Part(ack_ids=ids)})) == set()
+    assert (await redis_client.xpending(keys.ticks(0), keys.group))["pending"] == 0
+    assert await redis_client.get(keys.acked(0)) == b"1-9000"
+    assert daemon.stats.batches == 1
+
+
 async def test_script_flush_under_a_replica_loses_nothing(redis_client, shipped_engine):
     """SCRIPT FLUSH (or a restarted Redis) empties the script cache: the publish is refused
     NOSCRIPT by its digest and sent again as text, nothing lost or doubled."""

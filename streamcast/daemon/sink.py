@@ -19,6 +19,7 @@ was not written becomes a ``publish_failed`` dead letter.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -41,9 +42,13 @@ from streamcast.wire import DeadLetter, HistoryEntry, id_key
 log = logging.getLogger(__name__)
 
 Op = tuple[str, str, str]  # (what, entry id, key) of each queued command
+ARGS_MAX = 1000  # ids or names a command takes at most (Lua unpacks ~8,000 values at most)
 
-# KEYS: the n lease keys, then every key the commands write. ARGV: the token, n, then each
-# command as its name, its key's index in KEYS, its argument count and its arguments.
+# KEYS: the n lease keys, then every key the commands write. ARGV: the token, n, the commands
+# whose arguments are all text (forecasts, history, symbol sets, marks, acks) as one JSON array
+# of [name, key index, arguments...], then the others (dead letters, which may hold any bytes)
+# each as its name, its key's index in KEYS, its argument count and its arguments. One JSON
+# argument instead of thousands: redis-py packs a command's arguments one by one in Python.
 # Returns {0, lease indices not held with the token} having written nothing, or {1, replies}
 # (a refused command's reply is its error, the others' still land).
 PUBLISH = """#!lua flags=
@@ -53,7 +58,11 @@ for i = 1, n do
   if redis.pcall('GET', KEYS[i]) ~= token then lost[#lost + 1] = i end
 end
 if #lost > 0 then return {0, lost} end
-local out, a = {}, 3
+local out = {}
+for _, c in ipairs(cjson.decode(ARGV[3])) do
+  out[#out + 1] = redis.pcall(c[1], KEYS[c[2]], unpack(c, 3))
+end
+local a = 4
 while a <= #ARGV do
   local argc = tonumber(ARGV[a + 2])
   out[#out + 1] = redis.pcall(ARGV[a], KEYS[tonumber(ARGV[a + 1])], unpack(ARGV, a + 3, a + 2 + argc))
@@ -65,10 +74,13 @@ PUBLISH_SHA = hashlib.sha1(PUBLISH.encode()).hexdigest()
 
 
 class Script:
-    """The keys and arguments of one publish script call, built command by command."""
+    """The keys and arguments of one publish script call, built command by command: the text
+    ones (:meth:`text`) first, then the others (:meth:`add`), which is the order of the
+    replies."""
 
     def __init__(self) -> None:
         self.keys: list[str] = []
+        self.texts: list[list[Any]] = []
         self.args: list[Any] = []
         self._index: dict[str, int] = {}
 
@@ -80,8 +92,20 @@ class Script:
             index = self._index[key] = len(self.keys)
         return index
 
+    def text(self, command: str, key: str, *args: str) -> None:
+        """A command whose arguments are all text (sent in the JSON array; a number there would
+        reach Redis as Lua prints it, 14 digits)."""
+        if self.args:
+            raise RuntimeError("text commands come before the others (the order of the replies)")
+        self.texts.append([command, self.key(key), *args])
+
     def add(self, command: str, key: str, *args: Any) -> None:
         self.args += (command, self.key(key), len(args), *args)
+
+    def argv(self, token: str, leases: int) -> tuple[Any, ...]:
+        """EVALSHA's arguments after the digest: the key count, KEYS, then ARGV."""
+        payload = json.dumps(self.texts, separators=(",", ":"))
+        return (len(self.keys), *self.keys, token, leases, payload, *self.args)
 
 
 def _inside_redis_py(exc: BaseException) -> bool:
@@ -90,6 +114,10 @@ def _inside_redis_py(exc: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and f"{os.sep}redis{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def _chunks(items: list[str]) -> list[list[str]]:
+    return [items[i : i + ARGS_MAX] for i in range(0, len(items), ARGS_MAX)]
 
 
 def _flat(fields: Mapping[Any, Any]) -> list[Any]:
@@ -177,7 +205,7 @@ class ForecastSink:
         """Run the publish script (by its digest; by its text where Redis has not cached it:
         after a restart or SCRIPT FLUSH). No retry of its own: one that ran and whose reply was
         lost would write its dead letters twice."""
-        args = (len(script.keys), *script.keys, self.token, leases, *script.args)
+        args = script.argv(self.token, leases)
         try:
             try:
                 reply = await self.publisher.evalsha(PUBLISH_SHA, *args)
@@ -199,13 +227,14 @@ class ForecastSink:
         ops: list[Op] = []
         mine = keys.partition
         trim = ("MAXLEN", "~")
+        forecasts_maxlen, history_maxlen = str(cfg.forecasts_maxlen), str(cfg.history_maxlen)
         for forecast in batch.forecasts:
             tick = forecast.tick
             if mine(tick.symbol) not in partitions:
                 continue
             key = keys.forecasts(tick.symbol)
             fields = forecast.encode(now_ms)
-            script.add("XADD", key, *trim, cfg.forecasts_maxlen, tick.id, *_flat(fields))
+            script.text("XADD", key, *trim, forecasts_maxlen, tick.id, *_flat(fields))
             ops.append(("forecast", tick.id, key))
         symbols: dict[int, set[str]] = {}
         for tick in batch.accepted:
@@ -214,28 +243,32 @@ class ForecastSink:
                 continue
             key = keys.history(tick.symbol)
             fields = HistoryEntry.of(tick).encode()
-            script.add("XADD", key, *trim, cfg.history_maxlen, tick.id, *_flat(fields))
+            script.text("XADD", key, *trim, history_maxlen, tick.id, *_flat(fields))
             ops.append(("history", tick.id, key))
             symbols.setdefault(p, set()).add(tick.symbol)
         for p, names in symbols.items():
-            script.add("SADD", keys.symbols(p), *names)
-            ops.append(("symbols", "", keys.symbols(p)))
+            for some in _chunks(sorted(names)):
+                script.text("SADD", keys.symbols(p), *some)
+                ops.append(("symbols", "", keys.symbols(p)))
         highs: dict[int, tuple[int, int]] = {}
         for p in sorted(partitions):
-            part = batch.parts[p]
-            for letter in part.dead:
-                fields = letter.encode()
-                script.add("XADD", keys.dead(p), *trim, cfg.dead_maxlen, "*", *_flat(fields))
-                ops.append(("dead", letter.tick_id, keys.dead(p)))
-            if not part.ack_ids:
+            ids = batch.parts[p].ack_ids
+            if not ids:
                 continue
-            high = max(id_key(i) for i in part.ack_ids)
+            high = max(id_key(i) for i in ids)
             highs[p] = high
             if high > self.acked_high.get(p, (0, 0)):
-                script.add("SET", keys.acked(p), f"{high[0]}-{high[1]}")
+                script.text("SET", keys.acked(p), f"{high[0]}-{high[1]}")
                 ops.append(("acked", "", keys.acked(p)))
-            script.add("XACK", keys.ticks(p), self.group, *part.ack_ids)
-            ops.append(("ack", "", keys.ticks(p)))
+            for some in _chunks(ids):
+                script.text("XACK", keys.ticks(p), self.group, *some)
+                ops.append(("ack", "", keys.ticks(p)))
+        dead_maxlen = str(cfg.dead_maxlen)
+        for p in sorted(partitions):
+            for letter in batch.parts[p].dead:  # any bytes: not in the JSON
+                fields = letter.encode()
+                script.add("XADD", keys.dead(p), *trim, dead_maxlen, "*", *_flat(fields))
+                ops.append(("dead", letter.tick_id, keys.dead(p)))
         return ops, highs
 
     def _count(self, batch: Batch) -> None:
