@@ -9,11 +9,12 @@ replica's token and, if one does not (another replica took it while this one sta
 nothing and names those partitions; the batch is then written again without them, unpublished and
 unacknowledged there, and they are reported lost. One round trip, where WATCH, the lease read and
 MULTI/EXEC took three, and one reply to parse instead of one a command; a renewal of our own lease
-no longer aborts the write, as it did under WATCH. The script declares flags (Redis 7), so at
-maxmemory Redis refuses it whole, as it refused a whole MULTI. On a Redis Cluster a script may
-touch one slot only, so each partition gets its own call (every key of a partition shares its
-hash tag). Every command Redis refused inside the script is counted and logged; a forecast that
-was not written becomes a ``publish_failed`` dead letter.
+no longer aborts the write, as it did under WATCH. At maxmemory Redis refuses a script's writes
+until its first one lands, and the script stops at the first refusal: refused whole, as a whole
+MULTI was (no shebang flags: fakeredis, the demo's embedded server, does not read them). On a
+Redis Cluster a script may touch one slot only, so each partition gets its own call (every key of
+a partition shares its hash tag). Every command Redis refused inside the script is counted and
+logged; a forecast that was not written becomes a ``publish_failed`` dead letter.
 """
 
 from __future__ import annotations
@@ -51,21 +52,30 @@ ARGS_MAX = 1000  # ids or names a command takes at most (Lua unpacks ~8,000 valu
 # argument instead of thousands: redis-py packs a command's arguments one by one in Python.
 # Returns {0, lease indices not held with the token} having written nothing, or {1, replies}
 # (a refused command's reply is its error, the others' still land).
-PUBLISH = """#!lua flags=
+PUBLISH = """
 local token, n = ARGV[1], tonumber(ARGV[2])
 local lost = {}
 for i = 1, n do
   if redis.pcall('GET', KEYS[i]) ~= token then lost[#lost + 1] = i end
 end
 if #lost > 0 then return {0, lost} end
+-- at maxmemory Redis refuses a script's writes until its first one lands: the first OOM means
+-- nothing was written, and the whole call is refused (as a whole MULTI was), acks included
+local function oom(r)
+  return type(r) == 'table' and r.err ~= nil and string.sub(r.err, 1, 4) == 'OOM '
+end
 local out = {}
 for _, c in ipairs(cjson.decode(ARGV[3])) do
-  out[#out + 1] = redis.pcall(c[1], KEYS[c[2]], unpack(c, 3))
+  local r = redis.pcall(c[1], KEYS[c[2]], unpack(c, 3))
+  if oom(r) then return r end
+  out[#out + 1] = r
 end
 local a = 4
 while a <= #ARGV do
   local argc = tonumber(ARGV[a + 2])
-  out[#out + 1] = redis.pcall(ARGV[a], KEYS[tonumber(ARGV[a + 1])], unpack(ARGV, a + 3, a + 2 + argc))
+  local r = redis.pcall(ARGV[a], KEYS[tonumber(ARGV[a + 1])], unpack(ARGV, a + 3, a + 2 + argc))
+  if oom(r) then return r end
+  out[#out + 1] = r
   a = a + 3 + argc
 end
 return {1, out}
