@@ -4,7 +4,7 @@ Ticks go to ``partitions`` partition streams; a symbol's partition is a stable h
 (:func:`partition_of`). Every key one batch's transaction touches for a partition (its ticks
 stream, its symbols' forecasts, paths and history, its dead letters, its acknowledged mark, its lease)
 carries the partition's hash tag ``{p<n>}``, so on Redis Cluster they share one slot and the
-publish stays one MULTI/EXEC. The registry's keys share the tag ``{models}`` for the same reason.
+publish stays one atomic script call. The registry's keys share the tag ``{models}`` for the same reason.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Keys:
 
     def lease(self, partition: int) -> str:
         """Held by the one replica consuming the partition (streamcast.lease); in the partition's
-        slot, so the publish transaction can WATCH it (the fence)."""
+        slot, so the publish script can check it (the fence)."""
         return f"{self._p(partition)}:lease"
 
     def calibration(self, partition: int) -> str:

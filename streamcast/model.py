@@ -269,6 +269,9 @@ class ModelInfo:
             raise ModelError(f"{where}: sidecar lacks {', '.join(missing)}")
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         info = cls(**known)
+        if not isinstance(info.version, str) or not info.version:
+            # it names every forecast on the wire (a string there)
+            raise ModelError(f"{where}: version must be a non-empty string, got {info.version!r}")
         if not isinstance(info.seq_len, int) or info.seq_len < 1:
             raise ModelError(f"{where}: seq_len must be a positive integer, got {info.seq_len!r}")
         if not isinstance(info.normalise, bool):

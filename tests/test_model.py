@@ -161,6 +161,15 @@ def test_load_refuses_truncated_file_with_matching_hash(tmp_path, tiny_model):
         ("{not json", "not valid JSON"),
         ('{"version": "x"}', "sidecar lacks"),
         (
+            '{"version": 12345678901234567890, "created": "c", "seq_len": 50, "normalise": true, '
+            '"sha256": "0"}',
+            "version must be a non-empty string",
+        ),
+        (
+            '{"version": null, "created": "c", "seq_len": 50, "normalise": true, "sha256": "0"}',
+            "version must be a non-empty string",
+        ),
+        (
             '{"version": "x", "created": "c", "seq_len": "fifty", "normalise": true, "sha256": "0"}',
             "seq_len must be a positive integer",
         ),

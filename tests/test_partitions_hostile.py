@@ -1025,6 +1025,48 @@ async def test_a_batch_of_more_acks_than_lua_unpacks_is_acknowledged(redis_clien
     assert daemon.stats.batches == 1
 
 
+async def test_redis_refusing_writes_refuses_the_whole_publish(redis_client, shipped_engine):
+    """Where Redis refuses writes (too few replicas: NOREPLICAS; so at maxmemory, on a replica,
+    after a failed save) it refuses a script's writes until its first lands: the publish must be
+    refused whole, its acks with it, as EXEC was, not pass for published (its ticks would be
+    acknowledged later, unforecast)."""
+    from redis import exceptions as redis_errors
+
+    from streamcast.daemon.batch import Batch, Part
+    from streamcast.wire import Forecast, Tick
+
+    keys = Keys("noreplicas", partitions=2)
+    daemon = replica(redis_client, shipped_engine, keys, "a")
+    symbol = next(s for s in SYMBOLS if keys.partition(s) == 0)
+    await redis_client.set(keys.lease(0), daemon.sink.token)
+    for k in range(3):
+        await redis_client.xadd(keys.ticks(0), {"symbol": symbol, "price": "1.0"}, id=f"1-{k + 1}")
+    await redis_client.xgroup_create(keys.ticks(0), keys.group, id="0")
+    read = await redis_client.xreadgroup(keys.group, "c", {keys.ticks(0): ">"})
+    ids = [entry_id.decode() for entry_id, _ in read[0][1]]
+
+    def batch() -> Batch:
+        made = Batch(partition_of=keys.partition, parts={0: Part(ack_ids=list(ids))})
+        tick = Tick(ids[-1], symbol, 1.0, None)
+        made.accepted.append(tick)
+        made.ready.append(tick)
+        made.forecasts.append(Forecast.of(tick, "m", 1.01))
+        return made
+
+    await redis_client.config_set("min-replicas-to-write", 1)
+    try:
+        with pytest.raises(redis_errors.ResponseError, match="NOREPLICAS"):
+            await daemon.sink.write(batch())
+    finally:
+        await redis_client.config_set("min-replicas-to-write", 0)
+    assert (await redis_client.xpending(keys.ticks(0), keys.group))["pending"] == 3
+    assert not await redis_client.exists(keys.forecasts(symbol), keys.acked(0))
+    assert daemon.sink.acked_high == {} and daemon.stats.batches == 0
+    await daemon.sink.write(batch())  # Redis writes again: so does the publish
+    assert (await redis_client.xpending(keys.ticks(0), keys.group))["pending"] == 0
+    assert await redis_client.xlen(keys.forecasts(symbol)) == 1
+
+
 async def test_script_flush_under_a_replica_loses_nothing(redis_client, shipped_engine):
     """SCRIPT FLUSH (or a restarted Redis) empties the script cache: the publish is refused
     NOSCRIPT by its digest and sent again as text, nothing lost or doubled."""

@@ -8,10 +8,10 @@ One batch, from read to ack (each step a module of this package)::
              choose the symbols whose multi-step path is due
     compute  the engine, off the event loop: a 1-step forecast for every tick with a full
              window, a path for the due ones -> one Forecast per tick
-    sink     one MULTI/EXEC: forecasts (entry id = tick id), history, dead letters, the
-             acknowledged mark and XACK
+    sink     one atomic script call, fenced by the leases: forecasts (entry id = tick id),
+             history, dead letters, the acknowledged mark and XACK
 
-A crash anywhere before EXEC redelivers the batch; after EXEC it is done. On restart the windows
+A crash anywhere before the publish redelivers the batch; after it the batch is done. On restart the windows
 are rebuilt from history, and a redelivered tick already in history is acknowledged without a
 second forecast, so none is lost and none is doubled.
 
@@ -22,7 +22,6 @@ schedule (``models``).
 
 from streamcast.daemon.batch import Batch, Stats
 from streamcast.daemon.config import DaemonConfig
-from streamcast.daemon.faults import LeaseLost
 from streamcast.daemon.loop import Daemon
 
-__all__ = ["Batch", "Daemon", "DaemonConfig", "LeaseLost", "Stats"]
+__all__ = ["Batch", "Daemon", "DaemonConfig", "Stats"]

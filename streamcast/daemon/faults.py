@@ -1,4 +1,4 @@
-"""How the daemon tells Redis outages, Redis refusals and a lost lease apart."""
+"""How the daemon tells Redis outages and Redis refusals apart."""
 
 from __future__ import annotations
 
@@ -13,10 +13,6 @@ REDIS_DOWN = (
     redis_errors.ClusterError,
     OSError,
 )
-
-
-class LeaseLost(Exception):
-    """Another process holds this shard now: publish nothing more, stand by."""
 
 
 _REFUSAL_CLASSES = (

@@ -28,7 +28,7 @@ from streamcast.daemon.batch import Batch, Stats
 from streamcast.daemon.calibration import Calibration
 from streamcast.daemon.compute import compute
 from streamcast.daemon.config import DaemonConfig
-from streamcast.daemon.faults import REDIS_DOWN, LeaseLost, refusal
+from streamcast.daemon.faults import REDIS_DOWN, refusal
 from streamcast.daemon.housekeeping import Housekeeping
 from streamcast.daemon.models import ModelWatcher, RetrainSchedule
 from streamcast.daemon.ownership import Ownership
@@ -228,10 +228,6 @@ class Daemon:
             try:
                 if not await self._step():
                     return
-            except LeaseLost:
-                # unacknowledged batches are read again by whoever holds the leases next
-                self._in_flight, self._set_up = None, False
-                await self._pause(0.1)
             except (*REDIS_DOWN, redis_errors.ResponseError) as exc:
                 # a partition a failed publish had found another's is not set up again
                 self.ownership.drop(self.sink.found_lost)
@@ -322,7 +318,7 @@ class Daemon:
 
     async def _publish(self, batch: Batch) -> None:
         # forecasts, history, dead letters and the ack land together or not at all, even if
-        # we are cancelled mid-way: a crash before EXEC redelivers, never loses
+        # we are cancelled mid-way: a crash before the publish redelivers, never loses
         # a partition not surely ours since the batch was read is not published (Ownership.stale)
         stale = stale_partitions(self.ownership, batch.parts, batch.tenure)
         batch.drop(stale)

@@ -17,8 +17,8 @@ shares grow and they take its partitions in their next round. A new member makes
 shares shrink: they give up their extras and it takes them.
 
 A replica that stalled past its lease may have lost it unseen, so the loop reads only partitions
-whose *local deadline* has not passed, and the publish transaction WATCHes each partition's lease
-key and checks it still holds our token (the fence, streamcast.daemon.sink): a replica that lost
+whose *local deadline* has not passed, and the publish script first checks that each partition's
+lease key still holds our token (the fence, streamcast.daemon.sink): a replica that lost
 a partition cannot publish for it, however long it was paused.
 """
 

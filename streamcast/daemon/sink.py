@@ -9,9 +9,10 @@ replica's token and, if one does not (another replica took it while this one sta
 nothing and names those partitions; the batch is then written again without them, unpublished and
 unacknowledged there, and they are reported lost. One round trip, where WATCH, the lease read and
 MULTI/EXEC took three, and one reply to parse instead of one a command; a renewal of our own lease
-no longer aborts the write, as it did under WATCH. At maxmemory Redis refuses a script's writes
-until its first one lands, and the script stops at the first refusal: refused whole, as a whole
-MULTI was (no shebang flags: fakeredis, the demo's embedded server, does not read them). On a
+no longer aborts the write, as it did under WATCH. Redis refuses a script's writes until its
+first one lands where it refuses writes at all (maxmemory, a replica, a failed save, too few
+replicas), and the script stops at the first such refusal: refused whole, as EXEC was (no
+shebang flags: fakeredis, the demo's embedded server, does not read them). On a
 Redis Cluster a script may touch one slot only, so each partition gets its own call (every key of
 a partition shares its hash tag). Every command Redis refused inside the script is counted and
 logged; a forecast that was not written becomes a ``publish_failed`` dead letter.
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import redis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
@@ -43,6 +45,7 @@ from streamcast.wire import DeadLetter, HistoryEntry, id_key
 log = logging.getLogger(__name__)
 
 Op = tuple[str, str, str]  # (what, entry id, key) of each queued command
+REDIS_PY = os.path.dirname(redis.__file__) + os.sep
 ARGS_MAX = 1000  # ids or names a command takes at most (Lua unpacks ~8,000 values at most)
 
 # KEYS: the n lease keys, then every key the commands write. ARGV: the token, n, the commands
@@ -59,22 +62,26 @@ for i = 1, n do
   if redis.pcall('GET', KEYS[i]) ~= token then lost[#lost + 1] = i end
 end
 if #lost > 0 then return {0, lost} end
--- at maxmemory Redis refuses a script's writes until its first one lands: the first OOM means
--- nothing was written, and the whole call is refused (as a whole MULTI was), acks included
-local function oom(r)
-  return type(r) == 'table' and r.err ~= nil and string.sub(r.err, 1, 4) == 'OOM '
+-- Redis refuses a script's writes until its first one lands at maxmemory (OOM), on a replica
+-- (READONLY), after a failed save (MISCONF), without enough replicas (NOREPLICAS), or with a
+-- stale master (MASTERDOWN): one of these means nothing was written, and the whole call is
+-- refused (as EXEC was), acks included
+local refusals = {OOM = 1, READONLY = 1, MISCONF = 1, NOREPLICAS = 1, MASTERDOWN = 1}
+local function refused(r)
+  return type(r) == 'table' and type(r.err) == 'string'
+    and refusals[string.match(r.err, '^(%u+)')] ~= nil
 end
 local out = {}
 for _, c in ipairs(cjson.decode(ARGV[3])) do
   local r = redis.pcall(c[1], KEYS[c[2]], unpack(c, 3))
-  if oom(r) then return r end
+  if refused(r) then return r end
   out[#out + 1] = r
 end
 local a = 4
 while a <= #ARGV do
   local argc = tonumber(ARGV[a + 2])
   local r = redis.pcall(ARGV[a], KEYS[tonumber(ARGV[a + 1])], unpack(ARGV, a + 3, a + 2 + argc))
-  if oom(r) then return r end
+  if refused(r) then return r end
   out[#out + 1] = r
   a = a + 3 + argc
 end
@@ -103,8 +110,8 @@ class Script:
         return index
 
     def text(self, command: str, key: str, *args: str) -> None:
-        """A command whose arguments are all text (sent in the JSON array; a number there would
-        reach Redis as Lua prints it, 14 digits)."""
+        """A command whose arguments are all text (sent in the JSON array, where a number would
+        reach Redis as a Lua double)."""
         if self.args:
             raise RuntimeError("text commands come before the others (the order of the replies)")
         self.texts.append([command, self.key(key), *args])
@@ -123,7 +130,7 @@ def _inside_redis_py(exc: BaseException) -> bool:
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and f"{os.sep}redis{os.sep}" in tb.tb_frame.f_code.co_filename
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(REDIS_PY)
 
 
 def _chunks(items: list[str]) -> list[list[str]]:
@@ -147,7 +154,7 @@ class Sink(Protocol):
 class ForecastSink:
     """Writes batches for one consumer group (a :class:`Sink`).
 
-    ``publisher`` runs the transaction and must not retry by itself: a retried EXEC whose reply
+    ``publisher`` runs the script and must not retry by itself: a retried call whose reply
     was lost would write its dead letters twice. ``redis`` (retrying) does the follow-ups.
     """
 
