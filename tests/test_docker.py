@@ -49,7 +49,8 @@ def test_image_requirements_swap_in_the_cpu_wheel_and_leave_out_plots(variant, t
     lines = out.stdout.splitlines()
     assert tensorflow in lines
     assert not any(line.startswith("matplotlib") for line in lines)
-    assert "fakeredis>=2.23" in lines  # the demo's embedded Redis
+    # the demo's embedded Redis, with Lua (lupa) for the publish script
+    assert "fakeredis[lua]>=2.23" in lines
     if variant == "cpu":
         # elsewhere the plain wheel, never both
         assert "tensorflow>=2.16; platform_machine != 'x86_64'" in lines
