@@ -46,6 +46,18 @@ def replica(redis, engine, keys: Keys, name: str, publisher=None, **config) -> D
     )
 
 
+async def pending_ids(redis, keys: Keys, symbol: str, count: int) -> list[str]:
+    """``count`` ticks of ``symbol`` in partition 0's stream (ids 1-1, 1-2, ...), read by the
+    group's consumer "c" and so pending: what a batch acknowledges."""
+    pipe = redis.pipeline(transaction=False)
+    for k in range(count):
+        pipe.xadd(keys.ticks(0), {"symbol": symbol, "price": "1.0"}, id=f"1-{k + 1}")
+    await pipe.execute()
+    await redis.xgroup_create(keys.ticks(0), keys.group, id="0")
+    read = await redis.xreadgroup(keys.group, "c", {keys.ticks(0): ">"}, count=count)
+    return [entry_id.decode() for entry_id, _ in read[0][1]]
+
+
 class Producer:
     """Sends each symbol's prices in turn to the symbol's partition stream."""
 
@@ -1011,13 +1023,7 @@ async def test_a_batch_of_more_acks_than_lua_unpacks_is_acknowledged(redis_clien
     keys = Keys("manyacks", partitions=2)
     daemon = replica(redis_client, shipped_engine, keys, "a")
     await redis_client.set(keys.lease(0), daemon.sink.token)
-    pipe = redis_client.pipeline(transaction=False)
-    for k in range(9_000):
-        pipe.xadd(keys.ticks(0), {"symbol": "X", "price": "1.0"}, id=f"1-{k + 1}")
-    await pipe.execute()
-    await redis_client.xgroup_create(keys.ticks(0), keys.group, id="0")
-    read = await redis_client.xreadgroup(keys.group, "c", {keys.ticks(0): ">"}, count=9_000)
-    ids = [entry_id.decode() for entry_id, _ in read[0][1]]
+    ids = await pending_ids(redis_client, keys, "X", 9_000)
     assert len(ids) == 9_000
     assert await daemon.sink.write(Batch(parts={0: Part(ack_ids=ids)})) == set()
     assert (await redis_client.xpending(keys.ticks(0), keys.group))["pending"] == 0
@@ -1039,11 +1045,7 @@ async def test_redis_refusing_writes_refuses_the_whole_publish(redis_client, shi
     daemon = replica(redis_client, shipped_engine, keys, "a")
     symbol = next(s for s in SYMBOLS if keys.partition(s) == 0)
     await redis_client.set(keys.lease(0), daemon.sink.token)
-    for k in range(3):
-        await redis_client.xadd(keys.ticks(0), {"symbol": symbol, "price": "1.0"}, id=f"1-{k + 1}")
-    await redis_client.xgroup_create(keys.ticks(0), keys.group, id="0")
-    read = await redis_client.xreadgroup(keys.group, "c", {keys.ticks(0): ">"})
-    ids = [entry_id.decode() for entry_id, _ in read[0][1]]
+    ids = await pending_ids(redis_client, keys, symbol, 3)
 
     def batch() -> Batch:
         made = Batch(partition_of=keys.partition, parts={0: Part(ack_ids=list(ids))})

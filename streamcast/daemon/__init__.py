@@ -11,9 +11,9 @@ One batch, from read to ack (each step a module of this package)::
     sink     one atomic script call, fenced by the leases: forecasts (entry id = tick id),
              history, dead letters, the acknowledged mark and XACK
 
-A crash anywhere before the publish redelivers the batch; after it the batch is done. On restart the windows
-are rebuilt from history, and a redelivered tick already in history is acknowledged without a
-second forecast, so none is lost and none is doubled.
+A crash anywhere before the publish redelivers the batch; after it the batch is done. On restart
+the windows are rebuilt from history, and a redelivered tick already in history is acknowledged
+without a second forecast, so none is lost and none is doubled.
 
 Beside the loop (``loop``) run the lease keeper (``leasing``: one live consumer per group),
 housekeeping (heartbeat, lag, reclaiming), trimming (``trim``), the model watcher and the retrain

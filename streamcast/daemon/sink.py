@@ -12,10 +12,10 @@ MULTI/EXEC took three, and one reply to parse instead of one a command; a renewa
 no longer aborts the write, as it did under WATCH. Redis refuses a script's writes until its
 first one lands where it refuses writes at all (maxmemory, a replica, a failed save, too few
 replicas), and the script stops at the first such refusal: refused whole, as EXEC was (no
-shebang flags: fakeredis, the demo's embedded server, does not read them). On a
-Redis Cluster a script may touch one slot only, so each partition gets its own call (every key of
-a partition shares its hash tag). Every command Redis refused inside the script is counted and
-logged; a forecast that was not written becomes a ``publish_failed`` dead letter.
+shebang flags: fakeredis, the demo's embedded server, does not read them). On a Redis Cluster a
+script may touch one slot only, so each partition gets its own call (every key of a partition
+shares its hash tag). Every command Redis refused inside the script is counted and logged; a
+forecast that was not written becomes a ``publish_failed`` dead letter.
 """
 
 from __future__ import annotations
