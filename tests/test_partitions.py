@@ -127,7 +127,13 @@ async def test_a_dead_replicas_partitions_are_taken_over_and_a_new_one_gets_a_sh
         # the bound: within ~15 s (here the leases lapse after 2 s, plus a round)
         await wait_for(taken_over, timeout_s=15, what="the dead replica's partitions taken")
         print(f"taken over {time.monotonic() - died:.1f} s after the crash")
-        assert gone and all(len(h) == 3 for h in owned(daemons))
+        assert gone
+
+        async def even() -> bool:
+            return all(len(h) == 3 for h in owned(daemons))
+
+        # at once, unless a stall of the shared event loop made a survivor sit out a while
+        await wait_for(even, timeout_s=15, what="three partitions each")
         joined = replica(redis_client, shipped_engine, keys, "r9")
         await joined.start()
         daemons.append(joined)
