@@ -11,11 +11,14 @@ private redis-server on a free port:
 
 1. For each size in --sizes, a batch holds that many ticks of as many symbols (500 symbols over
    8 partitions): up to 8 ticks, all of one partition (a replica owning one, as case B of
-   bench/partitions.py); more, spread over all 8 (a replica owning all). Each partition's lease
-   holds the sink's token.
+   bench/partitions.py); more, spread over all 8 (a replica owning all); past 500, a symbol has
+   several ticks in the batch (a backlog; `STREAMCAST_BATCH_MAX_SIZE` allows 65,536: Redis runs
+   nothing else while the script runs, so `--sizes 65536 --batches 3` says for how long). Each
+   partition's lease holds the sink's token.
 2. A worker process (the code of the checkout under test: this one, or with --before REF a
-   `git worktree` of REF, the same venv) writes 50 batches to warm up, then --batches batches one
-   after another, each with new tick ids, and reports the median wall time of a write, its own
+   `git worktree` of REF, the same venv) writes 50 batches to warm up (2 past 500 ticks), then
+   --batches batches one after another, each with new tick ids, and reports the median and the
+   longest wall time of a write, its own
    CPU (utime + stime) per write, and Redis's (INFO cpu, used_cpu_user + used_cpu_sys) per write.
 3. --rounds rounds, each running every code once per size (before, then current), so drifts of a
    noisy machine fall on both alike; each figure is the median over the rounds.
@@ -84,7 +87,8 @@ async def work(url: str, prefix: str, size: int, batches: int) -> dict[str, floa
         by_part.setdefault(keys.partition(name), []).append(name)
     # a light replica's batch is of the one partition it owns, a busy one's spans all 8
     spread = PARTITIONS if size > ONE_PARTITION_UP_TO else 1
-    chosen = [by_part[k % spread][k // spread] for k in range(size)]
+    # past 500 a symbol has several ticks in the batch (a backlog, up to batch_max_size 65,536)
+    chosen = [by_part[k % spread][(k // spread) % len(by_part[k % spread])] for k in range(size)]
     base_ms = int(time.time() * 1000)
 
     def batch(k: int) -> Batch:
@@ -101,9 +105,10 @@ async def work(url: str, prefix: str, size: int, batches: int) -> dict[str, floa
         info = await redis.info("cpu")
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
-    for k in range(WARMUP):
+    warmup = warmup_writes(size)
+    for k in range(warmup):
         await sink.write(batch(k))
-    ready = [batch(WARMUP + k) for k in range(batches)]  # built before the clock starts
+    ready = [batch(warmup + k) for k in range(batches)]  # built before the clock starts
     walls = []
     server, cpu = await redis_cpu(), cpu_seconds()
     for made in ready:
@@ -115,9 +120,15 @@ async def work(url: str, prefix: str, size: int, batches: int) -> dict[str, floa
     await publisher.aclose()
     return {
         "wall_ms": statistics.median(walls) * 1000,
+        "wall_max_ms": max(walls) * 1000,
         "cpu_ms": cpu / batches * 1000,
         "redis_ms": server / batches * 1000,
     }
+
+
+def warmup_writes(size: int) -> int:
+    """Writes before the timed ones: fewer for a big batch (the script is loaded by the first)."""
+    return WARMUP if size <= SYMBOLS else 2
 
 
 def run_worker(checkout: Path, url: str, prefix: str, size: int, batches: int) -> dict:
@@ -197,15 +208,16 @@ def main() -> None:
     out(
         f"# one sink write of a computed batch (forecasts with bands, history, symbol sets, "
         f"acked marks, XACK; fenced) to a private redis-server; {args.batches} writes per size "
-        f"and run after {WARMUP} to warm up, {args.rounds} rounds; medians over the rounds"
+        f"and run after {WARMUP} to warm up (2 past {SYMBOLS} ticks, when a symbol has several "
+        f"ticks in a batch), {args.rounds} rounds; medians over the rounds"
         + (f"; 'before': the sink of {args.before}" if args.before else "")
     )
     out()
     out(
-        "| code | ticks per batch | wall per write (ms) | replica CPU per write (ms) | "
-        "Redis CPU per write (ms) | replica CPU per tick (ms) |"
+        "| code | ticks per batch | wall per write (ms) | longest write (ms) | "
+        "replica CPU per write (ms) | Redis CPU per write (ms) | replica CPU per tick (ms) |"
     )
-    out("|---|---:|---:|---:|---:|---:|")
+    out("|---|---:|---:|---:|---:|---:|---:|")
     median: dict[tuple[str, int], dict[str, float]] = {}
     for size in sizes:
         for name, _ in codes:
@@ -213,7 +225,8 @@ def main() -> None:
             m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             median[(name, size)] = m
             out(
-                f"| {name} | {size} | {m['wall_ms']:.3f} | {m['cpu_ms']:.3f} | "
+                f"| {name} | {size} | {m['wall_ms']:.3f} | {m.get('wall_max_ms', 0.0):.3f} | "
+                f"{m['cpu_ms']:.3f} | "
                 f"{m['redis_ms']:.3f} | {m['cpu_ms'] / size:.3f} |"
             )
     if args.before:
