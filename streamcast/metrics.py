@@ -257,7 +257,8 @@ class Metrics:
         self.write_errors = Counter(
             "streamcast_write_errors",
             "Commands of the publish transaction Redis refused, by what was written and why "
-            "(duplicate_id: already there)",
+            "(duplicate_id: already there); what=publish_failed: the dead letter of a forecast "
+            "that was not written, refused too (the log names the ticks)",
             ["what", "reason"],
             registry=prometheus,
         )

@@ -171,6 +171,33 @@ async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_clien
     )
 
 
+async def test_a_forecast_and_its_dead_letter_both_refused_are_named_in_the_log(
+    redis_client, shipped_engine, caplog
+):
+    """The forecasts key and the dead-letter stream both overwritten: the ticks are acknowledged
+    (the others of the transaction landed), so the log and a metric must name what was lost."""
+    keys = Keys("wrongtwice")
+    feed = Feed(redis_client, keys, ["W0", "W1"])
+    await redis_client.set(keys.forecasts("W0"), "not a stream")
+    await redis_client.set(keys.dead(0), "not a stream either")
+    caplog.set_level("ERROR", logger="streamcast.daemon")
+    daemon = daemon_for(redis_client, shipped_engine, keys)
+    async with daemon:
+        await feed.send(52)
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("W1"), 3))
+
+        async def counted():
+            name, what = "streamcast_write_errors_total", "publish_failed"
+            return sample(daemon.metrics, name, what=what, reason="wrongtype") == 3
+
+        await wait_for(counted, what="three dead letters counted as not written")
+        assert not daemon._tasks[0].done()
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "and neither were their dead letters" in said and "WRONGTYPE" in said
+    assert all(tick_id in said for tick_id in feed.ids["W0"][49:]), said
+    assert await redis_client.xlen(keys.forecasts("W1")) == 3
+
+
 # -- (3) the ticks stream is trimmed to what every group has acknowledged --------------------------
 
 

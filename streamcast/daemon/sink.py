@@ -390,12 +390,28 @@ class ForecastSink:
                 maxlen=self.config.dead_maxlen,
                 approximate=True,
             )
+        replies: list[Any]
         try:
-            await pipe.execute(raise_on_error=False)
+            replies = await pipe.execute(raise_on_error=False)
         except (*REDIS_DOWN, redis_errors.RedisError) as exc:
-            # the ticks are acknowledged already: the log is all that is left to say it
-            log.error(
-                "%d forecasts were not written and their dead letters neither (%s)",
-                len(failed),
-                exc,
-            )
+            replies = [exc] * len(failed)
+        unwritten = [
+            (entry_id, reply)
+            for (entry_id, _, _), reply in zip(failed, replies, strict=True)
+            if isinstance(reply, Exception)
+        ]
+        if not unwritten:
+            return
+        for _, reply in unwritten:
+            self.metrics.write_errors.labels("publish_failed", write_refusal(reply)).inc()
+        # the ticks are acknowledged already: the log is all that is left to say which (a line
+        # a batch, never folded: each names ticks lost)
+        ids = [entry_id for entry_id, _ in unwritten]
+        more = f" and {len(ids) - 20} more" if len(ids) > 20 else ""
+        log.error(
+            "%d forecasts were not written, and neither were their dead letters (%s): ticks %s%s",
+            len(ids),
+            unwritten[0][1],
+            ", ".join(ids[:20]),
+            more,
+        )
