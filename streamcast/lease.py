@@ -1,10 +1,10 @@
-"""One live consumer per consumer group: a renewable lease in Redis.
+"""One live consumer per partition: a renewable lease in Redis.
 
-Two processes reading one shard's group would split its ticks between them, and each would keep
+Two processes reading one partition would split its ticks between them, and each would keep
 half of every symbol's window: forecasts from wrong windows, ticks missing from history, and no
-error anywhere. So a replica holds ``{prefix}:lease:{group}`` (SET NX PX, renewed well inside its
-time to live) while it consumes, and a second process with the same settings waits as a standby,
-loudly, and takes over when the holder dies or stops.
+error anywhere. So a replica holds ``{prefix}:{p<n>}:lease`` (SET NX PX, renewed well inside its
+time to live) while it consumes the partition, and another replica takes it over when the holder
+dies or gives it up (streamcast.daemon.ownership shares the partitions out).
 
 The holder's token is its consumer name, ``{base}:{host}:{pid}:{random}``, unique per process;
 ``host`` is the host name with a short hash of the boot id and the pid namespace, so two
@@ -12,7 +12,8 @@ containers sharing a host name (host networking) or two cloned machines never lo
 lease left by a process of this host and pid namespace that no longer runs (kill -9, then a
 restart) is taken at once rather than after its time to live.
 
-Plain commands and WATCH transactions only (no Lua), so the embedded demo server supports it.
+Plain commands and WATCH transactions only (no Lua). The publish script checks the same keys
+(streamcast.daemon.sink: the fence).
 """
 
 from __future__ import annotations

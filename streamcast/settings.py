@@ -193,12 +193,12 @@ class Settings(BaseSettings):
         ge=65_536,
         description="about the most one read of the ticks stream pulls in (entries shrink it)",
     )
-    # -- one live consumer per shard, housekeeping -----------------------------------------
+    # -- one live consumer per partition, housekeeping -------------------------------------
     lease_ttl_s: float = Field(
         default(_D, "lease_ttl_s"),
         ge=1,
         le=300,
-        description="a dead replica's shard is taken over after this long",
+        description="a dead replica's partitions are taken over after this long (plus a round)",
     )
     ticks_trim_interval_s: float = Field(
         default(_D, "ticks_trim_interval_s"),

@@ -106,7 +106,6 @@ def replica(cluster, prefix: str, tmp_path) -> tuple[subprocess.Popen, int]:
         tmp_path,
         STREAMCAST_PARTITIONS=PARTITIONS,
         STREAMCAST_LEASE_TTL_S="4",
-        STREAMCAST_READ_BLOCK_MS="200",
         STREAMCAST_RETRAIN_INTERVAL_S="0",
     )
     return process, port

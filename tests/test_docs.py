@@ -74,3 +74,52 @@ def test_the_residual_table_is_what_streamcast_evaluate_wrote():
             plain[mode]["naive"]["mse"],
         ]
         assert cells == pytest.approx(expected, rel=0.02, abs=0.001), (mode, cells, expected)
+
+
+def _settings_table() -> dict[str, str]:
+    """The README's settings table: variable -> its default cell. A row may name two variables,
+    ``STREAMCAST_A_B`` / ``_C``: the second is the first with its last word(s) replaced."""
+    from streamcast.settings import ENV_PREFIX, Settings
+
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Settings (`streamcast serve`)", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, str] = {}
+    for line in table.splitlines():
+        match = re.match(r"\| `(STREAMCAST_\w+)`(?: / `(_\w+)`)? \| ([^|]+) \|", line)
+        if not match:
+            continue
+        first, suffix, default = match.groups()
+        defaults = [d.strip() for d in default.split(" / ")] if suffix else [default.strip()]
+        names = [first]
+        if suffix:
+            words = first.split("_")
+            fits = {"_".join(words[:-k]) + suffix for k in range(1, len(words) - 1)} & known
+            assert len(fits) == 1, f"README: {line[:60]}: which variable is {suffix}? {fits}"
+            names.append(fits.pop())
+        assert len(defaults) == len(names), f"README: {line[:60]}: a default for each variable"
+        rows.update(zip(names, defaults, strict=True))
+    return rows
+
+
+def test_the_readme_settings_table_names_every_setting_and_no_other():
+    from streamcast.settings import ENV_PREFIX, Settings
+
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    rows = _settings_table()
+    assert not set(rows) - known, f"in the README, not settings: {sorted(set(rows) - known)}"
+    assert not known - set(rows), f"settings missing from the README: {sorted(known - set(rows))}"
+
+
+def test_the_readme_settings_table_states_the_numeric_defaults_the_code_has():
+    from streamcast.settings import ENV_PREFIX, Settings
+
+    checked = 0
+    for name, cell in _settings_table().items():
+        number = re.fullmatch(r"`(-?\d+(?:\.\d+)?(?:e-?\d+)?)`", cell.split(" (")[0])
+        if not number:
+            continue
+        default = Settings.model_fields[name.removeprefix(ENV_PREFIX).lower()].default
+        assert float(number.group(1)) == float(default), f"{name}: README {cell}, code {default}"
+        checked += 1
+    assert checked >= 40, f"only {checked} numeric defaults read from the table"

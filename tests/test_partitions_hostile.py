@@ -695,13 +695,14 @@ class ThreadedReplica:
             self.loop.close()
 
 
-@pytest.mark.parametrize("where", ["before_the_fence", "inside_the_transaction"])
+@pytest.mark.parametrize("where", ["before_the_write", "building_the_script"])
 async def test_a_replica_stalled_past_its_lease_publishes_nothing_for_partitions_taken_meanwhile(
     redis_server, redis_client, shipped_engine, where
 ):
     """A real stall (the replica's event loop blocked) about to publish, after its local deadline
-    check (``before_the_fence``), or between the fence's check and EXEC: the other replica takes
-    its partitions, and the stalled one publishes nothing for them."""
+    check: before the sink's write (``before_the_write``) or while it builds the script call
+    (``building_the_script``). The other replica takes its partitions, and the stalled one
+    publishes nothing for them: the script's fence finds the leases another's."""
     keys = Keys(f"hl-stall-{where}", partitions=4)
     await keep_ticks(redis_client, keys)
     producer = Producer(redis_client, keys)
@@ -718,13 +719,13 @@ async def test_a_replica_stalled_past_its_lease_publishes_nothing_for_partitions
         stalls = []
 
         async def stalling_write(batch):
-            if where == "before_the_fence" and not stalls and batch.forecasts:
+            if where == "before_the_write" and not stalls and batch.forecasts:
                 stalls.append(sorted(batch.parts))
                 time.sleep(3 * TTL_S)  # the whole loop stops: no renewal, no round
             return await write(batch)
 
         def stalling_queue(pipe, batch, partitions, now_ms):
-            if where == "inside_the_transaction" and not stalls and batch.forecasts:
+            if where == "building_the_script" and not stalls and batch.forecasts:
                 stalls.append(sorted(partitions))
                 time.sleep(3 * TTL_S)
             return queue(pipe, batch, partitions, now_ms)
