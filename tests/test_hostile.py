@@ -10,6 +10,7 @@ the process matters (tests/test_hostile_serve.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.wire import REASONS, Forecast, Tick, TickLimits
 
-from .helpers import sample, wait_for, xlen_at_least
+from .helpers import sample, start_redis_server, wait_for, xlen_at_least
 
 
 class Feed:
@@ -142,6 +143,65 @@ async def test_redis_at_maxmemory_backs_off_not_ready_then_loses_nothing(
     finally:
         await redis_client.config_set("maxmemory", "0")
     await feed.check_exactly_once()
+
+
+async def test_redis_demoted_to_a_replica_mid_feed_backs_off_then_loses_nothing(
+    redis_server, redis_client, shipped_engine, tmp_path
+):
+    """A failover done the other way round under the daemon: its Redis becomes a replica of
+    another (READONLY to every write, XREADGROUP included), ticks go on arriving at the new
+    master, then it is master again: back off, not ready meanwhile, then every tick forecast
+    once."""
+    from streamcast.connect import make_redis
+
+    keys = Keys("demoted")
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = start_redis_server(other_dir)
+    other_client = make_redis(other.url)
+
+    async def replica_of(client, master) -> None:
+        await client.replicaof("127.0.0.1", master.port)
+
+        async def synced() -> bool:
+            return (await client.info("replication")).get("master_link_status") == "up"
+
+        await wait_for(synced, what="the replica in sync")
+
+    try:
+        await replica_of(other_client, redis_server)
+        feed = Feed(redis_client, keys, ["R0", "R1"])
+        daemon = daemon_for(redis_client, shipped_engine, keys)
+        async with daemon:
+            await feed.send(60)
+            await wait_for(feed.all_forecast, what="forecasts before the demotion")
+            # the other is master now, and the daemon's Redis its replica
+            await other_client.replicaof("NO", "ONE")
+            await replica_of(redis_client, other)
+            feed.redis = other_client
+            await feed.send(10, pause_s=0.01)
+
+            async def refused():
+                name = "streamcast_redis_refusals_total"
+                return sample(daemon.metrics, name, reason="READONLY", absent=0.0)
+
+            await wait_for(refused, what="a READONLY refusal")
+            assert not daemon.ready, "/readyz must say 503 while Redis refuses writes"
+            # and back: the daemon's Redis is master again, with the ticks sent meanwhile
+            await redis_client.replicaof("NO", "ONE")
+            await replica_of(other_client, redis_server)
+            feed.redis = redis_client
+            await feed.send(10, pause_s=0.01)
+            await wait_for(feed.all_forecast, what="forecasts once it is master again")
+            await wait_for(lambda: asyncio.sleep(0, daemon.ready))
+            assert not daemon._tasks[0].done()
+        await feed.check_exactly_once()
+    finally:
+        with contextlib.suppress(Exception):
+            await redis_client.replicaof("NO", "ONE")
+        await other_client.aclose()
+        other.process.terminate()
+        other.process.wait(10)
 
 
 async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_client, shipped_engine):
