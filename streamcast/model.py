@@ -225,6 +225,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _printable_text(value: object) -> bool:
+    if not isinstance(value, str) or not value or not value.isprintable():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass
 class ModelInfo:
     """The JSON sidecar written next to every saved model."""
@@ -269,9 +279,13 @@ class ModelInfo:
             raise ModelError(f"{where}: sidecar lacks {', '.join(missing)}")
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         info = cls(**known)
-        if not isinstance(info.version, str) or not info.version:
-            # it names every forecast on the wire (a string there)
-            raise ModelError(f"{where}: version must be a non-empty string, got {info.version!r}")
+        if not _printable_text(info.version):
+            # it names every forecast on the wire (a string there, and JSON in the publish
+            # script's argument: a lone surrogate there failed every publish)
+            raise ModelError(
+                f"{where}: version must be a non-empty string of printable UTF-8 text, "
+                f"got {info.version!r}"
+            )
         if not isinstance(info.seq_len, int) or info.seq_len < 1:
             raise ModelError(f"{where}: seq_len must be a positive integer, got {info.seq_len!r}")
         if not isinstance(info.normalise, bool):

@@ -53,7 +53,15 @@ from streamcast.wire import TickLimits
 
 log = logging.getLogger(__name__)
 
-REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+# as streamcast.daemon.faults.REDIS_DOWN: a Redis Cluster moving slots or with no node answering
+# is an outage too
+REDIS_DOWN = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterError,
+    redis_errors.RedisClusterException,
+    OSError,
+)
 OUTCOMES = ("promoted", "rejected", "failed", "skipped")
 
 _RENEW = """

@@ -170,6 +170,16 @@ def test_load_refuses_truncated_file_with_matching_hash(tmp_path, tiny_model):
             "version must be a non-empty string",
         ),
         (
+            # a lone surrogate: Redis's cjson refused the publish script's argument, every time
+            '{"version": "v\\udc80", "created": "c", "seq_len": 50, "normalise": true, '
+            '"sha256": "0"}',
+            "version must be a non-empty string of printable UTF-8",
+        ),
+        (
+            '{"version": "v\\n1", "created": "c", "seq_len": 50, "normalise": true, "sha256": "0"}',
+            "version must be a non-empty string of printable UTF-8",
+        ),
+        (
             '{"version": "x", "created": "c", "seq_len": "fifty", "normalise": true, "sha256": "0"}',
             "seq_len must be a positive integer",
         ),

@@ -207,11 +207,33 @@ async def test_a_deleted_lease_mid_feed_moves_the_partition_and_forecasts_each_t
         sending = asyncio.create_task(producer.send(160, pause_s=0.02))
         await asyncio.sleep(1.5)
         holder = next(d for d in daemons if 0 in d.ownership.held)
+        other = next(d for d in daemons if d is not holder)
         await redis_client.delete(keys.lease(0))
+        await wait_for(
+            lambda: sample(holder.metrics, "streamcast_partition_moves_total", how="lost") >= 1,
+            timeout_s=5,
+            what="the lease found lost",
+        )
+        lost_at = time.monotonic()
+        # the holder sits out 5 TTLs, no member and owning nothing; the other takes every one
+
+        async def sitting_out() -> bool:
+            return not holder.ownership.held and len(other.ownership.held) == 4
+
+        await wait_for(sitting_out, timeout_s=3 * TTL_S, what="the other taking all four")
+        await all_owned(daemons, 4)
+        assert holder.ownership.cooling
+        assert await redis_client.zscore(keys.members, holder.ownership.token) is None
         await sending
+
+        async def shared() -> bool:
+            return sorted(map(len, owned(daemons))) == [2, 2]
+
+        cool_s = holder.ownership.cool_s
+        await wait_for(shared, timeout_s=cool_s + 3 * TTL_S, what="the holder back, its share")
+        assert time.monotonic() - lost_at >= cool_s - 1, "it did not sit out"
         await all_owned(daemons, 4)
         await all_forecast(redis_client, keys)
-        assert sample(holder.metrics, "streamcast_partition_moves_total", how="lost") >= 1
         check_healthy(daemons)
     finally:
         await stop_all(daemons)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from redis import exceptions as redis_errors
 
 # the connection is down or slow, or a Redis Cluster is moving slots (redis-py gives up
-# following redirections with a ClusterError, "TTL exhausted"): back off and rebuild, nothing is
-# wrong with the data
+# following redirections with a ClusterError, "TTL exhausted") or none of its nodes answers
+# (RedisClusterException, "Redis Cluster cannot be connected", not a RedisError): back off and
+# rebuild, nothing is wrong with the data
 REDIS_DOWN = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.ClusterError,
+    redis_errors.RedisClusterException,
     OSError,
 )
 
