@@ -258,6 +258,11 @@ async def test_a_refused_forecast_write_is_a_dead_letter_not_silence(redis_clien
         sample(daemon.metrics, "streamcast_write_errors_total", what="forecast", reason="wrongtype")
         == 11
     )
+    # counted as what they became: W1's 11 forecasts, W0's 11 dead letters
+    assert daemon.stats.forecasts == 11 and daemon.stats.dead == 11
+    assert sample(daemon.metrics, "streamcast_ticks_total", outcome="forecast") == 11
+    assert sample(daemon.metrics, "streamcast_ticks_total", outcome="dead") == 11
+    assert sample(daemon.metrics, "streamcast_dead_letters_total", reason="publish_failed") == 11
 
 
 async def test_a_forecast_and_its_dead_letter_both_refused_are_named_in_the_log(

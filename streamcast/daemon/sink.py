@@ -375,6 +375,14 @@ class ForecastSink:
     async def _publish_failed(self, failed: list[tuple[str, str, str]], batch: Batch) -> None:
         # by id and key: partition streams hand out ids independently
         symbol_of = {(t.id, self.keys.forecasts(t.symbol)): t.symbol for t in batch.ready}
+        # not published: counted, scored and given a path as what they become, not as forecasts
+        gone = {(entry_id, key) for entry_id, key, _ in failed}
+        batch.forecasts = [
+            f
+            for f in batch.forecasts
+            if (f.tick.id, self.keys.forecasts(f.tick.symbol)) not in gone
+        ]
+        letters: list[tuple[str, DeadLetter]] = []
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, key, why in failed:
             symbol = symbol_of.get((entry_id, key), "")
@@ -384,6 +392,7 @@ class ForecastSink:
                 f"writing its forecast failed: {why[:200]}",
                 {"symbol": symbol},
             )
+            letters.append((symbol, letter))
             pipe.xadd(
                 self.keys.dead(self.keys.partition(symbol)),
                 letter.encode(),
@@ -400,6 +409,9 @@ class ForecastSink:
             for (entry_id, _, _), reply in zip(failed, replies, strict=True)
             if isinstance(reply, Exception)
         ]
+        for (symbol, letter), reply in zip(letters, replies, strict=True):
+            if not isinstance(reply, Exception):
+                batch.dead_letter(symbol, letter)  # written: counted with the batch's
         if not unwritten:
             return
         for _, reply in unwritten:
