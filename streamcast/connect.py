@@ -21,6 +21,18 @@ from redis.backoff import ExponentialBackoff
 
 log = logging.getLogger(__name__)
 
+# the connection is down or slow, or a Redis Cluster is moving slots (redis-py gives up
+# following redirections with a ClusterError, "TTL exhausted") or none of its nodes answers
+# (RedisClusterException, "Redis Cluster cannot be connected", not a RedisError): back off and
+# retry, nothing is wrong with the data
+REDIS_DOWN = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterError,
+    redis_errors.RedisClusterException,
+    OSError,
+)
+
 
 def make_redis(
     url: str,

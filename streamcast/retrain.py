@@ -44,6 +44,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from streamcast.connect import REDIS_DOWN
 from streamcast.history import HistorySource
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
@@ -53,15 +54,6 @@ from streamcast.wire import TickLimits
 
 log = logging.getLogger(__name__)
 
-# as streamcast.daemon.faults.REDIS_DOWN: a Redis Cluster moving slots or with no node answering
-# is an outage too
-REDIS_DOWN = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.ClusterError,
-    redis_errors.RedisClusterException,
-    OSError,
-)
 OUTCOMES = ("promoted", "rejected", "failed", "skipped")
 
 _RENEW = """

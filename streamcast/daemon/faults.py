@@ -4,18 +4,7 @@ from __future__ import annotations
 
 from redis import exceptions as redis_errors
 
-# the connection is down or slow, or a Redis Cluster is moving slots (redis-py gives up
-# following redirections with a ClusterError, "TTL exhausted") or none of its nodes answers
-# (RedisClusterException, "Redis Cluster cannot be connected", not a RedisError): back off and
-# rebuild, nothing is wrong with the data
-REDIS_DOWN = (
-    redis_errors.ConnectionError,
-    redis_errors.TimeoutError,
-    redis_errors.ClusterError,
-    redis_errors.RedisClusterException,
-    OSError,
-)
-
+from streamcast.connect import REDIS_DOWN as REDIS_DOWN
 
 _REFUSAL_CLASSES = (
     # redis-py turns these replies into classes and drops the code from the message
