@@ -10,12 +10,13 @@ it makes. Code that must read several partitions at once asks :func:`is_cluster`
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, cast
 
 import redis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -63,8 +64,59 @@ def make_redis(
     if cluster:
         url = _without_db(url)  # a cluster has database 0 only
         # typed as Redis: the cluster client has the same command methods (a structural twin)
-        return cast(Redis, RedisCluster.from_url(url, **options))
+        return cast(Redis, ClusterClient.from_url(url, **options))
     return Redis.from_url(url, **options)
+
+
+REDIS_PY = os.path.dirname(redis.__file__) + os.sep
+
+
+def inside_redis_py(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in redis-py's own code (its innermost frame)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(REDIS_PY)
+
+
+def _lost(exc: AttributeError) -> redis_errors.ConnectionError:
+    return redis_errors.ConnectionError(f"connection closed under the call ({exc})")
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's cluster client, where its own AttributeErrors are what they are: a connection
+    lost. redis-py 8, reconnecting lazily after a node failed or a slot moved, can close a
+    connection while another call is opening it, and that call fails on the closed connection's
+    writer (None): it ended the consume loop in the slot-migration test (a publish) and in the
+    failover test (a read). An AttributeError of our own code stays a bug."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            if not inside_redis_py(exc):
+                raise
+            raise _lost(exc) from exc
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # which refuses it
+        return ClusterClientPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py does
+
+
+class ClusterClientPipeline(ClusterPipeline):
+    """The pipeline of :class:`ClusterClient`, its redis-py AttributeErrors as lost
+    connections too."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except AttributeError as exc:
+            if not inside_redis_py(exc):
+                raise
+            raise _lost(exc) from exc
 
 
 def outage_behind(exc: redis_errors.WatchError) -> None:

@@ -308,7 +308,7 @@ async def check_exactly_once(redis, keys: Keys, names) -> None:
 
 @dataclass
 class RedisClusterNodes:
-    """Three masters on free ports (``start_redis_cluster``); ``url`` names the first."""
+    """Masters (and replicas) on free ports (``start_redis_cluster``); ``url`` names the first."""
 
     nodes: list[RedisServer]
 
@@ -348,12 +348,15 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterNodes:
-    """``masters`` redis-servers with ``--cluster-enabled yes``, joined by ``redis-cli --cluster
-    create``; returns once every slot is served (``cluster_state:ok`` on every node)."""
+def start_redis_cluster(
+    directory: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 5000
+) -> RedisClusterNodes:
+    """``masters`` redis-servers with ``--cluster-enabled yes`` (and ``replicas`` replicas of
+    each), joined by ``redis-cli --cluster create``; returns once every slot is served
+    (``cluster_state:ok`` on every node) and every replica is in sync with its master."""
     nodes: list[RedisServer] = []
     try:
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             node_dir = directory / f"node-{i}"
             node_dir.mkdir(parents=True, exist_ok=True)
             nodes.append(
@@ -364,7 +367,7 @@ def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterNodes:
                     "--cluster-config-file",
                     str(node_dir / "nodes.conf"),
                     "--cluster-node-timeout",
-                    "5000",
+                    str(node_timeout_ms),
                     "--logfile",
                     str(node_dir / "redis.log"),
                     port=_cluster_port(),
@@ -376,19 +379,22 @@ def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterNodes:
     cluster = RedisClusterNodes(nodes)
     addresses = [f"127.0.0.1:{n.port}" for n in nodes]
     try:
-        cluster.cli("create", *addresses, "--cluster-replicas", "0", "--cluster-yes")
+        cluster.cli("create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             states = [
                 subprocess.run(
-                    ["redis-cli", "-p", str(n.port), "cluster", "info"],
+                    ["redis-cli", "-p", str(n.port), what, detail],
                     capture_output=True,
                     text=True,
                     timeout=10,
                 ).stdout
                 for n in nodes
+                for what, detail in (("cluster", "info"), ("info", "replication"))
             ]
-            if all("cluster_state:ok" in s for s in states):
+            clusters, replication = states[0::2], states[1::2]
+            synced = all("role:master" in r or "master_link_status:up" in r for r in replication)
+            if synced and all("cluster_state:ok" in s for s in clusters):
                 return cluster
             time.sleep(0.1)
     except BaseException:

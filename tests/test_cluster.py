@@ -1,6 +1,7 @@
 """The daemon on a real Redis Cluster (3 masters on free ports): replicas share 12 partitions by
 lease; one is killed with -9 mid-feed, another joins, a partition's slot moves between masters
-while ticks flow. Every tick is forecast exactly once throughout."""
+while ticks flow; and, on a cluster with a replica per master, a master is killed with -9 and its
+replica promoted. Every tick (every one the cluster kept) is forecast exactly once throughout."""
 
 from __future__ import annotations
 
@@ -73,9 +74,14 @@ class PacedFeed:
                 try:
                     await pipe.execute()
                     break
-                except redis_errors.ClusterError:
-                    # a slot moving: redis-py gave up following it; a producer tries again
-                    # (some ticks of the round may land twice: each is its own tick)
+                except (
+                    redis_errors.ClusterError,
+                    redis_errors.ConnectionError,
+                    redis_errors.TimeoutError,
+                    redis_errors.RedisClusterException,
+                ):
+                    # a slot moving, or a master failing over: a producer tries again (some
+                    # ticks of the round may land twice: each is its own tick)
                     await asyncio.sleep(0.05 * (attempt + 1))
             self.rounds += 1
             delay = start + self.rounds * self.interval - time.monotonic()
@@ -186,10 +192,13 @@ def node_id(port: int) -> str:
     return _cli(port, "cluster", "myid")
 
 
-def slot_owner(cluster, slot: int):
+def slot_owner(cluster, slot: int, via=None):
+    """The node serving ``slot``, as ``via`` (a live node; the first by default) sees it."""
     # CLUSTER NODES: id host:port@bus flags master - ping pong epoch state slot ranges...
-    for line in _cli(cluster.nodes[0].port, "cluster", "nodes").splitlines():
+    for line in _cli((via or cluster.nodes[0]).port, "cluster", "nodes").splitlines():
         fields = line.split()
+        if "fail" in fields[2].split(","):
+            continue
         port = int(fields[1].split("@")[0].split(":")[1])
         for spec in fields[8:]:
             if spec.startswith("["):
@@ -241,3 +250,48 @@ async def test_a_partitions_slot_moves_between_masters_while_ticks_flow(cluster,
     finally:
         stop([one[0]])
     await check_exactly_once(client, keys, SYMBOLS)
+
+
+async def test_a_master_killed_mid_feed_fails_over_and_every_kept_tick_is_forecast_once(tmp_path):
+    """kill -9 of the master serving the busiest partition while ticks flow: its replica is
+    promoted (cluster-node-timeout 2 s plus the election) and the daemon carries on there.
+    Replication is asynchronous, so ticks (and publishes) the old master took just before it died
+    may be gone; every tick the cluster kept is forecast exactly once: a publish is one script,
+    replicated whole, and the daemon rebuilds its windows from history after the outage."""
+    nodes = start_redis_cluster(tmp_path / "ha", replicas=1, node_timeout_ms=2000)
+    client = make_redis(nodes.url)
+    keys = Keys("failover", partitions=int(PARTITIONS))
+    one = None
+    try:
+        await keep_ticks(client, keys)
+        one = replica(nodes, keys.prefix, tmp_path)
+        await wait_ready(one[1], one[0])
+        producer = PacedFeed(client, keys)
+        sending = asyncio.create_task(producer.run(300))
+        await wait_for(lambda: asyncio.sleep(0, producer.rounds >= 80), timeout_s=60)
+        counts = np.bincount([keys.partition(s) for s in SYMBOLS], minlength=keys.partitions)
+        partition = int(np.argmax(counts))
+        slot = int(_cli(nodes.nodes[0].port, "cluster", "keyslot", keys.ticks(partition)))
+        victim = slot_owner(nodes, slot)
+        victim.process.kill()
+        victim.process.wait(10)
+        survivor = next(n for n in nodes.nodes if n is not victim)
+
+        def promoted() -> bool:
+            info = _cli(survivor.port, "cluster", "info")
+            return "cluster_state:ok" in info and slot_owner(nodes, slot, survivor) is not victim
+
+        await wait_for(
+            lambda: asyncio.to_thread(promoted), timeout_s=30, what="the replica promoted"
+        )
+        await sending
+        await wait_settled(client, keys, timeout_s=90)
+        assert one[0].poll() is None, "the daemon exited"
+        assert http_get(one[1], "/readyz")[0] == 200
+        stop([one[0]])
+        await check_exactly_once(client, keys, SYMBOLS)
+    finally:
+        if one is not None:
+            stop([one[0]])
+        await client.aclose()
+        nodes.stop()

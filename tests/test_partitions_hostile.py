@@ -1002,39 +1002,36 @@ async def test_the_publish_connection_dropped_under_the_script_is_an_outage_not_
     await check_exactly_once(redis_client, keys, SYMBOLS)
 
 
-async def test_a_connection_closed_under_the_publish_by_redis_py_is_an_outage(
-    redis_client, shipped_engine
-):
-    """redis-py 8's cluster client, reconnecting lazily after a slot moved, can close a
-    connection while another call is opening it: `_writer` is None, an AttributeError inside
-    redis-py (it ended the consume loop in the slot-migration test). The publish says
-    ConnectionError (the loop backs off and reads the batch again); an AttributeError of our
-    own code stays a bug."""
+async def test_a_connection_closed_under_a_call_by_redis_py_is_an_outage(monkeypatch):
+    """redis-py 8's cluster client, reconnecting lazily after a node failed or a slot moved, can
+    close a connection while another call is opening it: `_writer` is None, an AttributeError
+    inside redis-py. It ended the consume loop in the slot-migration test (a publish) and in the
+    failover test (a read). The cluster client streamcast makes says ConnectionError for it, in a
+    command and in a pipeline (the loop backs off and reads the batch again); an AttributeError
+    of our own code stays a bug."""
     from redis import exceptions as redis_errors
+    from redis.asyncio.cluster import ClusterPipeline, RedisCluster
     from redis.asyncio.connection import Connection
 
-    from streamcast.daemon.batch import Batch, Part
+    from streamcast.connect import ClusterClient, ClusterClientPipeline
 
-    keys = Keys("closedunder", partitions=2)
-    daemon = replica(redis_client, shipped_engine, keys, "a")
-    await redis_client.set(keys.lease(0), "a")
-    batch = Batch(parts={0: Part(ack_ids=["1-0"])})
+    async def closed_under(*args, **kwargs):
+        await Connection()._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
 
-    class Publisher:
-        async def evalsha(self, *args):
-            await Connection()._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+    async def ours(*args, **kwargs):
+        return None.nothing  # type: ignore[attr-defined]
 
-    daemon.sink.publisher = Publisher()  # type: ignore[assignment]
-    with pytest.raises(redis_errors.ConnectionError, match="closed under the call"):
-        await daemon.sink.write(batch)
-
-    class Buggy:
-        async def evalsha(self, *args):
-            return None.nothing  # type: ignore[attr-defined]
-
-    daemon.sink.publisher = Buggy()  # type: ignore[assignment]
-    with pytest.raises(AttributeError):
-        await daemon.sink.write(batch)
+    client = ClusterClient.__new__(ClusterClient)  # no cluster: the calls below are replaced
+    pipe = ClusterClientPipeline.__new__(ClusterClientPipeline)
+    for cause, raised in ((closed_under, redis_errors.ConnectionError), (ours, AttributeError)):
+        monkeypatch.setattr(RedisCluster, "execute_command", cause)
+        monkeypatch.setattr(ClusterPipeline, "execute", cause)
+        with pytest.raises(raised) as command:
+            await client.execute_command("EVALSHA", "0", 0)
+        with pytest.raises(raised) as pipeline:
+            await pipe.execute()
+        if raised is redis_errors.ConnectionError:
+            assert "closed under the call" in str(command.value) + str(pipeline.value)
 
 
 async def test_a_batch_of_more_acks_than_lua_unpacks_is_acknowledged(redis_client, shipped_engine):

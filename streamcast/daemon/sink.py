@@ -23,12 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-import redis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
@@ -45,7 +43,6 @@ from streamcast.wire import DeadLetter, HistoryEntry, id_key
 log = logging.getLogger(__name__)
 
 Op = tuple[str, str, str]  # (what, entry id, key) of each queued command
-REDIS_PY = os.path.dirname(redis.__file__) + os.sep
 ARGS_MAX = 1000  # ids or names a command takes at most (Lua unpacks ~8,000 values at most)
 
 # KEYS: the n lease keys, then every key the commands write. ARGV: the token, n, the commands
@@ -123,14 +120,6 @@ class Script:
         """EVALSHA's arguments after the digest: the key count, KEYS, then ARGV."""
         payload = json.dumps(self.texts, separators=(",", ":"))
         return (len(self.keys), *self.keys, token, leases, payload, *self.args)
-
-
-def _inside_redis_py(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised in redis-py's own code (its innermost frame)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(REDIS_PY)
 
 
 def _chunks(items: list[str]) -> list[list[str]]:
@@ -224,16 +213,9 @@ class ForecastSink:
         lost would write its dead letters twice."""
         args = script.argv(self.token, leases)
         try:
-            try:
-                reply = await self.publisher.evalsha(PUBLISH_SHA, *args)
-            except redis_errors.NoScriptError:
-                reply = await self.publisher.eval(PUBLISH, *args)
-        except AttributeError as exc:
-            if not _inside_redis_py(exc):
-                raise
-            # redis-py 8's cluster client, reconnecting lazily after a slot moved, can close a
-            # connection while another call is opening it: to us, a connection lost
-            raise redis_errors.ConnectionError(f"connection closed under the call ({exc})") from exc
+            reply = await self.publisher.evalsha(PUBLISH_SHA, *args)
+        except redis_errors.NoScriptError:
+            reply = await self.publisher.eval(PUBLISH, *args)
         done, results = reply
         return bool(done), list(results)
 
