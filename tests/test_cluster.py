@@ -252,9 +252,25 @@ async def test_a_partitions_slot_moves_between_masters_while_ticks_flow(cluster,
     await check_exactly_once(client, keys, SYMBOLS)
 
 
-async def test_a_master_killed_mid_feed_fails_over_and_every_kept_tick_is_forecast_once(tmp_path):
-    """kill -9 of the master serving the busiest partition while ticks flow: its replica is
-    promoted (cluster-node-timeout 2 s plus the election) and the daemon carries on there.
+def replica_of(nodes, master):
+    """The node replicating ``master``, as ``master`` sees it."""
+    master_id = node_id(master.port)
+    for line in _cli(master.port, "cluster", "nodes").splitlines():
+        fields = line.split()
+        if fields[3] == master_id:
+            port = int(fields[1].split("@")[0].split(":")[1])
+            return next(n for n in nodes.nodes if n.port == port)
+    raise AssertionError(f"no replica of {master.port}")
+
+
+@pytest.mark.parametrize("how", ["kill", "failover"])
+async def test_a_master_lost_mid_feed_fails_over_and_every_kept_tick_is_forecast_once(
+    tmp_path, how
+):
+    """The master serving the busiest partition, while ticks flow: killed with -9 (``kill``: its
+    replica is promoted after cluster-node-timeout, 2 s, plus the election), or handed over by
+    ``CLUSTER FAILOVER`` on its replica (``failover``: the operator's way, nothing lost; the old
+    master becomes a replica, its clients get MOVED). The daemon carries on there.
     Replication is asynchronous, so ticks (and publishes) the old master took just before it died
     may be gone; every tick the cluster kept is forecast exactly once: a publish is one script,
     replicated whole, and the daemon rebuilds its windows from history after the outage."""
@@ -273,13 +289,16 @@ async def test_a_master_killed_mid_feed_fails_over_and_every_kept_tick_is_foreca
         partition = int(np.argmax(counts))
         slot = int(_cli(nodes.nodes[0].port, "cluster", "keyslot", keys.ticks(partition)))
         victim = slot_owner(nodes, slot)
-        victim.process.kill()
-        victim.process.wait(10)
-        survivor = next(n for n in nodes.nodes if n is not victim)
+        survivor = replica_of(nodes, victim)
+        if how == "kill":
+            victim.process.kill()
+            victim.process.wait(10)
+        else:
+            _cli(survivor.port, "cluster", "failover")
 
         def promoted() -> bool:
             info = _cli(survivor.port, "cluster", "info")
-            return "cluster_state:ok" in info and slot_owner(nodes, slot, survivor) is not victim
+            return "cluster_state:ok" in info and slot_owner(nodes, slot, survivor) is survivor
 
         await wait_for(
             lambda: asyncio.to_thread(promoted), timeout_s=30, what="the replica promoted"
