@@ -192,6 +192,13 @@ def node_id(port: int) -> str:
     return _cli(port, "cluster", "myid")
 
 
+def busiest_slot(cluster, keys: Keys) -> int:
+    """The slot of the partition with the most of the test's symbols."""
+    counts = np.bincount([keys.partition(s) for s in SYMBOLS], minlength=keys.partitions)
+    ticks = keys.ticks(int(np.argmax(counts)))
+    return int(_cli(cluster.nodes[0].port, "cluster", "keyslot", ticks))
+
+
 def slot_owner(cluster, slot: int, via=None):
     """The node serving ``slot``, as ``via`` (a live node; the first by default) sees it."""
     # CLUSTER NODES: id host:port@bus flags master - ping pong epoch state slot ranges...
@@ -236,10 +243,7 @@ async def test_a_partitions_slot_moves_between_masters_while_ticks_flow(cluster,
         producer = PacedFeed(client, keys)
         sending = asyncio.create_task(producer.run(300))
         await wait_for(lambda: asyncio.sleep(0, producer.rounds >= 80), timeout_s=60)
-        # the busiest partition of the test's symbols
-        counts = np.bincount([keys.partition(s) for s in SYMBOLS], minlength=keys.partitions)
-        partition = int(np.argmax(counts))
-        slot = int(_cli(cluster.nodes[0].port, "cluster", "keyslot", keys.ticks(partition)))
+        slot = busiest_slot(cluster, keys)
         source = slot_owner(cluster, slot)
         target = next(n for n in cluster.nodes if n.port != source.port)
         await asyncio.to_thread(migrate_slot, cluster, slot, target)
@@ -285,9 +289,7 @@ async def test_a_master_lost_mid_feed_fails_over_and_every_kept_tick_is_forecast
         producer = PacedFeed(client, keys)
         sending = asyncio.create_task(producer.run(300))
         await wait_for(lambda: asyncio.sleep(0, producer.rounds >= 80), timeout_s=60)
-        counts = np.bincount([keys.partition(s) for s in SYMBOLS], minlength=keys.partitions)
-        partition = int(np.argmax(counts))
-        slot = int(_cli(nodes.nodes[0].port, "cluster", "keyslot", keys.ticks(partition)))
+        slot = busiest_slot(nodes, keys)
         victim = slot_owner(nodes, slot)
         survivor = replica_of(nodes, victim)
         if how == "kill":
