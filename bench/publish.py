@@ -11,14 +11,14 @@ private redis-server on a free port:
 
 1. For each size in --sizes, a batch holds that many ticks of as many symbols (500 symbols over
    8 partitions): up to 8 ticks, all of one partition (a replica owning one, as case B of
-   bench/partitions.py); more, spread over all 8 (a replica owning all); past 500, a symbol has
-   several ticks in the batch (a backlog; `STREAMCAST_BATCH_MAX_SIZE` allows 65,536: Redis runs
+   bench/partitions.py); more, spread over all 8 (a replica owning all); from ~490 on (8 times
+   the smallest partition's 61 symbols), a symbol has several ticks in the batch (a backlog; `STREAMCAST_BATCH_MAX_SIZE` allows 65,536: Redis runs
    nothing else while the script runs, so `--sizes 65536 --batches 3` says for how long). Each
    partition's lease holds the sink's token.
 2. A worker process (the code of the checkout under test: this one, or with --before REF a
    `git worktree` of REF, the same venv) writes 50 batches to warm up (2 past 500 ticks), then
    --batches batches one after another, each with new tick ids, and reports the median and the
-   longest wall time of a write, its own
+   longest wall time of a write (the longest: its median over the rounds), its own
    CPU (utime + stime) per write, and Redis's (INFO cpu, used_cpu_user + used_cpu_sys) per write.
 3. --rounds rounds, each running every code once per size (before, then current), so drifts of a
    noisy machine fall on both alike; each figure is the median over the rounds.
@@ -208,13 +208,13 @@ def main() -> None:
     out(
         f"# one sink write of a computed batch (forecasts with bands, history, symbol sets, "
         f"acked marks, XACK; fenced) to a private redis-server; {args.batches} writes per size "
-        f"and run after {WARMUP} to warm up (2 past {SYMBOLS} ticks, when a symbol has several "
-        f"ticks in a batch), {args.rounds} rounds; medians over the rounds"
+        f"and run after {WARMUP} to warm up (2 past {SYMBOLS} ticks), {args.rounds} rounds; "
+        "medians over the rounds"
         + (f"; 'before': the sink of {args.before}" if args.before else "")
     )
     out()
     out(
-        "| code | ticks per batch | wall per write (ms) | longest write (ms) | "
+        "| code | ticks per batch | wall per write (ms) | longest write (ms, median of rounds) | "
         "replica CPU per write (ms) | Redis CPU per write (ms) | replica CPU per tick (ms) |"
     )
     out("|---|---:|---:|---:|---:|---:|---:|")
@@ -225,7 +225,7 @@ def main() -> None:
             m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             median[(name, size)] = m
             out(
-                f"| {name} | {size} | {m['wall_ms']:.3f} | {m.get('wall_max_ms', 0.0):.3f} | "
+                f"| {name} | {size} | {m['wall_ms']:.3f} | {m['wall_max_ms']:.3f} | "
                 f"{m['cpu_ms']:.3f} | "
                 f"{m['redis_ms']:.3f} | {m['cpu_ms'] / size:.3f} |"
             )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, cast
+from collections.abc import Awaitable
+from typing import Any, TypeVar, cast
 
 import redis
 from redis import exceptions as redis_errors
@@ -21,16 +22,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # the connection is down or slow, or a Redis Cluster is moving slots (redis-py gives up
-# following redirections with a ClusterError, "TTL exhausted") or none of its nodes answers
-# (RedisClusterException, "Redis Cluster cannot be connected", not a RedisError): back off and
-# retry, nothing is wrong with the data
+# following redirections with a ClusterError, "TTL exhausted"; no node answering is a
+# ConnectionError from ClusterClient): back off and retry, nothing is wrong with the data
 REDIS_DOWN = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
     redis_errors.ClusterError,
-    redis_errors.RedisClusterException,
     OSError,
 )
 
@@ -79,24 +79,42 @@ def inside_redis_py(exc: BaseException) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_filename.startswith(REDIS_PY)
 
 
-def _lost(exc: AttributeError) -> redis_errors.ConnectionError:
-    return redis_errors.ConnectionError(f"connection closed under the call ({exc})")
+def cluster_outage(exc: BaseException) -> redis_errors.ConnectionError | None:
+    """The lost connection ``exc`` stands for, where redis-py's cluster client says it otherwise.
+
+    - An AttributeError in redis-py's own code: reconnecting lazily after a node failed or a
+      slot moved, it can close a connection while another call is opening it, and that call
+      fails on the closed connection's writer (None).
+    - RedisClusterException "Redis Cluster cannot be connected" (no node it knows answers) and
+      SlotNotCoveredError: not RedisErrors. Its other RedisClusterExceptions (keys of two slots
+      in one command, say) are the caller's mistakes, bugs, and stay what they are.
+    """
+    if isinstance(exc, AttributeError) and inside_redis_py(exc):
+        return redis_errors.ConnectionError(f"connection closed under the call ({exc})")
+    if isinstance(exc, redis_errors.SlotNotCoveredError) or (
+        type(exc) is redis_errors.RedisClusterException and "cannot be connected" in str(exc)
+    ):
+        return redis_errors.ConnectionError(f"no Redis Cluster node answers ({exc})")
+    return None
+
+
+async def _outages_said(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except (AttributeError, redis_errors.RedisClusterException) as exc:
+        lost = cluster_outage(exc)
+        if lost is None:
+            raise
+        raise lost from exc
 
 
 class ClusterClient(RedisCluster):
-    """redis-py's cluster client, where its own AttributeErrors are what they are: a connection
-    lost. redis-py 8, reconnecting lazily after a node failed or a slot moved, can close a
-    connection while another call is opening it, and that call fails on the closed connection's
-    writer (None): it ended the consume loop in the slot-migration test (a publish) and in the
-    failover test (a read). An AttributeError of our own code stays a bug."""
+    """redis-py's cluster client, its outages said as lost connections (:func:`cluster_outage`)
+    in every command, pipeline and transaction, so that whoever handles ConnectionError
+    (REDIS_DOWN) backs off and retries instead of taking them for bugs."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().execute_command(*args, **kwargs)
-        except AttributeError as exc:
-            if not inside_redis_py(exc):
-                raise
-            raise _lost(exc) from exc
+        return await _outages_said(super().execute_command(*args, **kwargs))
 
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
@@ -107,16 +125,19 @@ class ClusterClient(RedisCluster):
 
 
 class ClusterClientPipeline(ClusterPipeline):
-    """The pipeline of :class:`ClusterClient`, its redis-py AttributeErrors as lost
-    connections too."""
+    """The pipeline of :class:`ClusterClient`: its execute, and a transaction's WATCH and the
+    commands run at once after it, say outages as lost connections too."""
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
-        try:
-            return await super().execute(raise_on_error, allow_redirections)
-        except AttributeError as exc:
-            if not inside_redis_py(exc):
-                raise
-            raise _lost(exc) from exc
+        return await _outages_said(super().execute(raise_on_error, allow_redirections))
+
+    async def watch(self, *names: Any) -> None:  # type: ignore[override]  # as redis-py's
+        await _outages_said(super().watch(*names))
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        queued = super().execute_command(*args, **kwargs)
+        # queued: the pipeline (itself awaitable); after WATCH a command runs at once: its call
+        return queued if queued is self else _outages_said(queued)
 
 
 def outage_behind(exc: redis_errors.WatchError) -> None:

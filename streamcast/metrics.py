@@ -258,7 +258,7 @@ class Metrics:
             "streamcast_write_errors",
             "Commands of the publish transaction Redis refused, by what was written and why "
             "(duplicate_id: already there); what=publish_failed: the dead letter of a forecast "
-            "that was not written, refused too (the log names the ticks)",
+            "that was not written, refused too or Redis unreachable (the log names the ticks)",
             ["what", "reason"],
             registry=prometheus,
         )

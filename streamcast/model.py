@@ -226,13 +226,8 @@ def sha256_file(path: Path) -> str:
 
 
 def _printable_text(value: object) -> bool:
-    if not isinstance(value, str) or not value or not value.isprintable():
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    # a lone surrogate (not UTF-8) is not printable either
+    return isinstance(value, str) and value != "" and value.isprintable()
 
 
 @dataclass

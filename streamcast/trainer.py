@@ -26,9 +26,10 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from streamcast import history
+from streamcast.connect import REDIS_DOWN
 from streamcast.history import TrainingHistories
 from streamcast.model import ModelConfig, ModelError, ModelInfo, load_model
-from streamcast.retrain import REDIS_DOWN, RetrainConfig, TrainerJob
+from streamcast.retrain import RetrainConfig, TrainerJob
 from streamcast.training import Parent, TrainOptions, train_and_save
 
 log = logging.getLogger(__name__)

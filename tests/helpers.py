@@ -222,6 +222,13 @@ def feed(symbols: int = 4, points: int = 400) -> np.ndarray:
     return 100 * np.exp(np.cumsum(rng.normal(0, 0.01, (symbols, points)), axis=1))
 
 
+def known_settings() -> set[str]:
+    """Every STREAMCAST_* variable streamcast.settings reads."""
+    from streamcast.settings import ENV_PREFIX, Settings
+
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
 async def keep_ticks(redis, keys: Keys) -> None:
     """A consumer group that never reads, on every partition stream: the daemon trims only what
     every group has acknowledged, so the streams stay whole as the truth the checks compare
@@ -393,7 +400,10 @@ def start_redis_cluster(
                 for what, detail in (("cluster", "info"), ("info", "replication"))
             ]
             clusters, replication = states[0::2], states[1::2]
-            synced = all("role:master" in r or "master_link_status:up" in r for r in replication)
+            copies = [r for r in replication if "role:slave" in r]
+            synced = len(copies) == masters * replicas and all(
+                "master_link_status:up" in r for r in copies
+            )
             if synced and all("cluster_state:ok" in s for s in clusters):
                 return cluster
             time.sleep(0.1)
@@ -401,7 +411,9 @@ def start_redis_cluster(
         cluster.stop()
         raise
     cluster.stop()
-    pytest.fail("the Redis Cluster did not come up (cluster_state:ok) within 30 s")
+    pytest.fail(
+        "the Redis Cluster did not come up (cluster_state:ok, every replica in sync) within 30 s"
+    )
 
 
 async def crash(daemon: Daemon) -> None:

@@ -22,7 +22,7 @@ from streamcast.keys import Keys
 from streamcast.metrics import Metrics
 from streamcast.replay import replay
 
-from .helpers import feed, spawn_daemon, wait_ready, wait_total
+from .helpers import feed, known_settings, spawn_daemon, wait_ready, wait_total
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 PARTITIONS = 12  # STREAMCAST_PARTITIONS of the example deployments under deploy/
@@ -451,12 +451,6 @@ def _manifest(name: str) -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
-def _known_settings() -> set[str]:
-    from streamcast.settings import Settings
-
-    return {f"STREAMCAST_{name.upper()}" for name in Settings.model_fields}
-
-
 def test_every_yaml_file_under_deploy_loads():
     paths = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
     assert len(paths) >= 7
@@ -482,7 +476,7 @@ def test_kubernetes_deployment_shares_the_partitions_by_lease():
         env["STREAMCAST_SHUTDOWN_TIMEOUT_S"]
     )
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    assert {name for name in env if name.startswith("STREAMCAST_")} <= _known_settings()
+    assert {name for name in env if name.startswith("STREAMCAST_")} <= known_settings()
 
 
 def test_keda_reads_one_stream_per_partition_and_scales_at_most_to_the_partitions():
@@ -561,7 +555,7 @@ def test_kubernetes_statefulset_owns_partitions_by_ordinal_with_probes_and_grace
     assert annotations["prometheus.io/port"] == "8000"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     # the settings the manifest sets are settings the daemon knows
-    assert {name for name in env if name.startswith("STREAMCAST_")} <= _known_settings()
+    assert {name for name in env if name.startswith("STREAMCAST_")} <= known_settings()
 
 
 async def test_streamcast_check_answers_for_probes(tmp_path):

@@ -16,6 +16,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from results import DOCS, RESULTS, blocks  # noqa: E402
 
+from .helpers import known_settings  # noqa: E402
+
 
 def test_every_result_block_in_the_docs_is_its_file_verbatim():
     included = set()
@@ -79,9 +81,7 @@ def test_the_residual_table_is_what_streamcast_evaluate_wrote():
 def _settings_table() -> dict[str, str]:
     """The README's settings table: variable -> its default cell. A row may name two variables,
     ``STREAMCAST_A_B`` / ``_C``: the second is the first with its last word(s) replaced."""
-    from streamcast.settings import ENV_PREFIX, Settings
-
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known = known_settings()
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Settings (`streamcast serve`)", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, str] = {}
@@ -98,14 +98,13 @@ def _settings_table() -> dict[str, str]:
             assert len(fits) == 1, f"README: {line[:60]}: which variable is {suffix}? {fits}"
             names.append(fits.pop())
         assert len(defaults) == len(names), f"README: {line[:60]}: a default for each variable"
+        assert not set(names) & set(rows), f"README: {line[:60]}: a second row of {names}"
         rows.update(zip(names, defaults, strict=True))
     return rows
 
 
 def test_the_readme_settings_table_names_every_setting_and_no_other():
-    from streamcast.settings import ENV_PREFIX, Settings
-
-    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known = known_settings()
     rows = _settings_table()
     assert not set(rows) - known, f"in the README, not settings: {sorted(set(rows) - known)}"
     assert not known - set(rows), f"settings missing from the README: {sorted(known - set(rows))}"

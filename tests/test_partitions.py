@@ -77,8 +77,8 @@ async def test_three_replicas_share_six_partitions_fairly_and_forecast_each_tick
     await keep_ticks(redis_client, keys)
     producer = Producer(redis_client, keys)
     # the default lease (10 s): this test counts each replica's forecasts, so none may lose a
-    # lease to a stall of the shared event loop (three replicas, a busy CI machine: with a 2 s
-    # lease a 0.8 s stall made two sit out, CI run of ef3a35a); lapses are the next tests'
+    # lease to a stall of the event loop the three share (on a busy machine a 2 s lease is
+    # not enough); lapses are the next tests'
     daemons = [
         replica(redis_client, shipped_engine, keys, f"r{i}", lease_ttl_s=10.0) for i in range(3)
     ]

@@ -1002,36 +1002,79 @@ async def test_the_publish_connection_dropped_under_the_script_is_an_outage_not_
     await check_exactly_once(redis_client, keys, SYMBOLS)
 
 
-async def test_a_connection_closed_under_a_call_by_redis_py_is_an_outage(monkeypatch):
-    """redis-py 8's cluster client, reconnecting lazily after a node failed or a slot moved, can
-    close a connection while another call is opening it: `_writer` is None, an AttributeError
-    inside redis-py. It ended the consume loop in the slot-migration test (a publish) and in the
-    failover test (a read). The cluster client streamcast makes says ConnectionError for it, in a
-    command and in a pipeline (the loop backs off and reads the batch again); an AttributeError
-    of our own code stays a bug."""
+async def _closed_under(*args, **kwargs):
+    from redis.asyncio.connection import Connection
+
+    await Connection()._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+
+
+async def _no_node(*args, **kwargs):
+    from redis.exceptions import RedisClusterException
+
+    raise RedisClusterException("Redis Cluster cannot be connected. Please provide ...")
+
+
+async def _slot_not_covered(*args, **kwargs):
+    from redis.exceptions import SlotNotCoveredError
+
+    raise SlotNotCoveredError('Slot "3" is not covered by the cluster.')
+
+
+async def _cross_slot(*args, **kwargs):
+    from redis.exceptions import RedisClusterException
+
+    raise RedisClusterException("all keys must map to the same key slot")
+
+
+async def _ours(*args, **kwargs):
+    return None.nothing  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("cause", "said"),
+    [
+        (_closed_under, "connection closed under the call"),
+        (_no_node, "no Redis Cluster node answers"),
+        (_slot_not_covered, "no Redis Cluster node answers"),
+        (_cross_slot, None),
+        (_ours, None),
+    ],
+)
+async def test_the_cluster_clients_outages_are_lost_connections_and_its_bugs_stay_bugs(
+    monkeypatch, cause, said
+):
+    """redis-py 8's cluster client says some outages otherwise: reconnecting lazily after a node
+    failed or a slot moved, it can close a connection while another call is opening it (an
+    AttributeError inside redis-py: it ended the consume loop in the slot-migration and failover
+    tests), and with no node answering it raises RedisClusterException, not a RedisError. The
+    client streamcast makes says ConnectionError for them (the loop backs off and retries) in a
+    command, a pipeline, a WATCH and a command run at once after it; a RedisClusterException
+    for a caller's mistake, and an AttributeError of our own code, stay what they are."""
     from redis import exceptions as redis_errors
     from redis.asyncio.cluster import ClusterPipeline, RedisCluster
-    from redis.asyncio.connection import Connection
 
     from streamcast.connect import ClusterClient, ClusterClientPipeline
 
-    async def closed_under(*args, **kwargs):
-        await Connection()._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
-
-    async def ours(*args, **kwargs):
-        return None.nothing  # type: ignore[attr-defined]
-
+    for name in ("execute", "watch"):
+        monkeypatch.setattr(ClusterPipeline, name, cause)
+    monkeypatch.setattr(RedisCluster, "execute_command", cause)
+    monkeypatch.setattr(ClusterPipeline, "execute_command", lambda *a, **k: cause())
     client = ClusterClient.__new__(ClusterClient)  # no cluster: the calls below are replaced
     pipe = ClusterClientPipeline.__new__(ClusterClientPipeline)
-    for cause, raised in ((closed_under, redis_errors.ConnectionError), (ours, AttributeError)):
-        monkeypatch.setattr(RedisCluster, "execute_command", cause)
-        monkeypatch.setattr(ClusterPipeline, "execute", cause)
-        with pytest.raises(raised) as command:
-            await client.execute_command("EVALSHA", "0", 0)
-        with pytest.raises(raised) as pipeline:
-            await pipe.execute()
-        if raised is redis_errors.ConnectionError:
-            assert "closed under the call" in str(command.value) + str(pipeline.value)
+    calls = [
+        client.execute_command("EVALSHA", "0", 0),
+        pipe.execute(),
+        pipe.watch("k"),
+        pipe.execute_command("GET", "k"),  # after WATCH: run at once
+    ]
+    for call in calls:
+        if said is None:
+            with pytest.raises(Exception) as raised:
+                await call
+            assert not isinstance(raised.value, redis_errors.ConnectionError)
+        else:
+            with pytest.raises(redis_errors.ConnectionError, match=said):
+                await call
 
 
 async def test_a_batch_of_more_acks_than_lua_unpacks_is_acknowledged(redis_client, shipped_engine):

@@ -70,6 +70,10 @@ class Batch:
         self.ready = [self.ready[i] for i in kept]
         self.windows = [self.windows[i] for i in kept]
 
+    def withdraw(self, ticks: set[tuple[str, str]]) -> None:
+        """Forget the forecasts of ``ticks`` (symbol, id): they were not published."""
+        self.forecasts = [f for f in self.forecasts if (f.tick.symbol, f.tick.id) not in ticks]
+
     def newest(self) -> dict[str, tuple[Tick, np.ndarray]]:
         """Each symbol's newest forecast tick and its window (where its path starts)."""
         made = {(f.tick.symbol, f.tick.id) for f in self.forecasts if f.next is not None}

@@ -358,12 +358,9 @@ class ForecastSink:
         # by id and key: partition streams hand out ids independently
         symbol_of = {(t.id, self.keys.forecasts(t.symbol)): t.symbol for t in batch.ready}
         # not published: counted, scored and given a path as what they become, not as forecasts
-        gone = {(entry_id, key) for entry_id, key, _ in failed}
-        batch.forecasts = [
-            f
-            for f in batch.forecasts
-            if (f.tick.id, self.keys.forecasts(f.tick.symbol)) not in gone
-        ]
+        batch.withdraw(
+            {(symbol_of.get((entry_id, key), ""), entry_id) for entry_id, key, _ in failed}
+        )
         letters: list[tuple[str, DeadLetter]] = []
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, key, why in failed:
@@ -397,7 +394,8 @@ class ForecastSink:
         if not unwritten:
             return
         for _, reply in unwritten:
-            self.metrics.write_errors.labels("publish_failed", write_refusal(reply)).inc()
+            why = "unreachable" if isinstance(reply, REDIS_DOWN) else write_refusal(reply)
+            self.metrics.write_errors.labels("publish_failed", why).inc()
         # the ticks are acknowledged already: the log is all that is left to say which (a line
         # a batch, never folded: each names ticks lost)
         ids = [entry_id for entry_id, _ in unwritten]
