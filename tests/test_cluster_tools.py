@@ -320,5 +320,6 @@ def test_the_cli_says_in_one_line_that_no_cluster_node_answers(tmp_path):
     out = run_cli(env, "models", "list", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     (line,) = out.stderr.strip().splitlines()
-    assert line.startswith("streamcast models: error: redis cluster at redis://127.0.0.1:")
-    assert "cannot be connected" in line
+    # an outage like any other (streamcast.connect.ClusterClient), its cause said
+    assert line.startswith("streamcast models: error: cannot reach redis at redis://127.0.0.1:")
+    assert "no Redis Cluster node answers" in line and "cannot be connected" in line

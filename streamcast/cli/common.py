@@ -113,5 +113,5 @@ async def _check_redis(redis: Any, shown_url: str) -> None:
         raise UserError(f"redis at {shown_url}: {exc}") from None
     except (exceptions.ConnectionError, exceptions.TimeoutError, OSError) as exc:
         raise UserError(f"cannot reach redis at {shown_url} ({exc})") from None
-    except exceptions.RedisClusterException as exc:  # not a RedisError: no node answered
+    except exceptions.RedisClusterException as exc:  # not a RedisError (no node: ConnectionError)
         raise UserError(f"redis cluster at {shown_url}: {exc}") from None
