@@ -95,6 +95,16 @@ class PacedFeed:
         return len(SYMBOLS) * max(0, self.rounds - 49)
 
 
+async def feeding(
+    client, keys: Keys, rounds: int, first: int
+) -> tuple[PacedFeed, asyncio.Task[None]]:
+    """A paced feed of ``rounds`` rounds running, once its ``first`` rounds are sent."""
+    producer = PacedFeed(client, keys)
+    sending = asyncio.create_task(producer.run(rounds))
+    await wait_for(lambda: asyncio.sleep(0, producer.rounds >= first), timeout_s=60)
+    return producer, sending
+
+
 async def forecasts(redis, keys: Keys) -> int:
     return sum([await redis.xlen(keys.forecasts(s)) for s in SYMBOLS])
 
@@ -154,9 +164,7 @@ async def test_replicas_killed_and_added_mid_feed_forecast_each_tick_once(
             what="four partitions each",
             timeout_s=30,
         )
-        producer = PacedFeed(client, keys)
-        sending = asyncio.create_task(producer.run(400))
-        await wait_for(lambda: asyncio.sleep(0, producer.rounds >= 100), timeout_s=60)
+        producer, sending = await feeding(client, keys, rounds=400, first=100)
         victim, _ = started.pop(0)
         os.kill(victim.pid, signal.SIGKILL)  # mid-feed: its batch in flight is not acknowledged
         killed = time.monotonic()
@@ -243,9 +251,7 @@ async def test_a_partitions_slot_moves_between_masters_while_ticks_flow(cluster,
     one = replica(cluster, keys.prefix, tmp_path)
     try:
         await wait_ready(one[1], one[0])
-        producer = PacedFeed(client, keys)
-        sending = asyncio.create_task(producer.run(300))
-        await wait_for(lambda: asyncio.sleep(0, producer.rounds >= 80), timeout_s=60)
+        producer, sending = await feeding(client, keys, rounds=300, first=80)
         slot = busiest_slot(cluster, keys)
         source = slot_owner(cluster, slot)
         target = next(n for n in cluster.nodes if n.port != source.port)
@@ -289,9 +295,7 @@ async def test_a_master_lost_mid_feed_fails_over_and_every_kept_tick_is_forecast
         await keep_ticks(client, keys)
         one = replica(nodes, keys.prefix, tmp_path)
         await wait_ready(one[1], one[0])
-        producer = PacedFeed(client, keys)
-        sending = asyncio.create_task(producer.run(300))
-        await wait_for(lambda: asyncio.sleep(0, producer.rounds >= 80), timeout_s=60)
+        _, sending = await feeding(client, keys, rounds=300, first=80)
         slot = busiest_slot(nodes, keys)
         victim = slot_owner(nodes, slot)
         survivor = replica_of(nodes, victim)
