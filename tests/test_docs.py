@@ -122,3 +122,105 @@ def test_the_readme_settings_table_states_the_numeric_defaults_the_code_has():
         assert float(number.group(1)) == float(default), f"{name}: README {cell}, code {default}"
         checked += 1
     assert checked >= 40, f"only {checked} numeric defaults read from the table"
+
+
+def _parsers(parser) -> dict:
+    """A parser's subcommands by name (argparse keeps them in its one subparsers action)."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _flags(parser) -> set[str]:
+    """Every option string of ``parser`` and of the subcommands under it."""
+    flags = {s for action in parser._actions for s in action.option_strings}
+    for sub in _parsers(parser).values():
+        flags |= _flags(sub)
+    return flags
+
+
+def _command_spans(text: str) -> list[str]:
+    """The `code spans` and the lines of fenced blocks that run ``streamcast``."""
+    fenced = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+    lines = [line for block in fenced for line in block.splitlines()]
+    spans = re.findall(r"`([^`\n]*(?:\n[^`\n]*){0,2})`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return [s for s in lines + spans if re.search(r"(^|[\s/])streamcast\s", s)]
+
+
+def test_every_flag_the_docs_give_a_command_is_one_it_has():
+    from streamcast.cli import build_parser
+
+    top = build_parser()
+    commands = _parsers(top)
+    top_flags = {s for action in top._actions for s in action.option_strings}
+    checked = 0
+    for doc in [
+        ROOT / "README.md",
+        ROOT / "deploy" / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+    ]:
+        for span in _command_spans(doc.read_text()):
+            words = re.split(r"[\s\\|\[\]]+", span.split("streamcast", 1)[1].replace("\n", " "))
+            words = [w for w in words if w]
+            while words and words[0].startswith("-"):
+                assert words.pop(0).split("=")[0] in top_flags, f"{doc.name}: `{span}`"
+            if not words or words[0] not in commands:
+                continue
+            parser = commands[words[0]]
+            allowed = _flags(parser) | top_flags
+            for flag in re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", " ".join(words[1:])):
+                assert flag in allowed, f"{doc.name}: `{span}`: {words[0]} has no {flag}"
+                checked += 1
+    assert checked >= 40, f"only {checked} flags found in the docs' commands"
+
+
+def _test_names(path: Path) -> list[str]:
+    """The names pytest's ``-k`` matches for each test of a file: the function's, its
+    parameters', its class's and the file's."""
+    import ast
+
+    names = []
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        scopes = [node] if isinstance(node, ast.ClassDef) else []
+        for item in ast.iter_child_nodes(node) if scopes or node is tree else []:
+            if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef) and item.name.startswith(
+                "test"
+            ):
+                params = [  # parametrize's values and ids: -k matches the test's id too
+                    c.value
+                    for d in item.decorator_list
+                    for c in ast.walk(d)
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                ]
+                scope = [c.name for c in scopes]
+                names.append(" ".join([item.name, *params, *scope, path.name, "tests"]))
+    return names
+
+
+def test_every_pytest_command_in_the_docs_selects_a_test():
+    from _pytest.mark.expression import Expression
+
+    checked = 0
+    for doc in [
+        ROOT / "README.md",
+        ROOT / "deploy" / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+    ]:
+        for found in re.finditer(
+            r"pytest ((?:tests/\S+\.py\s*)+)(?:-k (\"[^\"]+\"|'[^']+'|\S+))?", doc.read_text()
+        ):
+            files, expr = found.group(1).split(), (found.group(2) or "").strip("\"'`")
+            names = [n for f in files for n in _test_names(ROOT / f.split("::")[0])]
+            assert names, f"{doc.name}: `{found.group(0)}`: no tests in {files}"
+            if expr:
+                compiled = Expression.compile(expr)
+                hits = [
+                    n for n in names if compiled.evaluate(lambda k, n=n: k.lower() in n.lower())
+                ]
+                assert hits, f"{doc.name}: `{found.group(0)}` selects no test"
+            checked += 1
+    assert checked >= 60, f"only {checked} pytest commands found in the docs"

@@ -341,6 +341,26 @@ async def test_trim_never_removes_what_a_slow_group_has_not_acknowledged(
     assert set(feed.ids["S0"][10:]) <= set(remaining), "trimmed an entry the audit group needs"
 
 
+async def test_trim_waits_for_the_missing_group_bounded_by_its_acknowledged_mark(
+    redis_client, shipped_engine
+):
+    """The forecasters' group destroyed (to be recreated after its acknowledged mark) while an
+    audit group has read every entry: the mark bounds the trim; with no mark, nothing goes."""
+    keys = Keys("trimwait")
+    feed = Feed(redis_client, keys, ["S0"])
+    await feed.send(1000)
+    ticks, ids = keys.ticks(0), feed.ids["S0"]
+    await redis_client.xgroup_create(ticks, "audit", id="$")  # needs nothing already there
+    daemon = daemon_for(redis_client, shipped_engine, keys)  # not started: its trimmer alone
+    await daemon.trimmer.trim(0)
+    assert await redis_client.xlen(ticks) == 1000, "trimmed with nothing known acknowledged"
+    await redis_client.set(keys.acked(0), ids[599])
+    await daemon.trimmer.trim(0)
+    remaining = [e.decode() for e, _ in await redis_client.xrange(ticks)]
+    assert remaining[-400:] == ids[600:], "trimmed past the acknowledged mark"
+    assert len(remaining) <= 1000 - 100, "the mark did not let the trim run"  # whole nodes go
+
+
 # -- (4) one symbol's bad history never fails a batch ---------------------------------------------
 
 

@@ -2,22 +2,27 @@
 
 One batch, from read to ack (each step a module of this package)::
 
-    source   XREADGROUP: own pending entries first, then new ones (sized to a byte budget)
-    plan     validate each entry (bad ones become dead letters), drop other shards' symbols,
-             push prices into the symbol windows (rebuilt from history when missing), and
-             choose the symbols whose multi-step path is due
+    source   XREADGROUP on the partition streams this replica owns: pending entries first
+             (from a cursor), then new ones, sized to a byte budget
+    plan     validate each entry (a bad one, or one of a symbol outside its partition, becomes
+             a dead letter with its reason), push prices into the symbol windows (rebuilt from
+             history when missing), conflate when asked
     compute  the engine, off the event loop: a 1-step forecast for every tick with a full
-             window, a path for the due ones -> one Forecast per tick
-    sink     one atomic script call, fenced by the leases: forecasts (entry id = tick id),
-             history, dead letters, the acknowledged mark and XACK
+             window, with its calibrated band (``calibration``) -> one Forecast per tick
+    sink     one script call, fenced by the partitions' leases: forecasts (entry id = tick
+             id), history, dead letters, the acknowledged marks and XACK
 
 A crash anywhere before the publish redelivers the batch; after it the batch is done. On restart
 the windows are rebuilt from history, and a redelivered tick already in history is acknowledged
 without a second forecast, so none is lost and none is doubled.
 
-Beside the loop (``loop``) run the lease keeper (``leasing``: one live consumer per group),
-housekeeping (heartbeat, lag, reclaiming), trimming (``trim``), the model watcher and the retrain
-schedule (``models``).
+Beside the consume loop (``loop``) run the partitions' ownership (``ownership``: leases in
+Redis, shared fairly among the live replicas), the path lane (``paths``: the multi-step paths,
+after the 1-step forecasts and never before them), housekeeping (heartbeat, lag, gauges, the
+calibration saved every few seconds; reclaiming dead consumers' entries every
+``claim_interval_s``), trimming (``trim``), and the model watcher and retrain schedule
+(``models``). ``batch`` is a batch in flight and the counts, ``config`` the settings as one
+type, ``faults`` how an outage is told from a refusal.
 """
 
 from streamcast.daemon.batch import Batch, Stats

@@ -1,5 +1,7 @@
-"""Beside the consume loop, once a second: the heartbeat, the owned partitions' lag, reclaiming
-entries of dead consumers, and the gauges (skill, model age, path age, readiness, symbols)."""
+"""Beside the consume loop, once a second: the heartbeat, the owned partitions' lag and the
+gauges (skill, model age, path age, readiness, symbols); every ``claim_interval_s``, reclaiming
+entries of dead consumers; every ``SAVE_S``, storing the interval calibration (a restart, or the
+replica that takes a partition, goes on from it: at most that much of its updates is lost)."""
 
 from __future__ import annotations
 
