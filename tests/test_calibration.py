@@ -304,3 +304,36 @@ async def test_forecasts_carry_bands_end_to_end_and_the_calibration_survives_a_r
 
 async def _at_least(count, n: int) -> bool:
     return await count() >= n
+
+
+async def test_a_calibration_key_of_another_type_is_started_over_and_the_partition_consumed(
+    redis_client, shipped_engine
+):
+    """An operator's HSET on a partition's calibration key: the replica taking the partition
+    starts its calibration over (before: WRONGTYPE ended every hand-over, so it held the lease
+    and consumed nothing, for ever) and the next save puts a calibration back."""
+    from streamcast.daemon import Daemon, DaemonConfig
+    from streamcast.wire import Tick as T
+
+    from .helpers import feed, wait_for
+
+    keys = Keys("badcal", partitions=1)
+    await redis_client.hset(keys.calibration(0), "x", "1")
+    prices = feed(2, 60)
+    config = DaemonConfig(consumer="a", path_refresh_s=0.0)
+    daemon = Daemon(
+        redis_client, shipped_engine, Metrics(CollectorRegistry()), keys=keys, config=config
+    )
+    async with daemon:
+        for t in range(60):
+            pipe = redis_client.pipeline(transaction=False)
+            for row, name in enumerate(["C0", "C1"]):
+                pipe.xadd(keys.ticks_for(name), T.encode(name, float(prices[row, t])))
+            await pipe.execute()
+
+        async def forecast() -> bool:
+            return all([await redis_client.xlen(keys.forecasts(n)) == 11 for n in ["C0", "C1"]])
+
+        await wait_for(forecast, timeout_s=30, what="both symbols' forecasts")
+    stored = json.loads(await redis_client.get(keys.calibration(0)))  # saved at the stop
+    assert stored["model_version"] == shipped_engine.version and stored["seen"][0] > 0

@@ -124,7 +124,16 @@ class Calibration:
         one of another model version, or one that does not parse)."""
         for p in partitions:
             cal = Calibrator(self.config, version)
-            raw = await self.redis.get(self.keys.calibration(p))
+            try:
+                raw = await self.redis.get(self.keys.calibration(p))
+            except redis_errors.ResponseError as exc:  # WRONGTYPE: an operator's mistake
+                log.warning(
+                    "calibration of partition %d is not a string (%s): starting over; the next "
+                    "save replaces it",
+                    p,
+                    str(exc)[:120],
+                )
+                raw = None
             if raw:
                 try:
                     stored = Calibrator.from_dict(json.loads(raw))
