@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -79,7 +80,7 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class Current:
     version: str
-    promoted_at: float  # unix seconds
+    promoted_at: float | None  # unix seconds; None: not known (a hand-edited entry)
     reason: str
 
 
@@ -156,15 +157,26 @@ class Registry:
     # -- reading -----------------------------------------------------------------------------
 
     async def current(self) -> Current | None:
+        """The current version, or None when none was ever promoted. An entry without a version
+        (a hand-edited hash) raises :class:`ModelError` saying how to mend it; an unreadable
+        ``promoted_at`` is only not known."""
         raw = await self.redis.hgetall(self.keys.model_current)
         if not raw:
             return None
         fields = {text(k): text(v) for k, v in raw.items()}
-        return Current(
-            version=fields["version"],
-            promoted_at=float(fields.get("promoted_at", 0.0)),
-            reason=fields.get("reason", ""),
-        )
+        version = fields.get("version", "")
+        if not version:
+            raise ModelError(
+                f"the registry's current entry ({self.keys.model_current}) names no version: "
+                "promote one (`streamcast models promote VERSION`)"
+            )
+        try:
+            promoted_at: float | None = float(fields.get("promoted_at", ""))
+        except ValueError:
+            promoted_at = None
+        if promoted_at is not None and not math.isfinite(promoted_at):
+            promoted_at = None
+        return Current(version=version, promoted_at=promoted_at, reason=fields.get("reason", ""))
 
     async def info(self, version: str) -> ModelInfo:
         check_version(version)

@@ -235,3 +235,71 @@ async def test_previous_versions_lists_earlier_promotions_newest_first_without_t
     assert await registry.previous_versions() == [vb]
     assert await registry.rollback() == vb
     assert await registry.previous_versions() == [va]
+
+
+# -- 4. a hand-edited current entry ---------------------------------------------------------------
+
+
+def test_a_hand_edited_current_entry_is_said_served_past_and_mended_by_a_promote(
+    redis_server, saved, tmp_path, monkeypatch, capsys, caplog
+):
+    """`HSET current promoted_at <not a time>` or `HDEL current version`: before, a KeyError or
+    ValueError out of every reader: `serve` exited with a traceback, the watchers logged one at
+    every check, and `models promote` (the repair) failed the same way."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from streamcast.connect import make_redis
+    from streamcast.daemon.config import DaemonConfig
+    from streamcast.daemon.models import ModelWatcher
+    from streamcast.metrics import Metrics
+    from streamcast.service import initial_model_path
+    from streamcast.settings import load_settings
+
+    dir_a, _, va, _ = saved
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STREAMCAST_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("STREAMCAST_KEY_PREFIX", "cli-current")
+    monkeypatch.setenv("STREAMCAST_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    keys = Keys("cli-current")
+    assert main(["models", "add", str(dir_a), "--promote"]) == 0
+    with SyncRedis(port=redis_server.port) as raw:
+        raw.hset(keys.model_current, "promoted_at", "2026-11-29")
+    capsys.readouterr()
+    assert main(["models", "list"]) == 0  # an unreadable time is only not known
+    assert f"* {va}" in capsys.readouterr().out
+    with SyncRedis(port=redis_server.port) as raw:
+        raw.hdel(keys.model_current, "version")
+    assert main(["models", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "names no version" in err and "streamcast models promote VERSION" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    settings = load_settings(model_path=dir_a)
+
+    async def readers() -> tuple:
+        redis = make_redis(redis_server.url)
+        try:
+            registry = Registry(redis, keys, tmp_path / "cache")
+            start = await initial_model_path(registry, settings)
+            watcher = ModelWatcher(
+                registry,
+                keys,
+                loader=lambda path: None,
+                config=DaemonConfig(),
+                metrics=Metrics(CollectorRegistry()),
+                serving=lambda: SimpleNamespace(version="v0"),
+            )
+            await watcher.check()  # said, served past
+            return start, watcher.incoming
+        finally:
+            await redis.aclose()
+
+    start, incoming = asyncio.run(readers())
+    assert start == settings.model_path and incoming is None
+    assert any("serving v0 on" in r.getMessage() for r in caplog.records)
+    assert main(["models", "promote", va]) == 0  # the repair
+    capsys.readouterr()
+    assert main(["models", "list"]) == 0 and f"* {va}" in capsys.readouterr().out

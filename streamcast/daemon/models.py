@@ -27,6 +27,7 @@ from streamcast.daemon.config import DaemonConfig
 from streamcast.daemon.faults import REDIS_DOWN
 from streamcast.engine import Engine, Staged
 from streamcast.keys import Keys
+from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
 from streamcast.model import ModelError
 
@@ -75,6 +76,7 @@ class ModelWatcher:
         self.refused: str | None = None  # a version that failed to load: not retried
         self.promoted_at: float | None = None
         self.incoming: Incoming | None = None  # taken by the consume loop between two batches
+        self._say = RateLimitedLog(log, every_s=60.0)
 
     def swap(self, serving: Engine) -> Engine:
         """Put the incoming version in service; return the engine to serve from now on."""
@@ -125,7 +127,11 @@ class ModelWatcher:
 
     async def check(self) -> None:
         """Prepare the registry's current version if it is new to this replica."""
-        current = await self.registry.current()
+        try:
+            current = await self.registry.current()
+        except ModelError as exc:  # a hand-edited entry: serve on until it is mended
+            self._say(logging.WARNING, "current", "%s; serving %s on", exc, self.serving().version)
+            return
         if current is None:
             if self.initial_model is not None:
                 await self.registry.ensure_current(self.initial_model)
