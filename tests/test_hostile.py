@@ -791,6 +791,35 @@ async def test_a_far_future_acknowledged_mark_does_not_skip_later_ticks(
     await feed.check_exactly_once()
 
 
+async def test_a_far_future_acknowledged_mark_and_the_stream_deleted_skip_nothing(
+    redis_client, shipped_engine
+):
+    """A stream poisoned by one explicit far-future id (`XADD ... 99999999999999-0`: every later
+    `*` id follows it, and so does the acknowledged mark), then deleted to mend it: the group is
+    recreated on the new stream from its start, not after the old mark (before: every new tick
+    skipped, silently, until the mark was deleted by hand)."""
+    keys = Keys("futuredel")
+    feed = Feed(redis_client, keys, ["F0"])
+    async with daemon_for(redis_client, shipped_engine, keys):
+        await feed.send(55)
+        await wait_for(feed.all_forecast)
+    await redis_client.set(keys.acked(0), "99999999999999-0")
+    await redis_client.delete(keys.ticks(0))
+    feed.ids["F0"] = []  # a new stream: its ticks are new ticks
+    daemon = daemon_for(redis_client, shipped_engine, keys)
+    async with daemon:
+        await wait_for(lambda: asyncio.sleep(0, daemon.ready))
+        await feed.send(10, pause_s=0.01)
+
+        async def new_ones_forecast() -> bool:
+            return await redis_client.xlen(keys.forecasts("F0")) == 6 + 10
+
+        await wait_for(new_ones_forecast, what="the ticks of the new stream")
+    assert sample(daemon.metrics, "streamcast_recoveries_total", what="group_recreated") == 1
+    ids = await feed.forecast_ids("F0")
+    assert ids[6:] == feed.ids["F0"], "each tick of the new stream forecast once"
+
+
 async def test_stopping_survives_a_task_that_swallowed_its_cancellation():
     """A cancellation racing a timeout inside a client call can be turned into TimeoutError and
     handled by a retry loop; stop() used to await such a task forever (found as a hang)."""

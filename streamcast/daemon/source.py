@@ -175,21 +175,23 @@ class TickSource:
 
     async def _setup_one(self, partition: int, acked_high: tuple[int, int]) -> None:
         stream = self.keys.ticks(partition)
-        start = await self._group_start(partition, acked_high)
+        start, mark = await self._group_start(partition, acked_high)
         try:
             await self.redis.xgroup_create(stream, self.group, id=start, mkstream=True)
-            if start == "0":
+            if mark is None:
                 log.info("created consumer group %s on %s", self.group, stream)
             else:
                 # destroyed (XGROUP DESTROY, DEL of the stream, FLUSHDB): resume after what was
                 # acknowledged, so nothing is read twice and nothing unacknowledged is skipped
                 self.metrics.recoveries.labels("group_recreated").inc()
                 log.warning(
-                    "consumer group %s on %s was gone: recreated it after %s, the newest tick "
-                    "it had acknowledged",
+                    "consumer group %s on %s was gone: recreated it %s",
                     self.group,
                     stream,
-                    start,
+                    f"after {start}, the newest tick it had acknowledged"
+                    if start == mark
+                    else f"from the stream's start: the acknowledged mark {mark} is not of "
+                    "this stream (beyond every id it has had; the stream was deleted)",
                 )
         except redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
@@ -212,22 +214,29 @@ class TickSource:
         published: publish it first, or it is read (and dead-lettered) twice."""
         return "0" in self._pending_from.values()
 
-    async def _group_start(self, partition: int, acked_high: tuple[int, int]) -> str:
-        """Where a (re)created group starts: after the newest acknowledged tick, else at 0; never
-        past the newest entry the stream has had (a hand-made far-future mark skips nothing)."""
+    async def _group_start(
+        self, partition: int, acked_high: tuple[int, int]
+    ) -> tuple[str, str | None]:
+        """Where a (re)created group starts, and the acknowledged mark known (None: none, a new
+        group). After the mark; from the start (0) when there is none, or when the mark is
+        beyond every id the stream has had (a hand-made mark, or the stream deleted and made
+        anew, maybe after a far-future id poisoned it): such a mark is not of this stream, and
+        starting after it would skip every new tick. What is read again is in history, and is
+        acknowledged without a second forecast."""
         high = acked_high
         with contextlib.suppress(ValueError, redis_errors.ResponseError):
             stored = await self.redis.get(self.keys.acked(partition))
             if stored:
                 high = max(high, id_key(text(stored)))
         if high == (0, 0):
-            return "0"
-        with contextlib.suppress(ValueError, redis_errors.ResponseError):
+            return "0", None
+        mark = f"{high[0]}-{high[1]}"
+        try:
             info = await self.redis.xinfo_stream(self.keys.ticks(partition))
             newest = id_key(text(info.get("last-generated-id", b"0-0")))
-            if newest != (0, 0):
-                high = min(high, newest)
-        return f"{high[0]}-{high[1]}"
+        except (ValueError, redis_errors.ResponseError):  # no such stream (or not a stream)
+            return "0", mark
+        return (mark if high <= newest else "0"), mark
 
     async def _take_over_pending(self, partition: int) -> None:
         """Claim, in id order, every entry earlier consumers of the group left unacknowledged
