@@ -70,6 +70,7 @@ class HttpServer:
         self._ready = ready
         self._heartbeat = heartbeat
         self._redis_ping = redis_ping
+        self._ping: asyncio.Future[bool] | None = None  # the one PING in flight, shared
         self._stale_after_s = stale_after_s
         self._page = page
         self.header_timeout_s = header_timeout_s
@@ -122,6 +123,8 @@ class HttpServer:
         )
 
     async def stop(self) -> None:
+        if self._ping is not None:
+            self._ping.cancel()
         if self._page is not None:
             self._page.close()
         if self._runner is not None:
@@ -142,16 +145,33 @@ class HttpServer:
         checks = {
             "serving": self._ready(),
             "loop": time.monotonic() - self._heartbeat() < self._stale_after_s,
-            "redis": False,
+            "redis": await self._redis_ok(),
         }
-        if self._redis_ping is not None:
-            with contextlib.suppress(Exception):
-                result = self._redis_ping()
-                if asyncio.iscoroutine(result):
-                    result = await within(result, 1.0)  # None: no reply in time
-                checks["redis"] = bool(result)
         ok = all(checks.values())
         return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+    async def _redis_ok(self) -> bool:
+        """Whether Redis answers a PING within 1 s. Requests that come while one is in flight
+        share it: however many ask at once, one PING (one connection of the daemon's pool)."""
+        if self._redis_ping is None:
+            return False
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(self._ping_once())
+        try:  # shielded: a client that goes away cancels its wait, not the others' PING
+            return await asyncio.shield(self._ping)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+
+    async def _ping_once(self) -> bool:
+        assert self._redis_ping is not None
+        with contextlib.suppress(Exception):
+            result = self._redis_ping()
+            if asyncio.iscoroutine(result):
+                result = await within(result, 1.0)  # None: no reply in time
+            return bool(result)
+        return False
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.prometheus)

@@ -150,3 +150,38 @@ def test_guards_must_be_positive(guards):
             heartbeat=time.monotonic,
             **guards,
         )
+
+
+async def test_readyz_asks_redis_once_however_many_ask_at_once():
+    """200 /readyz at once (a probe storm, or anyone): one PING in flight, not one each (each
+    would take a connection from the daemon's pool, which has no cap, and keep it)."""
+    calls = in_flight = most = 0
+
+    async def ping() -> bool:
+        nonlocal calls, in_flight, most
+        calls += 1
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.3)
+        in_flight -= 1
+        return True
+
+    server = HttpServer(
+        CollectorRegistry(),
+        host="127.0.0.1",
+        port=0,
+        ready=lambda: True,
+        heartbeat=time.monotonic,
+        redis_ping=ping,
+    )
+    async with server, aiohttp.ClientSession() as http:
+
+        async def readyz() -> int:
+            async with http.get(f"http://127.0.0.1:{server.port}/readyz") as r:
+                assert (await r.json())["checks"]["redis"] is True
+                return r.status
+
+        statuses = await asyncio.gather(*(readyz() for _ in range(200)))
+    assert statuses == [200] * 200
+    assert most == 1, f"{most} PINGs in flight at once"
+    assert calls <= 20, f"{calls} PINGs for 200 requests"
