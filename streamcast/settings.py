@@ -178,10 +178,14 @@ class Settings(BaseSettings):
     price_min: float = Field(
         default(_L, "price_min"),
         gt=0,
+        allow_inf_nan=False,
         description="smallest price a normalised model accepts (and > 0)",
     )
     price_max: float = Field(
-        default(_L, "price_max"), gt=0, description="largest price (absolute value)"
+        default(_L, "price_max"),
+        gt=0,
+        allow_inf_nan=False,
+        description="largest price (absolute value)",
     )
     ts_max_ahead_ms: int = Field(
         default(_L, "ts_max_ahead_ms"),
@@ -297,6 +301,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"STREAMCAST_SHARD_INDEX={self.shard_index} must be below "
                 f"STREAMCAST_SHARD_COUNT={self.shard_count}"
+            )
+        if self.price_min >= self.price_max:
+            raise ValueError(
+                f"STREAMCAST_PRICE_MIN={self.price_min:g} must be below "
+                f"STREAMCAST_PRICE_MAX={self.price_max:g}: every tick would be refused"
             )
         if self.assignment == "static" and self.shard_count > self.partitions:
             raise ValueError(

@@ -70,6 +70,14 @@ def test_defaults_and_environment(monkeypatch):
             {"STREAMCAST_KEY_PREFIX": "app{"},
             "STREAMCAST_KEY_PREFIX: String should match pattern",
         ),
+        # bounds that refuse every tick: the daemon would come up ready and forecast nothing
+        (
+            {"STREAMCAST_PRICE_MIN": "5", "STREAMCAST_PRICE_MAX": "1"},
+            "STREAMCAST_PRICE_MIN=5 must be below STREAMCAST_PRICE_MAX=1: every tick would be "
+            "refused",
+        ),
+        ({"STREAMCAST_PRICE_MIN": "inf"}, "STREAMCAST_PRICE_MIN: Input should be a finite number"),
+        ({"STREAMCAST_PRICE_MAX": "nan"}, "STREAMCAST_PRICE_MAX: Input should be a finite number"),
         (
             {"STREAMCAST_REDIS_CLUSTER": "maybe"},
             "STREAMCAST_REDIS_CLUSTER: Input should be a valid boolean",
