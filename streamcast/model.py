@@ -20,6 +20,7 @@ import numpy as np
 from streamcast.data import SEQ_LEN
 from streamcast.scoring import skill
 from streamcast.version import __version__
+from streamcast.wire import loads
 
 if TYPE_CHECKING:
     import keras
@@ -262,8 +263,8 @@ class ModelInfo:
     def parse(cls, text: str | bytes, where: str) -> ModelInfo:
         """A sidecar from its JSON text; errors name ``where`` it came from."""
         try:
-            raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raw = loads(text)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
             raise ModelError(f"{where}: sidecar is not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise ModelError(f"{where}: sidecar must be a JSON object")

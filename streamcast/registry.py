@@ -83,6 +83,27 @@ class Current:
     promoted_at: float | None  # unix seconds; None: not known (a hand-edited entry)
     reason: str
 
+    @classmethod
+    def of(cls, fields: dict[str, str], key: str) -> Current | None:
+        """The current entry's hash (None when empty). Without a version (a hand-edited hash)
+        it is a :class:`ModelError` saying how to mend it; an unreadable ``promoted_at`` is
+        only not known."""
+        if not fields:
+            return None
+        version = fields.get("version", "")
+        if not version:
+            raise ModelError(
+                f"the registry's current entry ({key}) names no version: "
+                "promote one (`streamcast models promote VERSION`)"
+            )
+        try:
+            promoted_at: float | None = float(fields.get("promoted_at", ""))
+        except ValueError:
+            promoted_at = None
+        if promoted_at is not None and not math.isfinite(promoted_at):
+            promoted_at = None
+        return cls(version=version, promoted_at=promoted_at, reason=fields.get("reason", ""))
+
 
 @dataclass(frozen=True)
 class Version:
@@ -157,26 +178,9 @@ class Registry:
     # -- reading -----------------------------------------------------------------------------
 
     async def current(self) -> Current | None:
-        """The current version, or None when none was ever promoted. An entry without a version
-        (a hand-edited hash) raises :class:`ModelError` saying how to mend it; an unreadable
-        ``promoted_at`` is only not known."""
+        """The current version, or None when none was ever promoted (see :meth:`Current.of`)."""
         raw = await self.redis.hgetall(self.keys.model_current)
-        if not raw:
-            return None
-        fields = {text(k): text(v) for k, v in raw.items()}
-        version = fields.get("version", "")
-        if not version:
-            raise ModelError(
-                f"the registry's current entry ({self.keys.model_current}) names no version: "
-                "promote one (`streamcast models promote VERSION`)"
-            )
-        try:
-            promoted_at: float | None = float(fields.get("promoted_at", ""))
-        except ValueError:
-            promoted_at = None
-        if promoted_at is not None and not math.isfinite(promoted_at):
-            promoted_at = None
-        return Current(version=version, promoted_at=promoted_at, reason=fields.get("reason", ""))
+        return Current.of({text(k): text(v) for k, v in raw.items()}, self.keys.model_current)
 
     async def info(self, version: str) -> ModelInfo:
         check_version(version)

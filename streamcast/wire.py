@@ -297,14 +297,14 @@ class Forecast:
         tick_ts = f.get("tick_ts")
         tick = Tick(f["tick_id"], f["symbol"], float(f["price"]), int(tick_ts) if tick_ts else None)
         path = f.get("path")
-        bands = json.loads(f["bands"]) if f.get("bands") else None
+        bands = loads(f["bands"]) if f.get("bands") else None
         if bands is not None and not isinstance(bands, dict):
             raise ValueError(f"bands must be a JSON object, not {type(bands).__name__}")
         return cls(
             tick,
             f.get("model", ""),
             float(f["next"]) if "next" in f else None,
-            tuple(json.loads(path)) if path else None,
+            tuple(loads(path)) if path else None,
             f.get("reason"),
             int(f["ts"]) if "ts" in f else None,
             bands,
@@ -410,6 +410,16 @@ class HistoryEntry:
         if ts is not None and ts - arrived_ms > limits.ts_max_ahead_ms:
             ts = None  # a bad event time is not the symbol's clock
         return cls(entry_id, price, ts)
+
+
+def loads(raw: str | bytes) -> Any:
+    """``json.loads`` for JSON from outside (Redis entries and keys, files): nesting too deep to
+    parse (``[[[[...`` past the recursion limit) is a ``ValueError`` like any other malformed
+    JSON, not a ``RecursionError`` that its callers would not expect."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse") from None
 
 
 def text(value: Any) -> str:

@@ -207,9 +207,10 @@ async def test_the_calibration_is_stored_per_partition_and_restored(redis_client
     other = Calibration(redis_client, cal.keys, Metrics(CollectorRegistry()), config=cal.config)
     await other.adopt([1], "v2")  # another model's calibration is not used
     assert other.calibrators[1].model_version == "v2" and other.calibrators[1].seen.sum() == 0
-    await redis_client.set(cal.keys.calibration(2), "{not json")
-    await other.adopt([2], "v1")  # unreadable: start over, do not crash
-    assert other.calibrators[2].seen.sum() == 0
+    for junk in ["{not json", "[" * 100_000 + "]" * 100_000]:  # the 2nd: past the recursion limit
+        await redis_client.set(cal.keys.calibration(2), junk)
+        await other.adopt([2], "v1")  # unreadable: start over, do not crash
+        assert other.calibrators[2].seen.sum() == 0
 
 
 async def test_forecasts_carry_bands_end_to_end_and_the_calibration_survives_a_restart(

@@ -198,9 +198,13 @@ async def test_entries_that_do_not_parse_are_skipped_counted_and_logged_once(red
     await put_forecast(redis_client, keys, "S", "2-0", 10.0)
     await redis_client.xadd(stream, {"tick_id": "3-0", "symbol": "S", "price": "x"}, id="3-0")
     await put_forecast(redis_client, keys, "S", "4-0", 11.0)
+    deep = "[" * 100_000 + "]" * 100_000  # JSON nested past Python's recursion limit
+    for n, field in [(5, "path"), (6, "bands")]:
+        entry = {"tick_id": f"{n}-0", "symbol": "S", "price": "1", "next": "2", field: deep}
+        await redis_client.xadd(stream, entry, id=f"{n}-0")
     subscription = client.subscribe(["S"], start="0")
     assert [f.tick.id for f in await subscription.read(0)] == ["2-0", "4-0"]
-    assert subscription.skipped == 2
+    assert subscription.skipped == 4
     warnings = [r for r in caplog.records if r.name == "streamcast.client"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
 

@@ -159,6 +159,7 @@ def test_load_refuses_truncated_file_with_matching_hash(tmp_path, tiny_model):
     [
         (None, "sidecar missing"),
         ("{not json", "not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # past the recursion limit
         ('{"version": "x"}', "sidecar lacks"),
         (
             '{"version": 12345678901234567890, "created": "c", "seq_len": 50, "normalise": true, '

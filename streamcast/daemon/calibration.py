@@ -33,7 +33,7 @@ from streamcast.daemon.faults import REDIS_DOWN
 from streamcast.intervals import Calibrator, IntervalConfig, window_volatility, wire
 from streamcast.keys import Keys
 from streamcast.metrics import Metrics
-from streamcast.wire import Forecast, Tick
+from streamcast.wire import Forecast, Tick, loads
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Calibration:
                 raw = None
             if raw:
                 try:
-                    stored = Calibrator.from_dict(json.loads(raw))
+                    stored = Calibrator.from_dict(loads(raw))
                     if stored.model_version == version and stored.config == self.config:
                         cal = stored
                 except ValueError as exc:  # json's errors are ValueErrors too

@@ -67,7 +67,6 @@ class Ownership:
             Lease(redis, keys.lease(p), self.token, ttl_ms) for p in range(keys.partitions)
         ]
         self.held: dict[int, float] = {}  # partition -> monotonic deadline: surely ours until then
-        self.ever: set[int] = set()  # partitions held at some time: their lag may be exported
         # partition -> which taking of it this is: a batch read under one is published only
         # under the same (lost and taken again meanwhile, its windows may be ahead of history)
         self.tenure: dict[int, int] = {}
@@ -331,8 +330,6 @@ class Ownership:
         self.active.discard(p)
         self.releasing.discard(p)
         self.metrics.partition_owned.labels(str(p)).set(0)
-        with contextlib.suppress(KeyError):  # its lag is its next holder's to say
-            self.metrics.partition_lag.remove(str(p))
 
     def _gauges(self) -> None:
         m = self.metrics
@@ -342,11 +339,6 @@ class Ownership:
         m.standby.set(1 if self.standby else 0)
         for p in self.held:
             m.partition_owned.labels(str(p)).set(1)
-        self.ever |= set(self.held)
-        for p in self.ever - set(self.held):
-            # a lag measured while the partition was given up (a read in flight) goes too
-            with contextlib.suppress(KeyError):
-                m.partition_lag.remove(str(p))
 
     def _valid_s(self) -> float:
         """How long after a renewal was asked for the lease is surely still ours: its time to

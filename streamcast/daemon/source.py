@@ -131,6 +131,7 @@ class TickSource:
         self.read_at = 0.0  # wall-clock time of the last read: a batch's wait counts from it
         self._partition = {keys.ticks(p): p for p in range(keys.partitions)}
         self._pending_from: dict[int, str] = {}  # partitions whose own pending entries come first
+        self._lagged: set[int] = set()  # partitions whose lag is exported
         self._read_count = min(config.batch_max_size, 64)  # grows while entries are small
         self._retry_at: dict[int, float] = {}  # partitions whose set-up failed: when to retry
         self._watch_until: dict[int, float] = {}  # taken lately: look for strays until then
@@ -175,7 +176,7 @@ class TickSource:
 
     async def _setup_one(self, partition: int, acked_high: tuple[int, int]) -> None:
         stream = self.keys.ticks(partition)
-        start, mark = await self._group_start(partition, acked_high)
+        start, mark = await group_start(self.redis, self.keys, partition, acked_high)
         try:
             await self.redis.xgroup_create(stream, self.group, id=start, mkstream=True)
             if mark is None:
@@ -213,30 +214,6 @@ class TickSource:
         """Whether the next read starts over a pending list, which holds the batch being
         published: publish it first, or it is read (and dead-lettered) twice."""
         return "0" in self._pending_from.values()
-
-    async def _group_start(
-        self, partition: int, acked_high: tuple[int, int]
-    ) -> tuple[str, str | None]:
-        """Where a (re)created group starts, and the acknowledged mark known (None: none, a new
-        group). After the mark; from the start (0) when there is none, or when the mark is
-        beyond every id the stream has had (a hand-made mark, or the stream deleted and made
-        anew, maybe after a far-future id poisoned it): such a mark is not of this stream, and
-        starting after it would skip every new tick. What is read again is in history, and is
-        acknowledged without a second forecast."""
-        high = acked_high
-        with contextlib.suppress(ValueError, redis_errors.ResponseError):
-            stored = await self.redis.get(self.keys.acked(partition))
-            if stored:
-                high = max(high, id_key(text(stored)))
-        if high == (0, 0):
-            return "0", None
-        mark = f"{high[0]}-{high[1]}"
-        try:
-            info = await self.redis.xinfo_stream(self.keys.ticks(partition))
-            newest = id_key(text(info.get("last-generated-id", b"0-0")))
-        except (ValueError, redis_errors.ResponseError):  # no such stream (or not a stream)
-            return "0", mark
-        return (mark if high <= newest else "0"), mark
 
     async def _take_over_pending(self, partition: int) -> None:
         """Claim, in id order, every entry earlier consumers of the group left unacknowledged
@@ -279,6 +256,12 @@ class TickSource:
                 self.rewind([p])
 
     async def measure_lag(self, partitions: list[int]) -> None:
+        """Each owned partition's lag, and their sum; the lag of a partition no longer owned is
+        no longer exported (its next holder's to say)."""
+        for p in self._lagged - set(partitions):
+            with contextlib.suppress(KeyError):
+                self.metrics.partition_lag.remove(str(p))
+        self._lagged = set(partitions)
         if not partitions:
             self.metrics.stream_lag.set(0)
             return
@@ -415,3 +398,28 @@ class TickSource:
             fits = max(1, int(self.config.read_max_bytes / per_entry))
             self._read_count = max(1, min(read_cap(self.config), fits, self._read_count * 2))
         return entries
+
+
+async def group_start(
+    redis: Redis, keys: Keys, partition: int, acked_high: tuple[int, int]
+) -> tuple[str, str | None]:
+    """Where a (re)created group of ``partition`` starts, and the acknowledged mark known (None:
+    none, a new group). After the mark; from the start (0) when there is none, or when the mark
+    is beyond every id the stream has had (a hand-made mark, or the stream deleted and made anew,
+    maybe after a far-future id poisoned it): such a mark is not of this stream, and starting
+    after it would skip every new tick. What is read again is in history, and is acknowledged
+    without a second forecast."""
+    high = acked_high
+    with contextlib.suppress(ValueError, redis_errors.ResponseError):
+        stored = await redis.get(keys.acked(partition))
+        if stored:
+            high = max(high, id_key(text(stored)))
+    if high == (0, 0):
+        return "0", None
+    mark = f"{high[0]}-{high[1]}"
+    try:
+        info = await redis.xinfo_stream(keys.ticks(partition))
+        newest = id_key(text(info.get("last-generated-id", b"0-0")))
+    except (ValueError, redis_errors.ResponseError):  # no such stream (or not a stream)
+        return "0", mark
+    return (mark if high <= newest else "0"), mark
