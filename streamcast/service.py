@@ -165,7 +165,7 @@ class _Wiring:
 
     settings: Settings
     redis: Redis
-    publisher: Redis  # the publish transaction's client: it never retries by itself
+    publisher: Redis  # the publish script's and the reads' client: it never retries by itself
     keys: Keys
     models: Registry
     prometheus: CollectorRegistry

@@ -601,6 +601,90 @@ async def test_huge_entries_are_read_a_few_at_a_time_and_dead_letters_stay_small
     assert memory < 200_000, f"the dead stream takes {memory} bytes for 40 letters"
 
 
+async def test_huge_entries_left_pending_are_taken_over_without_one_huge_reply(
+    redis_client, shipped_engine
+):
+    """200 entries of 256 kB pending under a consumer that died, and Redis closing any client
+    whose replies pass 32 MB: the takeover claims ids only and reads the entries a few at a
+    time (before: one XAUTOCLAIM of up to 1,000 whole entries, 51 MB here: the connection was
+    closed at every try, and the next replica to take the partition would do the same)."""
+    keys = Keys("hugeclaim")
+    blob = b"x" * 256_000
+    pipe = redis_client.pipeline(transaction=False)
+    for i in range(200):
+        pipe.xadd(keys.ticks(0), {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
+    await pipe.execute()
+    await redis_client.xgroup_create(keys.ticks(0), keys.group, id="0")
+    for _ in range(10):  # a dead consumer's: read, never acknowledged
+        await redis_client.xreadgroup(keys.group, "dead", {keys.ticks(0): ">"}, count=20)
+    before = await redis_client.config_get("client-output-buffer-limit")
+    await redis_client.config_set("client-output-buffer-limit", "normal 32mb 32mb 0")
+    try:
+        daemon = daemon_for(redis_client, shipped_engine, keys, read_max_bytes=4_000_000)
+        async with daemon:
+            await wait_for(
+                lambda: xlen_at_least(redis_client, keys.dead(0), 200),
+                timeout_s=60,
+                what="200 dead letters",
+            )
+        summary = await redis_client.xpending(keys.ticks(0), keys.group)
+        assert summary["pending"] == 0
+    finally:
+        await redis_client.config_set(
+            "client-output-buffer-limit", before["client-output-buffer-limit"]
+        )
+
+
+@pytest.mark.parametrize("reads", ["not_retried", "retried"])
+async def test_a_burst_of_huge_entries_after_small_ones_is_read_once_redis_caps_replies(
+    redis_server, redis_client, shipped_engine, reads
+):
+    """Small ticks grow the read to a full batch (512); then 200 entries of 256 kB: one read of
+    all of them, 51 MB, which Redis's `client-output-buffer-limit` (32 MB here) answers by
+    closing the connection, after it delivered them. Each read that loses its connection asks
+    for half as many next time (before: the same 512 again after each back-off, for ever).
+
+    `not_retried`, as `serve` reads (a client that never retries by itself): the lost read is an
+    outage, so the partition is set up again and its pending entries read first, at once (the
+    reclaim is 10 minutes away here). `retried` (a client that retries, as an embedding could
+    pass): the retry reads on past the delivered entries; the reclaim, which claims our own
+    idle entries too, brings them back."""
+    from streamcast.connect import make_redis
+
+    keys = Keys(f"hugeburst-{reads}")
+    feed = Feed(redis_client, keys, ["S0"])
+    reader = make_redis(redis_server.url, retries=0) if reads == "not_retried" else None
+    claims = {"claim_idle_ms": 600_000} if reader else {"claim_idle_ms": 1000}
+    config = DaemonConfig(read_max_bytes=4_000_000, claim_interval_s=1.0, **claims)
+    metrics = Metrics(CollectorRegistry())
+    daemon = Daemon(
+        redis_client, shipped_engine, metrics, keys=keys, config=config, publisher=reader
+    )
+    before = await redis_client.config_get("client-output-buffer-limit")
+    try:
+        async with daemon:
+            await feed.send(2000)
+            await wait_for(feed.all_forecast, timeout_s=60)
+            assert daemon.source._read_count == 512, "small ticks: a full batch a read"
+            await redis_client.config_set("client-output-buffer-limit", "normal 32mb 32mb 0")
+            blob = b"x" * 256_000
+            pipe = redis_client.pipeline(transaction=True)  # all there for the next read
+            for i in range(200):
+                pipe.xadd(keys.ticks(0), {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
+            await pipe.execute()
+            await wait_for(
+                lambda: xlen_at_least(redis_client, keys.dead(0), 200),
+                timeout_s=60,
+                what="200 dead letters",
+            )
+    finally:
+        await redis_client.config_set(
+            "client-output-buffer-limit", before["client-output-buffer-limit"]
+        )
+        if reader is not None:
+            await reader.aclose()
+
+
 # -- (11) duplicates said, path age bounded, symbols forgotten -------------------------------------
 
 

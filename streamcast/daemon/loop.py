@@ -58,7 +58,9 @@ class Daemon:
 
     ``registry`` and ``loader`` (a version's directory -> a warmed engine) turn on the model
     watcher; ``retrainer`` the retrain schedule; ``publisher`` is the client of the publish
-    transaction (one that never retries by itself; default ``redis``).
+    script and of the reads (one that never retries by itself: a retried publish whose reply
+    was lost would write its dead letters twice, a retried read reads on past the entries it
+    had delivered; default ``redis``).
     """
 
     def __init__(
@@ -81,7 +83,7 @@ class Daemon:
         self.keys = keys = keys or Keys()
         self.config = cfg = config or DaemonConfig()
         self.clock, self.group, self.stats = clock, keys.group, Stats()
-        self.source: Source = TickSource(redis, keys, cfg, metrics, clock)
+        self.source: Source = TickSource(redis, keys, cfg, metrics, clock, reader=publisher)
         self.planner = Planner(redis, keys, cfg, metrics, self.stats, engine, clock)
         self.sink: Sink = ForecastSink(
             publisher or redis, redis, keys, cfg.consumer, cfg, metrics, self.stats, clock

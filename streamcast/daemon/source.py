@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from streamcast.connect import is_cluster
 from streamcast.daemon.config import DaemonConfig
+from streamcast.daemon.faults import REDIS_DOWN
 from streamcast.keys import Keys
 from streamcast.logs import RateLimitedLog
 from streamcast.metrics import Metrics
@@ -28,6 +29,8 @@ from streamcast.tasks import settled
 from streamcast.wire import id_key, parse_stream_reply, text
 
 log = logging.getLogger(__name__)
+
+CLAIM_PAGE = 1000  # pending entries' ids one XPENDING lists
 
 Entries = list[tuple[str, str, dict[Any, Any]]]  # (stream, entry id, fields)
 # conflating, a read may hold this many batches' worth: each symbol's newest tick is forecast, so
@@ -119,8 +122,13 @@ class TickSource:
         config: DaemonConfig,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        reader: Redis | None = None,
     ) -> None:
         self.redis = redis
+        # the reads' client, one that never retries by itself: a read retried after its reply
+        # was lost reads on past the entries it delivered (they wait unread in our pending list
+        # until the reclaim); an outage instead sets the partitions up again, pending first
+        self.reader = reader or redis
         self.keys = keys
         self.group = keys.group
         self.config = config
@@ -234,25 +242,16 @@ class TickSource:
             log.info("took over %d entries earlier consumers of %s left pending", claimed, stream)
 
     async def _claim(self, stream: str, min_idle_ms: int) -> int:
-        """XAUTOCLAIM entries idle past ``min_idle_ms`` into our pending list; how many."""
-        start = "0-0"
-        claimed = 0
-        while True:
-            reply = await self.redis.xautoclaim(
-                stream, self.group, self.consumer, min_idle_ms, start_id=start, count=1000
-            )
-            # [next start, claimed entries, deleted ids]; JUSTID would make redis-py drop the cursor
-            start = text(reply[0])
-            claimed += len(reply[1])
-            if start == "0-0":
-                break
-        return claimed
+        return await claim(self.redis, stream, self.group, self.consumer, min_idle_ms)
 
     async def reclaim(self, partitions: list[int]) -> None:
         """Take over entries a dead consumer of the group left pending for ``claim_idle_ms``."""
         for p in partitions:
             if await self._claim(self.keys.ticks(p), self.config.claim_idle_ms):
-                log.info("reclaimed entries of partition %d left pending by another consumer", p)
+                log.info(
+                    "reclaimed entries of partition %d left pending (a consumer gone, or a lost reply)",
+                    p,
+                )
                 self.rewind([p])
 
     async def measure_lag(self, partitions: list[int]) -> None:
@@ -366,16 +365,29 @@ class TickSource:
     async def _read_group(
         self, streams: dict[Any, Any], count: int, block: int | None = None
     ) -> Entries:
-        """XREADGROUP of ``streams`` ({stream: start}), about ``count`` entries in all."""
+        """XREADGROUP of ``streams`` ({stream: start}), about ``count`` entries in all. A read
+        that loses its connection makes the next one ask for half as many: the reply may have
+        been too large (a burst of huge entries after small ones, which Redis's
+        ``client-output-buffer-limit`` answers by closing the connection), and a read that is
+        too small only grows again."""
+        try:
+            return await self._read_group_once(streams, count, block)
+        except REDIS_DOWN:
+            self._read_count = max(1, self._read_count // 2)
+            raise
+
+    async def _read_group_once(
+        self, streams: dict[Any, Any], count: int, block: int | None
+    ) -> Entries:
         each = max(1, -(-count // len(streams)))  # COUNT is per stream
         if not self.cluster or len(streams) == 1:
-            reply = await self.redis.xreadgroup(
+            reply = await self.reader.xreadgroup(
                 self.group, self.consumer, streams, count=each, block=block
             )
             return self._sized(parse_stream_reply(reply))
         # a Redis Cluster: one command per partition (each its own slot), pipelined per node;
         # an empty sweep waits a moment instead of blocking on one partition
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.reader.pipeline(transaction=False)
         for stream, start in streams.items():
             pipe.xreadgroup(self.group, self.consumer, {stream: start}, count=each)
         entries: Entries = []
@@ -423,3 +435,24 @@ async def group_start(
     except (ValueError, redis_errors.ResponseError):  # no such stream (or not a stream)
         return "0", mark
     return (mark if high <= newest else "0"), mark
+
+
+async def claim(redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int) -> int:
+    """Move the pending entries of ``group`` idle past ``min_idle_ms`` into ``consumer``'s
+    pending list (its own too: a read whose reply was lost, and which the client retried, left
+    its entries pending there unread); how many. Ids only (XPENDING, then XCLAIM JUSTID): the
+    entries themselves come by the pending read, sized to the byte budget like any read, never
+    1,000 at once."""
+    start, claimed = "-", 0
+    while True:
+        rows = await redis.xpending_range(
+            stream, group, min=start, max="+", count=CLAIM_PAGE, idle=min_idle_ms or None
+        )
+        ids: list[Any] = [r["message_id"] for r in rows]
+        if ids:
+            claimed += len(
+                await redis.xclaim(stream, group, consumer, min_idle_ms, ids, justid=True)
+            )
+        if len(rows) < CLAIM_PAGE:
+            return claimed
+        start = "(" + text(rows[-1]["message_id"])
