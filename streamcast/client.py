@@ -48,6 +48,7 @@ READ_COUNT = 500  # entries one read takes from each stream at most
 # one XREAD's BLOCK, well under the client's socket timeout (a longer block would time out)
 BLOCK_MS_MAX = 1000
 SWEEP_PAUSE_S = 0.02  # a cluster sweep that found nothing waits this long before the next
+SYMBOLS_EXACT_MAX = 10_000  # symbols(limit) reads every name up to this many in all, samples beyond
 
 # (symbol, price) or (symbol, price, event time in epoch ms)
 TickInput = tuple[str, float] | tuple[str, float, int | None]
@@ -182,13 +183,25 @@ class Client:
         entry_id, fields = entries[0]
         return self._decode(stream, text(entry_id), fields, PathForecast)
 
-    async def symbols(self) -> list[str]:
-        """Every symbol with history, over all partitions, sorted."""
+    async def symbols(self, limit: int | None = None) -> list[str]:
+        """Every symbol with history, over all partitions, sorted; with ``limit``, the first
+        ``limit`` of them. When there are more than :data:`SYMBOLS_EXACT_MAX` in all (a feed of
+        millions of names: the sets only grow), ``limit`` asks each partition for a sample of
+        ``limit`` instead, so the work stays bounded: the first ``limit`` of the samples."""
+        keys = [self.keys.symbols(p) for p in range(self.keys.partitions)]
         pipe = self.redis.pipeline(transaction=False)
-        for partition in range(self.keys.partitions):
-            pipe.smembers(self.keys.symbols(partition))
+        if limit is not None:
+            for key in keys:
+                pipe.scard(key)
+            if sum(await pipe.execute()) > SYMBOLS_EXACT_MAX:
+                for key in keys:
+                    pipe.srandmember(key, limit)
+                samples = await pipe.execute()
+                return sorted({text(m) for found in samples for m in found})[:limit]
+        for key in keys:
+            pipe.smembers(key)
         members = await pipe.execute()
-        return sorted({text(m) for found in members for m in found})
+        return sorted({text(m) for found in members for m in found})[:limit]
 
     def subscribe(
         self, symbols: Sequence[str], *, start: str = "$", paths: bool = False

@@ -115,10 +115,10 @@ class LivePage:
 
     async def _symbols(self, request: web.Request) -> web.Response:
         try:
-            names = await self.client.symbols()
+            names = await self.client.symbols(limit=self.max_symbols)
         except (redis_errors.RedisError, OSError):
             raise web.HTTPServiceUnavailable(text="redis unavailable") from None
-        return web.json_response({"symbols": names[: self.max_symbols]})
+        return web.json_response({"symbols": names})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         raw = request.query.get("symbols", "")

@@ -320,6 +320,24 @@ async def test_symbols_are_gathered_from_every_partition(redis_client):
     for symbol in SYMBOLS:
         await redis_client.sadd(keys.symbols(keys.partition(symbol)), symbol)
     assert await Client(redis_client, keys).symbols() == sorted(SYMBOLS)
+    assert await Client(redis_client, keys).symbols(limit=3) == sorted(SYMBOLS)[:3]
+
+
+async def test_symbols_with_a_limit_stay_bounded_however_many_names_there_are(redis_client):
+    """A feed of distinct names only grows the symbol sets: past 10,000 in all, a limited ask
+    (the live page's) samples each partition instead of reading every name."""
+    keys = Keys("many-names", partitions=3)
+    names = [f"N{i:05d}" for i in range(30_000)]
+    pipe = redis_client.pipeline(transaction=False)
+    for start in range(0, len(names), 1000):
+        for name in names[start : start + 1000]:
+            pipe.sadd(keys.symbols(keys.partition(name)), name)
+    await pipe.execute()
+    before = (await redis_client.info("commandstats")).get("cmdstat_smembers", {}).get("calls", 0)
+    got = await Client(redis_client, keys).symbols(limit=12)
+    after = (await redis_client.info("commandstats")).get("cmdstat_smembers", {}).get("calls", 0)
+    assert len(got) == 12 and got == sorted(got) and set(got) <= set(names)
+    assert after == before, "read every name"
 
 
 # -- the partition count ----------------------------------------------------------------------

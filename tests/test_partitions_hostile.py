@@ -29,7 +29,7 @@ SYMBOLS = [f"S{i:02d}" for i in range(12)]
 TTL_S = 2.0
 
 
-def replica(redis, engine, keys: Keys, name: str, publisher=None, **config) -> Daemon:
+def replica(redis, engine, keys: Keys, name: str, publisher=None, clock=None, **config) -> Daemon:
     config.setdefault("lease_ttl_s", TTL_S)
     config.setdefault("batch_max_size", 64)
     config.setdefault("read_block_ms", 100)
@@ -43,6 +43,7 @@ def replica(redis, engine, keys: Keys, name: str, publisher=None, **config) -> D
         keys=keys,
         config=DaemonConfig(consumer=name, **config),
         publisher=publisher,
+        **({"clock": clock} if clock else {}),
     )
 
 
@@ -375,6 +376,35 @@ async def test_a_lease_set_to_another_live_replicas_token_is_adopted_by_it(
 
 
 # -- the members set -------------------------------------------------------------------------------
+
+
+async def test_a_replica_whose_clock_is_a_minute_ahead_shares_the_partitions_fairly(
+    redis_client, shipped_engine
+):
+    """Memberships expire by Redis's clock, not each replica's: one whose clock runs a minute
+    ahead (before: it removed the others' memberships every round as lapsed, took every
+    partition, and left them standing by) holds its share, and so do the others."""
+    keys = Keys("hl-skew", partitions=4)
+    await keep_ticks(redis_client, keys)
+    producer = Producer(redis_client, keys)
+    ahead = replica(redis_client, shipped_engine, keys, "ahead", clock=lambda: time.time() + 60)
+    daemons = [ahead, replica(redis_client, shipped_engine, keys, "on-time")]
+    for d in daemons:
+        await d.start()
+    try:
+        await all_owned(daemons, 4)
+        await wait_for(lambda: asyncio.sleep(0, sorted(map(len, owned(daemons))) == [2, 2]))
+        sending = asyncio.create_task(producer.send(100, pause_s=0.02))
+        for _ in range(int(3 * TTL_S / 0.1)):  # three leases' time, every 0.1 s
+            assert [d.ownership.member_count for d in daemons] == [2, 2]
+            assert sorted(map(len, owned(daemons))) == [2, 2], owned(daemons)
+            await asyncio.sleep(0.1)
+        await sending
+        await all_forecast(redis_client, keys)
+        check_healthy(daemons)
+    finally:
+        await stop_all(daemons)
+    await check_exactly_once(redis_client, keys, SYMBOLS)
 
 
 async def test_ghost_members_far_in_the_future_do_not_leave_partitions_unowned(

@@ -88,7 +88,7 @@ class Daemon:
         self.sink: Sink = ForecastSink(
             publisher or redis, redis, keys, cfg.consumer, cfg, metrics, self.stats, clock
         )
-        self.ownership = Ownership(redis, keys, cfg, metrics, clock)
+        self.ownership = Ownership(redis, keys, cfg, metrics)
         self.trimmer = Trimmer(redis, keys, metrics)
         self.calibration = Calibration.of(redis, keys, metrics, cfg)  # the forecasts' bands
         self.skill = SkillTracker(

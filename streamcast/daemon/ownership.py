@@ -28,7 +28,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -55,10 +56,8 @@ class Ownership:
         keys: Keys,
         config: DaemonConfig,
         metrics: Metrics,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis, self.keys, self.config, self.metrics = redis, keys, config, metrics
-        self.clock = clock
         self.token = config.consumer
         self.ttl_s = config.lease_ttl_s
         self.round_s = min(1.0, self.ttl_s / 3)
@@ -237,9 +236,9 @@ class Ownership:
         self._cooling_until = time.monotonic() + self.cool_s
 
     async def _members(self) -> list[str]:
-        now_ms, ttl_ms = int(self.clock() * 1000), int(self.ttl_s * 1000)
+        ttl_ms = int(self.ttl_s * 1000)
         key, join = self.keys.members, not self.cooling
-        members = await live_members(self.redis, key, self.token, ttl_ms, now_ms, join=join)
+        members = await live_members(self.redis, key, self.token, ttl_ms, join=join)
         self.member_count = len(members)
         return members
 
@@ -349,21 +348,19 @@ class Ownership:
 _say_ghosts = RateLimitedLog(log)
 
 
-async def live_members(
-    redis: Redis, key: str, token: str, ttl_ms: int, now_ms: int, *, join: bool
-) -> list[str]:
+async def live_members(redis: Redis, key: str, token: str, ttl_ms: int, *, join: bool) -> list[str]:
     """Renew (``join``) or drop ``token``'s membership in the sorted set ``key``; the live
     members by name. Ghosts are removed: members whose expiry is further ahead than any
     replica's (a client wrote +inf or a far-future score), which never lapse and would keep
     their shares of the partitions unowned for ever. A ``key`` of another type (WRONGTYPE for
     every round: no lease renewed) is replaced."""
     try:
-        members, ghosts = await _members_once(redis, key, token, ttl_ms, now_ms, join)
+        members, ghosts = await _members_once(redis, key, token, ttl_ms, join)
     except redis_errors.ResponseError as exc:
         if "WRONGTYPE" not in str(exc):
             raise
         await _drop_unless_zset(redis, key)
-        members, ghosts = await _members_once(redis, key, token, ttl_ms, now_ms, join)
+        members, ghosts = await _members_once(redis, key, token, ttl_ms, join)
     if ghosts:
         _say_ghosts(
             logging.WARNING,
@@ -376,18 +373,30 @@ async def live_members(
     return members
 
 
+# one round of the members set, by Redis's clock (replicas' clocks may disagree: one ahead would
+# take the others' memberships for lapsed): renew or drop ARGV[1], drop the lapsed and the ghosts
+# (an expiry beyond any replica's, ARGV[4] ms ahead), the live members and how many ghosts
+MEMBERS_ROUND = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1)
+local ghosts = redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. (now + tonumber(ARGV[4])), '+inf')
+return {ghosts, redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')}
+"""
+
+
 async def _members_once(
-    redis: Redis, key: str, token: str, ttl_ms: int, now_ms: int, join: bool
+    redis: Redis, key: str, token: str, ttl_ms: int, join: bool
 ) -> tuple[list[str], int]:
-    pipe = redis.pipeline(transaction=False)
-    if join:
-        pipe.zadd(key, {token: now_ms + ttl_ms})
-    else:
-        pipe.zrem(key, token)
-    pipe.zremrangebyscore(key, "-inf", now_ms - 1)
-    pipe.zremrangebyscore(key, f"({now_ms + LONGEST_MS}", "+inf")
-    pipe.zrangebyscore(key, now_ms, "+inf")
-    *_, ghosts, names = await pipe.execute()
+    reply: Any = await redis.eval(
+        MEMBERS_ROUND, 1, key, token, ttl_ms, "1" if join else "0", LONGEST_MS
+    )
+    ghosts, names = reply
     # text(): a name that is not UTF-8 (a client's) must not fail every round
     return sorted({text(n) for n in names}), int(ghosts)
 
