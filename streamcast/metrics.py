@@ -8,7 +8,7 @@ from streamcast.wire import REASONS
 
 # label values known in advance: each series exists at 0 from the start, so a dashboard panel
 # shows 0 rather than "No data" and increase() sees the first event
-TICK_OUTCOMES = ("forecast", "filling", "dead", "duplicate", "conflated")
+TICK_OUTCOMES = ("forecast", "filling", "dead", "duplicate", "conflated", "deleted")
 FORECAST_KINDS = ("next", "path")
 STAGES = ("ingest", "wait", "compute", "publish", "path_wait", "path_compute", "path_publish")
 RETRAIN_RESULTS = ("promoted", "rejected", "failed", "skipped")
@@ -35,7 +35,8 @@ class Metrics:
             "streamcast_ticks",
             "Ticks read, by outcome: forecast, filling (window not full yet), dead, duplicate "
             "(already forecast before a restart), conflated (STREAMCAST_CONFLATE: a newer tick "
-            "of its symbol in the same read was forecast instead)",
+            "of its symbol in the same read was forecast instead), deleted (XDEL or XTRIM of an "
+            "entry while it was pending: acknowledged, nothing to forecast)",
             ["outcome"],
             registry=prometheus,
         )

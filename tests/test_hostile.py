@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 import numpy as np
@@ -683,6 +684,36 @@ async def test_a_burst_of_huge_entries_after_small_ones_is_read_once_redis_caps_
         )
         if reader is not None:
             await reader.aclose()
+
+
+async def test_pending_entries_deleted_from_the_stream_are_counted_and_said(
+    redis_client, shipped_engine, caplog
+):
+    """XDEL of entries pending under a consumer that died, and of entries pending under the
+    replica itself: each is acknowledged with nothing to forecast, and counted
+    (`streamcast_ticks_total{outcome="deleted"}`) and said (before: Redis dropped the first kind
+    from the pending list when they were claimed, the second were acknowledged, both silently)."""
+    caplog.set_level(logging.WARNING, logger="streamcast")
+    keys = Keys("xdelpending")
+    feed = Feed(redis_client, keys, ["D0"])
+    await feed.send(60)
+    ids = feed.ids["D0"]
+    await redis_client.xgroup_create(keys.ticks(0), keys.group, id="0")
+    await redis_client.xreadgroup(keys.group, "dead", {keys.ticks(0): ">"}, count=30)
+    await redis_client.xdel(keys.ticks(0), *ids[5:8])  # pending under "dead"
+    daemon = daemon_for(redis_client, shipped_engine, keys)
+    async with daemon:
+        await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("D0"), 60 - 3 - 49))
+    assert sample(daemon.metrics, "streamcast_ticks_total", outcome="deleted") == 3
+    said = [r.getMessage() for r in caplog.records if "deleted" in r.getMessage()]
+    assert said and "3 pending entries" in said[0] and keys.ticks(0) in said[0], said
+    summary = await redis_client.xpending(keys.ticks(0), keys.group)
+    assert summary["pending"] == 0
+    # one of the replica's own pending entries deleted: its read gives the id without fields
+    stream = keys.ticks(0)
+    batch = daemon.planner.prepare([(stream, "1-1", {})], 0.0, daemon.source.partition_of)
+    assert batch.ack_ids == ["1-1"] and not batch.ready
+    assert sample(daemon.metrics, "streamcast_ticks_total", outcome="deleted") == 4
 
 
 # -- (11) duplicates said, path age bounded, symbols forgotten -------------------------------------

@@ -153,11 +153,24 @@ class Planner:
         of a stream. Conflating, only each symbol's newest tick with a full window is forecast."""
         batch = Batch(read_at=read_at or self.clock(), partition_of=self.keys.partition)
         now = self.clock()
+        deleted = []
         for stream, entry_id, fields in entries:
             part = batch.part(partition_of(stream))
             part.ack_ids.append(entry_id)
-            if fields:  # empty: deleted from the stream while pending
+            if fields:
                 self._take(batch, part, partition_of(stream), entry_id, fields, now)
+            else:  # deleted from the stream while pending: nothing to forecast
+                deleted.append(entry_id)
+        if deleted:
+            self.metrics.ticks.labels("deleted").inc(len(deleted))
+            self._say(
+                logging.WARNING,
+                "deleted",
+                "%d pending entries were deleted from their stream (XDEL or XTRIM) before they "
+                "were read: acknowledged, nothing to forecast (%s ...)",
+                len(deleted),
+                ", ".join(deleted[:5]),
+            )
         if self.config.conflate:
             self._conflate(batch)
         self.metrics.queue_depth.set(len(entries))

@@ -242,7 +242,7 @@ class TickSource:
             log.info("took over %d entries earlier consumers of %s left pending", claimed, stream)
 
     async def _claim(self, stream: str, min_idle_ms: int) -> int:
-        return await claim(self.redis, stream, self.group, self.consumer, min_idle_ms)
+        return await claim(self.redis, stream, self.group, self.consumer, min_idle_ms, self.metrics)
 
     async def reclaim(self, partitions: list[int]) -> None:
         """Take over entries a dead consumer of the group left pending for ``claim_idle_ms``."""
@@ -437,22 +437,49 @@ async def group_start(
     return (mark if high <= newest else "0"), mark
 
 
-async def claim(redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int) -> int:
+async def claim(
+    redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, metrics: Metrics
+) -> int:
     """Move the pending entries of ``group`` idle past ``min_idle_ms`` into ``consumer``'s
     pending list (its own too: a read whose reply was lost, and which the client retried, left
-    its entries pending there unread); how many. Ids only (XPENDING, then XCLAIM JUSTID): the
-    entries themselves come by the pending read, sized to the byte budget like any read, never
-    1,000 at once."""
-    start, claimed = "-", 0
+    its entries pending there unread); how many. Those no longer in the stream (XDEL, XTRIM),
+    which Redis drops from the pending list instead, are counted and said. Ids only (XPENDING, then
+    XCLAIM JUSTID): the entries themselves come by the pending read, sized to the byte budget
+    like any read, never 1,000 at once."""
+    start, claimed, deleted = "-", 0, []
     while True:
         rows = await redis.xpending_range(
             stream, group, min=start, max="+", count=CLAIM_PAGE, idle=min_idle_ms or None
         )
         ids: list[Any] = [r["message_id"] for r in rows]
         if ids:
-            claimed += len(
-                await redis.xclaim(stream, group, consumer, min_idle_ms, ids, justid=True)
-            )
+            got = await redis.xclaim(stream, group, consumer, min_idle_ms, ids, justid=True)
+            claimed += len(got)
+            missing = set(ids) - set(got)  # deleted, or meanwhile acknowledged or read again
+            if missing:
+                pipe = redis.pipeline(transaction=False)
+                for i in sorted(missing):
+                    pipe.xrange(stream, i, i, count=1)
+                found = await pipe.execute()
+                deleted += [text(i) for i, e in zip(sorted(missing), found, strict=True) if not e]
         if len(rows) < CLAIM_PAGE:
+            if deleted:
+                _said_deleted(metrics, stream, deleted)
             return claimed
         start = "(" + text(rows[-1]["message_id"])
+
+
+_say_deleted = RateLimitedLog(log)
+
+
+def _said_deleted(metrics: Metrics, stream: str, deleted: list[str]) -> None:
+    metrics.ticks.labels("deleted").inc(len(deleted))
+    _say_deleted(
+        logging.WARNING,
+        f"deleted-{stream}",
+        "%d pending entries of %s were deleted from it (XDEL or XTRIM) before they were read: "
+        "Redis dropped them from the pending list, nothing to forecast (%s ...)",
+        len(deleted),
+        stream,
+        ", ".join(deleted[:5]),
+    )
