@@ -2,8 +2,9 @@
 paths streams.
 
 * ``GET /`` and ``GET /static/{app.js,style.css}``: the page, served from the package (no CDN).
-* ``GET /api/symbols``: the symbols with history in every partition, sorted (at most
-  ``max_symbols``).
+* ``GET /api/symbols``: the first ``max_symbols`` symbols with history over every partition,
+  sorted; past 10,000 names in all, the first of a sample of each partition's (so it changes from
+  one request to the next: the work stays bounded).
 * ``GET /events?symbols=A,B``: ``text/event-stream``. First the recent forecasts of each symbol
   (``forecast`` events, oldest first) and its newest path (a ``path`` event, after its tick's
   forecast), then each new forecast and path as it is published (read through

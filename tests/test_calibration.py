@@ -4,6 +4,7 @@ the calibration stored in Redis per partition, a new model starting from the war
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -308,7 +309,7 @@ async def _at_least(count, n: int) -> bool:
 
 
 async def test_a_calibration_key_of_another_type_is_started_over_and_the_partition_consumed(
-    redis_client, shipped_engine
+    redis_client, shipped_engine, caplog
 ):
     """An operator's HSET on a partition's calibration key: the replica taking the partition
     starts its calibration over (before: WRONGTYPE ended every hand-over, so it held the lease
@@ -320,6 +321,7 @@ async def test_a_calibration_key_of_another_type_is_started_over_and_the_partiti
 
     keys = Keys("badcal", partitions=1)
     await redis_client.hset(keys.calibration(0), "x", "1")
+    caplog.set_level(logging.WARNING, logger="streamcast.daemon.calibration")
     prices = feed(2, 60)
     config = DaemonConfig(consumer="a", path_refresh_s=0.0)
     daemon = Daemon(
@@ -338,3 +340,5 @@ async def test_a_calibration_key_of_another_type_is_started_over_and_the_partiti
         await wait_for(forecast, timeout_s=30, what="both symbols' forecasts")
     stored = json.loads(await redis_client.get(keys.calibration(0)))  # saved at the stop
     assert stored["model_version"] == shipped_engine.version and stored["seen"][0] > 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any("calibration of partition 0 is not a string" in m for m in said), said

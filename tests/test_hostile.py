@@ -638,7 +638,7 @@ async def test_huge_entries_left_pending_are_taken_over_without_one_huge_reply(
 
 @pytest.mark.parametrize("reads", ["not_retried", "retried"])
 async def test_a_burst_of_huge_entries_after_small_ones_is_read_once_redis_caps_replies(
-    redis_server, redis_client, shipped_engine, reads
+    redis_server, redis_client, shipped_engine, reads, caplog
 ):
     """Small ticks grow the read to a full batch (512); then 200 entries of 256 kB: one read of
     all of them, 51 MB, which Redis's `client-output-buffer-limit` (32 MB here) answers by
@@ -661,6 +661,7 @@ async def test_a_burst_of_huge_entries_after_small_ones_is_read_once_redis_caps_
     daemon = Daemon(
         redis_client, shipped_engine, metrics, keys=keys, config=config, publisher=reader
     )
+    caplog.set_level(logging.INFO, logger="streamcast.daemon.source")
     before = await redis_client.config_get("client-output-buffer-limit")
     try:
         async with daemon:
@@ -678,12 +679,17 @@ async def test_a_burst_of_huge_entries_after_small_ones_is_read_once_redis_caps_
                 timeout_s=60,
                 what="200 dead letters",
             )
+            assert daemon.source._read_count <= 16, "reads sized to the byte budget after"
     finally:
         await redis_client.config_set(
             "client-output-buffer-limit", before["client-output-buffer-limit"]
         )
         if reader is not None:
             await reader.aclose()
+    assert sample(metrics, "streamcast_redis_errors_total") >= 1, "no read lost its connection"
+    reclaimed = [r for r in caplog.records if r.getMessage().startswith("reclaimed entries")]
+    # not retried: the pending entries are read again at once, not by the reclaim
+    assert bool(reclaimed) == (reads == "retried"), [r.getMessage() for r in reclaimed]
 
 
 async def test_pending_entries_deleted_from_the_stream_are_counted_and_said(
@@ -706,14 +712,24 @@ async def test_pending_entries_deleted_from_the_stream_are_counted_and_said(
         await wait_for(lambda: xlen_at_least(redis_client, keys.forecasts("D0"), 60 - 3 - 49))
     assert sample(daemon.metrics, "streamcast_ticks_total", outcome="deleted") == 3
     said = [r.getMessage() for r in caplog.records if "deleted" in r.getMessage()]
-    assert said and "3 pending entries" in said[0] and keys.ticks(0) in said[0], said
+    assert len(said) == 1 and "3 pending entries" in said[0] and keys.ticks(0) in said[0]
+    assert all(i in said[0] for i in ids[5:8]), said
     summary = await redis_client.xpending(keys.ticks(0), keys.group)
     assert summary["pending"] == 0
-    # one of the replica's own pending entries deleted: its read gives the id without fields
+    # one of the replica's own pending entries deleted (the replica stopped: nothing races):
+    # its pending read gives the id without fields
     stream = keys.ticks(0)
-    batch = daemon.planner.prepare([(stream, "1-1", {})], 0.0, daemon.source.partition_of)
-    assert batch.ack_ids == ["1-1"] and not batch.ready
+    gone = await redis_client.xadd(stream, Tick.encode("D0", 1.0))
+    await redis_client.xreadgroup(keys.group, daemon.source.consumer, {stream: ">"})
+    await redis_client.xdel(stream, gone)
+    daemon.source.rewind([0])
+    entries = await daemon.source.read([0], block=False)
+    assert entries == [(stream, gone.decode(), {})]
+    batch = daemon.planner.prepare(entries, 0.0, daemon.source.partition_of)
+    assert batch.ack_ids == [gone.decode()] and not batch.ready
     assert sample(daemon.metrics, "streamcast_ticks_total", outcome="deleted") == 4
+    said = [r.getMessage() for r in caplog.records if "deleted" in r.getMessage()]
+    assert len(said) == 2 and f"{stream} {gone.decode()}" in said[1], said
 
 
 # -- (11) duplicates said, path age bounded, symbols forgotten -------------------------------------
@@ -811,6 +827,30 @@ async def test_a_replica_that_loses_its_lease_stops_and_the_standby_forecasts_ex
         await first.stop()
         await second.stop()
     await feed.check_exactly_once()
+
+
+async def test_a_rewind_during_a_pending_read_is_not_undone_by_it(redis_client, shipped_engine):
+    """A reclaim (housekeeping) rewinds a partition's pending cursor while the consume loop's
+    pending read is in flight: the read must not move the cursor on past what was claimed
+    (before: it did, so the claimed entries waited another claim_idle_ms)."""
+    keys = Keys("rewindrace")
+    source = daemon_for(redis_client, shipped_engine, keys).source
+    stream = keys.ticks(0)
+    ids = [await redis_client.xadd(stream, Tick.encode("R0", 1.0)) for _ in range(3)]
+    await redis_client.xgroup_create(stream, keys.group, id="0")
+    await redis_client.xreadgroup(keys.group, source.consumer, {stream: ">"})
+    source.rewind([0])
+    reading = source._read_group
+
+    async def slow_read(*args, **kwargs):
+        entries = await reading(*args, **kwargs)
+        source.rewind([0])  # as a reclaim would, while the read is in flight
+        return entries
+
+    source._read_group = slow_read
+    entries = await source.read([0], block=False)
+    assert [e[1] for e in entries] == [i.decode() for i in ids]
+    assert source._pending_from == {0: "0"}, "the read moved a rewound cursor on"
 
 
 async def test_pending_entries_are_read_once_so_dead_letters_are_written_once(

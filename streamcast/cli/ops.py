@@ -187,7 +187,8 @@ def _models(args: argparse.Namespace) -> int:
     async def run(redis: Any) -> None:
         registry = Registry(redis, settings.keys, settings.model_cache_dir)
         # only where it is shown: a broken current entry must not stop its repair (promote)
-        current = await registry.current() if args.verb in ("list", "show") else None
+        shown = args.verb == "list" or (args.verb == "show" and not args.version)
+        current = await registry.current() if shown else None
         if args.verb == "list":
             rows = await registry.versions()
             if not rows:

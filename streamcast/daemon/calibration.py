@@ -126,7 +126,9 @@ class Calibration:
             cal = Calibrator(self.config, version)
             try:
                 raw = await self.redis.get(self.keys.calibration(p))
-            except redis_errors.ResponseError as exc:  # WRONGTYPE: an operator's mistake
+            except redis_errors.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise  # a refusal (BUSY, NOPERM, ...): the hand-over is tried again
                 log.warning(
                     "calibration of partition %d is not a string (%s): starting over; the next "
                     "save replaces it",

@@ -160,16 +160,16 @@ class Planner:
             if fields:
                 self._take(batch, part, partition_of(stream), entry_id, fields, now)
             else:  # deleted from the stream while pending: nothing to forecast
-                deleted.append(entry_id)
+                deleted.append(f"{stream} {entry_id}")
         if deleted:
             self.metrics.ticks.labels("deleted").inc(len(deleted))
             self._say(
                 logging.WARNING,
                 "deleted",
                 "%d pending entries were deleted from their stream (XDEL or XTRIM) before they "
-                "were read: acknowledged, nothing to forecast (%s ...)",
+                "were read: acknowledged, nothing to forecast (%s)",
                 len(deleted),
-                ", ".join(deleted[:5]),
+                ", ".join(deleted[:5]) + (" ..." if len(deleted) > 5 else ""),
             )
         if self.config.conflate:
             self._conflate(batch)

@@ -140,6 +140,8 @@ class TickSource:
         self._partition = {keys.ticks(p): p for p in range(keys.partitions)}
         self._pending_from: dict[int, str] = {}  # partitions whose own pending entries come first
         self._lagged: set[int] = set()  # partitions whose lag is exported
+        self._rewound: set[int] = set()  # rewound while a pending read was in flight
+        self._claiming = asyncio.Lock()  # one claim at a time: each deleted entry counted once
         self._read_count = min(config.batch_max_size, 64)  # grows while entries are small
         self._retry_at: dict[int, float] = {}  # partitions whose set-up failed: when to retry
         self._watch_until: dict[int, float] = {}  # taken lately: look for strays until then
@@ -213,9 +215,11 @@ class TickSource:
             self._watch_until.pop(p, None)
 
     def rewind(self, partitions: list[int]) -> None:
-        """Read our pending entries of ``partitions`` again from the start (after a claim)."""
+        """Read our pending entries of ``partitions`` again from the start (after a claim; a
+        pending read in flight does not move their cursors on)."""
         for p in partitions:
             self._pending_from[p] = "0"
+        self._rewound |= set(partitions)
 
     @property
     def rereads_in_flight(self) -> bool:
@@ -242,10 +246,13 @@ class TickSource:
             log.info("took over %d entries earlier consumers of %s left pending", claimed, stream)
 
     async def _claim(self, stream: str, min_idle_ms: int) -> int:
-        return await claim(self.redis, stream, self.group, self.consumer, min_idle_ms, self.metrics)
+        async with self._claiming:
+            args = (stream, self.group, self.consumer, min_idle_ms, self.metrics)
+            return await claim(self.redis, *args)
 
     async def reclaim(self, partitions: list[int]) -> None:
-        """Take over entries a dead consumer of the group left pending for ``claim_idle_ms``."""
+        """Take over entries left pending for ``claim_idle_ms``: by a consumer that died, or by
+        this one (a read whose reply was lost and which the client retried)."""
         for p in partitions:
             if await self._claim(self.keys.ticks(p), self.config.claim_idle_ms):
                 log.info(
@@ -296,6 +303,7 @@ class TickSource:
         if pending:
             # our own pending entries, from a cursor: the batch read last is not acknowledged
             # yet while it is published, and must not be read (and dead-lettered) twice
+            self._rewound = set()
             entries = await self._read_group(
                 {self.keys.ticks(p): c for p, c in pending.items()}, self._read_count
             )
@@ -303,7 +311,7 @@ class TickSource:
             last: dict[int, str] = {}
             for stream, entry_id, _ in entries:
                 last[self._partition[stream]] = entry_id
-            for p in pending:
+            for p in set(pending) - self._rewound:
                 if p in last:
                     self._pending_from[p] = last[p]
                 else:
@@ -385,17 +393,8 @@ class TickSource:
                 self.group, self.consumer, streams, count=each, block=block
             )
             return self._sized(parse_stream_reply(reply))
-        # a Redis Cluster: one command per partition (each its own slot), pipelined per node;
-        # an empty sweep waits a moment instead of blocking on one partition
-        pipe = self.reader.pipeline(transaction=False)
-        for stream, start in streams.items():
-            pipe.xreadgroup(self.group, self.consumer, {stream: start}, count=each)
-        entries: Entries = []
-        for reply in await pipe.execute():
-            entries += parse_stream_reply(reply)
-        if not entries and block:
-            await asyncio.sleep(min(block, CLUSTER_POLL_MS) / 1000)
-        return self._sized(entries)
+        read = await read_each(self.reader, self.group, self.consumer, streams, each, block)
+        return self._sized(read)
 
     def _sized(self, entries: Entries) -> Entries:
         """Size the next read so that it pulls in about ``read_max_bytes`` at most: a stream of
@@ -478,8 +477,24 @@ def _said_deleted(metrics: Metrics, stream: str, deleted: list[str]) -> None:
         logging.WARNING,
         f"deleted-{stream}",
         "%d pending entries of %s were deleted from it (XDEL or XTRIM) before they were read: "
-        "Redis dropped them from the pending list, nothing to forecast (%s ...)",
+        "Redis dropped them from the pending list, nothing to forecast (%s)",
         len(deleted),
         stream,
-        ", ".join(deleted[:5]),
+        ", ".join(deleted[:5]) + (" ..." if len(deleted) > 5 else ""),
     )
+
+
+async def read_each(
+    reader: Redis, group: str, consumer: str, streams: dict[Any, Any], each: int, block: int | None
+) -> Entries:
+    """A read on a Redis Cluster: one XREADGROUP per partition (each its own slot), pipelined
+    per node; an empty sweep waits a moment instead of blocking on one partition."""
+    pipe = reader.pipeline(transaction=False)
+    for stream, start in streams.items():
+        pipe.xreadgroup(group, consumer, {stream: start}, count=each)
+    entries: Entries = []
+    for reply in await pipe.execute():
+        entries += parse_stream_reply(reply)
+    if not entries and block:
+        await asyncio.sleep(min(block, CLUSTER_POLL_MS) / 1000)
+    return entries
