@@ -182,7 +182,7 @@ def _wrong_type(exc: Exception) -> bool:
 
 
 # longer than any replica's lease (or membership) lasts, whatever its settings (STREAMCAST_
-# LEASE_TTL_S is at most 300 s), with room for clocks apart: what outlasts it was written by hand
+# LEASE_TTL_S is at most 300 s), twice over, by Redis's clock: what outlasts it was written by hand
 LONGEST_MS = 600_000
 
 
