@@ -580,15 +580,20 @@ async def test_a_far_future_ts_already_in_history_does_not_lock_the_symbol(
 # -- (9) large entries: bounded reads, small dead letters ------------------------------------------
 
 
+async def add_huge(redis, stream: str, n: int, size: int, transaction: bool = False) -> None:
+    """``n`` ticks each with a junk field of ``size`` bytes (each a dead letter: oversized)."""
+    blob = b"x" * size
+    pipe = redis.pipeline(transaction=transaction)
+    for i in range(n):
+        pipe.xadd(stream, {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
+    await pipe.execute()
+
+
 async def test_huge_entries_are_read_a_few_at_a_time_and_dead_letters_stay_small(
     redis_client, shipped_engine
 ):
     keys = Keys("huge")
-    blob = b"x" * 1_000_000
-    pipe = redis_client.pipeline(transaction=False)
-    for i in range(40):
-        pipe.xadd(keys.ticks(0), {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
-    await pipe.execute()
+    await add_huge(redis_client, keys.ticks(0), 40, 1_000_000)
     daemon = daemon_for(redis_client, shipped_engine, keys, read_max_bytes=4_000_000)
     async with daemon:
         await wait_for(lambda: xlen_at_least(redis_client, keys.dead(0), 40))
@@ -610,11 +615,7 @@ async def test_huge_entries_left_pending_are_taken_over_without_one_huge_reply(
     time (before: one XAUTOCLAIM of up to 1,000 whole entries, 51 MB here: the connection was
     closed at every try, and the next replica to take the partition would do the same)."""
     keys = Keys("hugeclaim")
-    blob = b"x" * 256_000
-    pipe = redis_client.pipeline(transaction=False)
-    for i in range(200):
-        pipe.xadd(keys.ticks(0), {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
-    await pipe.execute()
+    await add_huge(redis_client, keys.ticks(0), 200, 256_000)
     await redis_client.xgroup_create(keys.ticks(0), keys.group, id="0")
     for _ in range(10):  # a dead consumer's: read, never acknowledged
         await redis_client.xreadgroup(keys.group, "dead", {keys.ticks(0): ">"}, count=20)
@@ -669,11 +670,8 @@ async def test_a_burst_of_huge_entries_after_small_ones_is_read_once_redis_caps_
             await wait_for(feed.all_forecast, timeout_s=60)
             assert daemon.source._read_count == 512, "small ticks: a full batch a read"
             await redis_client.config_set("client-output-buffer-limit", "normal 32mb 32mb 0")
-            blob = b"x" * 256_000
-            pipe = redis_client.pipeline(transaction=True)  # all there for the next read
-            for i in range(200):
-                pipe.xadd(keys.ticks(0), {"symbol": "B", "price": "10", "junk": blob, f"k{i}": "v"})
-            await pipe.execute()
+            # in one transaction: all there for the next read
+            await add_huge(redis_client, keys.ticks(0), 200, 256_000, transaction=True)
             await wait_for(
                 lambda: xlen_at_least(redis_client, keys.dead(0), 200),
                 timeout_s=60,

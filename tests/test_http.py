@@ -152,7 +152,7 @@ def test_guards_must_be_positive(guards):
         )
 
 
-async def test_readyz_asks_redis_once_however_many_ask_at_once():
+async def test_readyz_asks_redis_once_however_many_ask_at_once(redis_client):
     """200 /readyz at once (a probe storm, or anyone): one PING in flight, not one each (each
     would take a connection from the daemon's pool, which has no cap, and keep it)."""
     calls = in_flight = most = 0
@@ -166,14 +166,7 @@ async def test_readyz_asks_redis_once_however_many_ask_at_once():
         in_flight -= 1
         return True
 
-    server = HttpServer(
-        CollectorRegistry(),
-        host="127.0.0.1",
-        port=0,
-        ready=lambda: True,
-        heartbeat=time.monotonic,
-        redis_ping=ping,
-    )
+    server = make_server(redis_client, redis_ping=ping)
     async with server, aiohttp.ClientSession() as http:
 
         async def readyz() -> int:
