@@ -125,17 +125,19 @@ class TickSource:
         reader: Redis | None = None,
     ) -> None:
         self.redis = redis
+        self.cluster = is_cluster(redis)
         # the reads' client, one that never retries by itself: a read retried after its reply
         # was lost reads on past the entries it delivered (they wait unread in our pending list
-        # until the reclaim); an outage instead sets the partitions up again, pending first
-        self.reader = reader or redis
+        # until the reclaim); an outage instead sets the partitions up again, pending first. Not
+        # on a cluster: redis-py's cluster pipeline refreshes its slot map only when it retries,
+        # so one that never retries would read from a lost master for ever
+        self.reader = reader if reader is not None and not self.cluster else redis
         self.keys = keys
         self.group = keys.group
         self.config = config
         self.metrics = metrics
         self.clock = clock
         self.consumer = config.consumer
-        self.cluster = is_cluster(redis)
         self.read_at = 0.0  # wall-clock time of the last read: a batch's wait counts from it
         self._partition = {keys.ticks(p): p for p in range(keys.partitions)}
         self._pending_from: dict[int, str] = {}  # partitions whose own pending entries come first
