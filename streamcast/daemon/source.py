@@ -195,7 +195,8 @@ class TickSource:
                 log.info("created consumer group %s on %s", self.group, stream)
             else:
                 # destroyed (XGROUP DESTROY, DEL of the stream, FLUSHDB): resume after what was
-                # acknowledged, so nothing is read twice and nothing unacknowledged is skipped
+                # acknowledged, so nothing unacknowledged is skipped (what is read again is in
+                # history: acknowledged without a second forecast)
                 self.metrics.recoveries.labels("group_recreated").inc()
                 log.warning(
                     "consumer group %s on %s was gone: recreated it %s",
@@ -204,7 +205,7 @@ class TickSource:
                     f"after {start}, the newest tick it had acknowledged"
                     if start == mark
                     else f"from the stream's start: the acknowledged mark {mark} is not of "
-                    "this stream (beyond every id it has had; the stream was deleted)",
+                    "this stream (beyond every id it has had: made by hand, or the stream anew)",
                 )
         except redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
